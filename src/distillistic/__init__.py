@@ -1,0 +1,14 @@
+"""distillistic: knowledge distillation for image classification, judged by accuracy and calibration.
+
+Python API (mirrors ``distillistic train``)::
+
+    from distillistic import Config, train
+    result = train(Config(algo="kd", dataset="digits", model="cnn", teacher="cnn_wide", out="runs/kd"))
+    result.summary["models"]["student"]["test"]["top1"]
+"""
+
+from .config import Config
+from .errors import UserError
+from .run import RunResult, train
+
+__all__ = ["Config", "RunResult", "UserError", "train"]

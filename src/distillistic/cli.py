@@ -1,0 +1,128 @@
+"""Command line: ``distillistic train | demo | sweep | report | export | list``.
+
+This is the only module that sees ``argparse``. ``train`` flags are generated from the config's
+fields (``--some-key`` is the key ``some_key``), so every flag is a config key and vice versa. Any
+:class:`~distillistic.errors.UserError` is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import config as config_mod
+from .errors import UserError
+
+log = logging.getLogger("distillistic")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints usage too)
+        self.exit(2, f"distillistic: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(config_mod.Config)
+    for f in dataclasses.fields(config_mod.Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if hints[f.name] is bool or hints[f.name] == (bool | None):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {f.default})")
+    parser.add_argument("--no-teacher-store", dest="teacher_store", action="store_const", const="off",
+                        default=argparse.SUPPRESS, help="compute the teacher live every step")
+    parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distillistic", description="Knowledge distillation for image classification.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train and evaluate one run")
+    p.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
+    _add_config_flags(p)
+    p = sub.add_parser("demo", help="offline demo on scikit-learn's digits: every algorithm, 3 seeds")
+    p.add_argument("--out", default="runs/demo", help="directory for the demo's runs (default: runs/demo)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs per run (default: 12)")
+    p.add_argument("--algos", nargs="+", default=None, help="algorithms to run (default: all)")
+    p = sub.add_parser("list", help="list registered algorithms, datasets and models")
+    p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .run import train
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items")}
+    overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
+    overrides |= config_mod.parse_set(args.set_items)
+    cfg = config_mod.load(args.config, overrides)
+    result = train(cfg)
+    status = result.summary.get("status")
+    if status == "completed":
+        print(_summary_line(result.summary, result.out))
+    return 0
+
+
+def _summary_line(summary: dict[str, Any], out: Any) -> str:
+    parts = []
+    for name, entry in summary["models"].items():
+        test = entry.get("test")
+        if test:
+            parts.append(f"{name} top1 {test['top1']:.4f} ece {test['ece']:.4f}")
+    return f"{out}: " + "; ".join(parts)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .divergences import DIVERGENCES
+    from .methods import METHODS
+    from .models import MODELS
+
+    tables: dict[str, Any] = {"algos": METHODS, "datasets": DATASETS, "models": MODELS, "divergences": DIVERGENCES}
+    for name, registry in tables.items():
+        if args.what in (None, name):
+            print(f"{name}: {', '.join(registry.names())}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    print(run_demo(args.out, seeds=args.seeds, epochs=args.epochs, algos=args.algos))
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(prefix)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    commands = {"train": _train, "demo": _demo, "list": _list}
+    try:
+        return commands[args.command](args)
+    except UserError as e:
+        print(f"distillistic: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillistic: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

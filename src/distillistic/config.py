@@ -1,0 +1,352 @@
+"""Run configuration: one frozen dataclass, YAML files, ``--set key=value`` overrides, validation.
+
+The config is flat on purpose: every CLI flag ``--some-key`` is the config key ``some_key`` (the CLI
+is generated from the fields below), so a YAML file, a flag, a ``--set`` override and a sweep's
+``grid:`` axis all name a setting the same way. Keys that default to ``None`` are resolved once, by
+:func:`resolve`, from the algorithm's and the dataset's defaults; the resolved config is what a run
+saves as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, UserError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adamw", "sgd"),
+    "scheduler": ("onecycle", "cosine", "constant"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "augment": ("none", "randaugment"),
+}
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a run. ``None`` means "the algorithm's or dataset's default"."""
+
+    # --- what to run -----------------------------------------------------------------------------
+    algo: str = _f("baseline", "algorithm: baseline, kd, dml, dml_e, tfkd")
+    out: str | None = _f(None, "run directory to create")
+    seed: int = _f(42, "model seed: initialisation of every model")
+    data_seed: int | None = _f(None, "data seed: order and augmentation of the samples (default: --seed)")
+    # --- data --------------------------------------------------------------------------------------
+    dataset: str = _f("fashion-mnist", "dataset: fashion-mnist, mnist, digits, imagefolder, synthetic")
+    data_root: str | None = _f(None, "dataset folder (default: <cache_dir>/data/<dataset>)")
+    split_seed: int = _f(0, "seed of the train/val/test carving (fixed, so every run shares one test split)")
+    val_fraction: float = _f(0.1, "share of train carved (stratified, seeded) into the validation split")
+    split_fractions: tuple[float, float, float] = _f(
+        (0.7, 0.1, 0.2), "train/val/test shares when a dataset ships one split only"
+    )
+    image_size: int | None = _f(None, "input size in pixels (default: the dataset's)")
+    augment: str | None = _f(None, "train augmentation: randaugment or none (default: the dataset's)")
+    max_classes: int | None = _f(None, "imagefolder: keep the first K classes")
+    class_names: tuple[str, ...] = _f((), "imagefolder: keep these classes (folder names)")
+    max_train_samples: int | None = _f(None, "use a stratified subset of this many training samples")
+    synthetic_samples: int = _f(512, "synthetic: number of images")
+    synthetic_classes: int = _f(10, "synthetic: number of classes")
+    synthetic_channels: int = _f(1, "synthetic: image channels")
+    imbalance_class: int | None = _f(None, "draw this class with probability --imbalance-share")
+    imbalance_share: float = _f(0.9, "share of the imbalanced class in every epoch's draws")
+    num_workers: int | None = _f(None, "data-loading worker processes (default: from the cores available)")
+    # --- models ------------------------------------------------------------------------------------
+    model: str = _f("resnet18", "student architecture")
+    students: int | None = _f(None, "number of students (default: 3 for dml/dml_e, else 1)")
+    student_weights: str = _f("random", "student initialisation: random, imagenet or a checkpoint PATH")
+    freeze_backbone: bool = _f(False, "train only the classification head of the students")
+    teacher: str | None = _f(None, "teacher architecture (kd; default resnet50)")
+    teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH")
+    teacher_epochs: int | None = _f(None, "epochs when the teacher is trained first (default: --epochs)")
+    teacher_seed: int = _f(0, "model and data seed when the teacher is trained first (shared by every run)")
+    # --- distillation ------------------------------------------------------------------------------
+    alpha: float = _f(0.5, "distillation weight: L = (1-alpha) CE + alpha * divergence")
+    alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2)")
+    temperature: float | None = _f(None, "softmax temperature T (default: 20 for kd and smoothed tfkd, else 1)")
+    divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
+    virtual_p: float = _f(0.9, "tfkd: probability of the correct class in the virtual teacher")
+    virtual_smooth: bool = _f(False, "tfkd: soften the virtual teacher with softmax(v/T) as the original code")
+    student_resolution: int | None = _f(None, "cross-quality: students read a downscaled view of this size")
+    teacher_resolution: int | None = _f(None, "cross-quality: teacher view size (default: the dataset's)")
+    teacher_store: str = _f("auto", "store of frozen-teacher outputs: auto (cache folder), off, or a DIR")
+    # --- optimisation ------------------------------------------------------------------------------
+    epochs: int = _f(20, "training epochs")
+    batch_size: int = _f(128, "global batch size (split across processes)")
+    eval_batch_size: int | None = _f(None, "evaluation batch size (default: 2 x --batch-size)")
+    lr: float = _f(1e-3, "learning rate (OneCycle's maximum)")
+    optimizer: str = _f("adamw", "adamw or sgd")
+    weight_decay: float | None = _f(None, "weight decay (default: 0.01 adamw, 1e-4 sgd)")
+    momentum: float = _f(0.9, "sgd momentum")
+    scheduler: str = _f("onecycle", "learning-rate schedule: onecycle, cosine, constant")
+    warmup_fraction: float = _f(0.1, "share of steps spent warming up the learning rate")
+    grad_clip: float | None = _f(None, "clip each student's gradient norm to this value")
+    # --- runtime -----------------------------------------------------------------------------------
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N, mps")
+    precision: str = _f("auto", "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16")
+    channels_last: bool = _f(False, "use channels-last memory format")
+    compile: bool = _f(False, "torch.compile the students")
+    threads: int | None = _f(None, "torch intra-op threads (default: torch's)")
+    deterministic: bool = _f(False, "use deterministic algorithms only")
+    # --- logging and checkpoints -------------------------------------------------------------------
+    log_every: int = _f(50, "steps between progress-bar updates (each costs one host sync)")
+    checkpoint_every: int = _f(0, "steps between mid-epoch checkpoints (0: end of each epoch only)")
+    progress: bool | None = _f(None, "show progress bars (default: when stderr is a terminal)")
+    tensorboard: bool = _f(True, "write TensorBoard events")
+    wandb: bool = _f(False, "also log to Weights & Biases (honours WANDB_MODE=offline)")
+    cache_dir: str | None = _f(None, "cache for data, trained teachers and teacher stores")
+    overwrite: bool = _f(False, "replace a run directory that already holds a run")
+    resume: bool = _f(False, "continue the run in --out from its latest checkpoint")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS: dict[str, Any] = typing.get_type_hints(Config)
+# Keys that only steer this process and never change what a run computes.
+VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard"})
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def cache_dir(cfg: Config) -> Path:
+    """The cache root: ``--cache-dir``, else ``$DISTILLISTIC_CACHE``, else ``~/.cache/distillistic``."""
+    root = cfg.cache_dir or os.environ.get("DISTILLISTIC_CACHE") or "~/.cache/distillistic"
+    return Path(root).expanduser()
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}; see 'distillistic train --help' for the keys")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML/``--set`` value to the type of config key ``key`` or raise :class:`ConfigError`."""
+    if key not in FIELDS:
+        raise _unknown_key(key)
+    return _coerce_to(key, value, _HINTS[key])
+
+
+def _coerce_to(key: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce_to(key, value, inner[0])
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else _split_list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce_to(key, v, args[0]) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(key, value, f"a list of {len(args)} values")
+        return tuple(_coerce_to(key, v, a) for v, a in zip(items, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(key, value, "true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(key, value, "a whole number")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(key, value, "a whole number") from None
+        if not as_float.is_integer():
+            raise ConfigError(key, value, "a whole number")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(key, value, "a number")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(key, value, "a number") from None
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, value, "a string")
+    raise TypeError(f"config key {key} has an unsupported type {hint}")
+
+
+def _split_list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+    return [value]
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items; values are read as YAML scalars (``0.1``, ``true``, ``[a, b]``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        out[key] = coerce(key, value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one clear error for a missing, unreadable or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' does not exist; check the path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"config file '{p}' is not valid YAML{where}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{p}' must hold a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def from_mapping(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a config from a flat mapping of keys (dashes or underscores) on top of ``base``."""
+    values = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        values[key] = coerce(key, value)
+    return dataclasses.replace(base or Config(), **values)
+
+
+def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Config from an optional YAML file, then ``overrides`` (flags and ``--set``), validated."""
+    data: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    if "grid" in data:
+        raise UserError(f"'{path}' has a grid: it is a sweep config; run it with 'distillistic sweep'")
+    cfg = from_mapping(data)
+    if overrides:
+        cfg = from_mapping(overrides, base=cfg)
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+# --- validation and resolution ----------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: Config) -> None:
+    """Static checks of every key; data-dependent ones are in :func:`validate_for_data`."""
+    from . import data, divergences, methods, models  # registries; imported here to avoid cycles
+
+    for key, registry in (("algo", methods.METHODS), ("dataset", data.DATASETS), ("model", models.MODELS)):
+        value = getattr(cfg, key)
+        if value not in registry:
+            raise UserError(f"config key '{key}': {registry.unknown_message(value)}")
+    if cfg.teacher is not None and cfg.teacher not in models.MODELS:
+        raise UserError(f"config key 'teacher': {models.MODELS.unknown_message(cfg.teacher)}")
+    if cfg.divergence not in divergences.DIVERGENCES:
+        raise UserError(f"config key 'divergence': {divergences.DIVERGENCES.unknown_message(cfg.divergence)}")
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        _check(value is None or value in allowed, key, value, f"one of {', '.join(allowed)}")
+    for key in ("epochs", "batch_size", "synthetic_samples", "synthetic_classes", "log_every"):
+        _check(getattr(cfg, key) > 0, key, getattr(cfg, key), "a whole number > 0")
+    for key in ("students", "eval_batch_size", "image_size", "max_classes", "max_train_samples",
+                "student_resolution", "teacher_resolution", "teacher_epochs", "threads"):
+        value = getattr(cfg, key)
+        _check(value is None or value > 0, key, value, "a whole number > 0 (or unset)")
+    _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
+    _check(0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
+    _check(0.0 <= cfg.alpha_warmup < 1.0, "alpha_warmup", cfg.alpha_warmup, "a share of epochs in [0, 1)")
+    _check(cfg.temperature is None or cfg.temperature > 0, "temperature", cfg.temperature, "a number > 0")
+    _check(0.0 < cfg.virtual_p <= 1.0, "virtual_p", cfg.virtual_p, "a probability in (1/K, 1]")
+    _check(0.0 < cfg.val_fraction < 1.0, "val_fraction", cfg.val_fraction, "a share in (0, 1)")
+    fr = cfg.split_fractions
+    _check(all(0.0 <= f < 1.0 for f in fr) and fr[0] > 0 and fr[1] > 0 and abs(sum(fr) - 1.0) < 1e-6,
+           "split_fractions", list(fr), "three shares train, val, test; train and val > 0; summing to 1")
+    _check(0.0 < cfg.imbalance_share < 1.0, "imbalance_share", cfg.imbalance_share, "a share in (0, 1)")
+    _check(cfg.imbalance_class is None or cfg.imbalance_class >= 0, "imbalance_class", cfg.imbalance_class,
+           "a class index >= 0")
+    _check(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    _check(0.0 <= cfg.momentum < 1.0, "momentum", cfg.momentum, "a number in [0, 1)")
+    _check(0.0 <= cfg.warmup_fraction < 1.0, "warmup_fraction", cfg.warmup_fraction, "a share in [0, 1)")
+    _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
+    _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
+    _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")
+    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", cfg.device,
+           "auto, cpu, cuda, cuda:N or mps")
+    for key in ("student_weights", "teacher_weights"):
+        value = getattr(cfg, key)
+        _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")
+    _check(cfg.student_weights != "train", "student_weights", "train", "imagenet, random or a checkpoint path")
+    methods.METHODS.get(cfg.algo).check(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill every ``None`` default from the algorithm and dataset; the result is what a run saves."""
+    from . import data, methods
+
+    method = methods.METHODS.get(cfg.algo)
+    spec = data.DATASETS.get(cfg.dataset)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else (
+        0.01 if cfg.optimizer == "adamw" else 1e-4)
+    resolved = cfg.replace(
+        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        weight_decay=weight_decay,
+        augment=cfg.augment or spec.default_augment,
+        image_size=cfg.image_size or spec.default_image_size(cfg),
+        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        teacher_epochs=cfg.teacher_epochs or cfg.epochs,
+    )
+    resolved = method.resolve(resolved)
+    validate(resolved)
+    return resolved
+
+
+def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:
+    """Checks that need the dataset: class count and image size."""
+    if cfg.algo == "tfkd" and not cfg.virtual_p > 1.0 / num_classes:
+        raise ConfigError("virtual_p", cfg.virtual_p,
+                          f"a probability in (1/K, 1] = ({1.0 / num_classes:.4g}, 1] for K = {num_classes} classes")
+    for key in ("student_resolution", "teacher_resolution"):
+        value = getattr(cfg, key)
+        if value is not None and value > image_size:
+            raise ConfigError(key, value, f"at most the input size {image_size} px (views are only downscaled)")
+    if cfg.imbalance_class is not None and cfg.imbalance_class >= num_classes:
+        raise ConfigError("imbalance_class", cfg.imbalance_class, f"a class index in [0, {num_classes - 1}]")

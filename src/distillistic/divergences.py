@@ -1,0 +1,63 @@
+"""Divergences between a teaching signal and a student, with the temperature scaling decided here.
+
+For a target ``q`` ``[M, B, K]`` (``M`` distributions per sample, e.g. DML's ``N - 1`` peers) and student
+logits ``z`` ``[B, K]`` at temperature ``T``, with ``p = softmax(z / T)``::
+
+    D(q || z; T) = T^2 * (1 / (M B)) * sum_{m, b} d(q_mb, p_b)
+
+* "batchmean": sum over classes, mean over the batch (and over the ``M`` targets);
+* the factor ``T^2`` keeps the gradient's magnitude comparable to the CE term as ``T`` changes
+  (Hinton et al. 2015, sec. 2): ``dD/dz_b = (T / B) (p_b - q_b)`` for KL.
+
+``kl``: ``d = sum_c q_c (log q_c - log p_c)`` (equals ``F.kl_div(log p, q, reduction="batchmean")``);
+``js``: Jensen-Shannon, ``(KL(q || m) + KL(p || m)) / 2`` with ``m = (p + q) / 2``;
+``mse``: ``sum_c (p_c - q_c)^2`` on probabilities (not on logits, which KD_Lib used for DML).
+Targets are always detached; all arithmetic is float32 whatever the autocast context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Registry
+
+Divergence = Callable[[Tensor, Tensor, float], Tensor]
+DIVERGENCES: Registry[Divergence] = Registry("divergence")
+SYMBOLS = {"kl": "KL", "js": "JS", "mse": "MSE"}
+
+
+def _prepare(q: Tensor, z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    q = q.detach().float()
+    if q.dim() == 2:
+        q = q.unsqueeze(0)
+    return q, F.log_softmax(z.float() / temperature, dim=-1)
+
+
+@DIVERGENCES.register("kl")
+def kl(q: Tensor, z: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(q || softmax(z / T))``, batchmean. ``q``: ``[M, B, K]`` or ``[B, K]``; ``z``: ``[B, K]``."""
+    q, logp = _prepare(q, z, temperature)
+    per_sample = (torch.xlogy(q, q) - q * logp).sum(dim=-1)  # [M, B]
+    return temperature**2 * per_sample.mean()
+
+
+@DIVERGENCES.register("js")
+def js(q: Tensor, z: Tensor, temperature: float) -> Tensor:
+    """``T^2 * JS(q, softmax(z / T))``, batchmean."""
+    q, logp = _prepare(q, z, temperature)
+    p = logp.exp().expand_as(q)
+    log_m = torch.log(((p + q) / 2).clamp_min(torch.finfo(torch.float32).tiny))
+    kl_qm = (torch.xlogy(q, q) - q * log_m).sum(dim=-1)
+    kl_pm = (p * (logp - log_m)).sum(dim=-1)
+    return temperature**2 * ((kl_qm + kl_pm) / 2).mean()
+
+
+@DIVERGENCES.register("mse")
+def mse(q: Tensor, z: Tensor, temperature: float) -> Tensor:
+    """``T^2 * sum_c (softmax(z / T)_c - q_c)^2``, batchmean."""
+    q, logp = _prepare(q, z, temperature)
+    return temperature**2 * ((logp.exp() - q) ** 2).sum(dim=-1).mean()

@@ -1,0 +1,283 @@
+"""The training loop and the evaluation function: the only loop of the project.
+
+One step, for any algorithm (DESIGN.md, section 1):
+
+1. the batch becomes views on the device (augmented, normalised, downscaled for the students in
+   cross-quality runs);
+2. every student runs one forward on its view;
+3. each term's teaching signal turns the batch and the students' *detached* logits into targets;
+4. the objective gives each student's loss; one backward over their sum (the students share no
+   graph, so each gets exactly its own gradient); every optimizer and scheduler steps.
+
+Statistics stay on the device and are read once per log interval and at the end of the epoch; the
+loop never branches on the algorithm, the device or the precision. Files are written by the
+:class:`Hooks` the caller passes (see :mod:`distillistic.run`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import unwrap
+from .config import Config
+from .data import Batch, Loader, ViewMaker
+from .errors import TrainingDiverged
+from .metrics import MetricAccumulator, pairwise_kl
+from .objective import Objective
+from .runtime import Runtime
+from .signals import StepInputs
+
+
+@dataclass
+class Member:
+    """A model the loop runs: ``model`` may be wrapped (DDP, compiled); ``raw`` is the plain module."""
+
+    name: str
+    model: nn.Module
+    view_size: int | None  # input size; None: the full view
+    channels: int
+
+    @property
+    def raw(self) -> nn.Module:
+        return unwrap(self.model)
+
+
+@dataclass
+class Task:
+    """Everything a run trains with, built once from the config by :mod:`distillistic.run`."""
+
+    cfg: Config
+    rt: Runtime
+    students: list[Member]
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    objective: Objective
+    teacher: Member | None
+    loaders: dict[str, Loader]
+    views: ViewMaker
+    num_classes: int
+    show_progress: bool = False
+    per_class: bool = False
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything here goes into the resumable checkpoint."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step: int = 0  # steps of that epoch already done
+    global_step: int = 0
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> val metrics at its best epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # every metrics row so far
+    train_seconds: float = 0.0
+    train_images: int = 0
+    epoch_seconds: float = 0.0  # of the epoch in progress, before a mid-epoch checkpoint
+    epoch_images: int = 0
+    meters: list[Tensor] | None = None  # training sums of the epoch in progress (resume)
+
+
+class Hooks(Protocol):
+    def after_step(self, task: Task, progress: Progress, meters: TrainMeters) -> bool:
+        """Called after every step; return True to stop now (a checkpoint has been written)."""
+        ...
+
+    def after_epoch(self, task: Task, progress: Progress, rows: list[dict[str, Any]], improved: list[str]) -> None:
+        """Called after each epoch's validation with its rows and the students whose val top-1 improved."""
+        ...
+
+
+class TrainMeters:
+    """One epoch's training statistics per student, as device tensors (no host sync to update)."""
+
+    def __init__(self, task: Task) -> None:
+        k, dev, n = task.num_classes, task.rt.device, len(task.students)
+        self.loss_names = task.objective.names
+        self.terms = [t.name for t in task.objective.terms]
+        self.losses = torch.zeros(n, len(self.loss_names), device=dev, dtype=torch.float64)
+        self.preds = [MetricAccumulator(k, dev, per_class=task.per_class) for _ in range(n)]
+        self.signals = {(t, i): MetricAccumulator(k, dev) for t in self.terms for i in range(n)}
+        self.extra = torch.zeros(3, device=dev, dtype=torch.float64)  # steps, sum of pairwise KL, non-finite losses
+
+    def update(self, logits: list[Tensor], labels: Tensor, outs: list[dict[str, Tensor]],
+               targets: dict[str, list[Tensor]]) -> None:
+        self.losses += torch.stack([torch.stack([o[k].detach() for k in self.loss_names]) for o in outs]).double()
+        for acc, z in zip(self.preds, logits):
+            acc.update(z.detach(), labels)
+        for name, qs in targets.items():
+            for i, q in enumerate(qs):
+                if i == 0 or q is not qs[0]:  # a signal shared by the cohort is counted once
+                    self.signals[(name, i)].update_probs(q.mean(dim=0), labels)
+        kl = pairwise_kl([z.detach() for z in logits]) if len(logits) > 1 else labels.new_zeros((), dtype=torch.float)
+        bad = (~torch.isfinite(torch.stack([o["loss"].detach() for o in outs]))).sum()
+        self.extra += torch.stack([torch.ones((), device=kl.device), kl.float(), bad.float()]).double()
+
+    def tensors(self) -> list[Tensor]:
+        out = [self.losses, self.extra]
+        for acc in [*self.preds, *self.signals.values()]:
+            out += acc.tensors()
+        return out
+
+    def load_tensors(self, tensors: list[Tensor]) -> None:
+        for mine, theirs in zip(self.tensors(), tensors):
+            mine.copy_(theirs)
+
+    def check_finite(self, where: str) -> None:
+        if float(self.extra[2]) > 0:
+            raise TrainingDiverged(f"the loss became NaN or inf ({where})")
+
+    def mean_loss(self) -> float:
+        return float(self.losses[:, 0].sum() / self.extra[0].clamp(min=1) / len(self.preds))
+
+    def rows(self, task: Task, names: list[str]) -> list[dict[str, Any]]:
+        steps = max(float(self.extra[0]), 1.0)
+        losses = (self.losses / steps).tolist()
+        rows = []
+        for i, name in enumerate(names):
+            row: dict[str, Any] = {"model": name, "split": "train", **self.preds[i].compute()}
+            row |= dict(zip(self.loss_names, losses[i]))
+            for t in self.terms:
+                acc = self.signals[(t, i)] if float(self.signals[(t, i)].sums[0]) else self.signals[(t, 0)]
+                stats = acc.compute()
+                row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"]}
+            rows.append(row)
+        if len(names) > 1:
+            top1 = torch.tensor([r["top1"] for r in rows])
+            rows.append({"model": "cohort", "split": "train", "pairwise_kl": float(self.extra[1]) / steps,
+                         "top1_mean": float(top1.mean()), "top1_spread": float(top1.std(unbiased=False))})
+        return rows
+
+
+def train_step(task: Task, batch: Batch, alpha: float, meters: TrainMeters) -> None:
+    """One optimisation step of every student on one batch."""
+    rt, objective = task.rt, task.objective
+    views = task.views(batch, train=True)
+    labels = batch.labels.to(rt.device, non_blocking=True)
+    with rt.autocast():
+        logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
+        inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index)
+        targets = {t.name: t.signal.targets(inp, t.temperature) for t in objective.terms}
+        outs = [objective(z, labels, {n: q[i] for n, q in targets.items()}, alpha) for i, z in enumerate(logits)]
+    for opt in task.optimizers:
+        opt.zero_grad(set_to_none=True)
+    # The students share no graph (signals are detached), so one backward gives each its own gradient.
+    rt.scaler.scale(torch.stack([o["loss"] for o in outs]).sum()).backward()
+    for student, opt, sched in zip(task.students, task.optimizers, task.schedulers):
+        if task.cfg.grad_clip:
+            rt.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(student.model.parameters(), task.cfg.grad_clip)
+        rt.scaler.step(opt)
+        sched.step()
+    rt.scaler.update()
+    meters.update(logits, labels, outs, targets)
+
+
+def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[str, Any]] | None:
+    """Train every student for the rest of epoch ``progress.epoch``; ``None`` if a hook stopped it."""
+    cfg, loader = task.cfg, task.loaders["train"]
+    for s in task.students:
+        s.model.train()
+    meters = TrainMeters(task)
+    if progress.meters is not None:  # resuming in the middle of this epoch
+        meters.load_tensors(progress.meters)
+        progress.meters = None
+    steps = len(loader)
+    bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
+               disable=not task.show_progress, leave=False, dynamic_ncols=True)
+    start = time.perf_counter() - progress.epoch_seconds
+    for batch in loader.epoch(progress.epoch, progress.step):
+        alpha = task.objective.alpha_at((progress.epoch + progress.step / steps) / cfg.epochs)
+        train_step(task, batch, alpha, meters)
+        progress.step += 1
+        progress.global_step += 1
+        progress.epoch_images += len(batch.labels) * task.rt.world_size
+        progress.epoch_seconds = time.perf_counter() - start
+        bar.update()
+        if progress.step % cfg.log_every == 0:  # the only host syncs inside an epoch
+            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}")
+            bar.set_postfix(loss=f"{meters.mean_loss():.4f}")
+        if hooks.after_step(task, progress, meters):
+            bar.close()
+            return None
+    bar.close()
+    task.rt.all_reduce_(meters.tensors())
+    meters.check_finite(f"epoch {progress.epoch + 1}")
+    seconds, images = time.perf_counter() - start, progress.epoch_images
+    progress.train_seconds += seconds
+    progress.train_images += images
+    rows = meters.rows(task, [s.name for s in task.students])
+    alpha = task.objective.alpha_at((progress.epoch + 1) / cfg.epochs)
+    for row, opt in zip(rows, task.optimizers):
+        row |= {"lr": opt.param_groups[0]["lr"], "alpha": alpha}
+    for row in rows:
+        row |= {"seconds": seconds, "images_per_second": images / max(seconds, 1e-9)}
+    return rows
+
+
+@torch.no_grad()
+def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = False,
+             reliability: bool = False) -> dict[str, dict[str, Any]]:
+    """Metrics of ``members`` on a held-out ``split``, plus their probability-averaging ensemble."""
+    rt, loader = task.rt, task.loaders[split]
+    for m in members:
+        m.raw.eval()
+    accs = {m.name: MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
+    if ensemble:
+        accs["ensemble"] = MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class)
+    start = time.perf_counter()
+    for batch in loader.epoch(0):
+        views = task.views(batch, train=False)
+        labels = batch.labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = [m.raw(views.get(m.view_size, m.channels)) for m in members]
+        for m, z in zip(members, logits):
+            accs[m.name].update(z, labels)
+        if ensemble:
+            probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(dim=0)
+            accs["ensemble"].update_probs(probs, labels)
+    rt.all_reduce_([t for acc in accs.values() for t in acc.tensors()])
+    seconds = time.perf_counter() - start
+    out = {}
+    for name, acc in accs.items():
+        metrics = acc.compute(reliability=reliability)
+        out[name] = metrics | {"seconds": seconds, "images_per_second": int(metrics["n"]) / max(seconds, 1e-9)}
+    return out
+
+
+def val_rows(task: Task, val: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = [{"model": name, "split": "val", **metrics} for name, metrics in val.items()]
+    if len(task.students) > 1:
+        top1 = torch.tensor([val[s.name]["top1"] for s in task.students])
+        rows.append({"model": "cohort", "split": "val", "top1_mean": float(top1.mean()),
+                     "top1_spread": float(top1.std(unbiased=False))})
+    return rows
+
+
+def fit(task: Task, progress: Progress, hooks: Hooks) -> bool:
+    """Train from ``progress`` to the last epoch, validating after each; False if a hook stopped it."""
+    while progress.epoch < task.cfg.epochs:
+        rows = train_one_epoch(task, progress, hooks)
+        if rows is None:
+            return False
+        val = evaluate(task, task.students, "val", ensemble=len(task.students) > 1)
+        rows += val_rows(task, val)
+        improved = []
+        for s in task.students:
+            best = progress.best.get(s.name)
+            if best is None or val[s.name]["top1"] > best["top1"]:
+                progress.best[s.name] = val[s.name] | {"epoch": progress.epoch + 1}
+                improved.append(s.name)
+        for row in rows:
+            row["epoch"] = progress.epoch + 1
+        progress.history += rows
+        progress.epoch += 1
+        progress.step = progress.epoch_images = 0
+        progress.epoch_seconds = 0.0
+        hooks.after_epoch(task, progress, rows, improved)
+    return True

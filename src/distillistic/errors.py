@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad flag, a missing file, a mismatched checkpoint) raises
+:class:`UserError` with one sentence that names the problem and the fix. The CLI prints it as
+``distillistic: error: <message>`` and exits with code 2, without a traceback. Bugs stay ordinary
+exceptions so that they keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's input, reported as one line and exit code 2."""
+
+
+class ConfigError(UserError):
+    """A config key has a value that is not allowed."""
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+
+
+class DataError(UserError):
+    """A dataset is missing, empty, truncated or corrupt."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged, unsafe or does not match the model or dataset."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or inf; the run stops and records why in ``summary.json``."""

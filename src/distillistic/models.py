@@ -1,0 +1,155 @@
+"""Model registry: torchvision classifiers with a K-class head, and small models for 8x8 / 28x28 inputs.
+
+Every entry is built by ``build_model(name, num_classes, data_channels, image_size, weights)``.
+torchvision models take 3 channels (grayscale data is expanded to RGB on the device, as the thesis's
+``Grayscale(num_output_channels=3)``); the small models take the dataset's channels. ``cifar_*``
+variants replace the ImageNet stem (7x7 stride-2 conv + max-pool) by a 3x3 stride-1 conv, the usual
+choice for 28-32 px inputs.
+"""
+
+from __future__ import annotations
+
+import typing
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from .errors import UserError
+from .registry import Registry
+
+Builder = Callable[[int, int, int, bool], nn.Module]  # (num_classes, in_channels, image_size, imagenet)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Builder
+    fixed_channels: int | None  # None: takes the dataset's channels
+    has_imagenet_weights: bool
+
+    def channels(self, data_channels: int) -> int:
+        return self.fixed_channels or data_channels
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the classification head: the last ``nn.Linear`` of the model."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear classification head")
+    return names[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+
+
+def _imagenet_model(name: str) -> nn.Module:
+    weights = tvm.get_model_weights(name).DEFAULT
+    try:
+        return tvm.get_model(name, weights=weights)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        folder = f"{torch.hub.get_dir()}/checkpoints"
+        raise UserError(f"ImageNet weights for {name} are not in '{folder}' and could not be downloaded ({e}); "
+                        f"put {weights.url.rsplit('/', 1)[-1]} there (or set TORCH_HOME)") from None
+
+
+def _torchvision(name: str, cifar_stem: bool = False) -> Builder:
+    def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
+        if imagenet:
+            model = _imagenet_model(name)
+            replace_head(model, num_classes)
+        else:
+            model = tvm.get_model(name, weights=None, num_classes=num_classes)
+        if cifar_stem:
+            width = typing.cast(nn.Conv2d, model.conv1).out_channels
+            model.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        return model
+
+    return build
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+              "resnext50_32x4d", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+              "efficientnet_b1", "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0", "densenet121",
+              "vgg11_bn"):
+    MODELS.add(_name, ModelSpec(_name, _torchvision(_name), 3, True))
+for _name in ("resnet18", "resnet34", "resnet50"):
+    MODELS.add(f"cifar_{_name}", ModelSpec(f"cifar_{_name}", _torchvision(_name, cifar_stem=True), 3, True))
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """conv-BN-ReLU blocks, a max-pool after each stage while the map is >= 8 px, global average pool."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        size, cin = image_size, in_channels
+        for i, w in enumerate(widths):
+            layers += [_conv_block(cin, w), _conv_block(w, w)] if i else [_conv_block(cin, w)]
+            if size >= 8 and i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C, H, W]`` -> logits ``[B, K]``."""
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class MLP(nn.Module):
+    """Flatten -> two hidden ReLU layers -> K logits."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden),
+                                 nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[B, C, S, S]`` -> logits ``[B, K]``."""
+        return self.fc(self.net(x))
+
+
+def _small(factory: Callable[[int, int, int], nn.Module]) -> Builder:
+    def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
+        return factory(num_classes, in_channels, image_size)
+
+    return build
+
+
+MODELS.add("mlp", ModelSpec("mlp", _small(MLP), None, False))
+MODELS.add("cnn", ModelSpec("cnn", _small(lambda k, c, s: SmallCNN(k, c, s, (32, 64))), None, False))
+MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False))
+
+
+def build_model(name: str, num_classes: int, data_channels: int, image_size: int, imagenet: bool = False,
+                freeze_backbone: bool = False) -> nn.Module:
+    """A fresh model (initialised from torch's global generator; seed it before calling)."""
+    spec = MODELS.get(name)
+    if imagenet and not spec.has_imagenet_weights:
+        raise UserError(f"model '{name}' has no ImageNet weights; use random or a checkpoint path")
+    model = spec.build(num_classes, spec.channels(data_channels), image_size, imagenet)
+    if freeze_backbone:
+        head = head_name(model) + "."
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(head))
+    return model

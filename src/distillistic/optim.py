@@ -1,0 +1,41 @@
+"""Optimizers and learning-rate schedules (stepped once per optimisation step)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import Config
+
+
+def make_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (the thesis: lr 1e-3, betas (0.9, 0.999)) or SGD with momentum."""
+    trainable = [p for p in params if p.requires_grad]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else 0.0
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=wd)
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """OneCycle (the thesis: max lr = lr, 10% warm-up), or linear warm-up then cosine / constant."""
+    total_steps = max(total_steps, 1)
+    if cfg.scheduler == "onecycle":
+        pct = min(max(cfg.warmup_fraction, 1.0 / total_steps), 0.99)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps + 1,
+                                                   pct_start=pct)
+    warm = int(cfg.warmup_fraction * total_steps)
+    cosine = cfg.scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,195 @@
+"""A run: config -> data, models, signals, objective -> the engine -> a run directory.
+
+``train(cfg)`` is the Python API behind ``distillistic train``. Everything that can fail because of
+the user's input (config, data, teacher weights, output directory) fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config as config_mod
+from .checkpoint import load_weights, read_state_dict, unwrap
+from .config import Config
+from .data import EpochSampler, Loader, ViewMaker, build_data
+from .engine import Member, Progress, Task, evaluate, fit
+from .errors import TrainingDiverged, UserError
+from .methods import METHODS
+from .models import MODELS, build_model
+from .optim import make_optimizer, make_scheduler
+from .rundir import RunDir, restore_state
+from .runtime import Runtime, derived_seed, resolve_runtime, seed_everything
+from .signals import Teacher
+
+log = logging.getLogger("distillistic")
+
+
+@dataclass
+class RunResult:
+    out: Path
+    config: Config
+    summary: dict[str, Any]
+
+
+def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
+    """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
+    cfg = config_mod.from_mapping(overrides, base=config or Config())
+    config_mod.validate(cfg)
+    cfg = config_mod.resolve(cfg)
+    if not cfg.out:
+        raise UserError("no output directory: pass --out DIR")
+    rt = resolve_runtime(cfg)
+    try:
+        return _run(cfg, rt)
+    finally:
+        rt.close()
+
+
+def _student_names(n: int) -> list[str]:
+    return ["student"] if n == 1 else [f"student{i}" for i in range(n)]
+
+
+def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
+    assert cfg.students is not None
+    models = []
+    for i in range(cfg.students):
+        torch.manual_seed(derived_seed(cfg.seed, "student", i))  # each member its own, reproducible init
+        model = build_model(cfg.model, info.num_classes, info.channels, info.image_size,
+                            imagenet=cfg.student_weights == "imagenet", freeze_backbone=cfg.freeze_backbone)
+        if cfg.student_weights not in ("random", "imagenet"):
+            path = Path(cfg.student_weights).expanduser()
+            state, _ = read_state_dict(path)
+            load_weights(model, state, str(path), cfg.model)
+        models.append(model)
+    return models
+
+
+def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
+    model = model.to(rt.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if rt.distributed:
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
+
+
+def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
+    """Everything the engine needs, from a resolved config; raises :class:`UserError` on bad input."""
+    bundle = build_data(cfg)
+    info = bundle.info
+    method = METHODS.get(cfg.algo)
+    seed_everything(cfg.seed)
+    teacher_member, teacher_source = None, None
+    if method.needs_teacher:
+        from .store import open_store
+        from .teachers import build_teacher
+
+        teacher_model, teacher_source = build_teacher(cfg, info)
+        teacher_model = teacher_model.to(rt.device)
+        channels = MODELS.get(cfg.teacher or "").channels(info.channels)
+        teacher_member = Member("teacher", teacher_model, cfg.teacher_resolution, channels)
+        store = open_store(cfg, info, teacher_source, teacher_model) if rt.world_size == 1 else None
+        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels, store=store)
+    else:
+        signal_teacher = None
+    objective = method.objective(cfg, signal_teacher)
+    names = _student_names(cfg.students or 1)
+    channels = MODELS.get(cfg.model).channels(info.channels)
+    raw_students = _build_students(cfg, info)
+    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels) for n, m in zip(names, raw_students)]
+    per_process = cfg.batch_size // rt.world_size
+    imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
+    assert cfg.data_seed is not None
+    assert cfg.eval_batch_size is not None
+    assert cfg.augment is not None
+    pin = rt.device.type == "cuda"
+    loaders = {"train": Loader(bundle.splits["train"], EpochSampler(
+        bundle.splits["train"].labels, per_process, cfg.data_seed, True, rt.rank, rt.world_size, imbalance),
+        info.image_size, True, cfg.data_seed, cfg.num_workers, pin)}
+    for split in ("val", "test"):
+        sampler = EpochSampler(bundle.splits[split].labels, max(1, cfg.eval_batch_size // rt.world_size),
+                               cfg.data_seed, False, rt.rank, rt.world_size)
+        loaders[split] = Loader(bundle.splits[split], sampler, info.image_size, False, cfg.data_seed,
+                                cfg.num_workers, pin)
+    total_steps = len(loaders["train"]) * cfg.epochs
+    optimizers = [make_optimizer(cfg, s.model.parameters()) for s in students]
+    schedulers = [make_scheduler(cfg, opt, total_steps) for opt in optimizers]
+    show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
+                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
+                show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
+    return task, {"data": info, "teacher_source": teacher_source}
+
+
+def _run(cfg: Config, rt: Runtime) -> RunResult:
+    out = Path(cfg.out or "")
+    rundir = RunDir(out, cfg, rt)
+    rundir.check()  # refuse an occupied DIR before any work
+    task, extra = build_task(cfg, rt)
+    info = extra["data"]
+    progress = Progress()
+    if cfg.resume and rundir.has_checkpoint():
+        progress = restore_state(rundir.last_checkpoint, task)
+        log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
+    rundir.open(info, task, progress)
+    log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
+             " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, rundir.request_stop)
+    try:
+        finished = fit(task, progress, rundir)
+    except TrainingDiverged as e:
+        summary = rundir.write_summary(task, progress, status="diverged", reason=str(e))
+        raise UserError(f"training stopped: {e}; the last good checkpoint is in {out / 'checkpoints'} "
+                        "(lower --lr, or set --grad-clip)") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not finished:
+        summary = rundir.write_summary(task, progress, status="interrupted")
+        log.warning("stopped at epoch %d, step %d; continue with the same command and --resume",
+                    progress.epoch + 1, progress.step)
+        return RunResult(out, cfg, summary)
+    final = final_evaluation(task, rundir)
+    summary = rundir.write_summary(task, progress, status="completed", final=final,
+                                   teacher_source=extra["teacher_source"])
+    rundir.close()
+    return RunResult(out, cfg, summary)
+
+
+def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:
+    """Test metrics at the last epoch and at each student's best-on-val epoch, and the teacher's."""
+    cohort = len(task.students) > 1
+    has_test = len(task.loaders["test"].sampler.labels) > 0
+    final: dict[str, dict[str, Any]] = {}
+    if has_test:
+        for name, m in evaluate(task, task.students, "test", ensemble=cohort, reliability=True).items():
+            final.setdefault(name, {})["test_last"] = m
+    for s in task.students:  # switch every student to its best-on-val weights
+        state, _ = read_state_dict(rundir.best_path(s.name))
+        unwrap(s.model).load_state_dict(state)
+    if cohort:
+        val = evaluate(task, task.students, "val", ensemble=True)
+        final.setdefault("ensemble", {})["val_best"] = val["ensemble"] | {"epoch": None}
+    if has_test:
+        for name, m in evaluate(task, task.students, "test", ensemble=cohort, reliability=True).items():
+            final.setdefault(name, {})["test"] = m
+    if task.teacher is not None:
+        splits = ["val", "test"] if has_test else ["val"]
+        for split in splits:
+            m = evaluate(task, [task.teacher], split, reliability=split == "test")["teacher"]
+            final.setdefault("teacher", {})["val_best" if split == "val" else "test"] = (
+                m | {"epoch": None} if split == "val" else m)
+    return final

@@ -1,0 +1,336 @@
+"""The run directory: config, manifest, metrics, TensorBoard events, checkpoints and summary.
+
+Layout of ``DIR``::
+
+    config.yaml          the resolved config (every key)
+    manifest.json        versions, git sha, host, dataset checksum, seeds, start/end times
+    metrics.jsonl        one JSON object per epoch per model per split
+    summary.json         test metrics at the best-on-val and last epochs, for every model
+    tensorboard/         TensorBoard events
+    checkpoints/last.pt  everything needed to resume exactly (written every epoch / K steps)
+    checkpoints/best-<model>.pt   each student's best-on-val weights
+
+Only rank 0 writes. At the end of an epoch the best weights are written before ``last.pt`` and the
+rows after it; ``metrics.jsonl`` is rewritten from the checkpoint's history on resume, so a crash at
+any point leaves files that agree with the checkpoint a resume starts from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from .checkpoint import atomic_write_json, atomic_write_text, check_format, load, save
+from .config import VOLATILE_KEYS, Config
+from .data import DataInfo
+from .engine import Progress, Task, TrainMeters
+from .errors import CheckpointError, UserError
+from .runtime import Runtime
+
+log = logging.getLogger("distillistic")
+METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distillistic")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _git() -> dict[str, Any] | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": dirty}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def rng_state() -> dict[str, Any]:
+    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
+    state: dict[str, Any] = {
+        "python": random.getstate(), "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunDir:
+    """Files of one run; also the engine's :class:`~distillistic.engine.Hooks`."""
+
+    def __init__(self, out: Path, cfg: Config, rt: Runtime) -> None:
+        self.out, self.cfg, self.rt = out, cfg, rt
+        self.stop_requested = False
+        self._tb: Any = None
+        self._wandb: Any = None
+        self.manifest: dict[str, Any] = {}
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    def best_path(self, name: str) -> Path:
+        return self.out / "checkpoints" / f"best-{name}.pt"
+
+    def has_checkpoint(self) -> bool:
+        return self.last_checkpoint.is_file()
+
+    def check(self) -> None:
+        """Refuse an output path that is a file, or a directory holding another run (unless asked)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out '{self.out}' is a file; choose a directory path")
+        occupied = self.out.is_dir() and any((self.out / f).exists() for f in RUN_FILES)
+        if not occupied:
+            return
+        if self.cfg.resume:
+            if not self.has_checkpoint():
+                raise UserError(f"--resume: '{self.out}' holds no checkpoints/last.pt to resume from; "
+                                "drop --resume, or pass --overwrite to start it again")
+            return
+        if not self.cfg.overwrite:
+            raise UserError(f"'{self.out}' already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another --out")
+
+    def open(self, info: DataInfo, task: Task, progress: Progress) -> None:
+        """Create the directory's files; on resume, rewrite ``metrics.jsonl`` from the checkpoint's history."""
+        resumed = progress.global_step > 0
+        if not self.rt.is_main:
+            return
+        if self.cfg.overwrite and not resumed:
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config_mod.save(self.cfg, self.out / "config.yaml")
+        previous = self._read_manifest() if resumed else {}
+        self.manifest = {
+            "distillistic": _version(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": _tv_version(), "git": _git(), "host": platform.node(), "platform": platform.platform(),
+            "command": sys.argv, "device": str(self.rt.device), "precision": self.rt.precision,
+            "world_size": self.rt.world_size, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
+            "dataset": {"name": info.dataset, "root": info.root, "checksum": info.checksum, "sizes": info.sizes,
+                        "num_classes": info.num_classes, "image_size": info.image_size},
+            "objective": str(task.objective),
+            "start_time": previous.get("start_time", _now()), "end_time": None,
+            "resumed_at": [*previous.get("resumed_at", []), *([_now()] if resumed else [])],
+        }
+        atomic_write_json(self.out / "manifest.json", self.manifest)
+        history = progress.history if resumed else []
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in history))
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        if self.cfg.wandb:
+            import wandb  # only imported when asked for; honours WANDB_MODE=offline
+
+            self._wandb = wandb.init(project="distillistic", name=self.out.name, dir=str(self.out),
+                                     config=self.cfg.to_dict(), resume="allow")
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.out / "manifest.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    # --- engine hooks --------------------------------------------------------------------------------
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        log.warning("signal %d: finishing the current step, then writing a checkpoint", signum)
+        self.stop_requested = True
+
+    def after_step(self, task: Task, progress: Progress, meters: TrainMeters) -> bool:
+        stop = self.stop_requested
+        if self.rt.distributed and progress.step % self.cfg.log_every == 0:
+            flag = torch.tensor([float(stop)], device=self.rt.device)
+            self.rt.all_reduce_([flag])
+            stop = bool(flag.item() > 0)
+        every = self.cfg.checkpoint_every
+        if stop or (every and progress.global_step % every == 0):
+            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}")
+            self.save_last(task, progress, meters)
+        return stop
+
+    def after_epoch(self, task: Task, progress: Progress, rows: list[dict[str, Any]], improved: list[str]) -> None:
+        if self.rt.is_main:
+            for s in task.students:
+                if s.name in improved:
+                    save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model},
+                          "num_classes": task.num_classes, "epoch": progress.epoch,
+                          "models": {s.name: s.raw.state_dict()}}, self.best_path(s.name))
+        self.save_last(task, progress)
+        if self.rt.is_main:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.writelines(json.dumps(_clean(r)) + "\n" for r in rows)
+            self._log_scalars(rows)
+
+    def _log_scalars(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            values = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "epoch"}
+            if self._tb is not None:
+                for key, value in values.items():
+                    self._tb.add_scalar(f"{row['split']}/{key}/{row['model']}", value, row["epoch"])
+            if self._wandb is not None:
+                self._wandb.log({f"{row['split']}/{k}/{row['model']}": v for k, v in values.items()}
+                                | {"epoch": row["epoch"]})
+        if self._tb is not None:
+            self._tb.flush()
+
+    def save_last(self, task: Task, progress: Progress, meters: TrainMeters | None = None) -> None:
+        """Everything needed to continue exactly: models, optimisers, schedules, scaler, RNG, progress."""
+        if not self.rt.is_main:
+            return
+        state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
+                                                   "train_seconds", "train_images", "epoch_seconds",
+                                                   "epoch_images")}
+        save({"kind": "last", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model for s in task.students},
+              "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in task.students},
+              "optimizers": [o.state_dict() for o in task.optimizers],
+              "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
+              "rng": rng_state(), "progress": state,
+              "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
+             self.last_checkpoint)
+
+    # --- summary -------------------------------------------------------------------------------------
+
+    def write_summary(self, task: Task, progress: Progress, status: str, reason: str | None = None,
+                      final: dict[str, dict[str, Any]] | None = None,
+                      teacher_source: str | None = None) -> dict[str, Any]:
+        final = final or {}
+        last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
+        models: dict[str, Any] = {}
+        for s in task.students:
+            best = progress.best.get(s.name)
+            models[s.name] = {"test": _metrics(final.get(s.name, {}).get("test")),
+                              "test_last": _metrics(final.get(s.name, {}).get("test_last")),
+                              "val_best": _metrics(best, epoch=True), "val_last": _metrics(last_val.get(s.name))}
+        summary: dict[str, Any] = {"status": status, "reason": reason, "algo": self.cfg.algo,
+                                   "dataset": self.cfg.dataset, "objective": str(task.objective)}
+        if len(task.students) > 1:
+            ens = final.get("ensemble", {})
+            models["ensemble"] = {"test": _metrics(ens.get("test")), "test_last": _metrics(ens.get("test_last")),
+                                  "val_best": _metrics(ens.get("val_best"), epoch=True),
+                                  "val_last": _metrics(last_val.get("ensemble"))}
+            scored = [(models[s.name]["val_best"] or {}).get("top1", -1.0) for s in task.students]
+            summary["best_student"] = task.students[scored.index(max(scored))].name
+            summary["cohort_mean"] = {part: _mean([models[s.name][part] for s in task.students])
+                                      for part in ("test", "test_last", "val_best", "val_last")}
+        if "teacher" in final:
+            models["teacher"] = {"test": _metrics(final["teacher"].get("test")),
+                                 "val_best": _metrics(final["teacher"].get("val_best"), epoch=True),
+                                 "source": teacher_source, "arch": self.cfg.teacher}
+        summary["models"] = models
+        summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
+                    "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}
+        summary = _clean(summary)
+        if self.rt.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+            if self.manifest:
+                self.manifest["end_time"] = _now()
+                atomic_write_json(self.out / "manifest.json", self.manifest)
+        return summary
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _tv_version() -> str:
+    import torchvision
+
+    return str(torchvision.__version__)
+
+
+def _metrics(m: dict[str, Any] | None, epoch: bool = False) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    keep = [*METRICS, "n", "per_class_top1", "reliability", *(["epoch"] if epoch else [])]
+    return {k: m[k] for k in keep if k in m}
+
+
+def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
+    present = [e for e in entries if e]
+    if not present:
+        return None
+    return {k: sum(e[k] for e in present) / len(present) for k in METRICS if all(k in e for e in present)}
+
+
+def restore_state(path: Path, task: Task) -> Progress:
+    """Load ``last.pt`` into the task's models, optimisers, schedules, scaler and RNG; return the progress."""
+    ckpt = load(path)
+    check_format(ckpt, path)
+    saved = ckpt.get("config", {})
+    current = task.cfg.to_dict()
+    differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k) != current[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {saved.get(k)!r} -> "
+                        f"{current[k]!r}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+                        "resume with the same settings, or start a new --out")
+    try:
+        for s in task.students:
+            s.raw.load_state_dict(ckpt["models"][s.name])
+        for opt, state in zip(task.optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        for sched, state in zip(task.schedulers, ckpt["schedulers"]):
+            sched.load_state_dict(state)
+        task.rt.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint '{path}' does not match this run ({type(e).__name__}: {e}); "
+                              "start a new --out") from None
+    progress = Progress(**ckpt["progress"])
+    progress.meters = ckpt.get("meters")
+    return progress

@@ -1,0 +1,141 @@
+"""Device, precision, distributed rank and seeds, resolved once per process.
+
+The loop never branches on the device: it enters ``runtime.autocast()`` (a ``nullcontext`` in fp32)
+and steps through ``runtime.scaler`` (a disabled ``GradScaler`` unless fp16), as nanoGPT does.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (NCCL on CUDA, Gloo on
+CPU), each process drives ``cuda:LOCAL_RANK`` and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config
+from .errors import ConfigError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16 (resolved)
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        dtype = _DTYPES.get(self.precision)
+        self._autocast: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return self._autocast()
+
+    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum tensors over processes in place (a no-op on one process)."""
+        if self.distributed:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _device(cfg: Config, local_rank: int) -> torch.device:
+    name = cfg.device
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", name, "a device present here: no CUDA device is visible (use auto or cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", name, "a device present here: MPS is not available (use auto or cpu)")
+    return device
+
+
+def _precision(cfg: Config, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        if cfg.precision == "fp16" and device.type == "cpu":
+            raise ConfigError("precision", "fp16", "fp32 or bf16 on the CPU (fp16 autocast needs a GPU)")
+        return cfg.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"  # the thesis trained with mixed precision on
+    return "fp32"
+
+
+def resolve_runtime(cfg: Config) -> Runtime:
+    """Resolve device, precision and (under torchrun) the process group for this process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.batch_size % world:
+        raise ConfigError("batch_size", cfg.batch_size, f"a multiple of the {world} processes")
+    return Runtime(device, _precision(cfg, device), rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(seed: int, *names: object) -> int:
+    """A seed for a named part of a run (e.g. student 2), stable across processes and Python versions."""
+    import hashlib
+
+    digest = hashlib.sha256(repr((seed, *names)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)

@@ -1,0 +1,143 @@
+"""Teaching signals: a batch (and the students' current logits) -> detached target distributions.
+
+A signal returns, for each student ``i`` of the cohort, a tensor ``[M, B, K]`` of ``M`` target
+distributions per sample (``M = 1`` except for DML's pairwise peers). Targets never carry gradient:
+the teacher runs under ``no_grad`` in eval mode with frozen weights, peers' logits are detached
+before they get here, and the virtual teacher is built from labels alone.
+
+* :class:`Teacher` (Hinton et al. 2015): ``q = softmax(t / T)``, ``t`` the frozen teacher's logits
+  on *its* view of the batch (the full-resolution view in cross-quality KD).
+* :class:`Peers` (Zhang et al. 2018): ``p_j = softmax(z_j / T)`` of the other students;
+  ``pairwise`` gives each peer separately (DML), ``mean`` their mean (DML_e).
+* :class:`Virtual` (Yuan et al. 2020, Tf-KD): ``v = p`` on the true class and ``(1 - p) / (K - 1)``
+  elsewhere; ``smooth=True`` applies ``softmax(v / T)`` to these probabilities as the original code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .data import Views
+
+
+@dataclass
+class StepInputs:
+    """What a signal may look at during one step (or one evaluation batch)."""
+
+    views: Views
+    labels: Tensor  # int64 [B], on the device
+    logits: list[Tensor]  # each student's logits [B, K], detached
+    num_classes: int
+    epoch: int = 0
+    index: Tensor | None = None  # int64 [B] sample indices (host), keys for the teacher-output store
+    cache: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Signal(Protocol):
+    name: str
+    pairwise: bool
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """One detached ``[M, B, K]`` target per student."""
+        ...
+
+    def describe(self, temperature: float) -> str:
+        """The target as a formula, e.g. ``softmax(t/20)``."""
+        ...
+
+
+class TeacherOutputs(Protocol):
+    """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.store`)."""
+
+    def fetch(self, inp: StepInputs) -> Tensor | None: ...
+
+    def record(self, inp: StepInputs, logits: Tensor) -> None: ...
+
+
+def _soft(symbol: str, t: float) -> str:
+    """``softmax(symbol/T)``, or ``softmax(symbol)`` at T = 1."""
+    return f"softmax({symbol}/{t:g})" if t != 1 else f"softmax({symbol})"
+
+
+class Teacher:
+    """A frozen model's softened predictions on its own view of the batch."""
+
+    pairwise = False
+
+    def __init__(self, model: nn.Module, view_size: int | None, channels: int,
+                 store: TeacherOutputs | None = None, name: str = "kd") -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
+
+    def logits(self, inp: StepInputs) -> Tensor:
+        """Teacher logits ``[B, K]`` (float32), computed at most once per step."""
+        if "teacher" not in inp.cache:
+            stored = self.store.fetch(inp) if self.store is not None else None
+            if stored is None:
+                if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
+                    self.model.eval()
+                with torch.no_grad():
+                    stored = self.model(inp.views.get(self.view_size, self.channels)).float()
+                if self.store is not None:
+                    self.store.record(inp, stored)
+            inp.cache["teacher"] = stored
+        return inp.cache["teacher"]
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        q = torch.softmax(self.logits(inp) / temperature, dim=-1).unsqueeze(0)
+        return [q] * len(inp.logits)
+
+    def describe(self, temperature: float) -> str:
+        return _soft("t", temperature)
+
+
+class Peers:
+    """The other students' softened predictions (detached)."""
+
+    def __init__(self, mode: Literal["pairwise", "mean"], name: str = "dml") -> None:
+        if mode not in ("pairwise", "mean"):
+            raise ValueError(f"Peers mode must be pairwise or mean, not {mode!r}")
+        self.mode, self.name = mode, name
+        self.pairwise = mode == "pairwise"
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        n = len(inp.logits)
+        if n < 2:
+            raise ValueError("Peers needs a cohort of at least 2 students")
+        p = torch.softmax(torch.stack([z.detach().float() for z in inp.logits]) / temperature, dim=-1)
+        if self.pairwise:
+            return [p[[j for j in range(n) if j != i]] for i in range(n)]
+        total = p.sum(dim=0)
+        return [((total - p[i]) / (n - 1)).unsqueeze(0) for i in range(n)]
+
+    def describe(self, temperature: float) -> str:
+        peer = _soft("z_j", temperature)
+        return peer if self.pairwise else f"mean_(j≠i) {peer}"
+
+
+class Virtual:
+    """Tf-KD's hand-made teacher: ``p`` on the true class, ``(1 - p) / (K - 1)`` on every other."""
+
+    pairwise = False
+
+    def __init__(self, p: float, smooth: bool, name: str = "tfkd") -> None:
+        self.p, self.smooth, self.name = p, smooth, name
+
+    def distribution(self, labels: Tensor, num_classes: int) -> Tensor:
+        """``v`` ``[B, K]``, vectorised over the batch."""
+        v = torch.full((len(labels), num_classes), (1 - self.p) / (num_classes - 1), device=labels.device)
+        return v.scatter_(1, labels[:, None], self.p)
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        v = self.distribution(inp.labels, inp.num_classes)
+        if self.smooth:
+            v = torch.softmax(v / temperature, dim=-1)
+        return [v.unsqueeze(0)] * len(inp.logits)
+
+    def describe(self, temperature: float) -> str:
+        v = f"v(p={self.p:g})"
+        return _soft(v, temperature) if self.smooth else v

@@ -1,0 +1,97 @@
+"""Frozen teachers: ImageNet weights, a checkpoint, random initialisation, or trained first and cached.
+
+``teacher_weights=train`` trains the teacher with the baseline recipe (same data, optimiser and
+schedule, ``teacher_epochs`` epochs, model seed ``teacher_seed``) into
+``<cache_dir>/teachers/<arch>-<hash>``, where the hash covers the teacher's recipe and the data's
+checksum. Every later run naming the same teacher config finds it there and reuses it; a lock keeps
+concurrent sweep shards from training it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights, read_state_dict
+from .config import VOLATILE_KEYS, Config, cache_dir
+from .data import DataInfo
+from .errors import CheckpointError, UserError
+from .models import build_model
+from .runtime import derived_seed
+
+log = logging.getLogger("distillistic")
+
+# Keys that do not change what the teacher learns (or are replaced by the data checksum).
+_NOT_IN_KEY = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
+                               "teacher_store", "compile"}
+
+
+def teacher_recipe(cfg: Config) -> Config:
+    """The baseline config that trains this run's teacher."""
+    assert cfg.teacher is not None
+    return cfg.replace(
+        algo="baseline", model=cfg.teacher, students=1, student_weights="random", freeze_backbone=False,
+        teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
+        seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
+        teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
+        imbalance_class=None)
+
+
+def recipe_key(recipe: Config, info: DataInfo) -> str:
+    items: dict[str, Any] = {k: v for k, v in recipe.to_dict().items() if k not in _NOT_IN_KEY}
+    items["data_checksum"] = info.checksum
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_teacher_dir(cfg: Config, info: DataInfo) -> Path:
+    """Train the teacher once (or find it trained) and return its run directory."""
+    from .run import train  # a teacher is trained by the same trainer, as a baseline run
+
+    recipe = teacher_recipe(cfg)
+    folder = cache_dir(cfg) / "teachers" / f"{recipe.model}-{recipe_key(recipe, info)}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f"{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process training the same teacher: wait for it
+        if _completed(folder):
+            log.info("teacher: reusing %s", folder)
+        else:
+            log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
+            train(recipe.replace(out=str(folder)))
+    return folder
+
+
+def _completed(folder: Path) -> bool:
+    summary = folder / "summary.json"
+    try:
+        return json.loads(summary.read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
+    """The frozen teacher of a resolved config and a description of where its weights came from."""
+    assert cfg.teacher is not None
+    source = cfg.teacher_weights
+    torch.manual_seed(derived_seed(cfg.seed, "teacher"))
+    if source in ("random", "imagenet"):
+        model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size,
+                            imagenet=source == "imagenet")
+        return model, source
+    path = trained_teacher_dir(cfg, info) if source == "train" else Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"teacher weights '{source}' not found: use imagenet, train, random or an existing "
+                        "checkpoint, run directory or .safetensors path")
+    state, meta = read_state_dict(path)
+    if meta.get("arch") and meta["arch"] != cfg.teacher:
+        raise CheckpointError(f"teacher checkpoint '{path}' holds a {meta['arch']} but --teacher is "
+                              f"{cfg.teacher}; pass --teacher {meta['arch']}")
+    model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size)
+    load_weights(model, state, str(path), cfg.teacher)
+    return model, str(path)

@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests run on the CPU with one thread per xdist worker and never touch the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+MNIST_T10K = SHARED / "mnist-t10k"
+IMAGENET_SAMPLE = SHARED / "imagenet-sample100"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache folder (trained teachers, stores, downloads)."""
+    monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ.setdefault("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
+@pytest.fixture
+def mnist_t10k() -> Path:
+    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("../shared/datasets/mnist-t10k is not present")
+    return MNIST_T10K
