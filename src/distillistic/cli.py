@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -68,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, overrides)
     result = train(cfg)
     status = result.summary.get("status")
-    if status == "completed":
+    if status == "completed" and os.environ.get("RANK", "0") == "0":
         print(_summary_line(result.summary, result.out))
     return 0
 
@@ -111,7 +112,9 @@ def one_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
     args = build_parser().parse_args(argv)
     commands = {"train": _train, "demo": _demo, "list": _list}
     try:

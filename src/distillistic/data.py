@@ -169,7 +169,9 @@ class EpochSampler:
                 weights = torch.where(is_cls, share / counts[cls], (1 - share) / (n - counts[cls]))
                 order = torch.multinomial(weights, n, replacement=True, generator=g)
         if self.world > 1:
-            pad = -len(order) % self.world
+            # Training pads so every rank takes the same number of steps; evaluation must not count a
+            # sample twice (its sums are all-reduced), so ranks just take unequal shares.
+            pad = -len(order) % self.world if self.shuffle else 0
             order = torch.cat([order, order[:pad]])[self.rank :: self.world]
         return order
 

@@ -171,6 +171,7 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
 
 def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:
     """Test metrics at the last epoch and at each student's best-on-val epoch, and the teacher's."""
+    task.rt.barrier()  # rank 0 wrote the best checkpoints every rank reads below
     cohort = len(task.students) > 1
     has_test = len(task.loaders["test"].sampler.labels) > 0
     final: dict[str, dict[str, Any]] = {}

@@ -32,6 +32,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this runtime initialised the process group (a nested run must not end it)
 
     def __post_init__(self) -> None:
         dtype = _DTYPES.get(self.precision)
@@ -69,7 +70,7 @@ class Runtime:
             dist.barrier()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -108,7 +109,8 @@ def resolve_runtime(cfg: Config) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -123,7 +125,7 @@ def resolve_runtime(cfg: Config) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     if cfg.batch_size % world:
         raise ConfigError("batch_size", cfg.batch_size, f"a multiple of the {world} processes")
-    return Runtime(device, _precision(cfg, device), rank, world, local_rank)
+    return Runtime(device, _precision(cfg, device), rank, world, local_rank, owns_group)
 
 
 def seed_everything(seed: int) -> None:

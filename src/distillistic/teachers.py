@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_weights, read_state_dict
@@ -57,6 +58,14 @@ def trained_teacher_dir(cfg: Config, info: DataInfo) -> Path:
     recipe = teacher_recipe(cfg)
     folder = cache_dir(cfg) / "teachers" / f"{recipe.model}-{recipe_key(recipe, info)}"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():  # under torchrun every rank takes part in training the teacher
+        done = [_completed(folder)]
+        dist.broadcast_object_list(done, src=0)
+        if not done[0]:
+            log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
+            train(recipe.replace(out=str(folder)))
+        dist.barrier()
+        return folder
     with (folder.parent / f"{folder.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process training the same teacher: wait for it
         if _completed(folder):
@@ -79,7 +88,7 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
     """The frozen teacher of a resolved config and a description of where its weights came from."""
     assert cfg.teacher is not None
     source = cfg.teacher_weights
-    torch.manual_seed(derived_seed(cfg.seed, "teacher"))
+    torch.manual_seed(derived_seed(cfg.teacher_seed, "teacher"))  # the same teacher for every student seed
     if source in ("random", "imagenet"):
         model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size,
                             imagenet=source == "imagenet")

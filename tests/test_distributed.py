@@ -1,0 +1,35 @@
+"""Two processes under torchrun (Gloo on the CPU): one run directory, metrics over the whole held-out splits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_kd_with_teacher_trained_first(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "distillistic", "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1",
+           "--dataset", "synthetic", "--synthetic-samples", "300", "--model", "mlp", "--epochs", "1",
+           "--batch-size", "32", "--out", str(out), "--no-progress", "--no-tensorboard"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    sizes = manifest["dataset"]["sizes"]
+    # Every held-out sample counted exactly once across the two ranks (no padding in evaluation).
+    for name in ("student", "teacher"):
+        assert summary["models"][name]["test"]["n"] == sizes["test"]
+        assert summary["models"][name]["val_best"]["n"] == sizes["val"]
+    # Rank 0 alone writes: one summary line on stdout, one row per (epoch, model, split).
+    assert proc.stdout.count(str(out)) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len({(r["epoch"], r["model"], r["split"]) for r in rows}) == 2
