@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("onecycle", "cosine", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "augment": ("none", "randaugment"),
+    "teacher_init": ("random", "imagenet"),
 }
 
 
@@ -73,6 +74,7 @@ class Config:
     teacher: str | None = _f(None, "teacher architecture (kd; default resnet50)")
     teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH")
     teacher_epochs: int | None = _f(None, "epochs when the teacher is trained first (default: --epochs)")
+    teacher_init: str = _f("random", "initialisation when the teacher is trained first: random or imagenet")
     teacher_seed: int = _f(0, "model and data seed when the teacher is trained first (shared by every run)")
     # --- distillation ------------------------------------------------------------------------------
     alpha: float = _f(0.5, "distillation weight: L = (1-alpha) CE + alpha * divergence")

@@ -68,7 +68,8 @@ def _torchvision(name: str, cifar_stem: bool = False) -> Builder:
     def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
         if imagenet:
             model = _imagenet_model(name)
-            replace_head(model, num_classes)
+            if num_classes != 1000:  # ImageNet itself keeps its trained head
+                replace_head(model, num_classes)
         else:
             model = tvm.get_model(name, weights=None, num_classes=num_classes)
         if cifar_stem:

@@ -38,7 +38,7 @@ def teacher_recipe(cfg: Config) -> Config:
     """The baseline config that trains this run's teacher."""
     assert cfg.teacher is not None
     return cfg.replace(
-        algo="baseline", model=cfg.teacher, students=1, student_weights="random", freeze_backbone=False,
+        algo="baseline", model=cfg.teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
         seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
         teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
@@ -89,6 +89,10 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
     assert cfg.teacher is not None
     source = cfg.teacher_weights
     torch.manual_seed(derived_seed(cfg.teacher_seed, "teacher"))  # the same teacher for every student seed
+    if source == "imagenet" and info.num_classes != 1000:
+        raise UserError(f"ImageNet weights give {cfg.teacher} a 1000-class head but '{cfg.dataset}' has "
+                        f"{info.num_classes} classes, and a teacher needs a trained head: use --teacher-weights train "
+                        "--teacher-init imagenet to fine-tune it on this dataset first")
     if source in ("random", "imagenet"):
         model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size,
                             imagenet=source == "imagenet")
