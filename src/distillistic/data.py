@@ -203,7 +203,8 @@ class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int]:
         from PIL import Image, UnidentifiedImageError
-        from torchvision.transforms.functional import pil_to_tensor
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 
         epoch, index = key
         path = self.source.paths[index]
@@ -216,13 +217,8 @@ class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
         if self.train:
             top, left, h, w = crop_box(img.height, img.width, (self.data_seed, epoch, index))
             img = img.resize((s, s), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-        else:  # Resize(S * 256 / 224) on the short side, then CenterCrop(S), as torchvision's ImageNet eval
-            short = round(s * 256 / 224)
-            scale = short / min(img.width, img.height)
-            img = img.resize((max(s, round(img.width * scale)), max(s, round(img.height * scale))),
-                             Image.Resampling.BILINEAR)
-            left, top = (img.width - s) // 2, (img.height - s) // 2
-            img = img.crop((left, top, left + s, top + s))
+        else:  # Resize(S * 256 / 224) on the short side, then CenterCrop(S): torchvision's ImageNet eval itself
+            img = center_crop(resize(img, round(s * 256 / 224), InterpolationMode.BILINEAR), [s, s])
         return pil_to_tensor(img), int(self.source.labels[index]), index
 
 
