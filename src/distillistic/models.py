@@ -9,16 +9,18 @@ choice for 28-32 px inputs.
 
 from __future__ import annotations
 
+import pickle
 import typing
 import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .registry import Registry
 
 Builder = Callable[[int, int, int, bool], nn.Module]  # (num_classes, in_channels, image_size, imagenet)
@@ -56,6 +58,15 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
 
 def _imagenet_model(name: str) -> nn.Module:
     weights = tvm.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    if cached.is_file():
+        # torchvision reads its cache with torch.load(weights_only=False): a file put there by hand is
+        # checked first with weights_only=True, so that it cannot run pickled code.
+        try:
+            torch.load(cached, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+            raise CheckpointError(f"'{cached}' is not a plain weights file ({type(e).__name__}); delete it so "
+                                  f"that the ImageNet weights of {name} are downloaded again") from None
     try:
         return tvm.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
