@@ -1,0 +1,138 @@
+"""The objective: returned terms, values, alpha warm-up, printed formulas; the registries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import tiny
+
+from distillistic import config as config_mod
+from distillistic import engine, train
+from distillistic.config import Config
+from distillistic.errors import UserError
+from distillistic.methods import METHODS, method
+from distillistic.objective import Objective, Term
+from distillistic.registry import Registry
+from distillistic.signals import Teacher, Virtual
+
+
+def _objective(algo: str, **overrides: Any) -> Objective:
+    cfg = config_mod.resolve(Config(algo=algo, dataset="synthetic", **overrides))
+    teacher = Teacher(torch.nn.Linear(2, 2), None, 1) if METHODS.get(algo).needs_teacher else None
+    return METHODS.get(algo).objective(cfg, teacher)
+
+
+FORMULAS = {
+    ("baseline", ()): "L = CE(z, y)",
+    ("kd", ()): "L = 0.5·CE(z, y) + 0.5·20²·KL(softmax(t/20) ‖ softmax(z/20))",
+    ("dml", ()): "L = 0.5·CE(z, y) + 0.5·mean_(j≠i) KL(softmax(z_j) ‖ softmax(z))",
+    ("dml_e", ()): "L = 0.5·CE(z, y) + 0.5·KL(mean_(j≠i) softmax(z_j) ‖ softmax(z))",
+    ("tfkd", ()): "L = 0.5·CE(z, y) + 0.5·KL(v(p=0.9) ‖ softmax(z))",
+    ("tfkd", (("virtual_smooth", True),)): "L = 0.5·CE(z, y) + 0.5·20²·KL(softmax(v(p=0.9)/20) ‖ softmax(z/20))",
+    ("kd", (("temperature", 4.0), ("alpha", 0.9), ("divergence", "mse"))):
+        "L = 0.1·CE(z, y) + 0.9·4²·MSE(softmax(t/4) ‖ softmax(z/4))",
+    ("dml", (("temperature", 3.0), ("alpha", 0.3), ("alpha_warmup", 0.2), ("divergence", "js"))):
+        "L = 0.7·CE(z, y) + 0.3·mean_(j≠i) 3²·JS(softmax(z_j/3) ‖ softmax(z/3)), alpha rising from 0 over the "
+        "first 20% of training",
+}
+
+
+@pytest.mark.parametrize(("algo", "overrides"), list(FORMULAS))
+def test_printed_formula(algo: str, overrides: tuple[tuple[str, Any], ...]) -> None:
+    assert str(_objective(algo, **dict(overrides))) == FORMULAS[(algo, overrides)]
+
+
+def test_every_registered_method_has_a_formula() -> None:
+    assert {algo for algo, _ in FORMULAS} == set(METHODS.names())
+
+
+@pytest.mark.parametrize("algo", ["baseline", "tfkd"])
+def test_returned_keys_and_values(algo: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+    objective = _objective(algo, alpha=0.3)
+    targets = {t.name: Virtual(0.9, False).targets(_step(y), 1.0)[0] for t in objective.terms}
+    out = objective(z, y, targets, alpha=0.3)
+    ce = F.cross_entropy(z, y)
+    if algo == "baseline":
+        assert set(out) == {"loss", "ce"} and objective.names == ["loss", "ce"]
+        torch.testing.assert_close(out["loss"], ce)  # alpha is ignored without terms
+        return
+    assert set(out) == {"loss", "ce", "tfkd"} and objective.names == ["loss", "ce", "tfkd"]
+    kl = F.kl_div(F.log_softmax(z, 1), targets["tfkd"][0], reduction="batchmean")
+    torch.testing.assert_close(out["ce"], ce)
+    torch.testing.assert_close(out["tfkd"], kl)
+    torch.testing.assert_close(out["loss"], 0.7 * ce + 0.3 * kl)
+
+
+def _step(labels: torch.Tensor) -> Any:
+    from distillistic.data import Views
+    from distillistic.signals import StepInputs
+
+    return StepInputs(Views(torch.zeros(len(labels), 1, 2, 2), False), labels, [torch.zeros(len(labels), 10)], 10)
+
+
+def test_term_weights_and_several_terms() -> None:
+    virtual = Virtual(0.9, False)
+    objective = Objective((Term("a", virtual, "kl", 2.0, weight=0.5), Term("b", virtual, "mse", 1.0)), alpha=0.4)
+    assert str(objective) == "L = 0.6·CE(z, y) + 0.4·[0.5·2²·KL(v(p=0.9) ‖ softmax(z/2)) + MSE(v(p=0.9) ‖ softmax(z))]"
+    z, y = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    q = virtual.targets(_step(y), 1.0)[0]
+    out = objective(z, y, {"a": q, "b": q}, alpha=0.4)
+    kl = 4 * F.kl_div(F.log_softmax(z / 2, 1), q[0], reduction="batchmean")
+    mse = ((z.softmax(1) - q[0]) ** 2).sum(1).mean()
+    torch.testing.assert_close(out["loss"], 0.6 * F.cross_entropy(z, y) + 0.4 * (0.5 * kl + mse))
+
+
+def test_alpha_warmup_values() -> None:
+    objective = _objective("tfkd", alpha=0.5, alpha_warmup=0.2)
+    assert [objective.alpha_at(p) for p in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)] == pytest.approx(
+        [0.0, 0.125, 0.25, 0.5, 0.5, 0.5])
+    assert _objective("tfkd", alpha=0.5).alpha_at(0.0) == 0.5  # no warm-up: alpha from the first step
+    assert _objective("baseline", alpha=0.5).alpha_at(0.5) == 0.0
+
+
+def test_the_loop_warms_alpha_up_step_by_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    alphas: list[tuple[int, float]] = []
+    original = engine.train_step
+
+    def record(task: Any, batch: Any, alpha: float, meters: Any) -> None:
+        alphas.append((batch.epoch, alpha))
+        original(task, batch, alpha, meters)
+
+    monkeypatch.setattr(engine, "train_step", record)
+    train(tiny(tmp_path / "run", algo="tfkd", epochs=2, alpha=0.6, alpha_warmup=0.5, batch_size=128))
+    steps = sum(1 for e, _ in alphas if e == 0)
+    assert steps == 1259 // 128  # digits' train split, ragged batch dropped
+    first = [a for e, a in alphas if e == 0]
+    assert first == pytest.approx([0.6 * s / steps for s in range(steps)])  # 0 -> 0.6 over the first half
+    assert [a for e, a in alphas if e == 1] == pytest.approx([0.6] * steps)
+
+
+# --- registries ----------------------------------------------------------------------------------------
+
+
+def test_registry_refuses_duplicates_and_lists_valid_names() -> None:
+    reg: Registry[int] = Registry("widget")
+    reg.add("one", 1)
+    with pytest.raises(ValueError, match="widget 'one' is already registered"):
+        reg.add("one", 2)
+    assert reg.get("one") == 1
+    with pytest.raises(UserError, match=r"unknown widget 'onr' \(did you mean 'one'\?\); choose one of: one"):
+        reg.get("onr")
+    with pytest.raises(ValueError, match="algorithm 'kd' is already registered"):
+        method("kd", "a second KD")(lambda cfg, teacher: ())
+    assert METHODS.get("kd").reference == "Hinton, Vinyals, Dean 2015"
+
+
+def test_methods_declare_their_students_and_temperature() -> None:
+    resolved = {a: config_mod.resolve(Config(algo=a, dataset="synthetic")) for a in METHODS.names()}
+    assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1}
+    assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
+                                                              "dml_e": 1.0, "tfkd": 1.0}
+    assert config_mod.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
+    assert resolved["kd"].teacher == "resnet50" and resolved["dml"].teacher is None
