@@ -32,6 +32,7 @@ log = logging.getLogger("distillistic")
 # Keys that do not change what the teacher learns (or are replaced by the data checksum).
 _NOT_IN_KEY = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
                                "teacher_store", "compile"}
+_DEFAULTS = Config()
 
 
 def teacher_recipe(cfg: Config) -> Config:
@@ -42,7 +43,11 @@ def teacher_recipe(cfg: Config) -> Config:
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
         seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
         teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
-        imbalance_class=None)
+        imbalance_class=None,
+        # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
+        # (a baseline ignores them; a student with another alpha must reuse the same teacher).
+        alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
+        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share)
 
 
 def recipe_key(recipe: Config, info: DataInfo) -> str:
