@@ -156,7 +156,9 @@ def coerce(key: str, value: Any) -> Any:
 def _coerce_to(key: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
+        # "none" is a value of its own where it is a valid choice (--augment none), not "unset".
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")
+                                    and value not in CHOICES.get(key, ()))
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
