@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from _util import tiny
 
+from _util import tiny
 from distillistic import train
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
@@ -30,9 +30,13 @@ TERMS = {"baseline": [], "kd": ["kd"], "dml": ["dml"], "dml_e": ["dml_e"], "tfkd
 def _check_metrics(entry: dict[str, Any] | None, k: int) -> None:
     assert entry is not None
     for key in METRICS:
-        assert isinstance(entry[key], float) and math.isfinite(entry[key]), key
-    assert 0 <= entry["top1"] <= entry["top5"] <= 1 and 0 <= entry["ece"] <= 1
-    assert entry["nll"] > 0 and 0 <= entry["brier"] <= 2 and 0 <= entry["entropy"] <= math.log(k) + 1e-6
+        assert isinstance(entry[key], float), key
+        assert math.isfinite(entry[key]), key
+    assert 0 <= entry["top1"] <= entry["top5"] <= 1
+    assert 0 <= entry["ece"] <= 1
+    assert entry["nll"] > 0
+    assert 0 <= entry["brier"] <= 2
+    assert 0 <= entry["entropy"] <= math.log(k) + 1e-6
 
 
 @pytest.mark.parametrize("dataset", ["synthetic", "digits"])
@@ -45,7 +49,9 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
     result = train(tiny(out, dataset=dataset, **settings))
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result.summary))
-    assert summary["status"] == "completed" and summary["algo"] == algo and summary["epochs_completed"] == 1
+    assert summary["status"] == "completed"
+    assert summary["algo"] == algo
+    assert summary["epochs_completed"] == 1
     n = settings.get("students", 1)
     students = ["student"] if n == 1 else [f"student{i}" for i in range(n)]
     expected = set(students) | ({"ensemble"} if n > 1 else set()) | ({"teacher"} if algo == "kd" else set())
@@ -66,12 +72,15 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
         val = [summary["models"][s]["val_best"]["top1"] for s in students]
         assert summary["best_student"] == students[val.index(max(val))]
     else:
-        assert "best_student" not in summary and "cohort_mean" not in summary
+        assert "best_student" not in summary
+        assert "cohort_mean" not in summary
     if algo == "kd":
         teacher = summary["models"]["teacher"]
         _check_metrics(teacher["test"], 10)
-        assert teacher["source"] == "random" and teacher["arch"] == "cnn"
-    assert summary["train_seconds"] > 0 and summary["train_images_per_second"] > 0
+        assert teacher["source"] == "random"
+        assert teacher["arch"] == "cnn"
+    assert summary["train_seconds"] > 0
+    assert summary["train_images_per_second"] > 0
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     terms = TERMS[algo]
@@ -81,8 +90,10 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
                     "images_per_second"):
             assert key in train_row, key
         for term in terms:  # the teaching signal's own calibration is logged
-            assert 0 <= train_row[f"{term}_target_ece"] <= 1 and train_row[f"{term}_target_entropy"] >= 0
-        assert train_row["epoch"] == 1 and train_row["images_per_second"] > 0
+            assert 0 <= train_row[f"{term}_target_ece"] <= 1
+            assert train_row[f"{term}_target_entropy"] >= 0
+        assert train_row["epoch"] == 1
+        assert train_row["images_per_second"] > 0
         (val_row,) = [r for r in rows if r["model"] == name and r["split"] == "val"]
         for key in ("epoch", *METRICS, "seconds", "images_per_second"):
             assert key in val_row, key
@@ -90,16 +101,20 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
     if n > 1:
         assert {r["model"] for r in rows if r["split"] == "val"} == {*students, "ensemble", "cohort"}
         (cohort,) = [r for r in rows if r["model"] == "cohort" and r["split"] == "train"]
-        assert cohort["pairwise_kl"] >= 0 and cohort["top1_spread"] >= 0
+        assert cohort["pairwise_kl"] >= 0
+        assert cohort["top1_spread"] >= 0
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["algo"] == algo and cfg["students"] == n and cfg["image_size"] == size
+    assert cfg["algo"] == algo
+    assert cfg["students"] == n
+    assert cfg["image_size"] == size
     assert cfg["temperature"] == settings.get("temperature", 20.0 if settings.get("virtual_smooth") else
                                               (20.0 if algo == "kd" else 1.0))
     manifest = json.loads((out / "manifest.json").read_text())
     for key in ("git", "python", "torch", "torchvision", "distillistic", "host", "seed", "start_time", "end_time"):
         assert key in manifest, key
-    assert manifest["dataset"]["name"] == dataset and len(manifest["dataset"]["checksum"]) == 64
+    assert manifest["dataset"]["name"] == dataset
+    assert len(manifest["dataset"]["checksum"]) == 64
     assert (out / "checkpoints" / "last.pt").is_file()
 
 

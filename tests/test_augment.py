@@ -123,7 +123,9 @@ def test_a_view_regenerated_from_its_key_alone_is_bit_identical() -> None:
 def test_sample_hash_tensor_and_scalar_agree(seed: int, epoch: int, stream: int) -> None:
     index = torch.cat([torch.arange(2000), torch.tensor([2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3])])
     hashes = sample_hash(seed, epoch, index, stream)
-    assert hashes.dtype == torch.int64 and int(hashes.min()) >= 0 and int(hashes.max()) < 2**32
+    assert hashes.dtype == torch.int64
+    assert int(hashes.min()) >= 0
+    assert int(hashes.max()) < 2**32
     assert hashes.tolist() == [sample_hash_int(seed, epoch, int(i), stream) for i in index]
 
 
@@ -142,10 +144,13 @@ def test_crop_box_is_inside_the_image_and_deterministic(height: int, width: int)
         keys = (7, index % 3, index)
         top, left, h, w = crop_box(height, width, keys)
         assert (top, left, h, w) == crop_box(height, width, keys)
-        assert 0 < h <= height and 0 < w <= width
-        assert 0 <= top <= height - h and 0 <= left <= width - w
+        assert 0 < h <= height
+        assert 0 < w <= width
+        assert 0 <= top <= height - h
+        assert 0 <= left <= width - w
         shares.append(h * w / (height * width))
     if height == width == 224:
-        assert min(shares) >= 0.07 and max(shares) <= 1.0  # RandomResizedCrop's scale (0.08, 1)
+        assert min(shares) >= 0.07
+        assert max(shares) <= 1.0
         assert 0.45 < sum(shares) / len(shares) < 0.6  # the mean of its distribution (~0.52)
     assert crop_box(224, 224, (7, 0, 1)) != crop_box(224, 224, (7, 1, 1))  # another epoch, another crop

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from _util import balanced_labels, run_cli, snapshot, tiny, write_idx, write_idx_split
 from PIL import Image
 
+from _util import balanced_labels, run_cli, snapshot, tiny, write_idx, write_idx_split
 from distillistic import train
 from distillistic.data import DATASETS
 from distillistic.methods import METHODS
@@ -130,7 +130,8 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case: str, world: dict[s
     assert rc == 2, (case, err)
     assert len(err) == 1, err
     line = err[0]
-    assert line.startswith("distillistic: error: ") and "Traceback" not in line
+    assert line.startswith("distillistic: error: ")
+    assert "Traceback" not in line
     for text in expected:
         assert _fill(text, world) in line, (case, line)
     assert out == ""
@@ -143,8 +144,11 @@ def test_an_occupied_run_directory_is_refused_without_overwrite(world: dict[str,
     before = snapshot(world["run"])
     args = [a for a in _args(world) if a != "--overwrite"]
     rc, _, err = run_cli(args, capsys)
-    assert rc == 2 and len(err) == 1
-    assert f"'{world['run']}' already holds a run" in err[0] and "--overwrite" in err[0] and "--resume" in err[0]
+    assert rc == 2
+    assert len(err) == 1
+    assert f"'{world['run']}' already holds a run" in err[0]
+    assert "--overwrite" in err[0]
+    assert "--resume" in err[0]
     assert snapshot(world["run"]) == before
 
 
@@ -152,13 +156,17 @@ def test_a_file_as_out_is_refused(world: dict[str, Path], capsys: pytest.Capture
     target = tmp_path / "a-file"
     target.write_text("keep me")
     rc, _, err = run_cli([*BASE, "--out", str(target)], capsys)
-    assert rc == 2 and len(err) == 1 and "is a file" in err[0]
+    assert rc == 2
+    assert len(err) == 1
+    assert "is a file" in err[0]
     assert target.read_text() == "keep me"
 
 
 def test_unknown_flag_is_one_line_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = run_cli([*BASE, "--out", str(tmp_path / "x"), "--tempreature", "3"], capsys)
-    assert rc == 2 and len(err) == 1 and "--tempreature" in err[0]
+    assert rc == 2
+    assert len(err) == 1
+    assert "--tempreature" in err[0]
     assert not (tmp_path / "x").exists()
 
 
@@ -178,15 +186,18 @@ def test_a_corrupt_jpeg_in_a_worker_names_the_file(tmp_path: Path, capsys: pytes
             "--model", "cnn", "--epochs", "1", "--batch-size", "2", "--num-workers", "1", "--no-progress",
             "--no-tensorboard", "--out", str(tmp_path / "run"), "--set", "split_fractions=[0.5, 0.25, 0.25]"]
     rc, _, err = run_cli(args, capsys)
-    assert rc == 2 and len(err) == 1, err
-    assert f"image file '{bad}' cannot be decoded" in err[0] and "remove or replace it" in err[0]
+    assert rc == 2, err
+    assert len(err) == 1, err
+    assert f"image file '{bad}' cannot be decoded" in err[0]
+    assert "remove or replace it" in err[0]
 
 
 def test_train_prints_one_summary_line_and_list_shows_registries(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli([*BASE, "--out", str(tmp_path / "run")], capsys)
     assert rc == 0
-    assert out.startswith(f"{tmp_path / 'run'}: student top1 ") and out.count("\n") == 1
+    assert out.startswith(f"{tmp_path / 'run'}: student top1 ")
+    assert out.count("\n") == 1
     rc, out, _ = run_cli(["list"], capsys)
     assert rc == 0
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
@@ -219,8 +230,10 @@ def test_bad_input_in_a_real_process(world: dict[str, Path]) -> None:
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("distillistic: error: '") and "is truncated" in lines[0]
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert lines[0].startswith("distillistic: error: '")
+    assert "is truncated" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
     assert snapshot(world["run"]) == before
 
 
@@ -234,5 +247,7 @@ def test_bad_input_after_writing_is_still_protected(world: dict[str, Path], tmp_
     labels.write_bytes(labels.read_bytes()[:-1])
     before = snapshot(world["run"])
     rc, _, err = run_cli(_args(world, "--dataset", "mnist", "--data-root", str(folder)), capsys)
-    assert rc == 2 and len(err) == 1 and "t10k-labels-idx1-ubyte' is truncated" in err[0]
+    assert rc == 2
+    assert len(err) == 1
+    assert "t10k-labels-idx1-ubyte' is truncated" in err[0]
     assert snapshot(world["run"]) == before

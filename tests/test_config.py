@@ -41,7 +41,8 @@ def test_coerce(key: str, raw: object, value: object) -> None:
 def test_coerce_errors_name_the_key_and_what_is_allowed(key: str, raw: object, allowed: str) -> None:
     with pytest.raises(ConfigError) as info:
         config_mod.coerce(key, raw)
-    assert f"config key '{key}'" in str(info.value) and allowed in str(info.value)
+    assert f"config key '{key}'" in str(info.value)
+    assert allowed in str(info.value)
 
 
 def test_set_items() -> None:
@@ -81,9 +82,15 @@ def test_a_saved_resolved_config_loads_back_equal(tmp_path: Path) -> None:
 
 def test_resolve_fills_every_default() -> None:
     cfg = config_mod.resolve(Config(algo="kd", dataset="digits", seed=5, batch_size=32, epochs=7))
-    assert cfg.data_seed == 5 and cfg.eval_batch_size == 64 and cfg.teacher_epochs == 7
-    assert cfg.image_size == 8 and cfg.augment == "none" and cfg.weight_decay == 0.01
-    assert cfg.temperature == 20.0 and cfg.teacher == "resnet50" and cfg.students == 1
+    assert cfg.data_seed == 5
+    assert cfg.eval_batch_size == 64
+    assert cfg.teacher_epochs == 7
+    assert cfg.image_size == 8
+    assert cfg.augment == "none"
+    assert cfg.weight_decay == 0.01
+    assert cfg.temperature == 20.0
+    assert cfg.teacher == "resnet50"
+    assert cfg.students == 1
     assert config_mod.resolve(Config(dataset="mnist", optimizer="sgd")).weight_decay == 1e-4
     assert config_mod.resolve(Config(dataset="fashion-mnist")).augment == "randaugment"
     assert config_mod.resolve(Config(dataset="imagefolder")).image_size == 224

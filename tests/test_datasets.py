@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _util import balanced_labels, class_images, idx_bytes, md5, write_idx, write_idx_split
 from PIL import Image
 
+from _util import balanced_labels, class_images, idx_bytes, md5, write_idx, write_idx_split
 from distillistic import config as config_mod
 from distillistic import datasets
 from distillistic.config import Config
@@ -63,15 +63,20 @@ def test_one_split_folder_is_carved_070_010_020_exactly_and_stratified(tmp_path:
     for name, per_class in (("train", 14), ("val", 2), ("test", 4)):
         src = bundle.splits[name]
         assert isinstance(src, TensorSource)
-        assert src.images.shape[1:] == (1, 28, 28) and src.images.dtype == torch.uint8
+        assert src.images.shape[1:] == (1, 28, 28)
+        assert src.images.dtype == torch.uint8
         assert class_counts(src.labels) == [per_class] * 10
         sample = src.images[:, 0, 0, 0].long() * 256 + src.images[:, 0, 0, 1].long()
         ids[name] = set(sample.tolist())
         # each image still sits with its own label
         np.testing.assert_array_equal(src.labels.numpy(), labels[sample.numpy()])
-    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert not ids["train"] & ids["val"]
+    assert not ids["train"] & ids["test"]
+    assert not ids["val"] & ids["test"]
     assert ids["train"] | ids["val"] | ids["test"] == set(range(200))
-    assert bundle.info.num_classes == 10 and bundle.info.channels == 1 and bundle.info.image_size == 28
+    assert bundle.info.num_classes == 10
+    assert bundle.info.channels == 1
+    assert bundle.info.image_size == 28
 
 
 def test_the_carving_is_seeded(tmp_path: Path) -> None:
@@ -189,15 +194,19 @@ def test_imagefolder_with_train_and_val(tmp_path: Path) -> None:
     write_jpegs(tmp_path / "train", 10)
     write_jpegs(tmp_path / "val", 2, seed=1)
     bundle = build(dataset="imagefolder", data_root=str(tmp_path), image_size=16)
-    assert bundle.info.class_names == CLASSES and bundle.info.num_classes == 3 and bundle.info.channels == 3
+    assert bundle.info.class_names == CLASSES
+    assert bundle.info.num_classes == 3
+    assert bundle.info.channels == 3
     assert bundle.info.sizes == {"train": 27, "val": 3, "test": 6}
     assert class_counts(bundle.splits["val"].labels, 3) == [1, 1, 1]
     test = bundle.splits["test"]
     assert isinstance(test, FileSource)
     for path, label in zip(test.paths, test.labels.tolist()):
-        assert Path(path).parent.name == CLASSES[label] and Path(path).parent.parent.name == "val"
+        assert Path(path).parent.name == CLASSES[label]
+        assert Path(path).parent.parent.name == "val"
     train = bundle.splits["train"]
-    assert isinstance(train, FileSource) and all(Path(p).parent.parent.name == "train" for p in train.paths)
+    assert isinstance(train, FileSource)
+    assert all(Path(p).parent.parent.name == "train" for p in train.paths)
 
 
 def test_flat_imagefolder_is_carved(tmp_path: Path) -> None:
@@ -259,7 +268,8 @@ def test_imagefolder_decoding_is_keyed_and_eval_matches_torchvision(tmp_path: Pa
     again = [(b.images.clone(), b.index.clone()) for b in _loader(src, train=True).epoch(0)]
     other = [(b.images.clone(), b.index.clone()) for b in train.epoch(1)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
-    assert first[0][0].shape == (4, 3, 16, 16) and first[0][0].dtype == torch.uint8
+    assert first[0][0].shape == (4, 3, 16, 16)
+    assert first[0][0].dtype == torch.uint8
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))  # epochs draw other crops
     # evaluation: Resize(16 * 256 / 224) + CenterCrop(16), exactly torchvision's transform
     reference = T.Compose([T.Resize(round(16 * 256 / 224)), T.CenterCrop(16)])
@@ -332,11 +342,14 @@ def test_fashion_mnist_downloads_checks_and_reuses(tmp_path: Path, fashion_mirro
         assert md5((root / name).read_bytes()) == expected
     assert bundle.info.sizes == {"train": 54, "val": 6, "test": 20}
     assert bundle.info.class_names == datasets.FASHION_CLASSES
-    assert bundle.info.mean == (0.2860,) and bundle.info.std == (0.3530,)  # the thesis's normalisation
-    assert bundle.info.image_size == 28 and bundle.info.channels == 1
+    assert bundle.info.mean == (0.2860,)
+    assert bundle.info.std == (0.3530,)
+    assert bundle.info.image_size == 28
+    assert bundle.info.channels == 1
     # a second run finds the files and downloads nothing
     again = build(dataset="fashion-mnist", data_root=str(root))
-    assert len(mirror.requests) == 4 and again.info.checksum == bundle.info.checksum
+    assert len(mirror.requests) == 4
+    assert again.info.checksum == bundle.info.checksum
 
 
 def test_fashion_mnist_download_with_wrong_md5(tmp_path: Path, fashion_mirror: tuple[_Mirror, list[str]],
@@ -347,7 +360,8 @@ def test_fashion_mnist_download_with_wrong_md5(tmp_path: Path, fashion_mirror: t
     root = tmp_path / "fm"
     with pytest.raises(DataError, match=r"checksum mismatch for http://127\.0\.0\.1:\d+/t10k-images-idx3-ubyte\.gz"):
         build(dataset="fashion-mnist", data_root=str(root))
-    assert not (root / files[2][0]).exists() and not list(root.glob("*.part"))
+    assert not (root / files[2][0]).exists()
+    assert not list(root.glob("*.part"))
 
 
 def test_fashion_mnist_present_file_with_wrong_md5(tmp_path: Path, fashion_mirror: tuple[_Mirror, list[str]]) -> None:
@@ -370,7 +384,8 @@ def test_fashion_mnist_offline_names_the_four_files_and_the_folder(tmp_path: Pat
     with pytest.raises(DataError) as info:
         build(dataset="fashion-mnist", data_root=str(root))
     message = str(info.value)
-    assert "could not be downloaded" in message and f"'{root}'" in message
+    assert "could not be downloaded" in message
+    assert f"'{root}'" in message
     for name, _ in datasets.FASHION_FILES:
         assert name in message
     assert "\n" not in message
@@ -399,13 +414,17 @@ def test_download_writes_through_a_temporary_file(tmp_path: Path) -> None:
 def test_digits() -> None:
     bundle = build(dataset="digits")
     assert bundle.info.sizes == {"train": 1259, "val": 179, "test": 359}  # 1797 carved 0.7 / 0.1 / 0.2
-    assert bundle.info.num_classes == 10 and bundle.info.channels == 1 and bundle.info.image_size == 8
+    assert bundle.info.num_classes == 10
+    assert bundle.info.channels == 1
+    assert bundle.info.image_size == 8
     whole = torch.bincount(torch.cat([s.labels for s in bundle.splits.values()]), minlength=10)
     for name, share in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
         counts = torch.bincount(bundle.splits[name].labels, minlength=10)
         assert (counts - share * whole).abs().max() <= 2  # stratified: each class in proportion
     train = bundle.splits["train"]
-    assert isinstance(train, TensorSource) and train.images.dtype == torch.uint8 and int(train.images.max()) == 255
+    assert isinstance(train, TensorSource)
+    assert train.images.dtype == torch.uint8
+    assert int(train.images.max()) == 255
     assert bundle.info.checksum == build(dataset="digits").info.checksum
 
 
@@ -414,12 +433,16 @@ def test_synthetic_has_the_asked_shape_and_is_seeded() -> None:
                               image_size=12)
     a, b = build(**kw), build(**kw)
     assert a.info.sizes == {"train": 70, "val": 10, "test": 20}
-    assert a.info.num_classes == 5 and a.info.channels == 3 and a.info.image_size == 12
+    assert a.info.num_classes == 5
+    assert a.info.channels == 3
+    assert a.info.image_size == 12
     for name in ("train", "val", "test"):
         src_a, src_b = a.splits[name], b.splits[name]
-        assert isinstance(src_a, TensorSource) and isinstance(src_b, TensorSource)
+        assert isinstance(src_a, TensorSource)
+        assert isinstance(src_b, TensorSource)
         assert src_a.images.shape[1:] == (3, 12, 12)
-        assert torch.equal(src_a.images, src_b.images) and torch.equal(src_a.labels, src_b.labels)
+        assert torch.equal(src_a.images, src_b.images)
+        assert torch.equal(src_a.labels, src_b.labels)
     assert class_counts(a.splits["train"].labels, 5) == [14] * 5
     c = build(**kw, split_seed=1)
     assert not torch.equal(c.splits["train"].images, a.splits["train"].images)  # type: ignore[union-attr]
@@ -428,7 +451,8 @@ def test_synthetic_has_the_asked_shape_and_is_seeded() -> None:
 def test_mnist_t10k_is_carved_7000_1000_2000(mnist_t10k: Path) -> None:
     bundle = build(dataset="mnist", data_root=str(mnist_t10k))
     assert bundle.info.sizes == {"train": 7000, "val": 1000, "test": 2000}
-    assert bundle.info.num_classes == 10 and bundle.info.image_size == 28
+    assert bundle.info.num_classes == 10
+    assert bundle.info.image_size == 28
     whole = torch.bincount(torch.cat([s.labels for s in bundle.splits.values()]), minlength=10)
     assert int(whole.sum()) == 10000
     for name, share in (("train", 0.7), ("val", 0.1), ("test", 0.2)):

@@ -35,8 +35,11 @@ def test_hand_computed_values() -> None:
     # with accuracy 1/2: gap 0.25 over half the samples
     assert m["ece"] == pytest.approx(0.125, abs=1e-6)
     rel = m["reliability"]
-    assert rel["count"][7] == 2 and rel["count"][11] == 2 and sum(rel["count"]) == 4
-    assert rel["accuracy"][7] == pytest.approx(0.5) and rel["confidence"][11] == pytest.approx(0.75)
+    assert rel["count"][7] == 2
+    assert rel["count"][11] == 2
+    assert sum(rel["count"]) == 4
+    assert rel["accuracy"][7] == pytest.approx(0.5)
+    assert rel["confidence"][11] == pytest.approx(0.75)
 
 
 def test_top5_with_more_classes() -> None:
@@ -44,7 +47,8 @@ def test_top5_with_more_classes() -> None:
     acc = MetricAccumulator(7)
     acc.update(logits, torch.tensor([4, 5, 2]))  # ranks 5, 6, 5: in, out, in
     m = acc.compute()
-    assert m["top1"] == 0.0 and m["top5"] == pytest.approx(2 / 3)
+    assert m["top1"] == 0.0
+    assert m["top5"] == pytest.approx(2 / 3)
 
 
 def test_confidence_on_a_bin_edge_goes_to_the_lower_bin() -> None:
@@ -146,7 +150,8 @@ def test_update_does_not_sync_or_track_gradients() -> None:
     logits = torch.randn(8, 5, requires_grad=True)
     acc = MetricAccumulator(5)
     acc.update(logits, torch.arange(8) % 5)
-    assert not acc.sums.requires_grad and acc.sums.dtype == torch.float64
+    assert not acc.sums.requires_grad
+    assert acc.sums.dtype == torch.float64
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])

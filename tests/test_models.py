@@ -14,6 +14,7 @@ from torch import nn
 from distillistic.errors import CheckpointError, UserError
 from distillistic.models import MODELS, build_model, head_name
 
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_builds_for_k_classes(name: str) -> None:
     spec = MODELS.get(name)
@@ -26,7 +27,8 @@ def test_every_model_builds_for_k_classes(name: str) -> None:
         out = model(torch.randn(3, channels, 32, 32))
     assert out.shape == (3, 7)
     head = model.get_submodule(head_name(model))
-    assert isinstance(head, nn.Linear) and head.out_features == 7
+    assert isinstance(head, nn.Linear)
+    assert head.out_features == 7
 
 
 @pytest.mark.parametrize(("name", "size"), [("cnn", 8), ("cnn", 28), ("mlp", 8), ("cnn_wide", 28), ("cnn", 3)])
@@ -39,7 +41,9 @@ def test_small_models_take_the_datasets_channels_and_size(name: str, size: int) 
 def test_cifar_stem_keeps_the_resolution() -> None:
     model = build_model("cifar_resnet18", 10, 1, 28)
     conv = model.get_submodule("conv1")
-    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+    assert isinstance(conv, nn.Conv2d)
+    assert conv.kernel_size == (3, 3)
+    assert conv.stride == (1, 1)
     assert isinstance(model.get_submodule("maxpool"), nn.Identity)
 
 
@@ -100,7 +104,8 @@ def test_missing_imagenet_weights_give_a_clear_error(torch_home: Path) -> None:
         build_model("mobilenet_v3_small", 7, 1, 64, imagenet=True)
     message = str(info.value)
     assert f"'{torch_home / 'hub' / 'checkpoints'}'" in message
-    assert _cache_file(torch_home, "mobilenet_v3_small").name in message and "\n" not in message
+    assert _cache_file(torch_home, "mobilenet_v3_small").name in message
+    assert "\n" not in message
 
 
 class _Payload:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import tiny
 
+from _util import tiny
 from distillistic import config as config_mod
 from distillistic import engine, train
 from distillistic.config import Config
@@ -59,10 +59,12 @@ def test_returned_keys_and_values(algo: str) -> None:
     out = objective(z, y, targets, alpha=0.3)
     ce = F.cross_entropy(z, y)
     if algo == "baseline":
-        assert set(out) == {"loss", "ce"} and objective.names == ["loss", "ce"]
+        assert set(out) == {"loss", "ce"}
+        assert objective.names == ["loss", "ce"]
         torch.testing.assert_close(out["loss"], ce)  # alpha is ignored without terms
         return
-    assert set(out) == {"loss", "ce", "tfkd"} and objective.names == ["loss", "ce", "tfkd"]
+    assert set(out) == {"loss", "ce", "tfkd"}
+    assert objective.names == ["loss", "ce", "tfkd"]
     kl = F.kl_div(F.log_softmax(z, 1), targets["tfkd"][0], reduction="batchmean")
     torch.testing.assert_close(out["ce"], ce)
     torch.testing.assert_close(out["tfkd"], kl)
@@ -135,4 +137,5 @@ def test_methods_declare_their_students_and_temperature() -> None:
     assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
                                                               "dml_e": 1.0, "tfkd": 1.0}
     assert config_mod.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
-    assert resolved["kd"].teacher == "resnet50" and resolved["dml"].teacher is None
+    assert resolved["kd"].teacher == "resnet50"
+    assert resolved["dml"].teacher is None

@@ -58,7 +58,8 @@ def test_dml_and_dml_e_give_identical_gradients(n: int, t: float, b: int, k: int
         ce = (torch.softmax(logits[i].double(), 1) - F.one_hot(labels, k).double()) / b
         expected = (1 - alpha) * ce + alpha * (t / b) * (p[i] - peers)
         torch.testing.assert_close(grads_dml[i].double(), expected, rtol=1e-4, atol=2e-6)
-        assert set(outs_dml[i]) == {"loss", "ce", "dml"} and set(outs_e[i]) == {"loss", "ce", "dml_e"}
+        assert set(outs_dml[i]) == {"loss", "ce", "dml"}
+        assert set(outs_e[i]) == {"loss", "ce", "dml_e"}
 
 
 def test_dml_and_dml_e_losses_differ_by_the_peers_entropy() -> None:
@@ -84,8 +85,10 @@ def test_peers_targets_are_detached_and_shaped() -> None:
     pairwise = Peers("pairwise").targets(inp, 2.0)
     mean = Peers("mean").targets(inp, 2.0)
     for i in range(3):
-        assert pairwise[i].shape == (2, 4, 3) and mean[i].shape == (1, 4, 3)
-        assert not pairwise[i].requires_grad and not mean[i].requires_grad
+        assert pairwise[i].shape == (2, 4, 3)
+        assert mean[i].shape == (1, 4, 3)
+        assert not pairwise[i].requires_grad
+        assert not mean[i].requires_grad
         others = [torch.softmax(logits[j].detach() / 2.0, 1) for j in range(3) if j != i]
         torch.testing.assert_close(pairwise[i], torch.stack(others))
         torch.testing.assert_close(mean[i][0], sum(others) / 2)
@@ -172,7 +175,8 @@ class _Net(nn.Module):
 def test_teacher_is_frozen_cached_and_reads_its_own_view() -> None:
     net = _Net()
     teacher = Teacher(net, view_size=4, channels=1)
-    assert not net.training and all(not p.requires_grad for p in net.parameters())
+    assert not net.training
+    assert all(not p.requires_grad for p in net.parameters())
     base = torch.randn(6, 1, 8, 8)
     inp = _inputs([torch.zeros(6, 5, requires_grad=True)] * 2, torch.zeros(6, dtype=torch.long), 5, base=base)
     net.train()  # a stray .train() must not switch BatchNorm to batch statistics
@@ -187,6 +191,8 @@ def test_teacher_is_frozen_cached_and_reads_its_own_view() -> None:
     with torch.no_grad():
         expected = net.fc(net.bn(net.inputs[0]).flatten(1))
     for q, t in ((q1, 4.0), (q2, 1.0)):
-        assert len(q) == 2 and q[0].shape == (1, 6, 5)
-        assert not q[0].requires_grad and q[0].grad_fn is None
+        assert len(q) == 2
+        assert q[0].shape == (1, 6, 5)
+        assert not q[0].requires_grad
+        assert q[0].grad_fn is None
         torch.testing.assert_close(q[0][0], torch.softmax(expected / t, 1))

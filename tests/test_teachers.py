@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import tiny
 from torch import nn
 
-from distillistic import engine, teachers
+from _util import tiny
+from distillistic import engine, teachers, train
 from distillistic import run as run_mod
-from distillistic import train
 from distillistic.models import build_model
 
 
@@ -142,7 +141,8 @@ def test_a_teacher_trained_once_is_reused(tmp_path: Path, monkeypatch: pytest.Mo
     first = train(tiny(tmp_path / "a", **common))
     assert len(trained) == 1
     folder = Path(trained[0])
-    assert folder.parent == cache / "teachers" and folder.name.startswith("cnn-")
+    assert folder.parent == cache / "teachers"
+    assert folder.name.startswith("cnn-")
     checkpoint = folder / "checkpoints" / "best-student.pt"
     stamp = checkpoint.stat().st_mtime_ns
     assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
@@ -158,6 +158,7 @@ def test_a_teacher_trained_once_is_reused(tmp_path: Path, monkeypatch: pytest.Mo
 
     # a different teacher config trains a new teacher
     train(tiny(tmp_path / "c", **(common | {"teacher_seed": 1})))
-    assert len(trained) == 2 and Path(trained[1]) != folder
+    assert len(trained) == 2
+    assert Path(trained[1]) != folder
     assert sorted(p.name for p in (cache / "teachers").iterdir() if p.is_dir()) == sorted(
         [folder.name, Path(trained[1]).name])
