@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from _util import tiny
@@ -123,3 +124,19 @@ def test_a_small_cnn_learns_mnist_t10k(mnist_t10k: Path, tmp_path: Path) -> None
     result = train(tiny(tmp_path / "run", dataset="mnist", data_root=str(mnist_t10k), augment="none", epochs=2,
                         batch_size=64, lr=3e-3))
     assert result.summary["models"]["student"]["test"]["top1"] >= 0.94  # 0.953 when written
+
+
+def test_imbalanced_run_reports_per_class_accuracy(tmp_path: Path) -> None:
+    from distillistic import config as config_mod
+    from distillistic.data import build_data
+
+    cfg = tiny(tmp_path / "run", imbalance_class=2, imbalance_share=0.9)
+    result = train(cfg)
+    test = result.summary["models"]["student"]["test"]
+    per_class = test["per_class_top1"]
+    counts = torch.bincount(build_data(config_mod.resolve(cfg)).splits["test"].labels, minlength=10).tolist()
+    # top-1 is the per-class accuracies weighted by the class counts
+    assert sum(a * n for a, n in zip(per_class, counts)) / sum(counts) == pytest.approx(test["top1"])
+    # nine draws in ten were class 2: the student favours it
+    assert per_class[2] > 0.9
+    assert per_class[2] == max(per_class)

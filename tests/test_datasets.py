@@ -79,7 +79,7 @@ def test_one_split_folder_is_carved_070_010_020_exactly_and_stratified(tmp_path:
     assert bundle.info.image_size == 28
 
 
-def test_the_carving_is_seeded(tmp_path: Path) -> None:
+def test_the_carving_is_seeded() -> None:
     labels = torch.from_numpy(balanced_labels(20)).long()
     a = stratified_split(labels, [140, 20, 40], seed=0)
     b = stratified_split(labels, [140, 20, 40], seed=0)
@@ -458,3 +458,35 @@ def test_mnist_t10k_is_carved_7000_1000_2000(mnist_t10k: Path) -> None:
     for name, share in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
         counts = torch.bincount(bundle.splits[name].labels, minlength=10)
         assert (counts - share * whole).abs().max() <= 2
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+
+
+def test_epoch_sampler_is_a_pure_function_of_seed_and_epoch() -> None:
+    labels = torch.from_numpy(balanced_labels(10)).long()
+    sampler = EpochSampler(labels, batch_size=32, data_seed=5, shuffle=True)
+    assert len(sampler) == 3  # 100 // 32: the ragged batch is dropped
+    order = sampler.order(0)
+    assert sorted(order.tolist()) == list(range(100))
+    assert torch.equal(order, EpochSampler(labels, 32, 5, True).order(0))
+    assert not torch.equal(order, sampler.order(1))
+    assert not torch.equal(order, EpochSampler(labels, 32, 6, True).order(0))
+    batches = list(sampler.batches(0))
+    assert [len(b) for b in batches] == [32, 32, 32]
+    assert torch.equal(torch.cat(batches), order[:96])
+    assert torch.equal(torch.cat(list(sampler.batches(0, start_step=1))), order[32:96])  # from any step
+    evaluation = EpochSampler(labels, 32, 5, shuffle=False)
+    assert len(evaluation) == 4
+    assert torch.equal(torch.cat(list(evaluation.batches(0))), torch.arange(100))  # every sample, in order
+
+
+def test_imbalanced_sampler_draws_one_class_with_the_given_share() -> None:
+    labels = torch.from_numpy(balanced_labels(1000)).long()
+    sampler = EpochSampler(labels, 100, data_seed=0, shuffle=True, imbalance=(3, 0.9))
+    drawn = labels[sampler.order(0)]
+    assert len(drawn) == 10_000
+    assert abs(float((drawn == 3).float().mean()) - 0.9) < 0.02
+    others = torch.bincount(drawn[drawn != 3], minlength=10)
+    assert int(others[3]) == 0
+    assert int(others.sum()) > 700
