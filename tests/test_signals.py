@@ -31,7 +31,8 @@ def _cohort_gradients(algo: str, logits: list[torch.Tensor], labels: torch.Tenso
     cfg = config_mod.resolve(Config(algo=algo, dataset="synthetic", students=len(logits), temperature=t, alpha=alpha))
     objective = METHODS.get(algo).objective(cfg, None)
     leaves = [z.clone().requires_grad_(True) for z in logits]
-    inp = _inputs(leaves, labels, logits[0].shape[1])
+    # the signal gets the live logits: detaching the peers is the signal's own job (the loop detaches too)
+    inp = StepInputs(Views(torch.zeros(len(labels), 1, 4, 4), False), labels, leaves, logits[0].shape[1])
     targets = {term.name: term.signal.targets(inp, term.temperature) for term in objective.terms}
     outs = [objective(z, labels, {n: q[i] for n, q in targets.items()}, alpha) for i, z in enumerate(leaves)]
     torch.stack([o["loss"] for o in outs]).sum().backward()

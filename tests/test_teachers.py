@@ -50,9 +50,7 @@ def test_no_gradient_reaches_the_teacher_and_its_weights_do_not_change(tmp_path:
     assert len(seen["calls"]) > steps  # every training step, plus the teacher's own evaluation
     assert set(seen["calls"]) == {(False, False)}  # always in eval mode, never recording a graph
     assert result.summary["models"]["teacher"]["source"] == str(weights)
-    student = torch.load(tmp_path / "run" / "checkpoints" / "best-student.pt", weights_only=True)
     assert result.summary["models"]["student"]["test"]["top1"] > 0.3  # and the student did learn
-    assert student["models"]["student"]
 
 
 def _capture_views(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
