@@ -250,8 +250,12 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
     return out
 
 
-def val_rows(task: Task, val: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [{"model": name, "split": "val", **metrics} for name, metrics in val.items()]
+def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+    """Held-out rows with the same keys as training rows: ``ce`` is the NLL, training-only terms are null."""
+    lrs = {s.name: opt.param_groups[0]["lr"] for s, opt in zip(task.students, task.optimizers)}
+    terms = dict.fromkeys([*task.objective.names[2:], "loss"])
+    rows = [{"model": name, "split": "val", **metrics, **terms, "ce": metrics["nll"], "lr": lrs.get(name),
+             "alpha": alpha} for name, metrics in val.items()]
     if len(task.students) > 1:
         top1 = torch.tensor([val[s.name]["top1"] for s in task.students])
         rows.append({"model": "cohort", "split": "val", "top1_mean": float(top1.mean()),
@@ -266,7 +270,7 @@ def fit(task: Task, progress: Progress, hooks: Hooks) -> bool:
         if rows is None:
             return False
         val = evaluate(task, task.students, "val", ensemble=len(task.students) > 1)
-        rows += val_rows(task, val)
+        rows += val_rows(task, val, task.objective.alpha_at((progress.epoch + 1) / task.cfg.epochs))
         improved = []
         for s in task.students:
             best = progress.best.get(s.name)
