@@ -6,15 +6,26 @@
   (a malicious pickle) is refused without running it.
 * Model state is saved unwrapped (no ``module.`` of DDP, no ``_orig_mod.`` of ``torch.compile``) so a
   checkpoint loads into a plain model anywhere.
+* Students are exported as ``.safetensors`` (no pickle at all) with their architecture, class count
+  and config in the file's metadata; :func:`read_state_dict` reads them back as teacher or student
+  weights.
+
+Fault injection (for the crash tests only): ``DISTILLISTIC_FAULT=point[:n[:SIGNAL]][,...]`` makes the
+process send itself ``SIGNAL`` (default ``KILL``) the ``n``-th time (default 1) it reaches ``point``;
+see :func:`fault_point` for the points.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pickle
-import zipfile
+import re
+import signal
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +48,29 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+_FAULT_HITS: Counter[str] = Counter()
+
+
+def fault_point(name: str) -> None:
+    """Crash here if ``$DISTILLISTIC_FAULT`` asks for it (test hook; a no-op otherwise).
+
+    Points: ``step`` (after every training step), ``mid-write-<file>`` (half of a temporary file
+    written), ``before-rename-<file>`` (temporary file complete and fsync'd, not yet renamed),
+    ``after-best`` (end of an epoch: best weights written, ``last.pt`` not yet), ``after-last``
+    (``last.pt`` written, the epoch's metrics rows not yet), ``final`` (training done, test
+    evaluation and summary not yet).
+    """
+    spec = os.environ.get("DISTILLISTIC_FAULT")
+    if not spec:
+        return
+    _FAULT_HITS[name] += 1
+    for item in spec.split(","):
+        point, _, rest = item.strip().partition(":")
+        count, _, sig = rest.partition(":")
+        if point == name and _FAULT_HITS[name] == int(count or 1):
+            os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -54,12 +88,41 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            half = len(data) // 2
+            f.write(data[:half])
+            fault_point(f"mid-write-{path.name}")
+            f.write(data[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point(f"before-rename-{path.name}")
+        os.replace(tmp, path)  # atomic: readers see the previous complete file until here
+    except BaseException:  # an error or a second Ctrl-C: leave no partial temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files left in ``folder`` by writers that died before their rename."""
+    removed = []
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -68,6 +131,16 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+def state_dict_hash(state: Mapping[str, Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save(obj: Mapping[str, Any], path: Path) -> None:
@@ -82,11 +155,21 @@ def load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint '{path}' holds Python objects other than tensors and plain data; "
-                              "refused to load it, since loading would run code from the file") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": one line per error, nothing more
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(f"checkpoint '{path}' holds the Python object {found.group(1)}, and loading it "
+                                  "would run code from the file: refused; use a file of tensors and plain data "
+                                  "(model.state_dict()) or .safetensors") from None
+        op = re.search(r"Unsupported operand (\d+)", str(e))
+        raise CheckpointError(f"checkpoint '{path}' is not a file a safe load (weights_only) can read"
+                              f"{f' (pickle opcode {op.group(1)})' if op else ''}: it is damaged or holds Python "
+                              "objects; use a file of tensors and plain data (model.state_dict()) or .safetensors"
+                              ) from None
+    except Exception as e:  # the file is user input: any failure to parse it means "damaged"
         raise CheckpointError(f"checkpoint '{path}' is damaged or not a PyTorch file ({type(e).__name__}); "
                               "use another checkpoint") from None
     if not isinstance(obj, dict):
@@ -96,11 +179,15 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def check_format(obj: Mapping[str, Any], path: Path) -> None:
+    """Refuse a file that is not one of our checkpoints, or one written by a newer format."""
     if obj.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a distillistic checkpoint; pass it as a teacher/student weights "
                               "file instead")
-    if obj.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint '{path}' has format version {obj.get('version')}, newer than this "
+    version = obj.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"checkpoint '{path}' has no valid format version ({version!r}); it is damaged")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has format version {version}, newer than this "
                               f"distillistic's {FORMAT_VERSION}; upgrade distillistic to read it")
 
 
@@ -114,34 +201,77 @@ def read_state_dict(path: Path, prefer: str | None = None) -> tuple[dict[str, Te
         summary_path = path / "summary.json"
         name = prefer
         if name is None and summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            name = summary.get("best_student") or next(iter(summary.get("models", {})), None)
+            try:
+                summary = json.loads(summary_path.read_text())
+                name = summary.get("best_student") or next(iter(summary.get("models", {})), None)
+            except (OSError, ValueError, AttributeError):
+                name = None  # a damaged summary: fall back to the first best-*.pt
         candidates = sorted((path / "checkpoints").glob("best-*.pt"))
         chosen = next((c for c in candidates if c.stem == f"best-{name}"), candidates[0] if candidates else None)
         if chosen is None:
             raise CheckpointError(f"run directory '{path}' has no checkpoints/best-*.pt; it is not a finished run")
         path = chosen
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path))), {}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}); use another file") from None
+        return read_safetensors(path)
     obj = load(path)
     if obj.get("format") == FORMAT:
         check_format(obj, path)
-        models = obj.get("models", {})
-        name = prefer if prefer in models else next(iter(models), None)
-        if name is None:
-            raise CheckpointError(f"checkpoint '{path}' holds no model weights")
-        return models[name], {"arch": obj.get("arch", {}).get(name), "config": obj.get("config")}
+        models = obj.get("models")
+        if not isinstance(models, dict) or not models:
+            raise CheckpointError(f"checkpoint '{path}' holds no model weights; use a best-*.pt or last.pt file")
+        name = prefer if prefer in models else next(iter(models))
+        arch = obj.get("arch")
+        return models[name], {"arch": arch.get(name) if isinstance(arch, dict) else None,
+                              "num_classes": obj.get("num_classes"), "config": obj.get("config")}
     state = obj.get("state_dict", obj.get("model", obj))
-    if not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"'{path}' is not a model state dict (it holds {sorted(state)[:4]}...); save "
-                              "model.state_dict()")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        keys = sorted(map(str, state))[:4] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"'{path}' is not a model state dict (it holds {keys}); save model.state_dict()")
     return state, {}
+
+
+SAFETENSORS_FORMAT = "distillistic-weights"
+
+
+def write_safetensors(state: Mapping[str, Tensor], path: Path, meta: Mapping[str, Any]) -> None:
+    """Write one model's weights as ``.safetensors`` (atomically); ``meta`` values are stored as JSON."""
+    from safetensors.torch import save as st_save
+
+    # safetensors refuses tensors that share memory; a copy of each makes every tensor its own.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    metadata = {"format": SAFETENSORS_FORMAT, "version": str(FORMAT_VERSION)}
+    metadata |= {k: json.dumps(v) for k, v in meta.items()}
+    atomic_write(path, st_save(tensors, metadata=metadata))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Weights and metadata of a ``.safetensors`` file (ours carry ``arch``, ``num_classes``, ``config``)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file '{path}' does not exist; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as e:  # SafetensorError, OSError, ...: the file is user input
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({one_line_of(e)}); "
+                              "use another file") from None
+    meta: dict[str, Any] = {}
+    if raw_meta.get("format") == SAFETENSORS_FORMAT:
+        for key in ("arch", "num_classes", "config", "name"):
+            try:
+                meta[key] = json.loads(raw_meta[key]) if key in raw_meta else None
+            except ValueError:
+                raise CheckpointError(f"'{path}' has damaged metadata ('{key}'); export it again") from None
+    if not state:
+        raise CheckpointError(f"'{path}' holds no tensors; use another file")
+    return state, meta
+
+
+def one_line_of(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str, arch: str) -> None:

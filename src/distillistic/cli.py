@@ -11,9 +11,12 @@ import argparse
 import dataclasses
 import logging
 import os
+import shlex
+import shutil
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from . import config as config_mod
@@ -55,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per run (default: 12)")
     p.add_argument("--algos", nargs="+", default=None, help="algorithms to run (default: all)")
+    p = sub.add_parser("export", help="write a run's students as .safetensors files (weights + metadata)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'distillistic train'")
+    p.add_argument("--out", default=None, help="folder for the files (default: RUN_DIR/export)")
+    p.add_argument("--which", choices=("best", "last"), default="best",
+                   help="best-on-val weights (default) or the last epoch's")
+    p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
     return parser
@@ -63,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .run import train
 
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items", "argv")}
     overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
     overrides |= config_mod.parse_set(args.set_items)
     cfg = config_mod.load(args.config, overrides)
@@ -71,6 +80,30 @@ def _train(args: argparse.Namespace) -> int:
     status = result.summary.get("status")
     if status == "completed" and os.environ.get("RANK", "0") == "0":
         print(_summary_line(result.summary, result.out))
+    elif status == "interrupted":
+        reason = result.summary.get("reason")
+        print(f"distillistic: {reason}; resume with: {resume_command(args.argv)}", file=sys.stderr)
+    return 0
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments, ``--resume`` instead of ``--overwrite``."""
+    prog = Path(sys.argv[0])
+    if prog.name == "__main__.py":
+        head = [sys.executable, "-m", "distillistic"]
+    elif (found := shutil.which("distillistic")) and prog.exists() and Path(found).resolve() == prog.resolve():
+        head = ["distillistic"]
+    else:
+        head = [str(prog)]
+    args = [a for a in argv if a not in ("--overwrite", "--no-overwrite", "--resume", "--no-resume")]
+    return shlex.join([*head, *args, "--resume"])
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
+        print(path)
     return 0
 
 
@@ -115,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    commands = {"train": _train, "demo": _demo, "list": _list}
+    args.argv = argv  # for the command that resumes an interrupted run
+    commands = {"train": _train, "demo": _demo, "list": _list, "export": _export}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import load_weights, read_state_dict, unwrap
+from .checkpoint import fault_point, load_weights, read_state_dict, state_dict_hash, unwrap
 from .config import Config
 from .data import EpochSampler, Loader, ViewMaker, build_data
 from .engine import Member, Progress, Task, evaluate, fit
-from .errors import TrainingDiverged, UserError
+from .errors import CheckpointError, TrainingDiverged, UserError
 from .methods import METHODS
 from .models import MODELS, build_model
 from .optim import make_optimizer, make_scheduler
@@ -66,7 +66,13 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
                             imagenet=cfg.student_weights == "imagenet", freeze_backbone=cfg.freeze_backbone)
         if cfg.student_weights not in ("random", "imagenet"):
             path = Path(cfg.student_weights).expanduser()
-            state, _ = read_state_dict(path)
+            if not path.exists():
+                raise UserError(f"student weights '{path}' not found: use random, imagenet or an existing "
+                                "checkpoint, run directory or .safetensors path")
+            state, meta = read_state_dict(path)
+            if meta.get("arch") and meta["arch"] != cfg.model:
+                raise CheckpointError(f"student weights '{path}' are a {meta['arch']} but --model is {cfg.model}; "
+                                      f"pass --model {meta['arch']}")
             load_weights(model, state, str(path), cfg.model)
         models.append(model)
     return models
@@ -138,10 +144,16 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     rundir.check()  # refuse an occupied DIR before any work
     task, extra = build_task(cfg, rt)
     info = extra["data"]
+    if task.teacher is not None:  # its identity goes into every checkpoint: a resume must use the same one
+        rundir.teacher = {"arch": cfg.teacher, "source": extra["teacher_source"],
+                          "sha256": state_dict_hash(task.teacher.raw.state_dict())}
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
-        progress = restore_state(rundir.last_checkpoint, task)
-        log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
+        progress = restore_state(rundir.last_checkpoint, task, rundir.teacher)
+        if progress.epoch < cfg.epochs:
+            log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
+        else:
+            log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
     rundir.open(info, task, progress)
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
@@ -151,17 +163,24 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     try:
         finished = fit(task, progress, rundir)
     except TrainingDiverged as e:
-        summary = rundir.write_summary(task, progress, status="diverged", reason=str(e))
-        raise UserError(f"training stopped: {e}; the last good checkpoint is in {out / 'checkpoints'} "
-                        "(lower --lr, or set --grad-clip)") from None
+        rundir.write_summary(task, progress, status="diverged", reason=str(e))
+        rundir.close()
+        where = (f"the last good checkpoint is {rundir.last_checkpoint}" if rundir.has_checkpoint()
+                 else "no checkpoint had been written yet")
+        raise UserError(f"training diverged: {e}; {where}; start again with a lower --lr or with --grad-clip"
+                        ) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not finished:
-        summary = rundir.write_summary(task, progress, status="interrupted")
-        log.warning("stopped at epoch %d, step %d; continue with the same command and --resume",
-                    progress.epoch + 1, progress.step)
+        summary = rundir.write_summary(task, progress, status="interrupted",
+                                       reason=f"stopped by a signal at epoch {progress.epoch + 1}, "
+                                              f"step {progress.step}; checkpoint written")
+        rundir.close()
+        log.info("stopped at epoch %d, step %d; checkpoint written to %s", progress.epoch + 1, progress.step,
+                 rundir.last_checkpoint)
         return RunResult(out, cfg, summary)
+    fault_point("final")
     final = final_evaluation(task, rundir)
     summary = rundir.write_summary(task, progress, status="completed", final=final,
                                    teacher_source=extra["teacher_source"])

@@ -13,6 +13,14 @@ Layout of ``DIR``::
 Only rank 0 writes. At the end of an epoch the best weights are written before ``last.pt`` and the
 rows after it; ``metrics.jsonl`` is rewritten from the checkpoint's history on resume, so a crash at
 any point leaves files that agree with the checkpoint a resume starts from.
+
+``last.pt`` holds everything a resume needs to continue *exactly* (tested bit for bit by
+``tests/test_resume.py``): every student's weights, optimiser, schedule and the grad scaler; the
+Python, NumPy, torch and CUDA RNG states; the position in the data (epoch and step: the sample order
+and every augmentation are pure functions of ``(data_seed, epoch, index)``, so nothing else is
+needed); the partial epoch's training sums; the best-on-val record and the metrics history; the
+config; and the teacher's identity (architecture, source and a hash of its weights), so a resume
+with another teacher is refused.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -33,11 +43,19 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from .checkpoint import atomic_write_json, atomic_write_text, check_format, load, save
-from .config import VOLATILE_KEYS, Config
+from .checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    check_format,
+    fault_point,
+    load,
+    remove_stale_temporaries,
+    save,
+)
+from .config import FIELDS, VOLATILE_KEYS, Config
 from .data import DataInfo
 from .engine import Progress, Task, TrainMeters
-from .errors import CheckpointError, UserError
+from .errors import CheckpointError, TrainingDiverged, UserError
 from .runtime import Runtime
 
 log = logging.getLogger("distillistic")
@@ -108,6 +126,7 @@ class RunDir:
     def __init__(self, out: Path, cfg: Config, rt: Runtime) -> None:
         self.out, self.cfg, self.rt = out, cfg, rt
         self.stop_requested = False
+        self.teacher: dict[str, Any] | None = None  # identity of the frozen teacher, saved in last.pt
         self._tb: Any = None
         self._wandb: Any = None
         self.manifest: dict[str, Any] = {}
@@ -126,6 +145,12 @@ class RunDir:
         """Refuse an output path that is a file, or a directory holding another run (unless asked)."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out '{self.out}' is a file; choose a directory path")
+        parent = next(p for p in [self.out, *self.out.absolute().parents] if p.exists())
+        if not parent.is_dir():
+            raise UserError(f"--out '{self.out}' cannot be created: '{parent}' is a file; choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--out '{self.out}' cannot be written: no write permission in '{parent}'; "
+                            "choose another path")
         occupied = self.out.is_dir() and any((self.out / f).exists() for f in RUN_FILES)
         if not occupied:
             return
@@ -151,6 +176,9 @@ class RunDir:
                 elif path.exists():
                     path.unlink()
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (self.out, self.out / "checkpoints"):  # left by a writer killed before its rename
+            for tmp in remove_stale_temporaries(folder):
+                log.info("removed %s, an unfinished write of a process that was stopped", tmp)
         config_mod.save(self.cfg, self.out / "config.yaml")
         previous = self._read_manifest() if resumed else {}
         self.manifest = {
@@ -186,10 +214,15 @@ class RunDir:
     # --- engine hooks --------------------------------------------------------------------------------
 
     def request_stop(self, signum: int, frame: Any) -> None:
-        log.warning("signal %d: finishing the current step, then writing a checkpoint", signum)
+        """SIGINT/SIGTERM handler: stop after the current step; a second signal stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        log.warning("%s: finishing the current step, then writing a checkpoint (again to stop at once)",
+                    signal.Signals(signum).name)
         self.stop_requested = True
 
     def after_step(self, task: Task, progress: Progress, meters: TrainMeters) -> bool:
+        fault_point("step")
         stop = self.stop_requested
         if self.rt.distributed and progress.step % self.cfg.log_every == 0:
             flag = torch.tensor([float(stop)], device=self.rt.device)
@@ -208,7 +241,9 @@ class RunDir:
                     save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model},
                           "num_classes": task.num_classes, "epoch": progress.epoch,
                           "models": {s.name: s.raw.state_dict()}}, self.best_path(s.name))
+        fault_point("after-best")
         self.save_last(task, progress)
+        fault_point("after-last")
         if self.rt.is_main:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.writelines(json.dumps(_clean(r)) + "\n" for r in rows)
@@ -227,9 +262,17 @@ class RunDir:
             self._tb.flush()
 
     def save_last(self, task: Task, progress: Progress, meters: TrainMeters | None = None) -> None:
-        """Everything needed to continue exactly: models, optimisers, schedules, scaler, RNG, progress."""
+        """Everything needed to continue exactly: models, optimisers, schedules, scaler, RNG, progress.
+
+        Raises :class:`TrainingDiverged` instead of writing weights that are no longer finite, so the
+        previous ``last.pt`` stays the last good one.
+        """
         if not self.rt.is_main:
             return
+        params = [p.detach() for s in task.students for p in s.raw.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise TrainingDiverged(f"the weights became NaN or inf (epoch {progress.epoch + 1}, "
+                                   f"step {progress.step})")
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
                                                    "epoch_images")}
@@ -237,7 +280,7 @@ class RunDir:
               "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in task.students},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
-              "rng": rng_state(), "progress": state,
+              "rng": rng_state(), "progress": state, "teacher": self.teacher,
               "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
              self.last_checkpoint)
 
@@ -307,18 +350,34 @@ def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
     return {k: sum(e[k] for e in present) / len(present) for k in METRICS if all(k in e for e in present)}
 
 
-def restore_state(path: Path, task: Task) -> Progress:
-    """Load ``last.pt`` into the task's models, optimisers, schedules, scaler and RNG; return the progress."""
+def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None) -> Progress:
+    """Load ``last.pt`` into the task's models, optimisers, schedules, scaler and RNG; return the progress.
+
+    Refuses a checkpoint whose config (apart from :data:`VOLATILE_KEYS`) or teacher differs from
+    this run's: continuing with other settings would silently mix two experiments.
+    """
     ckpt = load(path)
     check_format(ckpt, path)
-    saved = ckpt.get("config", {})
+    if ckpt.get("kind") != "last" or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"'{path}' is not a resumable checkpoint (kind {ckpt.get('kind')!r}); "
+                              "start a new --out")
+    saved = ckpt["config"]
     current = task.cfg.to_dict()
-    differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k) != current[k]]
+    # A key this checkpoint predates had its default value then.
+    differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k, _default(k)) != current[k]]
     if differ:
         k = differ[0]
         raise UserError(f"--resume: the config differs from the run being resumed ({k}: {saved.get(k)!r} -> "
                         f"{current[k]!r}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
                         "resume with the same settings, or start a new --out")
+    saved_teacher = ckpt.get("teacher")
+    if (saved_teacher or {}).get("sha256") != (teacher or {}).get("sha256"):
+        def show(t: dict[str, Any] | None) -> str:
+            return f"{t['arch']} from {t['source']} (weights {str(t['sha256'])[:12]})" if t else "none"
+
+        raise CheckpointError(f"--resume: the teacher differs from the one the run started with "
+                              f"({show(saved_teacher)} -> {show(teacher)}); resume with the same teacher "
+                              "weights, or start a new --out")
     try:
         for s in task.students:
             s.raw.load_state_dict(ckpt["models"][s.name])
@@ -328,9 +387,15 @@ def restore_state(path: Path, task: Task) -> Progress:
             sched.load_state_dict(state)
         task.rt.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}' does not match this run ({type(e).__name__}: {e}); "
+        progress = Progress(**ckpt["progress"])
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint '{path}' does not match this run ({type(e).__name__}: {first}); "
                               "start a new --out") from None
-    progress = Progress(**ckpt["progress"])
     progress.meters = ckpt.get("meters")
     return progress
+
+
+def _default(key: str) -> Any:
+    value = FIELDS[key].default
+    return list(value) if isinstance(value, tuple) else value
