@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, short_repr
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
@@ -29,7 +31,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "augment": ("none", "randaugment"),
     "teacher_init": ("random", "imagenet"),
+    "data_hash": ("content", "listing"),
 }
+INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -66,6 +70,8 @@ class Config:
     imbalance_class: int | None = _f(None, "draw this class with probability --imbalance-share")
     imbalance_share: float = _f(0.9, "share of the imbalanced class in every epoch's draws")
     num_workers: int | None = _f(None, "data-loading worker processes (default: from the cores available)")
+    data_hash: str = _f("content", "manifest checksum of data folders: content (every file's bytes, cached by "
+                                   "path, size and mtime) or listing (file names and sizes only)")
     # --- models ------------------------------------------------------------------------------------
     model: str = _f("resnet18", "student architecture")
     students: int | None = _f(None, "number of students (default: 3 for dml/dml_e, else 1)")
@@ -124,7 +130,8 @@ class Config:
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS: dict[str, Any] = typing.get_type_hints(Config)
 # Keys that only steer this process and never change what a run computes.
-VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard"})
+VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard",
+                           "checkpoint_every", "wandb", "data_hash"})
 
 
 def _plain(value: Any) -> Any:
@@ -143,7 +150,7 @@ def cache_dir(cfg: Config) -> Path:
 def _unknown_key(key: str) -> UserError:
     close = difflib.get_close_matches(key, FIELDS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"unknown config key '{key}'{hint}; see 'distillistic train --help' for the keys")
+    return UserError(f"unknown config key {short_repr(key)}{hint}; see 'distillistic train --help' for the keys")
 
 
 def coerce(key: str, value: Any) -> Any:
@@ -177,27 +184,44 @@ def _coerce_to(key: str, value: Any, hint: Any) -> Any:
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(key, value, "true or false")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(key, value, "a whole number")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(key, value, "a whole number") from None
-        if not as_float.is_integer():
-            raise ConfigError(key, value, "a whole number")
-        return int(as_float)
+        return _whole(key, value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(key, value, "a number")
         try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(key, value, "a number") from None
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise ConfigError(key, value, "a finite number") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, value, "a finite number")
+        return number
     if hint is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(key, value, "a string")
     raise TypeError(f"config key {key} has an unsupported type {hint}")
+
+
+def _whole(key: str, value: Any) -> int:
+    """An int from an int, an integral float (``1e3``) or a string of either; within +-2**63."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(key, value, "a whole number")
+    number: int | float = value if not isinstance(value, str) else math.nan
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())  # exact, also for long digit strings
+        except ValueError:
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):
+                raise ConfigError(key, value, "a whole number") from None
+    if isinstance(number, float):
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ConfigError(key, value, "a whole number")
+        number = int(number)
+    if not -INT_LIMIT < number < INT_LIMIT:
+        raise ConfigError(key, value, "a whole number between -2**63 and 2**63")
+    return number
 
 
 def _split_list(value: Any) -> list[Any]:
@@ -213,10 +237,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise UserError(f"--set expects key=value, got '{item}'")
+            raise UserError(f"--set expects key=value, got {short_repr(item)}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # not YAML (or a number too long to convert): the raw string
             value = raw
         out[key] = coerce(key, value)
     return out
@@ -229,10 +253,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file '{p}' does not exist; check the path")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise UserError(f"config file '{p}' is not valid YAML{where}; fix its syntax") from None
+    except OSError as e:
+        raise UserError(f"config file '{p}' cannot be read ({e.strerror}); check its permissions") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -313,8 +339,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
     _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")
-    _check(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device", cfg.device,
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
            "auto, cpu, cuda, cuda:N or mps")
+    for key in ("seed", "data_seed", "split_seed", "teacher_seed"):
+        value = getattr(cfg, key)
+        _check(value is None or value >= 0, key, value, "a whole number >= 0")
     for key in ("student_weights", "teacher_weights"):
         value = getattr(cfg, key)
         _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")

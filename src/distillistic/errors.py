@@ -18,7 +18,16 @@ class ConfigError(UserError):
 
     def __init__(self, key: str, value: object, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config key '{key}' = {value!r} is not allowed: {allowed}")
+        super().__init__(f"config key '{key}' = {short_repr(value)} is not allowed: {allowed}")
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a fuzzed 5000-digit number must not flood the message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for str() (Python's 4300-digit limit)
+        return f"<a {type(value).__name__} too long to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DataError(UserError):

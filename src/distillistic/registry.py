@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import UserError
+from .errors import UserError, short_repr
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self._entries, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown {self.kind} '{name}'{hint}; choose one of: {', '.join(sorted(self._entries))}"
+        return f"unknown {self.kind} {short_repr(name)}{hint}; choose one of: {', '.join(sorted(self._entries))}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)
