@@ -1,0 +1,257 @@
+"""Exact resume after a crash: the real CLI in a subprocess, killed at many points, gives the same run.
+
+The crashes are injected with ``DISTILLISTIC_FAULT`` (see :func:`distillistic.checkpoint.fault_point`):
+the process sends itself SIGKILL (or SIGTERM / SIGINT) at a chosen point — after a training step,
+half-way through writing ``last.pt``'s temporary file, between that file's fsync and its rename,
+between the best and the last checkpoint of an epoch, between ``last.pt`` and the epoch's metrics
+rows, before the final evaluation. Each chain of crashes and ``--resume`` s must end with weights,
+optimiser states and metrics identical (bit for bit; timing fields aside) to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import distillistic
+from distillistic import cli
+from distillistic.checkpoint import load, save
+from distillistic.rundir import rng_state, set_rng_state
+
+# 3 epochs of 7 steps (112 training samples, batch 16); a checkpoint every 3 steps and every epoch.
+# Two students (DML) with RandAugment: several optimisers and schedules, peers, augmentation keys.
+ARGS = ["train", "--algo", "dml", "--students", "2", "--dataset", "synthetic", "--synthetic-samples", "160",
+        "--image-size", "12", "--augment", "randaugment", "--model", "mlp", "--epochs", "3", "--batch-size", "16",
+        "--checkpoint-every", "3", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
+TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_second", "epoch_seconds"}
+SRC = str(Path(distillistic.__file__).resolve().parents[1])
+
+
+def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m distillistic ARGS`` in a fresh process, with an optional injected fault."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    env.pop("DISTILLISTIC_FAULT", None)
+    if fault:
+        env["DISTILLISTIC_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "distillistic", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run (in this process: the same code path as the CLI, without the start-up cost)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in json.loads((path / "summary.json").read_text()).items() if k not in TIMING}
+
+
+def _assert_same_tensors(a: Any, b: Any, where: str) -> None:
+    """``a`` and ``b`` equal all the way down, tensors bit for bit; timing fields (at any depth) aside."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), where
+        assert a.keys() == b.keys(), where
+        for k in a.keys() - TIMING:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, where
+
+
+def assert_identical_runs(ref: Path, got: Path) -> None:
+    """Same weights, optimiser/schedule states and progress; same metrics rows and summary (timing aside)."""
+    assert _summary(got)["status"] == "completed"
+    assert _rows(got) == _rows(ref)
+    assert _summary(got) == _summary(ref)
+    names = sorted(p.name for p in (ref / "checkpoints").iterdir())
+    assert sorted(p.name for p in (got / "checkpoints").iterdir()) == names  # no temporary file left over
+    for name in names:
+        a, b = load(ref / "checkpoints" / name), load(got / "checkpoints" / name)
+        for key in ("models", "optimizers", "schedulers", "scaler", "meters", "epoch", "num_classes"):
+            _assert_same_tensors(a.get(key), b.get(key), f"{name}:{key}")
+        _assert_same_tensors(a.get("progress"), b.get("progress"), f"{name}:progress")
+
+
+def _killed(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+
+
+def test_sigkill_at_steps_during_checkpoint_writes_and_before_evaluation(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    own = [*ARGS, "--out", str(out)]
+    _killed(run_cli(own, fault="step:5"))  # mid-epoch, two steps after the checkpoint of step 3
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+    _killed(run_cli([*own, "--resume"], fault="mid-write-last.pt:2"))  # half of the epoch-end last.pt written
+    leftovers = list((out / "checkpoints").glob(".*.tmp"))
+    assert leftovers, "the kill should have left the half-written temporary file"
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 6  # the previous file is intact
+    _killed(run_cli([*own, "--resume"], fault="before-rename-last.pt:3"))  # complete and fsync'd, not renamed
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 9
+    assert not any(p.exists() for p in leftovers)  # the resume removed the dead writer's temporary file
+    _killed(run_cli([*own, "--resume"], fault="final"))  # trained, not yet evaluated
+    assert not (out / "summary.json").exists()
+    done = run_cli([*own, "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(reference, out)
+    assert len(json.loads((out / "manifest.json").read_text())["resumed_at"]) == 4
+
+
+def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run_cli([*ARGS, "--out", str(out)], fault="step:4:TERM")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 4  # the step in progress finished
+    hint = [line for line in first.stderr.splitlines() if "resume with: " in line]
+    assert len(hint) == 1, first.stderr
+    command = shlex.split(hint[0].split("resume with: ", 1)[1])
+    assert command[:3] == [sys.executable, "-m", "distillistic"]
+    assert command[-1] == "--resume"
+    resume_args = command[3:]
+    _killed(run_cli(resume_args, fault="after-best:1"))  # epoch 1: best weights written, last.pt not yet
+    _killed(run_cli(resume_args, fault="after-last:2"))  # epoch 2: last.pt written, its metrics rows not yet
+    # Ctrl-C, then Ctrl-C again while the checkpoint is being written: stop at once, no partial file left.
+    second = run_cli(resume_args, fault="step:1:INT,mid-write-last.pt:1:INT")
+    assert second.returncode == 130, second.stderr[-2000:]
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    done = run_cli(resume_args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(reference, out)
+
+
+def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]
+                                                                             ) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--synthetic-samples", "160", "--image-size", "12", "--model", "mlp",
+            "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "1", "--log-every", "1", "--device", "cpu",
+            "--no-tensorboard", "--no-progress", "--optimizer", "sgd", "--lr", "10", "--scheduler", "constant",
+            "--warmup-fraction", "0", "--out", str(out)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("distillistic: error: training diverged: the loss became NaN or inf")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert "NaN or inf" in summary["reason"]
+    ckpt = load(out / "checkpoints" / "last.pt")
+    bad_step = int(summary["reason"].rsplit("step ", 1)[1].rstrip(")"))
+    assert 0 < ckpt["progress"]["global_step"] < bad_step + 7 * ckpt["progress"]["epoch"]
+    for state in ckpt["models"].values():
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_resume_with_another_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from distillistic.models import build_model
+
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("cnn", 10, 1, 12).state_dict(), teacher)
+    out = tmp_path / "run"
+    args = ["train", "--algo", "kd", "--teacher", "cnn", "--teacher-weights", str(teacher), "--dataset", "synthetic",
+            "--synthetic-samples", "160", "--image-size", "12", "--model", "mlp", "--epochs", "1", "--batch-size",
+            "16", "--device", "cpu", "--no-tensorboard", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert load(out / "checkpoints" / "last.pt")["teacher"]["source"] == str(teacher)
+    torch.manual_seed(1)
+    torch.save(build_model("cnn", 10, 1, 12).state_dict(), teacher)  # same path, other weights
+    capsys.readouterr()
+    assert cli.main([*args, "--resume"]) == 2
+    assert "the teacher differs from the one the run started with (cnn from" in capsys.readouterr().err
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> None:
+    """Python, NumPy and torch generators continue exactly after save -> load(weights_only) -> restore."""
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    random.random(), np.random.rand(), torch.rand(1)
+    path = tmp_path / "rng.pt"
+    save({"rng": rng_state()}, path)
+    expected = (random.random(), float(np.random.rand()), np.random.randn(), torch.rand(3))
+    for _ in range(5):  # move every generator on
+        random.random(), np.random.rand(), torch.rand(7)
+    set_rng_state(load(path)["rng"])
+    got = (random.random(), float(np.random.rand()), np.random.randn(), torch.rand(3))
+    assert got[:3] == expected[:3]
+    assert torch.equal(got[3], expected[3])
+
+
+@pytest.mark.parametrize("files", [False, True])
+def test_a_resumed_epoch_sees_exactly_the_remaining_batches_and_augmentations(tmp_path: Path, files: bool) -> None:
+    """The data position is (epoch, step): batches from ``start_step`` are the tail of the full epoch's,
+    and their augmented views depend only on (data_seed, epoch, index), for in-memory and file datasets."""
+    from distillistic.config import Config, resolve
+    from distillistic.data import EpochSampler, Loader, ViewMaker, build_data
+    from distillistic.datasets import FileSource
+
+    cfg = resolve(Config(dataset="synthetic", synthetic_samples=90, image_size=12, augment="randaugment"))
+    bundle = build_data(cfg)
+    source = bundle.splits["train"]
+    if files:  # the same images as PNG files, decoded in the loader
+        from PIL import Image
+
+        paths = []
+        for i in range(len(source)):
+            p = tmp_path / f"{i}.png"
+            Image.fromarray(source.images[i, 0].numpy()).save(p)  # type: ignore[union-attr]
+            paths.append(str(p))
+        source = FileSource(paths, source.labels)
+    sampler = EpochSampler(source.labels, 8, data_seed=5, shuffle=True)
+    loader = Loader(source, sampler, 12, True, 5, workers=0)
+    views = ViewMaker(bundle.info, "randaugment", 5, torch.device("cpu"))
+    for epoch in (0, 2):
+        full = list(loader.epoch(epoch))
+        tail = list(loader.epoch(epoch, 3))
+        assert len(full) == len(sampler)
+        assert len(tail) == len(full) - 3
+        for a, b in zip(full[3:], tail):
+            assert torch.equal(a.index, b.index)
+            assert torch.equal(a.images, b.images)
+            assert torch.equal(views(a, train=True).base, views(b, train=True).base)
+    assert not torch.equal(full[0].index, next(iter(loader.epoch(1))).index)  # epochs differ
+
+
+def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
+        reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.yaml").write_text("algo: baseline\n")
+    assert cli.main([*ARGS, "--out", str(partial), "--resume"]) == 2
+    assert "holds no checkpoints/last.pt to resume from" in capsys.readouterr().err
+    before = {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}
+    assert cli.main([*ARGS, "--lr", "0.002", "--out", str(reference), "--resume"]) == 2
+    assert "the config differs from the run being resumed (lr: 0.001 -> 0.002)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
