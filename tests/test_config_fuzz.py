@@ -66,9 +66,8 @@ def _plausible(key: str) -> st.SearchStrategy[Any]:
 
 plausible_mappings = st.lists(st.sampled_from(KEYS).flatmap(lambda k: st.tuples(st.just(k), _plausible(k))),
                               max_size=6).map(dict)
-set_items = st.lists(st.one_of(
-    st.tuples(keys, st.one_of(st.sampled_from(SPECIAL_STRINGS), st.text(max_size=12))).map(lambda kv: f"{kv[0]}={kv[1]}"),
-    st.text(max_size=16)), max_size=4)
+key_values = st.tuples(keys, st.one_of(st.sampled_from(SPECIAL_STRINGS), st.text(max_size=12)))
+set_items = st.lists(st.one_of(key_values.map(lambda kv: f"{kv[0]}={kv[1]}"), st.text(max_size=16)), max_size=4)
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -103,7 +102,8 @@ def _assert_valid(cfg: Config) -> None:
 def _assert_clean(error: UserError) -> None:
     message = str(error)
     assert message.strip(), "empty error message"
-    assert "\n" not in message and "\r" not in message, f"multi-line message: {message!r}"
+    assert "\n" not in message, f"multi-line message: {message!r}"
+    assert "\r" not in message, f"multi-line message: {message!r}"
     assert len(message) < 600, f"message too long ({len(message)} characters)"
 
 
@@ -182,7 +182,8 @@ def test_cli_flags_give_a_run_or_exit_2_with_one_line(flags: list[tuple[str, str
     else:
         assert code == 2, (argv, err)
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("distillistic: error: "), (argv, err)
+        assert len(lines) == 1, (argv, err)
+        assert lines[0].startswith("distillistic: error: "), (argv, err)
 
 
 @pytest.mark.parametrize(("items", "key"), [

@@ -38,13 +38,13 @@ SRC = str(Path(distillistic.__file__).resolve().parents[1])
 
 
 def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m distillistic ARGS`` in a fresh process, with an optional injected fault."""
+    """``python -m distillistic ARGS`` in a fresh process (and process group), with an optional fault."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     env.pop("DISTILLISTIC_FAULT", None)
     if fault:
         env["DISTILLISTIC_FAULT"] = fault
     return subprocess.run([sys.executable, "-m", "distillistic", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,33 @@ def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, 
     assert second.returncode == 130, second.stderr[-2000:]
     assert not list((out / "checkpoints").glob(".*.tmp"))
     done = run_cli(resume_args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(reference, out)
+
+
+def test_sigterm_to_the_process_group_with_image_workers_stops_cleanly(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaches the data-loading workers too: the step finishes, the run checkpoints and
+    exits 0, and the resumed run equals an uninterrupted one (file dataset, 2 workers, keyed random crops)."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    root = tmp_path / "images"
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(16):
+            pixels = (torch.rand(14, 14, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    args = ["train", "--dataset", "imagefolder", "--data-root", str(root), "--image-size", "10", "--model", "mlp",
+            "--epochs", "2", "--batch-size", "8", "--num-workers", "2", "--split-fractions", "0.5,0.25,0.25",
+            "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
+    reference = tmp_path / "reference"
+    assert run_cli([*args, "--out", str(reference)]).returncode == 0
+    out = tmp_path / "run"
+    first = run_cli([*args, "--out", str(out)], fault="step:3:TERM:group")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Traceback" not in first.stderr
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+    done = run_cli([*args, "--out", str(out), "--resume"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert_identical_runs(reference, out)
 

@@ -10,9 +10,9 @@
   and config in the file's metadata; :func:`read_state_dict` reads them back as teacher or student
   weights.
 
-Fault injection (for the crash tests only): ``DISTILLISTIC_FAULT=point[:n[:SIGNAL]][,...]`` makes the
-process send itself ``SIGNAL`` (default ``KILL``) the ``n``-th time (default 1) it reaches ``point``;
-see :func:`fault_point` for the points.
+Fault injection (for the crash tests only): ``DISTILLISTIC_FAULT=point[:n[:SIGNAL[:group]]][,...]``
+makes the process send itself (or, with ``group``, its whole process group) ``SIGNAL`` (default
+``KILL``) the ``n``-th time (default 1) it reaches ``point``; see :func:`fault_point` for the points.
 """
 
 from __future__ import annotations
@@ -65,10 +65,17 @@ def fault_point(name: str) -> None:
         return
     _FAULT_HITS[name] += 1
     for item in spec.split(","):
-        point, _, rest = item.strip().partition(":")
-        count, _, sig = rest.partition(":")
+        point, count, sig, group = [*item.strip().split(":"), "", "", ""][:4]
         if point == name and _FAULT_HITS[name] == int(count or 1):
-            os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+            signum = getattr(signal, f"SIG{sig or 'KILL'}")
+            if group == "group":  # the whole group, from another process: as a terminal's Ctrl-C or a scheduler
+                import subprocess
+                import sys
+
+                subprocess.run([sys.executable, "-c", f"import os; os.killpg({os.getpgrp()}, {int(signum)})"],
+                               check=False)
+            else:
+                os.kill(os.getpid(), signum)
 
 
 def _fsync_dir(folder: Path) -> None:

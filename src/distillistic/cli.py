@@ -82,7 +82,9 @@ def _train(args: argparse.Namespace) -> int:
         print(_summary_line(result.summary, result.out))
     elif status == "interrupted":
         reason = result.summary.get("reason")
-        print(f"distillistic: {reason}; resume with: {resume_command(args.argv)}", file=sys.stderr)
+        resume = (f"; resume with: {resume_command(args.argv)}"
+                  if (result.out / "checkpoints" / "last.pt").is_file() else "")
+        print(f"distillistic: {reason}{resume}", file=sys.stderr)
     return 0
 
 

@@ -256,6 +256,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
+        tag = re.search(r"tag '([^']+)'", str(getattr(e, "problem", "")))
+        if isinstance(e, yaml.constructor.ConstructorError) and tag:
+            raise UserError(f"config file '{p}' uses the YAML tag {tag.group(1)}{where}, which safe loading refuses "
+                            "(it could run code); write plain values") from None
         raise UserError(f"config file '{p}' is not valid YAML{where}; fix its syntax") from None
     except OSError as e:
         raise UserError(f"config file '{p}' cannot be read ({e.strerror}); check its permissions") from None

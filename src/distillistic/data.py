@@ -247,17 +247,17 @@ def default_workers() -> int:
     return max(1, min(8, cores - 1))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C / SIGTERM to the main process, which finishes its step and checkpoints.
+def _ignore_sigint(worker_id: int) -> None:
+    """Workers leave Ctrl-C to the main process, which finishes its step, checkpoints and stops.
 
     A terminal's Ctrl-C reaches the whole process group. Forked workers would otherwise run the main
-    process's handler (repeating its message) and die of a second Ctrl-C, which makes the main process
-    fail instead of stopping cleanly. Workers still exit when the main process does.
+    process's handler (repeating its message) and die of a second Ctrl-C, failing the main process
+    instead of letting it stop cleanly. SIGTERM keeps its default action: the DataLoader itself
+    terminates workers that do not exit in time.
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Loader:
@@ -273,7 +273,7 @@ class Loader:
             self._loader = torch.utils.data.DataLoader(
                 _FileDataset(source, image_size, train, data_seed), batch_sampler=self._keys,
                 num_workers=n, collate_fn=_collate, pin_memory=pin_memory, persistent_workers=n > 0,
-                prefetch_factor=4 if n > 0 else None, worker_init_fn=_ignore_stop_signals)
+                prefetch_factor=4 if n > 0 else None, worker_init_fn=_ignore_sigint)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import os
 import re
 import urllib.error
@@ -150,8 +151,8 @@ def _idx_pair(images_path: Path) -> TensorSource:
         raise DataError(f"'{images_path}' has no labels file beside it; expected '{stem}-labels-idx1-ubyte[.gz]'")
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"'{images_path}' ({images.shape}) and '{labels_path}' ({labels.shape}) do not match: "
-                        "expected N images of H x W and N labels")
+        raise DataError(f"'{images_path}' (shape {'x'.join(map(str, images.shape))}) and '{labels_path}' (shape "
+                        f"{'x'.join(map(str, labels.shape))}) do not match: expected N images of H x W and N labels")
     tensor = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)
     return TensorSource(tensor, torch.from_numpy(labels.astype(np.int64)))
 
@@ -369,10 +370,11 @@ def _imagefolder(cfg: Config, root: Path) -> RawDataset:
 
 
 def check_image_bytes(path: Path, data: bytes) -> None:
-    """Refuse an empty file and a JPEG or PNG without its end marker (a truncated download or copy).
+    """Refuse an empty file, a JPEG or PNG without its end marker (a truncated download or copy) and a
+    file whose header PIL cannot identify.
 
-    Only these cheap structural checks run here; any other damage is reported, with the file's name,
-    when the image is decoded.
+    Only these cheap checks run here (the pixels are not decoded); any other damage is reported, with
+    the file's name, when the image is decoded during training.
     """
     if not data:
         raise DataError(f"image file '{path}' is empty; remove or replace it")
@@ -380,6 +382,14 @@ def check_image_bytes(path: Path, data: bytes) -> None:
         raise DataError(f"image file '{path}' is truncated (its JPEG end marker is missing); remove or replace it")
     if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
         raise DataError(f"image file '{path}' is truncated (its PNG end chunk is missing); remove or replace it")
+    from PIL import Image, UnidentifiedImageError
+
+    try:  # reads the header only: the format and the size
+        with Image.open(io.BytesIO(data)) as image:
+            image.size  # noqa: B018
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"image file '{path}' is not an image PIL can read ({type(e).__name__}); remove or replace "
+                        "it") from None
 
 
 def _file_digest(path: Path) -> str:

@@ -160,8 +160,17 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, rundir.request_stop)
+    if hasattr(signal, "SIGCHLD"):  # request_stop may replace it; restored below
+        previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
+    checkpointed = True  # whether last.pt holds the state at the stop
     try:
         finished = fit(task, progress, rundir)
+    except RuntimeError as e:
+        # A SIGTERM sent to the whole process group also ends the data-loading workers, and the loader
+        # raises: the step cannot finish, so the run stops at the checkpoint it already has.
+        if not (rundir.stop_requested and "DataLoader worker" in str(e)):
+            raise
+        finished, checkpointed = False, False
     except TrainingDiverged as e:
         rundir.write_summary(task, progress, status="diverged", reason=str(e))
         rundir.close()
@@ -173,19 +182,27 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not finished:
-        summary = rundir.write_summary(task, progress, status="interrupted",
-                                       reason=f"stopped by a signal at epoch {progress.epoch + 1}, "
-                                              f"step {progress.step}; checkpoint written")
-        rundir.close()
-        log.info("stopped at epoch %d, step %d; checkpoint written to %s", progress.epoch + 1, progress.step,
-                 rundir.last_checkpoint)
-        return RunResult(out, cfg, summary)
+        return _stopped(task, progress, rundir, checkpointed)
     fault_point("final")
     final = final_evaluation(task, rundir)
     summary = rundir.write_summary(task, progress, status="completed", final=final,
                                    teacher_source=extra["teacher_source"])
     rundir.close()
     return RunResult(out, cfg, summary)
+
+
+def _stopped(task: Task, progress: Progress, rundir: RunDir, checkpointed: bool) -> RunResult:
+    """Record a run stopped by SIGINT/SIGTERM (summary status ``interrupted``)."""
+    if checkpointed:
+        reason = f"stopped by a signal at epoch {progress.epoch + 1}, step {progress.step}; checkpoint written"
+    elif rundir.has_checkpoint():
+        reason = "stopped by a signal that also ended the data-loading workers; the last checkpoint stays"
+    else:
+        reason = "stopped by a signal before the first checkpoint; start again with --overwrite"
+    summary = rundir.write_summary(task, progress, status="interrupted", reason=reason)
+    rundir.close()
+    log.info("%s (%s)", reason, rundir.last_checkpoint)
+    return RunResult(rundir.out, task.cfg, summary)
 
 
 def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:

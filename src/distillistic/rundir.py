@@ -217,9 +217,14 @@ class RunDir:
         """SIGINT/SIGTERM handler: stop after the current step; a second signal stops at once."""
         if self.stop_requested:
             raise KeyboardInterrupt
+        self.stop_requested = True  # first: another handler (e.g. the DataLoader's SIGCHLD) may run inside log
+        if hasattr(signal, "SIGCHLD"):
+            # A signal sent to the whole group also ends the data-loading workers. PyTorch's SIGCHLD handler
+            # would raise at once, in the middle of the step; without it the loader reports their end at the
+            # next fetch, which a stopping run does not make (and the caller handles if it was waiting in one).
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         log.warning("%s: finishing the current step, then writing a checkpoint (again to stop at once)",
                     signal.Signals(signum).name)
-        self.stop_requested = True
 
     def after_step(self, task: Task, progress: Progress, meters: TrainMeters) -> bool:
         fault_point("step")

@@ -1,0 +1,476 @@
+"""Bad inputs to the CLI and the one-line messages they get: the cases behind docs/bad-inputs.md.
+
+Each case builds what it needs in a scratch folder (``TMP``) next to a copy of a finished run
+(``RUN``), and returns the CLI's arguments. :func:`run_case` runs ``distillistic.cli.main`` on them
+in this process, capturing everything that would reach stderr (the error line, log records,
+warnings). ``tests/test_bad_inputs.py`` checks every case (exit code 2, one line, no traceback,
+``RUN`` byte-identical afterwards, the message equal to the table's); running this file rewrites the
+table from the real messages::
+
+    PYTHONPATH=src python tests/bad_inputs.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
+# A tiny run on synthetic data: 10 classes, 1 channel, 8x8 px.
+TINY = ["--dataset", "synthetic", "--synthetic-samples", "96", "--image-size", "8", "--model", "mlp", "--epochs", "1",
+        "--batch-size", "16", "--device", "cpu", "--no-tensorboard", "--no-progress"]
+
+
+@dataclass
+class Workspace:
+    tmp: Path  # scratch folder of this case
+    run: Path  # a finished run; every case must leave it byte-identical
+
+    def train(self, *args: str, out: Path | None = None, resume: bool = False) -> list[str]:
+        """``train`` on the tiny synthetic data with ``args``, writing over RUN (so a late failure would show)."""
+        out_args = ["--out", str(out or self.run), "--resume" if resume else "--overwrite"]
+        return ["train", *TINY, *args, *out_args]
+
+    def state_dict(self, name: str, arch: str = "mlp", classes: int = 10, channels: int = 1, **extra: object) -> Path:
+        from distillistic.models import build_model
+
+        path = self.tmp / name
+        torch.save({**build_model(arch, classes, channels, 8).state_dict(), **extra}, path)
+        return path
+
+    def idx_folder(self, name: str = "idx", n: int = 60, gz: bool = True) -> Path:
+        folder = self.tmp / name
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        write_idx(folder / f"t10k-images-idx3-ubyte{'.gz' if gz else ''}", rng.integers(0, 255, (n, 8, 8), np.uint8))
+        write_idx(folder / f"t10k-labels-idx1-ubyte{'.gz' if gz else ''}", (np.arange(n) % 3).astype(np.uint8))
+        return folder
+
+    def image_folder(self, name: str = "images", per_class: int = 4) -> Path:
+        from PIL import Image
+
+        root = self.tmp / name
+        rng = np.random.default_rng(0)
+        for c in ("cat", "dog"):
+            (root / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (12, 12, 3), np.uint8)).save(root / c / f"{i}.jpg")
+        return root
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file (uint8) as MNIST ships them, gzip'd when the name ends with .gz."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+class Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, ("echo pwned",)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    kind: str  # config value, flag, config file, data file, checkpoint, output directory, export
+    what: str
+    argv: Callable[[Workspace], list[str]]
+    fashion_offline: bool = False  # point the Fashion-MNIST mirror at a folder that does not exist
+
+
+def _yaml(ws: Workspace, text: str) -> str:
+    path = ws.tmp / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _truncated_idx(ws: Workspace) -> list[str]:
+    folder = ws.idx_folder(gz=False)
+    images = folder / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    return ws.train("--dataset", "mnist", "--data-root", str(folder))
+
+
+def _bad_gzip(ws: Workspace, truncate: bool) -> list[str]:
+    folder = ws.idx_folder()
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200] if truncate else b"\x1f\x8b\x08\x00garbage-not-deflate" * 4)
+    return ws.train("--dataset", "mnist", "--data-root", str(folder))
+
+
+def _idx_edit(ws: Workspace, edit: str) -> list[str]:
+    folder = ws.idx_folder()
+    if edit == "magic":
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x12\x34\x08\x03" + bytes(100)))
+    elif edit == "no-labels":
+        (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    elif edit == "count":
+        write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(59, np.uint8))
+    return ws.train("--dataset", "mnist", "--data-root", str(folder))
+
+
+def _image_edit(ws: Workspace, edit: str) -> list[str]:
+    root = ws.image_folder()
+    image = root / "dog" / "2.jpg"
+    if edit == "truncated":
+        image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
+    elif edit == "empty":
+        image.write_bytes(b"")
+    elif edit == "no-images":
+        for p in root.rglob("*.jpg"):
+            p.write_bytes(b"")
+            p.rename(p.with_suffix(".txt"))
+    elif edit == "no-val":
+        (root / "train").mkdir()
+        for c in ("cat", "dog"):
+            (root / c).rename(root / "train" / c)
+    return ["train", "--dataset", "imagefolder", "--data-root", str(root), "--image-size", "8", "--model", "mlp",
+            "--epochs", "1", "--device", "cpu", "--no-tensorboard", "--no-progress", "--num-workers", "0",
+            "--split-fractions", "0.5,0.25,0.25", "--out", str(ws.run), "--overwrite"]
+
+
+def _fashion_bad_md5(ws: Workspace) -> list[str]:
+    from distillistic.datasets import FASHION_FILES
+
+    folder = ws.tmp / "fashion"
+    folder.mkdir()
+    for name, _ in FASHION_FILES:
+        (folder / name).write_bytes(gzip.compress(b"not fashion-mnist"))
+    return ws.train("--dataset", "fashion-mnist", "--data-root", str(folder))
+
+
+def _resume_with_checkpoint(ws: Workspace, make: Callable[[Path], None]) -> list[str]:
+    make(ws.run / "checkpoints" / "last.pt")
+    return ws.train(resume=True)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def _malicious_file(path: Path) -> None:
+    torch.save({"format": "distillistic-checkpoint", "version": 1, "models": Payload()}, path)
+
+
+def _newer_version(path: Path) -> None:
+    from distillistic.checkpoint import load
+
+    obj = load(path)
+    obj["version"] = 99
+    torch.save(obj, path)
+
+
+def _student_safetensors(ws: Workspace) -> list[str]:
+    path = ws.tmp / "student.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return ws.train("--student-weights", str(path))
+
+
+def _resume_partial(ws: Workspace) -> list[str]:
+    out = ws.tmp / "partial"
+    out.mkdir()
+    (out / "config.yaml").write_text("algo: baseline\n")
+    return ws.train(out=out, resume=True)
+
+
+def _file(ws: Workspace, name: str, content: bytes = b"x") -> Path:
+    path = ws.tmp / name
+    path.write_bytes(content)
+    return path
+
+
+def _kd(ws: Workspace, weights: str, teacher: str = "mlp") -> list[str]:
+    return ws.train("--algo", "kd", "--teacher", teacher, "--teacher-weights", weights)
+
+
+CASES: list[Case] = [
+    # --- config values ---------------------------------------------------------------------------
+    Case("unknown-algo", "config value", "an unknown algorithm", lambda ws: ws.train("--algo", "kdd")),
+    Case("unknown-dataset", "config value", "an unknown dataset", lambda ws: ws.train("--dataset", "cifar10")),
+    Case("unknown-model", "config value", "an unknown model", lambda ws: ws.train("--model", "resnet19")),
+    Case("unknown-teacher", "config value", "an unknown teacher model",
+         lambda ws: ws.train("--algo", "kd", "--teacher", "resnet500")),
+    Case("epochs-zero", "config value", "zero epochs", lambda ws: ws.train("--epochs", "0")),
+    Case("batch-negative", "config value", "a negative batch size", lambda ws: ws.train("--batch-size", "-8")),
+    Case("lr-zero", "config value", "a learning rate of 0", lambda ws: ws.train("--lr", "0")),
+    Case("lr-nan", "config value", "a learning rate of NaN", lambda ws: ws.train("--lr", "nan")),
+    Case("epochs-text", "config value", "a word where a number is expected", lambda ws: ws.train("--epochs", "two")),
+    Case("epochs-fraction", "config value", "a fraction where a whole number is expected",
+         lambda ws: ws.train("--epochs", "2.5")),
+    Case("epochs-huge", "config value", "a number beyond 64 bits", lambda ws: ws.train("--epochs", "1e30")),
+    Case("alpha-range", "config value", "alpha outside [0, 1]",
+         lambda ws: ws.train("--algo", "tfkd", "--alpha", "1.5")),
+    Case("temperature-zero", "config value", "a temperature of 0",
+         lambda ws: ws.train("--algo", "tfkd", "--temperature", "0")),
+    Case("dml-one-student", "config value", "DML with one student",
+         lambda ws: ws.train("--algo", "dml", "--students", "1")),
+    Case("virtual-p-low", "config value", "Tf-KD's p not above 1/K (data-dependent)",
+         lambda ws: ws.train("--algo", "tfkd", "--virtual-p", "0.05")),
+    Case("resolution-too-large", "config value", "a student resolution above the input size",
+         lambda ws: ws.train("--student-resolution", "16")),
+    Case("imbalance-class", "config value", "an imbalanced class index beyond the classes",
+         lambda ws: ws.train("--imbalance-class", "12")),
+    Case("optimizer-choice", "config value", "an unknown optimizer", lambda ws: ws.train("--optimizer", "adam")),
+    Case("device-unknown", "config value", "an unknown device", lambda ws: ws.train("--device", "tpu")),
+    Case("fp16-on-cpu", "config value", "fp16 on the CPU", lambda ws: ws.train("--precision", "fp16")),
+    Case("split-fractions", "config value", "split fractions not summing to 1",
+         lambda ws: ws.train("--split-fractions", "0.5,0.5,0.5")),
+    Case("seed-negative", "config value", "a negative seed", lambda ws: ws.train("--seed", "-1")),
+    # --- flags -----------------------------------------------------------------------------------
+    Case("flag-unknown", "flag", "a misspelt flag", lambda ws: ws.train("--epocs", "3")),
+    Case("flag-no-value", "flag", "a flag without its value", lambda ws: [*ws.train(), "--lr"]),
+    Case("flag-bool-value", "flag", "a value given to an on/off flag", lambda ws: ws.train("--resume=yes")),
+    Case("no-out", "flag", "no output directory", lambda ws: ["train", *TINY]),
+    Case("set-no-equals", "flag", "--set without key=value", lambda ws: ws.train("--set", "lr")),
+    Case("set-unknown-key", "flag", "--set of an unknown key", lambda ws: ws.train("--set", "lrr=0.1")),
+    Case("subcommand-unknown", "flag", "an unknown command", lambda ws: ["trian", "--out", str(ws.run)]),
+    # --- config files ----------------------------------------------------------------------------
+    Case("yaml-missing", "config file", "a config file that does not exist",
+         lambda ws: ws.train(str(ws.tmp / "nope.yaml"))),
+    Case("yaml-syntax", "config file", "a config file with broken YAML",
+         lambda ws: ws.train(_yaml(ws, "epochs: 3\nlr: [0.1\n"))),
+    Case("yaml-list", "config file", "a config file holding a list",
+         lambda ws: ws.train(_yaml(ws, "- epochs\n- 3\n"))),
+    Case("yaml-unknown-key", "config file", "an unknown key in a config file",
+         lambda ws: ws.train(_yaml(ws, "epochs: 3\nlearning_rate: 0.1\n"))),
+    Case("yaml-wrong-type", "config file", "a nested mapping as a value",
+         lambda ws: ws.train(_yaml(ws, "batch_size: {train: 32}\n"))),
+    Case("yaml-python-tag", "config file", "a YAML tag that would run code",
+         lambda ws: ws.train(_yaml(ws, "epochs: !!python/object/apply:os.system ['echo pwned']\n"))),
+    # --- data files ------------------------------------------------------------------------------
+    Case("data-missing", "data file", "a data folder that does not exist",
+         lambda ws: ws.train("--dataset", "mnist", "--data-root", str(ws.tmp / "nowhere"))),
+    Case("idx-none", "data file", "a folder without IDX files",
+         lambda ws: ws.train("--dataset", "mnist", "--data-root", str(ws.tmp))),
+    Case("idx-truncated", "data file", "a truncated IDX file", _truncated_idx),
+    Case("gzip-corrupt", "data file", "a corrupt gzip file", lambda ws: _bad_gzip(ws, truncate=False)),
+    Case("gzip-truncated", "data file", "a truncated gzip file", lambda ws: _bad_gzip(ws, truncate=True)),
+    Case("idx-magic", "data file", "an IDX file with a wrong magic number", lambda ws: _idx_edit(ws, "magic")),
+    Case("idx-no-labels", "data file", "IDX images without their labels file", lambda ws: _idx_edit(ws, "no-labels")),
+    Case("idx-count", "data file", "IDX images and labels of different lengths", lambda ws: _idx_edit(ws, "count")),
+    Case("images-none", "data file", "an image folder with no images", lambda ws: _image_edit(ws, "no-images")),
+    Case("jpeg-truncated", "data file", "a truncated JPEG in an image folder", lambda ws: _image_edit(ws, "truncated")),
+    Case("image-empty", "data file", "an empty image file", lambda ws: _image_edit(ws, "empty")),
+    Case("imagefolder-no-val", "data file", "an image folder with train/ but no val/",
+         lambda ws: _image_edit(ws, "no-val")),
+    Case("fashion-md5", "data file", "a Fashion-MNIST file with the wrong md5", _fashion_bad_md5),
+    Case("fashion-offline", "data file", "Fashion-MNIST missing and no download possible",
+         lambda ws: ws.train("--dataset", "fashion-mnist", "--data-root", str(ws.tmp / "fmnist")),
+         fashion_offline=True),
+    # --- checkpoints -----------------------------------------------------------------------------
+    Case("resume-nothing", "checkpoint", "--resume on a run that never wrote a checkpoint", _resume_partial),
+    Case("resume-other-config", "checkpoint", "--resume with other settings",
+         lambda ws: ws.train("--lr", "0.01", resume=True)),
+    Case("resume-truncated", "checkpoint", "--resume from a truncated last.pt",
+         lambda ws: _resume_with_checkpoint(ws, _truncate)),
+    Case("resume-malicious", "checkpoint", "--resume from a last.pt carrying a malicious pickle",
+         lambda ws: _resume_with_checkpoint(ws, _malicious_file)),
+    Case("resume-newer", "checkpoint", "--resume from a checkpoint of a newer format",
+         lambda ws: _resume_with_checkpoint(ws, _newer_version)),
+    Case("teacher-missing", "checkpoint", "teacher weights that do not exist",
+         lambda ws: _kd(ws, str(ws.tmp / "teacher.pt"))),
+    Case("teacher-not-torch", "checkpoint", "teacher weights that are not a PyTorch file",
+         lambda ws: _kd(ws, str(_file(ws, "teacher.pt", b"just text")))),
+    Case("teacher-malicious", "checkpoint", "teacher weights carrying a malicious pickle",
+         lambda ws: _kd(ws, str(_file(ws, "teacher.pt", pickle.dumps({"w": Payload()}, protocol=2))))),
+    Case("teacher-classes", "checkpoint", "a teacher trained on another class count",
+         lambda ws: _kd(ws, str(ws.state_dict("teacher.pt", classes=100)))),
+    Case("teacher-arch", "checkpoint", "a teacher of another architecture (plain state dict)",
+         lambda ws: _kd(ws, str(ws.state_dict("teacher.pt", arch="cnn")))),
+    Case("teacher-arch-run", "checkpoint", "a run directory whose model is not --teacher",
+         lambda ws: _kd(ws, str(ws.run), teacher="cnn")),
+    Case("teacher-channels", "checkpoint", "a teacher for 3-channel images on 1-channel data",
+         lambda ws: _kd(ws, str(ws.state_dict("teacher.pt", arch="cnn", channels=3)), teacher="cnn")),
+    Case("student-classes", "checkpoint", "student weights with another class count",
+         lambda ws: ws.train("--student-weights", str(ws.state_dict("s.pt", classes=5)))),
+    Case("student-safetensors", "checkpoint", "a damaged .safetensors file", _student_safetensors),
+    Case("student-not-state-dict", "checkpoint", "a PyTorch file that is not a state dict",
+         lambda ws: ws.train("--student-weights", str(_torch_file(ws, "s.pt", {"epoch": 3, "note": "hi"})))),
+    # --- output directories ----------------------------------------------------------------------
+    Case("out-is-file", "output directory", "--out naming a file",
+         lambda ws: ws.train(out=_file(ws, "out.txt"))[:-1]),
+    Case("out-occupied", "output directory", "--out holding another run (no --overwrite / --resume)",
+         lambda ws: ws.train()[:-1]),
+    Case("out-under-file", "output directory", "--out inside a file",
+         lambda ws: ws.train(out=_file(ws, "f.txt") / "run")[:-1]),
+    # --- export ----------------------------------------------------------------------------------
+    Case("export-not-dir", "export", "export of a path that is not a directory",
+         lambda ws: ["export", str(ws.tmp / "nowhere")]),
+    Case("export-no-checkpoints", "export", "export of a folder without checkpoints",
+         lambda ws: ["export", str(ws.tmp)]),
+    Case("export-exists", "export", "export over files that exist",
+         lambda ws: ["export", str(ws.run), "--out", str(_file(ws, "student.safetensors").parent)]),
+]
+
+
+def _torch_file(ws: Workspace, name: str, obj: object) -> Path:
+    path = ws.tmp / name
+    torch.save(obj, path)
+    return path
+
+
+def make_reference_run(folder: Path) -> Path:
+    """The finished run every case must leave untouched."""
+    from distillistic import cli
+
+    out = folder / "pristine"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(["train", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+@contextlib.contextmanager
+def _fashion_offline(enabled: bool) -> Iterator[None]:
+    from distillistic import datasets
+
+    saved = datasets.FASHION_MIRRORS
+    if enabled:
+        datasets.FASHION_MIRRORS = ("file:///nonexistent-mirror/",)
+    try:
+        yield
+    finally:
+        datasets.FASHION_MIRRORS = saved
+
+
+def run_case(case: Case, ws: Workspace) -> tuple[int, str, list[str]]:
+    """Prepare the case's files and run the CLI on its arguments: see :func:`run_argv`."""
+    argv = case.argv(ws)
+    code, text = run_argv(argv, case.fashion_offline)
+    return code, text, argv
+
+
+def run_argv(argv: list[str], fashion_offline: bool = False) -> tuple[int, str]:
+    """``distillistic.cli.main(argv)``: its exit code and everything it would print to stderr.
+
+    stderr here includes the log records (the CLI logs INFO and above to stderr) and warnings.
+    """
+    from distillistic import cli
+
+    err = io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("distillistic")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings(record=True) as caught, _fashion_offline(fashion_offline):
+            warnings.simplefilter("always")
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:  # argparse errors exit through SystemExit(2)
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return code, err.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+
+
+def normalise(text: str, ws: Workspace) -> str:
+    return text.replace(str(ws.run), "RUN").replace(str(ws.tmp), "TMP")
+
+
+def show_argv(argv: list[str], ws: Workspace) -> str:
+    text = shlex.join(argv)
+    text = text.replace(shlex.join(TINY), "…")
+    return normalise(text, ws)
+
+
+def documented_messages() -> dict[str, str]:
+    """Case id -> message, as the table in docs/bad-inputs.md states them."""
+    out = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.replace("\\|", "\x00").split("|")]
+        if len(cells) == 7 and cells[1].startswith("`") and cells[5].startswith("`"):
+            out[cells[1].strip("`")] = cells[5].strip("`").replace("\x00", "|")
+    return out
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("|", "\\|") + "`"
+
+
+def write_doc() -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        os.environ["DISTILLISTIC_CACHE"] = str(Path(scratch) / "cache")
+        pristine = make_reference_run(Path(scratch))
+        for i, case in enumerate(CASES):
+            base = Path(scratch) / f"case{i}"
+            ws = Workspace(base / "tmp", base / "run")
+            ws.tmp.mkdir(parents=True)
+            shutil.copytree(pristine, ws.run)
+            code, text, argv = run_case(case, ws)
+            lines = text.strip().splitlines()
+            if code != 2 or len(lines) != 1:
+                raise SystemExit(f"case {case.id}: exit code {code}, stderr:\n{text}")
+            message = normalise(lines[0], ws)
+            rows.append(f"| {_cell(case.id)} | {case.kind} | {case.what} | {_cell(show_argv(argv, ws))} "
+                        f"| {_cell(message)} |")
+    header = f"""# Bad inputs and what distillistic says
+
+Every row is a bad input tried against the real CLI (`distillistic.cli.main`), with the exact line it
+prints to stderr; each exits with code 2, prints that one line and nothing else (no traceback, no log
+line), and leaves an existing run directory byte-identical. The table is generated by
+`PYTHONPATH=src python tests/bad_inputs.py` from the cases in `tests/bad_inputs.py`, and
+`tests/test_bad_inputs.py` checks every row against the CLI again, so the messages here are the
+current ones.
+
+In the commands, `…` stands for a tiny synthetic run (`{shlex.join(TINY)}`), `RUN` for a
+finished run directory (the one that must stay intact: most rows even pass `--overwrite` for it, so
+that a check made too late would show) and `TMP` for a scratch folder holding the case's files.
+
+{len(CASES)} kinds of bad input:
+
+| case | kind | bad input | command (`distillistic …`) | message (stderr; exit code 2) |
+| --- | --- | --- | --- | --- |
+"""
+    footer = """
+## What is checked before a run starts, and what only later
+
+Everything above is refused before the run directory is touched. Some problems can only show later:
+
+* **Damaged image pixels.** Image folders are checked up front for empty files, truncated JPEG/PNG
+  files (missing end marker) and files whose header PIL cannot identify, while their content is
+  hashed for the manifest (`--data-hash content`, the default; per-file hashes are cached by path,
+  size and mtime, so only new or changed files are read again). Damage inside the compressed
+  pixel data, and every check with `--data-hash listing` (names and sizes only, no file read),
+  surfaces when the image is decoded during training: still one error line naming the file and
+  exit code 2, after the run's own log lines; the checkpoints written so far stay and `--resume`
+  continues once the file is replaced.
+* **Divergence.** A NaN or inf loss (or weights) stops the run with exit code 2 and
+  `distillistic: error: training diverged: the loss became NaN or inf (epoch E, step S); the last
+  good checkpoint is …`; `summary.json` gets `"status": "diverged"` and the reason, and no
+  checkpoint with non-finite weights is ever written.
+* **Signals.** SIGINT (Ctrl-C) and SIGTERM to the main process finish the current step, write
+  `checkpoints/last.pt` and exit 0, printing the exact command that resumes; a second signal stops at
+  once (exit 130) and the previous checkpoint stays. Data-loading workers ignore Ctrl-C. A SIGTERM
+  sent to every process of the group (as batch schedulers do) also ends an image-folder run's
+  workers: the step in progress still finishes and checkpoints; if the main process was waiting
+  for a batch instead, the run stops at its last checkpoint (exit 0; resume as usual).
+"""
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(header + "\n".join(rows) + "\n" + footer, encoding="utf-8")
+    print(f"wrote {DOC} ({len(rows)} cases)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    write_doc()
