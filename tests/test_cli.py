@@ -184,7 +184,8 @@ def test_a_corrupt_jpeg_in_a_worker_names_the_file(tmp_path: Path, capsys: pytes
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     args = ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"), "--image-size", "16",
             "--model", "cnn", "--epochs", "1", "--batch-size", "2", "--num-workers", "1", "--no-progress",
-            "--no-tensorboard", "--out", str(tmp_path / "run"), "--set", "split_fractions=[0.5, 0.25, 0.25]"]
+            "--no-tensorboard", "--out", str(tmp_path / "run"), "--set", "split_fractions=[0.5, 0.25, 0.25]",
+            "--data-hash", "listing"]  # the default content hash refuses the file before training
     rc, _, err = run_cli(args, capsys)
     assert rc == 2, err
     assert len(err) == 1, err

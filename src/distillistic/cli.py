@@ -80,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     status = result.summary.get("status")
     if status == "completed" and os.environ.get("RANK", "0") == "0":
         print(_summary_line(result.summary, result.out))
-    elif status == "interrupted":
+    elif status == "interrupted" and os.environ.get("RANK", "0") == "0":
         reason = result.summary.get("reason")
         resume = (f"; resume with: {resume_command(args.argv)}"
                   if (result.out / "checkpoints" / "last.pt").is_file() else "")

@@ -190,7 +190,9 @@ def _coerce_to(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, value, "a number")
         try:
             number = float(value)
-        except (ValueError, OverflowError):
+        except ValueError:
+            raise ConfigError(key, value, "a number") from None
+        except OverflowError:  # an int beyond float range
             raise ConfigError(key, value, "a finite number") from None
         if not math.isfinite(number):
             raise ConfigError(key, value, "a finite number")
