@@ -123,7 +123,7 @@ def _load(tmp_path: Path, text: str, items: list[str]) -> None:
         event(f"UserError: {type(e).__name__}")
 
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from bad_inputs import write_idx
-from distillistic import cli, datasets
+from distillistic import cli, datasets, integrity
 from distillistic.config import Config
-from distillistic.datasets import check_image_bytes, ensure_files, folder_checksum, md5sum
+from distillistic.datasets import ensure_files
 from distillistic.errors import DataError
+from distillistic.integrity import check_image_bytes, folder_checksum, md5sum
 
 
 def _fashion_files(folder: Path, n_train: int = 30, n_test: int = 20) -> None:
@@ -81,8 +82,8 @@ def test_folder_content_hash_covers_the_bytes_and_is_cached_by_path_size_mtime(
     root, cache = tmp_path / "imgs", tmp_path / "cache"
     paths = _images(root)
     read: list[Path] = []
-    real = datasets._file_digest
-    monkeypatch.setattr(datasets, "_file_digest", lambda p: read.append(p) or real(p))
+    real = integrity._file_digest
+    monkeypatch.setattr(integrity, "_file_digest", lambda p: read.append(p) or real(p))
     first = folder_checksum(root, paths, "content", cache)
     assert sorted(read) == sorted(paths)
     read.clear()
@@ -105,7 +106,7 @@ def test_folder_content_hash_covers_the_bytes_and_is_cached_by_path_size_mtime(
 def test_listing_mode_reads_no_file_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "imgs"
     paths = _images(root)
-    monkeypatch.setattr(datasets, "_file_digest", lambda p: pytest.fail("listing mode read a file"))
+    monkeypatch.setattr(integrity, "_file_digest", lambda p: pytest.fail("listing mode read a file"))
     value = folder_checksum(root, paths, "listing")
     assert value.startswith("listing:")
     paths[0].write_bytes(paths[0].read_bytes() + b"\x00")  # a size change shows
@@ -130,9 +131,9 @@ def test_the_manifest_hash_of_idx_files_covers_their_content(tmp_path: Path) -> 
     rng = np.random.default_rng(0)
     write_idx(folder / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (40, 8, 8), np.uint8))
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", (np.arange(40) % 4).astype(np.uint8))
-    first = datasets.file_checksum(datasets.read_idx_folder(folder).files)
+    first = integrity.file_checksum(datasets.read_idx_folder(folder).files)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", (np.arange(40) % 4)[::-1].astype(np.uint8))
-    assert datasets.file_checksum(datasets.read_idx_folder(folder).files) != first
+    assert integrity.file_checksum(datasets.read_idx_folder(folder).files) != first
 
 
 @pytest.mark.parametrize(("content", "message"), [

@@ -24,8 +24,9 @@ from torch import Tensor
 
 from .augment import BatchRandAugment, SampleKeys, crop_box, sample_hash_int
 from .config import Config, validate_for_data
-from .datasets import DATASETS, FileSource, Source, TensorSource, data_root, file_checksum
+from .datasets import DATASETS, FileSource, Source, TensorSource, data_root
 from .errors import DataError
+from .integrity import file_checksum
 
 __all__ = ["DATASETS", "Batch", "DataBundle", "DataInfo", "EpochSampler", "Loader", "ViewMaker", "Views",
            "build_data", "stratified_split"]
