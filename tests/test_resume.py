@@ -271,6 +271,28 @@ def test_a_resumed_epoch_sees_exactly_the_remaining_batches_and_augmentations(tm
     assert not torch.equal(full[0].index, next(iter(loader.epoch(1))).index)  # epochs differ
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_files_leaves_the_global_rng_alone(tmp_path: Path, workers: int) -> None:
+    """A file loader starting an epoch must not draw from the global RNG (dropout's stream): a resumed run
+    starts its loaders at another moment than an uninterrupted one, and would otherwise drift from it."""
+    from PIL import Image
+
+    from distillistic.data import EpochSampler, Loader
+    from distillistic.datasets import FileSource
+
+    paths = []
+    for i in range(12):
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    source = FileSource(paths, torch.arange(12) % 3)
+    loader = Loader(source, EpochSampler(source.labels, 4, 0, True), 8, True, 0, workers=workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for epoch in (0, 1):
+        assert len(list(loader.epoch(epoch, start_step=epoch))) == 3 - epoch
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
         reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     partial = tmp_path / "partial"

@@ -274,7 +274,10 @@ class Loader:
             self._loader = torch.utils.data.DataLoader(
                 _FileDataset(source, image_size, train, data_seed), batch_sampler=self._keys,
                 num_workers=n, collate_fn=_collate, pin_memory=pin_memory, persistent_workers=n > 0,
-                prefetch_factor=4 if n > 0 else None, worker_init_fn=_ignore_sigint)
+                prefetch_factor=4 if n > 0 else None, worker_init_fn=_ignore_sigint,
+                # Its own generator: each new iterator draws the workers' base seed, which must not come
+                # from (and move) the global RNG, the stream of dropout that a resumed run restores.
+                generator=torch.Generator().manual_seed(data_seed))
 
     def __len__(self) -> int:
         return len(self.sampler)

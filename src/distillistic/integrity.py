@@ -25,12 +25,12 @@ from .errors import DataError
 
 
 def md5sum(path: Path) -> str:
+    """The md5 of a file, read in 1 MiB chunks (only to compare with published sums, not for security)."""
     h = hashlib.md5()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
 
 
 def check_image_bytes(path: Path, data: bytes) -> None:

@@ -60,7 +60,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("distillistic")
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
-RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard")
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export")
 
 
 def _version() -> str:
@@ -272,12 +272,13 @@ class RunDir:
         Raises :class:`TrainingDiverged` instead of writing weights that are no longer finite, so the
         previous ``last.pt`` stays the last good one.
         """
-        if not self.rt.is_main:
-            return
+        # Every rank checks (their weights are equal), so that all of them stop together.
         params = [p.detach() for s in task.students for p in s.raw.parameters()]
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise TrainingDiverged(f"the weights became NaN or inf (epoch {progress.epoch + 1}, "
                                    f"step {progress.step})")
+        if not self.rt.is_main:
+            return
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
                                                    "epoch_images")}
@@ -378,7 +379,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None)
     saved_teacher = ckpt.get("teacher")
     if (saved_teacher or {}).get("sha256") != (teacher or {}).get("sha256"):
         def show(t: dict[str, Any] | None) -> str:
-            return f"{t['arch']} from {t['source']} (weights {str(t['sha256'])[:12]})" if t else "none"
+            return f"{t.get('arch')} from {t.get('source')} (weights {str(t.get('sha256'))[:12]})" if t else "none"
 
         raise CheckpointError(f"--resume: the teacher differs from the one the run started with "
                               f"({show(saved_teacher)} -> {show(teacher)}); resume with the same teacher "
