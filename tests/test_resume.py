@@ -49,9 +49,10 @@ def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run (in this process: the same code path as the CLI, without the start-up cost)."""
+    """The uninterrupted run, in a fresh process like the others (no global state left by other tests)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    result = run_cli([*ARGS, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
     return out
 
 

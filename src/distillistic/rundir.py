@@ -9,6 +9,7 @@ Layout of ``DIR``::
     tensorboard/         TensorBoard events
     checkpoints/last.pt  everything needed to resume exactly (written every epoch / K steps)
     checkpoints/best-<model>.pt   each student's best-on-val weights
+    export/<model>.safetensors    written by ``distillistic export`` (weights + arch, classes, config)
 
 Only rank 0 writes. At the end of an epoch the best weights are written before ``last.pt`` and the
 rows after it; ``metrics.jsonl`` is rewritten from the checkpoint's history on resume, so a crash at
