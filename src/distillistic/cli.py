@@ -26,6 +26,10 @@ log = logging.getLogger("distillistic")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --epoch must not silently mean --epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints usage too)
         self.exit(2, f"distillistic: error: {message} (see '{self.prog} --help')\n")
 

@@ -128,8 +128,12 @@ class TrainMeters:
         for mine, theirs in zip(self.tensors(), tensors):
             mine.copy_(theirs)
 
-    def check_finite(self, where: str) -> None:
-        if float(self.extra[2]) > 0:
+    def check_finite(self, where: str, rt: Runtime | None = None) -> None:
+        """Raise if any loss so far was NaN/inf; with ``rt``, on every rank if it happened on any (no hang)."""
+        bad = self.extra[2:3].clone()
+        if rt is not None:
+            rt.all_reduce_([bad])
+        if float(bad) > 0:
             raise TrainingDiverged(f"the loss became NaN or inf ({where})")
 
     def mean_loss(self) -> float:
@@ -200,7 +204,7 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
         progress.epoch_seconds = time.perf_counter() - start
         bar.update()
         if progress.step % cfg.log_every == 0:  # the only host syncs inside an epoch
-            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}")
+            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}", task.rt)
             bar.set_postfix(loss=f"{meters.mean_loss():.4f}")
         if hooks.after_step(task, progress, meters):
             bar.close()

@@ -9,7 +9,6 @@ choice for 28-32 px inputs.
 
 from __future__ import annotations
 
-import pickle
 import typing
 import urllib.error
 from collections.abc import Callable
@@ -62,11 +61,13 @@ def _imagenet_model(name: str) -> nn.Module:
     if cached.is_file():
         # torchvision reads its cache with torch.load(weights_only=False): a file put there by hand is
         # checked first with weights_only=True, so that it cannot run pickled code.
+        from .checkpoint import load
+
         try:
-            torch.load(cached, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(f"'{cached}' is not a plain weights file ({type(e).__name__}); delete it so "
-                                  f"that the ImageNet weights of {name} are downloaded again") from None
+            load(cached)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (it sits in torchvision's weights cache: delete it so that the ImageNet "
+                                  f"weights of {name} are downloaded again)") from None
     try:
         return tvm.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as e:

@@ -236,7 +236,7 @@ class RunDir:
             stop = bool(flag.item() > 0)
         every = self.cfg.checkpoint_every
         if stop or (every and progress.global_step % every == 0):
-            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}")
+            meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}", self.rt)
             self.save_last(task, progress, meters)
         return stop
 
