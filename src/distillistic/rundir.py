@@ -230,10 +230,13 @@ class RunDir:
     def after_step(self, task: Task, progress: Progress, meters: TrainMeters) -> bool:
         fault_point("step")
         stop = self.stop_requested
-        if self.rt.distributed and progress.step % self.cfg.log_every == 0:
-            flag = torch.tensor([float(stop)], device=self.rt.device)
-            self.rt.all_reduce_([flag])
-            stop = bool(flag.item() > 0)
+        if self.rt.distributed:
+            # Ranks must stop at the same step (checkpointing is collective): agree at sync points only.
+            stop = False
+            if progress.step % self.cfg.log_every == 0:
+                flag = torch.tensor([float(self.stop_requested)], device=self.rt.device)
+                self.rt.all_reduce_([flag])
+                stop = bool(flag.item() > 0)
         every = self.cfg.checkpoint_every
         if stop or (every and progress.global_step % every == 0):
             meters.check_finite(f"epoch {progress.epoch + 1}, step {progress.step}", self.rt)
