@@ -68,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best",
                    help="best-on-val weights (default) or the last epoch's")
     p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    p = sub.add_parser("sweep", help="run every cell of a sweep config (grid/variants), each in its own run dir")
+    p.add_argument("config", help="sweep YAML: base config keys, grid: {key: [values]}, optional variants:")
+    p.add_argument("--out", required=True, help="sweep directory (cells go to DIR/<name>; re-run to continue)")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run every N-th cell starting at I (0 <= I < N)")
+    p.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key for every cell (repeatable; not a grid axis)")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                   help="also log every cell to Weights & Biases (one group per sweep)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and what would happen to each, run nothing")
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
     return parser
@@ -142,6 +152,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import describe, parse_shard, run_sweep
+
+    shard = parse_shard(args.shard)
+    result = run_sweep(args.config, args.out, shard, config_mod.parse_set(args.set_items), wandb=args.wandb,
+                       fail_fast=args.fail_fast, dry_run=args.dry_run)
+    if args.dry_run:
+        for o in result.outcomes:
+            print(f"{o.cell.index:4d}  {o.message:8s}  {o.cell.name}")
+        return 0
+    print(describe(result))
+    if result.interrupted:
+        return 130
+    return 1 if result.failures else 0
+
+
 def one_line(error: BaseException) -> str:
     """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -157,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
-    commands = {"train": _train, "demo": _demo, "list": _list, "export": _export}
+    commands = {"train": _train, "demo": _demo, "sweep": _sweep, "list": _list, "export": _export}
     try:
         return commands[args.command](args)
     except UserError as e:

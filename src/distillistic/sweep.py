@@ -1,0 +1,443 @@
+"""Sweeps: one YAML file -> a grid of runs, each in its own run directory; resumable and shardable.
+
+A sweep file holds base config keys, a ``grid:`` mapping keys to lists of values, and optionally
+``variants:``, named sets of keys crossed with the grid (two cells of one algorithm, e.g.
+``tfkd_smoothed: {algo: tfkd, virtual_smooth: true}``, or a student size with the batch size that
+fits it); see ``configs/``.
+
+Every cell runs through :func:`distillistic.run.train` in ``DIR/<name>``, where the name lists the
+cell's variant and grid values (``tfkd_smoothed,seed=1``), so it is readable and stays the same
+when the sweep is run again. Re-running a sweep skips completed cells, resumes interrupted ones from
+their ``checkpoints/last.pt`` and retries failed ones; ``shard=(i, n)`` runs every n-th cell, so
+a sweep spreads over machines or a SLURM array with no extra service. Cells run seed-major (every
+setting with the first seed, then the next seed), so a sweep stopped half-way already holds one
+complete comparison.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as config_mod
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import VOLATILE_KEYS, Config
+from .errors import UserError
+
+log = logging.getLogger("distillistic")
+
+SEED_KEYS = ("seed", "data_seed")
+# Keys that steer the machine, not what a run computes: a cell run with another value is the same cell.
+MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
+                                "teacher_store", "compile"}
+RESERVED = ("out", "resume", "overwrite")  # the sweep decides these per cell
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its directory name, the grid/variant values that define it and its config."""
+
+    index: int
+    name: str
+    settings: dict[str, Any]
+    config: Config  # validated, not resolved; ``out`` is set when the cell runs
+    explicit: frozenset[str] = frozenset()  # keys the sweep file sets (named first when a folder disagrees)
+
+
+@dataclass
+class Plan:
+    """A sweep file, expanded: the base keys, the axes and every cell in run order."""
+
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    variants: dict[str, dict[str, Any]]
+    cells: list[Cell]
+    source: str | None = None
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    status: str  # completed (ran now), skipped (already complete), failed, interrupted, busy, pending
+    message: str = ""
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def with_status(self, status: str) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def failures(self) -> list[Outcome]:
+        return self.with_status("failed")
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.with_status("interrupted"))
+
+
+# --- expanding a sweep file ---------------------------------------------------------------------------
+
+
+def value_text(value: Any) -> str:
+    """A config value as a short text: ``0.001``, ``20``, ``true``, ``none``, lists joined by ``-``."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, list | tuple):
+        return "-".join(value_text(v) for v in value)
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe part; long values (paths) keep their start and get a short hash."""
+    safe = re.sub(r"[^A-Za-z0-9._+=-]", "_", text).strip("._") or "_"
+    if len(safe) > 48:
+        safe = f"{safe[:36]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def cell_name(variant: str | None, values: Mapping[str, Any]) -> str:
+    """``variant,key=value,...`` with the seed keys last, e.g. ``algo=kd,temperature=4,seed=1``."""
+    keys = [k for k in values if k not in SEED_KEYS] + [k for k in SEED_KEYS if k in values]
+    parts = ([_slug(variant)] if variant is not None else []) + [_slug(f"{k}={value_text(values[k])}") for k in keys]
+    return ",".join(parts) or "run"
+
+
+def _key(raw: Any, where: str) -> str:
+    key = str(raw).replace("-", "_")
+    if key in RESERVED:
+        raise UserError(f"{where}: '{key}' is set by the sweep for each cell; remove it (use --out DIR for the sweep)")
+    if key not in config_mod.FIELDS:
+        close = difflib.get_close_matches(key, config_mod.FIELDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"{where}: unknown config key '{key}'{hint}; see 'distillistic train --help' for the keys")
+    return key
+
+
+def _coerced(key: str, value: Any, where: str) -> Any:
+    try:
+        return config_mod.coerce(key, value)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _parse_grid(raw: Any, source: str) -> dict[str, list[Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{source}: 'grid' must map config keys to lists of values, e.g. grid: {{seed: [0, 1, 2]}}")
+    grid: dict[str, list[Any]] = {}
+    for raw_key, values in raw.items():
+        key = _key(raw_key, f"{source}: grid")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{source}: grid key '{key}' must be a non-empty list of values, e.g. {key}: "
+                            f"[{value_text(values)}], not {values!r}")
+        coerced = [_coerced(key, v, f"{source}: grid key '{key}'") for v in values]
+        texts = [json.dumps(_plain(v)) for v in coerced]
+        if len(set(texts)) < len(texts):
+            dup = next(t for t in texts if texts.count(t) > 1)
+            raise UserError(f"{source}: grid key '{key}' lists the value {dup} twice; list each value once")
+        grid[key] = coerced
+    return grid
+
+
+def _parse_variants(raw: Any, source: str, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        raise UserError(f"{source}: 'variants' must map names to settings, e.g. variants: "
+                        "{tfkd_smoothed: {algo: tfkd, virtual_smooth: true}}")
+    variants: dict[str, dict[str, Any]] = {}
+    for name, settings in raw.items():
+        where = f"{source}: variant '{name}'"
+        if not isinstance(settings, Mapping):
+            raise UserError(f"{where} must be a mapping of config keys to values, not {settings!r}")
+        values = {}
+        for raw_key, value in settings.items():
+            key = _key(raw_key, where)
+            if key in grid:
+                raise UserError(f"{where} sets '{key}', which is also a grid axis; set it in one place only")
+            values[key] = _coerced(key, value, where)
+        variants[str(name)] = values
+    return variants
+
+
+def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, source: str = "sweep") -> Plan:
+    """Cells of a sweep spec (base keys + ``grid`` + ``variants``), seed-major, every config validated.
+
+    ``overrides`` (``--set``) replace base keys; they may not name an axis of the grid or a variant.
+    """
+    base_raw = {k: v for k, v in spec.items() if k not in ("grid", "variants")}
+    grid = _parse_grid(spec.get("grid"), source)
+    variants = _parse_variants(spec.get("variants"), source, grid)
+    if not grid and not variants:
+        raise UserError(f"{source}: no 'grid' (and no 'variants'): a sweep needs axes, e.g. grid: {{seed: [0, 1, 2]}}; "
+                        "for a single run use 'distillistic train'")
+    base = {_key(k, source): v for k, v in base_raw.items()}
+    base = {k: _coerced(k, v, source) for k, v in base.items()}
+    axis_keys = set(grid) | {k for v in variants.values() for k in v}
+    for key, value in (overrides or {}).items():
+        key = _key(key, "--set")
+        if key in axis_keys:
+            raise UserError(f"--set {key}: '{key}' is an axis of the sweep (grid or variants); edit the sweep file")
+        base[key] = _coerced(key, value, "--set")
+    seed_axes = [k for k in grid if k in SEED_KEYS]
+    other_axes = [k for k in grid if k not in SEED_KEYS]
+    variant_names: list[str | None] = list(variants) or [None]
+    cells: list[Cell] = []
+    for seeds in itertools.product(*(grid[k] for k in seed_axes)):
+        for variant in variant_names:
+            for values in itertools.product(*(grid[k] for k in other_axes)):
+                settings = dict(zip(other_axes, values)) | dict(zip(seed_axes, seeds))
+                cells.append(_cell(len(cells), base, variants.get(variant or "", {}), variant, settings, source))
+    _check_unique(cells)
+    return Plan(base, grid, variants, cells, source)
+
+
+def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any], variant: str | None,
+          settings: dict[str, Any], source: str) -> Cell:
+    name = cell_name(variant, settings)
+    try:
+        cfg = config_mod.from_mapping({**base, **variant_values, **settings})
+        config_mod.validate(cfg)
+        config_mod.resolve(cfg)
+    except UserError as e:
+        raise UserError(f"{source}: cell '{name}': {e}") from None
+    full = {"variant": variant, **settings} if variant is not None else dict(settings)
+    return Cell(index, name, full, _absolute_paths(cfg), frozenset({*base, *variant_values, *settings}))
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Relative data and cache folders are read from the current directory once, so a resumed cell finds them."""
+    changes = {k: str(Path(v).expanduser().absolute()) for k in ("data_root", "cache_dir")
+               if (v := getattr(cfg, k)) and not Path(v).expanduser().is_absolute()}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _check_unique(cells: list[Cell]) -> None:
+    """Two cells whose names collapse to one folder (values differing only in unsafe characters) get a hash."""
+    seen: dict[str, int] = {}
+    for c in cells:
+        seen[c.name] = seen.get(c.name, 0) + 1
+    for i, c in enumerate(cells):
+        if seen[c.name] > 1:
+            digest = hashlib.sha1(json.dumps(c.settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            cells[i] = Cell(c.index, f"{c.name},{digest}", c.settings, c.config, c.explicit)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` with ``0 <= i < n`` (e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`` for ``--array=0-(n-1)``)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise UserError(f"--shard '{text}' must be i/n with 0 <= i < n (e.g. 0/4 ... 3/4 for four shards)")
+    return int(match[1]), int(match[2])
+
+
+def shard(cells: Sequence[Cell], index: int, count: int) -> list[Cell]:
+    """Every ``count``-th cell starting at ``index``: the shards are disjoint and together cover the sweep."""
+    return [c for c in cells if c.index % count == index]
+
+
+# --- the state of a cell's directory --------------------------------------------------------------------
+
+
+def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys that decide what a run computes (the config minus machine and volatile keys)."""
+    return {k: _plain(v) for k, v in config.items() if k not in MACHINE_KEYS}
+
+
+def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
+    """What to do with a cell: ``new``, ``done``, ``resume``, ``restart``, ``diverged`` or ``conflict`` (+ why)."""
+    if not folder.is_dir() or not any((folder / f).exists() for f in RUN_FILES):
+        return "new", ""
+    saved_path = folder / "config.yaml"
+    if saved_path.is_file():
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError:
+            saved = None
+        if isinstance(saved, dict):
+            want = comparable(config_mod.resolve(cell.config).to_dict())
+            have = comparable(saved)  # a key it lacks is newer than the run: its default applied then
+            differ = sorted((k for k in want if k in have and have[k] != want[k]), key=lambda k: k not in cell.explicit)
+            if differ:
+                k = differ[0]
+                more = f"; also {', '.join(differ[1:4])}{' ...' if len(differ) > 4 else ''}" if len(differ) > 1 else ""
+                return "conflict", f"{k}: {have.get(k)!r} in the folder, {want[k]!r} in the sweep{more}"
+    try:
+        summary = dict(json.loads((folder / "summary.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        summary = {}
+    if summary.get("status") == "completed":
+        return "done", ""
+    if summary.get("status") == "diverged":
+        return "diverged", str(summary.get("reason") or "the loss became NaN or inf")
+    if (folder / "checkpoints" / "last.pt").is_file():
+        return "resume", ""
+    return "restart", ""
+
+
+# --- running --------------------------------------------------------------------------------------------
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def _cell_lock(out: Path, name: str) -> Iterator[bool]:
+    """Hold a lock on a cell so two sweeps started on one folder never run it twice at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun every rank runs the cell together
+        yield True
+        return
+    locks = out / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with (locks / f"{name}.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_plan(plan: Plan, out: Path) -> None:
+    """``DIR/sweep.yaml`` (the sweep as run, overrides included) and ``DIR/plan.json`` (every cell's config)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec: dict[str, Any] = {k: _plain(v) for k, v in plan.base.items()}
+    if plan.variants:
+        spec["variants"] = {n: {k: _plain(v) for k, v in s.items()} for n, s in plan.variants.items()}
+    spec["grid"] = {k: [_plain(v) for v in vs] for k, vs in plan.grid.items()}
+    header = f"# the sweep run in this folder (from {plan.source}); re-run: distillistic sweep {out / 'sweep.yaml'} " \
+             f"--out {out}\n"
+    atomic_write_text(out / "sweep.yaml", header + yaml.safe_dump(spec, sort_keys=False))
+    cells = [{"index": c.index, "name": c.name, "settings": {k: _plain(v) for k, v in c.settings.items()},
+              "config": config_mod.resolve(c.config).to_dict()} for c in plan.cells]
+    atomic_write_json(out / "plan.json", {"source": plan.source, "cells": cells})
+
+
+def run_cell(cell: Cell, out: Path, state: str, wandb: bool | None = None) -> Outcome:
+    """Train one cell in ``out/<name>`` (fresh, resumed or restarted); failures become an :class:`Outcome`."""
+    from .run import train
+
+    folder = out / cell.name
+    cfg = cell.config.replace(out=str(folder), resume=state == "resume", overwrite=state == "restart")
+    if wandb is not None:
+        cfg = cfg.replace(wandb=wandb)
+    if cfg.wandb:
+        os.environ.setdefault("WANDB_RUN_GROUP", out.name)  # the sweep's runs form one W&B group
+    error_file = folder / "error.txt"
+    try:
+        result = train(cfg)
+    except Exception as e:  # bad data, a bug or an out-of-memory error in one cell must not stop the others
+        user = isinstance(e, UserError)
+        if _is_main():  # the full message or traceback stays beside the cell
+            folder.mkdir(parents=True, exist_ok=True)
+            error_file.write_text(f"{e}\n" if user else traceback.format_exc())
+        message = str(e).strip().splitlines()[-1] if user else f"{type(e).__name__}: {e} (traceback in {error_file})"
+        return Outcome(cell, "failed", message)
+    error_file.unlink(missing_ok=True)
+    if result.summary.get("status") == "completed":
+        return Outcome(cell, "completed")
+    return Outcome(cell, "interrupted", f"stopped at epoch {result.summary.get('epochs_completed', 0)}")
+
+
+def run_sweep(source: str | Path | Mapping[str, Any], out: str | Path, shard_spec: tuple[int, int] = (0, 1),
+              overrides: Mapping[str, Any] | None = None, wandb: bool | None = None, fail_fast: bool = False,
+              dry_run: bool = False) -> SweepResult:
+    """Run (or, with ``dry_run``, only plan) this shard's cells of a sweep in ``out``; the Python API of
+    ``distillistic sweep``. A failed cell is recorded and the sweep goes on (unless ``fail_fast``); an
+    interrupted cell (Ctrl-C, SIGTERM) stops the sweep, and running it again continues where it stopped.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; choose a directory for the sweep")
+    plan = (expand(source, overrides) if isinstance(source, Mapping)
+            else expand(config_mod.read_yaml(source), overrides, source=str(source)))
+    cells = shard(plan.cells, *shard_spec)
+    states = {c.name: cell_state(c, out / c.name) for c in cells}
+    conflicts = [(c, states[c.name][1]) for c in cells if states[c.name][0] == "conflict"]
+    if conflicts:
+        c, why = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more cells)" if len(conflicts) > 1 else ""
+        raise UserError(f"'{out / c.name}' holds a run of another config ({why}){more}; restore the sweep's "
+                        "settings, choose another --out, or delete that folder to run the cell again")
+    result = SweepResult(out)
+    if dry_run:
+        result.outcomes = [Outcome(c, "pending", states[c.name][0]) for c in cells]
+        return result
+    if _is_main():
+        write_plan(plan, out)
+    for k, cell in enumerate(cells, 1):
+        outcome = _step(cell, out, k, len(cells), wandb)
+        result.outcomes.append(outcome)
+        if outcome.status == "interrupted" or (fail_fast and outcome.status == "failed"):
+            break
+    return result
+
+
+def _step(cell: Cell, out: Path, k: int, total: int, wandb: bool | None) -> Outcome:
+    where = f"[{k}/{total}] {cell.name}"
+    with _cell_lock(out, cell.name) as mine:
+        if not mine:
+            log.warning("%s: running in another process; skipped here", where)
+            return Outcome(cell, "busy", "running in another process")
+        state, why = cell_state(cell, out / cell.name)  # again: another shard may have finished it meanwhile
+        if state == "done":
+            log.info("%s: already complete, skipped", where)
+            return Outcome(cell, "skipped")
+        if state == "diverged":
+            log.warning("%s: diverged in an earlier attempt (%s); delete its folder to run it again", where, why)
+            return Outcome(cell, "failed", f"diverged earlier: {why}; delete {out / cell.name} to run it again")
+        log.info("%s: %s", where, {"new": "running", "resume": "resuming from its last checkpoint",
+                                   "restart": "restarting (it stopped before its first checkpoint)"}[state])
+        outcome = run_cell(cell, out, state, wandb)
+    if outcome.status == "failed":
+        log.error("%s: failed: %s", where, outcome.message)
+    return outcome
+
+
+def describe(result: SweepResult) -> str:
+    """A few lines: counts per status, then every failed cell with its reason."""
+    counts = {s: len(result.with_status(s)) for s in ("completed", "skipped", "failed", "busy", "interrupted")}
+    parts = [f"{n} {s}" for s, n in counts.items() if n]
+    lines = [f"sweep {result.out}: {len(result.outcomes)} cells handled" + (f" ({', '.join(parts)})" if parts else "")]
+    if result.interrupted:
+        lines.append("interrupted: run the same command again to continue (finished cells are skipped, the "
+                     "interrupted one resumes)")
+    busy = result.with_status("busy")
+    if busy:
+        lines.append(f"{len(busy)} cells were running in another process (another sweep on this folder): "
+                     f"{', '.join(o.cell.name for o in busy[:5])}{' ...' if len(busy) > 5 else ''}")
+    for o in result.failures:
+        lines.append(f"  FAILED {o.cell.name}: {o.message}")
+    if not result.failures and not result.interrupted and not busy:
+        lines.append(f"aggregate with: distillistic report {result.out}")
+    return "\n".join(lines)
