@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log every cell to Weights & Biases (one group per sweep)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
     p.add_argument("--dry-run", action="store_true", help="list the cells and what would happen to each, run nothing")
+    p = sub.add_parser("report", help="aggregate run directories: report.md, results.csv and figures")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or run directories (searched recursively)")
+    p.add_argument("--out", default=None, help="report directory (default: DIR/report for one DIR)")
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
     return parser
@@ -168,6 +171,14 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.dirs, args.out)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
 def one_line(error: BaseException) -> str:
     """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -183,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
-    commands = {"train": _train, "demo": _demo, "sweep": _sweep, "list": _list, "export": _export}
+    commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,
+                "export": _export}
     try:
         return commands[args.command](args)
     except UserError as e:

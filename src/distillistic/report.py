@@ -1,17 +1,257 @@
-"""Aggregating run directories into tables."""
+"""Aggregating run directories: mean ± std over seeds per cell, ``report.md``, ``results.csv`` and figures.
+
+Runs are found recursively (sweep folders and plain run folders alike) and grouped into *cells* by
+their resolved config minus the seed keys and the keys that only steer the machine. A cell's label
+names only what varies between cells (``algo=kd, temperature=4``). For every cell the report gives
+mean, sample standard deviation and n over its runs of the test metrics at each student's
+best-on-val epoch (``summary.json``'s ``test``) and at the last epoch (``test_last``), plus the
+training time and throughput. A cohort (DML, DML_e) is shown twice: the mean of its students and
+the ensemble that averages their probabilities.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+import yaml
 
-METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
+from .errors import UserError
+from .sweep import SEED_KEYS, comparable, value_text
+
+METRICS = ("top1", "top5", "ece", "nll", "entropy", "brier")
+PERCENT = ("top1", "top5", "ece")  # shown in % in report.md; results.csv keeps fractions
+PARTS = {"test": "best-on-val epoch", "test_last": "last epoch"}
+ALGO_ORDER = ("baseline", "kd", "dml", "dml_e", "tfkd")
+# When several keys tell cells apart equally well, the label names the first of these.
+LABEL_PRIORITY = ("algo", "virtual_smooth", "model", "teacher", "student_resolution", "temperature", "alpha",
+                  "students", "divergence", "dataset", "teacher_weights", "epochs", "lr", "batch_size")
+
+
+@dataclass
+class Run:
+    """One run directory, read: its resolved config, summary and per-epoch metric rows."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cohort(self) -> bool:
+        return "cohort_mean" in self.summary
+
+    @property
+    def students(self) -> list[str]:
+        return [m for m in self.summary.get("models", {}) if m.startswith("student")]
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["cohort mean", "ensemble"] if self.cohort else ["student"]
+
+    def metrics(self, kind: str, part: str) -> dict[str, Any] | None:
+        """Test metrics of ``kind`` (student, cohort mean, ensemble) at ``part`` (test, test_last)."""
+        if kind == "cohort mean":
+            return (self.summary.get("cohort_mean") or {}).get(part)
+        name = "ensemble" if kind == "ensemble" else "student"
+        return (self.summary.get("models", {}).get(name) or {}).get(part)
+
+    def best_epoch(self) -> float | None:
+        epochs = [((self.summary["models"][s].get("val_best") or {}).get("epoch")) for s in self.students]
+        present = [e for e in epochs if e is not None]
+        return statistics.fmean(present) if present else None
+
+
+@dataclass
+class Group:
+    """The runs of one cell (same config up to the seeds)."""
+
+    settings: dict[str, Any]
+    runs: list[Run]
+    label: str = ""
+
+    @property
+    def seeds(self) -> str:
+        return ",".join(str(r.config.get("seed")) for r in self.runs)
+
+
+# --- finding and reading runs --------------------------------------------------------------------------
+
+
+def _read_run(folder: Path) -> Run:
+    """Read a run folder or raise ``ValueError`` saying why it cannot be used."""
+    if not (folder / "summary.json").is_file():
+        raise ValueError("no summary.json: still running, or stopped before writing one")
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ValueError(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(summary, dict) or not isinstance(config, dict):
+        raise ValueError("summary.json or config.yaml is not a mapping")
+    if summary.get("status") != "completed":
+        raise ValueError(f"status {summary.get('status')!r}, not completed")
+    history = []
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash; the rest is still good
+    return Run(folder, config, summary, history)
+
+
+def find_runs(dirs: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Completed runs under ``dirs`` (recursively) and the run folders left out, with the reason."""
+    runs: dict[Path, Run] = {}
+    skipped: list[tuple[Path, str]] = []
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            raise UserError(f"report: '{root}' is not a directory; pass sweep or run directories")
+        for here, subdirs, files in os.walk(root):
+            folder = Path(here)
+            if "summary.json" in files or ("config.yaml" in files and "metrics.jsonl" in files):
+                subdirs[:] = []  # a run folder holds no further runs
+                try:
+                    runs.setdefault(folder.resolve(), _read_run(folder))
+                except ValueError as e:
+                    skipped.append((folder, str(e)))
+            else:
+                subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
+    if not runs:
+        where = ", ".join(str(d) for d in dirs)
+        why = f" ({len(skipped)} run folders were not completed)" if skipped else ""
+        raise UserError(f"report: no completed run directories (with summary.json) under {where}{why}; "
+                        "pass the --out of 'distillistic sweep' or of 'distillistic train'")
+    return list(runs.values()), skipped
+
+
+# --- cells and their labels ----------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool):
+        return (1, int(value))
+    if isinstance(value, int | float):
+        return (2, float(value))
+    return (3, str(value))
+
+
+def varying_keys(items: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = list(dict.fromkeys(k for item in items for k in item))
+    return [k for k in keys if len({_text(item.get(k)) for item in items}) > 1]
+
+
+def minimal_labels(items: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A label per item naming the fewest keys that tell different items apart (``algo=kd, temperature=4``)."""
+    varying = varying_keys(items)
+    rank = {k: i for i, k in enumerate(LABEL_PRIORITY)}
+    varying.sort(key=lambda k: rank.get(k, len(rank)))
+    distinct = len({_text(dict(item)) for item in items})
+    chosen: list[str] = []
+    while len({_text([item.get(k) for k in chosen]) for item in items}) < distinct:
+        def splits(k: str) -> int:
+            return len({_text([item.get(c) for c in [*chosen, k]]) for item in items})
+        best = max((k for k in varying if k not in chosen), key=splits)  # max keeps the first (priority) on ties
+        chosen.append(best)
+    if not chosen:
+        return [f"algo={item.get('algo')}" for item in items]
+    chosen.sort(key=lambda k: rank.get(k, len(rank)))  # read in a fixed order: the algorithm first
+    labels = []
+    for item in items:
+        # After the first key, name a key only where it tells this item from one that shares the first
+        # key's value: "algo=kd" stays short while "algo=tfkd, virtual_smooth=true" needs its second key.
+        peers = [o for o in items if _text(o.get(chosen[0])) == _text(item.get(chosen[0]))]
+        keys = [chosen[0], *(k for k in chosen[1:] if len({_text(o.get(k)) for o in peers}) > 1)]
+        labels.append(", ".join(f"{k}={value_text(item.get(k))}" for k in keys))
+    return labels
+
+
+def group_runs(runs: Iterable[Run]) -> list[Group]:
+    """Cells: runs with the same config up to the seeds, in a stable order (algorithm, then the varying keys)."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        settings = {k: v for k, v in comparable(run.config).items() if k not in SEED_KEYS}
+        groups.setdefault(_text(settings), Group(settings, [])).runs.append(run)
+    ordered = list(groups.values())
+    keys = varying_keys([g.settings for g in ordered])
+
+    def order(g: Group) -> tuple[Any, ...]:
+        algo = g.settings.get("algo")
+        return (ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER), str(algo),
+                *(_sort_key(g.settings.get(k)) for k in keys))
+
+    ordered.sort(key=order)
+    for g, label in zip(ordered, minimal_labels([g.settings for g in ordered])):
+        g.label = label
+        g.runs.sort(key=lambda r: (_sort_key(r.config.get("seed")), _sort_key(r.config.get("data_seed"))))
+    return ordered
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (n - 1; NaN for one value) and n of the finite values."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not kept:
+        return math.nan, math.nan, 0
+    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else math.nan, len(kept)
+
+
+def cell_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per cell and model kind: mean/std of every metric at both epochs, time and throughput."""
+    varying = varying_keys([g.settings for g in groups])
+    rows = []
+    for g in groups:
+        for kind in dict.fromkeys(k for r in g.runs for k in r.kinds):
+            runs = [r for r in g.runs if kind in r.kinds]
+            row: dict[str, Any] = {"label": g.label, "model": kind, "n": len(runs), "seeds": g.seeds}
+            row |= {k: config_value(g.settings.get(k)) for k in varying}
+            for part in PARTS:
+                for m in METRICS:
+                    mean, std, _ = mean_std((r.metrics(kind, part) or {}).get(m) for r in runs)
+                    row[f"{part}_{m}_mean"], row[f"{part}_{m}_std"] = mean, std
+            row["best_epoch_mean"] = mean_std(r.best_epoch() for r in runs)[0]
+            for key, name in (("train_seconds", "train_seconds"), ("train_images_per_second", "images_per_second")):
+                row[f"{name}_mean"], row[f"{name}_std"], _ = mean_std(r.summary.get(key) for r in runs)
+            row["runs"] = ";".join(str(r.path) for r in runs)
+            rows.append(row)
+    return rows
+
+
+def config_value(value: Any) -> Any:
+    return value_text(value) if isinstance(value, list | bool) or value is None else value
+
+
+def teacher_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """The frozen teachers the runs distilled from (one row per distinct weights), with their test metrics."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        t = r.summary.get("models", {}).get("teacher")
+        if t and t.get("test"):
+            source = str(t.get("source"))
+            seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"]})
+            seen[source]["runs"] += 1
+    return list(seen.values())
+
+
+# --- the old table API (used by ``distillistic demo``) --------------------------------------------------
 
 
 def read_summary(run: Path) -> dict[str, Any]:
@@ -26,33 +266,128 @@ def student_metrics(summary: Mapping[str, Any], part: str = "test") -> dict[str,
     """The students' metrics of a run: the single student's, or the cohort's mean over its students."""
     if "cohort_mean" in summary:
         return summary["cohort_mean"].get(part)
-    entry = summary["models"].get("student", {})
-    return entry.get(part)
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary["models"].get("student", {}).get(part)
 
 
 def summarize_runs(groups: Mapping[str, Sequence[Path]], part: str = "test") -> list[dict[str, Any]]:
-    """One row per group of runs (e.g. one algorithm over seeds): mean and std of each metric."""
+    """One row per named group of runs (e.g. one algorithm over seeds): mean and std of each metric."""
     rows = []
     for label, runs in groups.items():
         metrics = [m for m in (student_metrics(read_summary(r), part) for r in runs) if m]
         row: dict[str, Any] = {"label": label, "n": len(metrics)}
         for key in METRICS:
-            row[key], row[f"{key}_std"] = mean_std([m[key] for m in metrics if key in m])
+            row[key], row[f"{key}_std"], _ = mean_std([m.get(key) for m in metrics])
         rows.append(row)
     return rows
 
 
+def pm(mean: float, std: float, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` (just the mean when there is one run; ``–`` when there is none)."""
+    if not math.isfinite(mean):
+        return "–"
+    text = f"{scale * mean:.{digits}f}"
+    return text if not math.isfinite(std) else f"{text} ± {scale * std:.{digits}f}"
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: algorithm, test top-1 mean ± std, ECE, NLL, entropy (cohorts: mean over students)."""
-    lines = ["| algorithm | n | test top-1 | ECE | NLL | entropy |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| algorithm | n | test top-1 (%) | ECE (%) | NLL | entropy (nats) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['n']} | {100 * r['top1']:.2f} ± {100 * r['top1_std']:.2f} % | "
-                     f"{r['ece']:.4f} ± {r['ece_std']:.4f} | {r['nll']:.3f} | {r['entropy']:.3f} |")
+        lines.append(f"| {r['label']} | {r['n']} | {pm(r['top1'], r['top1_std'], 100)} | "
+                     f"{pm(r['ece'], r['ece_std'], 100)} | {pm(r['nll'], r['nll_std'], 1, 3)} | "
+                     f"{pm(r['entropy'], r['entropy_std'], 1, 3)} |")
     return "\n".join(lines)
+
+
+# --- writing the report -----------------------------------------------------------------------------------
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()})
+
+
+def _cells_table(rows: Sequence[Mapping[str, Any]], part: str, cost: bool) -> list[str]:
+    head = ["cell", "model", "n", "top-1 (%)", "top-5 (%)", "ECE (%)", "NLL", "entropy (nats)", "Brier"]
+    if cost:
+        head += ["best epoch", "train time (s)", "images/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["label"], r["model"], str(r["n"])]
+        for m in METRICS:
+            scale, digits = (100.0, 2) if m in PERCENT else (1.0, 3)
+            cells.append(pm(r[f"{part}_{m}_mean"], r[f"{part}_{m}_std"], scale, digits))
+        if cost:
+            epoch = r["best_epoch_mean"]
+            cells += [f"{epoch:.1f}" if math.isfinite(epoch) else "–",
+                      pm(r["train_seconds_mean"], r["train_seconds_std"], 1, 1),
+                      pm(r["images_per_second_mean"], r["images_per_second_std"], 1, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence[Mapping[str, Any]],
+             teachers: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[Path, str]],
+             figures: Sequence[tuple[str, Path]], out: Path) -> str:
+    """The text of ``report.md``."""
+    n_runs = sum(len(g.runs) for g in groups)
+    lines = ["# Results", "",
+             f"{n_runs} completed runs in {len(groups)} cells, from {', '.join(f'`{d}`' for d in dirs)}.",
+             "Each entry is the mean ± sample standard deviation over a cell's runs (seeds); n is the number of "
+             "runs. Test split only; every model was selected on the validation split carved from train. ECE uses "
+             "15 equal-width confidence bins. A cohort (DML, DML_e) is shown as *cohort mean* (its students' "
+             "metrics averaged in each run) and as *ensemble* (their probabilities averaged).", ""]
+    if skipped:
+        lines += [f"Not included ({len(skipped)}): " + "; ".join(f"`{p}` ({why})" for p, why in skipped), ""]
+    shared = {k: v for k, v in groups[0].settings.items() if k not in varying_keys([g.settings for g in groups])}
+    lines += ["<details><summary>Settings shared by every cell</summary>", "",
+              ", ".join(f"`{k}={value_text(v)}`" for k, v in shared.items()), "", "</details>", ""]
+    for part, title in PARTS.items():
+        lines += [f"## Test metrics at the {title}", "", *_cells_table(rows, part, cost=part == "test"), ""]
+    if teachers:
+        lines += ["## Teachers", "", "| teacher | weights | runs | top-1 (%) | ECE (%) | NLL | entropy (nats) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for t in teachers:
+            lines.append(f"| {t['teacher']} | `{t['source']}` | {t['runs']} | {100 * t['top1']:.2f} | "
+                         f"{100 * t['ece']:.2f} | {t['nll']:.3f} | {t['entropy']:.3f} |")
+        lines.append("")
+    lines += ["## Figures", ""]
+    for caption, path in figures:
+        lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out).as_posix()})", ""]
+    lines += ["Per-cell numbers with every varying setting as a column: `results.csv` (fractions, not %).", ""]
+    return "\n".join(lines)
+
+
+def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Aggregate the runs under ``dirs`` into ``out`` (default ``DIR/report``); return ``out``.
+
+    Writes ``report.md``, ``results.csv`` and ``figures/*.png`` (regenerated each time).
+    """
+    from . import plots
+
+    if not dirs:
+        raise UserError("report: pass at least one sweep or run directory")
+    if out is None:
+        if len(dirs) > 1:
+            raise UserError("report: pass --out REPORT_DIR when reporting several directories")
+        out = Path(dirs[0]) / "report"
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report: --out '{out}' is a file; choose a directory")
+    runs, skipped = find_runs(dirs)
+    groups = group_runs(runs)
+    rows = cell_rows(groups)
+    teachers = teacher_rows(runs)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for old in fig_dir.glob("*.png"):
+        old.unlink()  # figures of an earlier report that may no longer apply
+    figures = plots.draw_all(groups, teachers, fig_dir)
+    write_csv(rows, out / "results.csv")
+    (out / "report.md").write_text(markdown(dirs, groups, rows, teachers, skipped, figures, out))
+    return out
