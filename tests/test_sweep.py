@@ -266,3 +266,24 @@ def test_interrupted_sweep_continues_with_only_the_missing_work(tmp_path: Path,
 
     third = run_sweep(spec, out)
     assert [o.status for o in third.outcomes] == ["skipped", "skipped"]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(("name", "cells"), [("fashion_mnist.yaml", 30), ("imagenet_cross_quality.yaml", 27),
+                                             ("fashion_mnist_small.yaml", 18), ("cross_quality_small.yaml", 27)])
+def test_ready_configs_expand_into_valid_cells(name: str, cells: int) -> None:
+    plan = expand(config_mod.read_yaml(CONFIGS / name), source=name)  # validates every cell's config
+    assert len(plan.cells) == cells
+    algos = {c.config.algo for c in plan.cells}
+    if "cross_quality" in name:
+        assert algos == {"baseline", "kd", "dml"}
+        assert len({c.config.student_resolution for c in plan.cells}) == 3
+    else:
+        assert algos == {"baseline", "kd", "dml", "dml_e", "tfkd"}
+        tfkd = {(c.config.virtual_smooth, c.config.temperature) for c in plan.cells if c.config.algo == "tfkd"}
+        assert tfkd == {(True, 20.0), (False, 1.0)}  # Tf-KD smoothed at T 20, calibrated at T 1
+    if name == "imagenet_cross_quality.yaml":
+        batch = {c.config.student_resolution: c.config.batch_size for c in plan.cells}
+        assert batch == {42: 1024, 84: 1024, 168: 512}
