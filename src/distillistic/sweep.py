@@ -233,7 +233,7 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
 
 def _absolute_paths(cfg: Config) -> Config:
     """Relative data and cache folders are read from the current directory once, so a resumed cell finds them."""
-    changes = {k: str(Path(v).expanduser().absolute()) for k in ("data_root", "cache_dir")
+    changes = {k: os.path.abspath(Path(v).expanduser()) for k in ("data_root", "cache_dir")
                if (v := getattr(cfg, k)) and not Path(v).expanduser().is_absolute()}
     return cfg.replace(**changes) if changes else cfg
 
