@@ -24,6 +24,9 @@ ALGOS: dict[str, dict[str, Any]] = {
     "tfkd-smoothed": {"algo": "tfkd", "virtual_smooth": True},
     "kd-low-resolution": {"algo": "kd", "teacher": "cnn", "teacher_weights": "random", "student_resolution": 4},
     "dml-low-resolution": {"algo": "dml", "students": 2, "student_resolution": 4},
+    # Models are built for the size they read: an MLP's first layer depends on it.
+    "kd-mlp-low-resolution": {"algo": "kd", "model": "mlp", "teacher": "mlp", "teacher_weights": "random",
+                              "student_resolution": 4, "teacher_resolution": 6},
 }
 TERMS = {"baseline": [], "kd": ["kd"], "dml": ["dml"], "dml_e": ["dml_e"], "tfkd": ["tfkd"]}
 
@@ -64,7 +67,8 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
         assert entry["val_best"]["epoch"] == 1
         assert (out / "checkpoints" / f"best-{name}.pt").is_file()
     if dataset == "digits":  # real data: one epoch already learns something (chance is 0.1)
-        assert max(summary["models"][s]["test"]["top1"] for s in students) > 0.3
+        floor = 0.2 if "student_resolution" in settings else 0.3  # digits at 4 x 4 px are harder
+        assert max(summary["models"][s]["test"]["top1"] for s in students) > floor
     if n > 1:
         _check_metrics(summary["models"]["ensemble"]["test"], 10)
         mean = summary["cohort_mean"]["test"]
@@ -79,7 +83,7 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
         teacher = summary["models"]["teacher"]
         _check_metrics(teacher["test"], 10)
         assert teacher["source"] == "random"
-        assert teacher["arch"] == "cnn"
+        assert teacher["arch"] == settings["teacher"]
     assert summary["train_seconds"] > 0
     assert summary["train_images_per_second"] > 0
 

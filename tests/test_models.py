@@ -121,7 +121,7 @@ def test_a_cached_file_holding_code_is_refused_without_running_it(torch_home: Pa
     path.parent.mkdir(parents=True)
     marker = tmp_path / "code-ran"
     torch.save({"features.0.0.weight": torch.zeros(1), "evil": _Payload(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused.*weights cache: delete it"):
+    with pytest.raises(CheckpointError, match=r"refused.*weights cache: delete it"):
         build_model("mobilenet_v3_small", 7, 1, 64, imagenet=True)
     assert not marker.exists()
 

@@ -62,7 +62,7 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
     models = []
     for i in range(cfg.students):
         torch.manual_seed(derived_seed(cfg.seed, "student", i))  # each member its own, reproducible init
-        model = build_model(cfg.model, info.num_classes, info.channels, info.image_size,
+        model = build_model(cfg.model, info.num_classes, info.channels, cfg.student_resolution or info.image_size,
                             imagenet=cfg.student_weights == "imagenet", freeze_backbone=cfg.freeze_backbone)
         if cfg.student_weights not in ("random", "imagenet"):
             path = Path(cfg.student_weights).expanduser()

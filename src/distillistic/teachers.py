@@ -99,7 +99,7 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
                         f"{info.num_classes} classes, and a teacher needs a trained head: use --teacher-weights train "
                         "--teacher-init imagenet to fine-tune it on this dataset first")
     if source in ("random", "imagenet"):
-        model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size,
+        model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size,
                             imagenet=source == "imagenet")
         return model, source
     path = trained_teacher_dir(cfg, info) if source == "train" else Path(source).expanduser()
@@ -110,6 +110,6 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
     if meta.get("arch") and meta["arch"] != cfg.teacher:
         raise CheckpointError(f"teacher checkpoint '{path}' holds a {meta['arch']} but --teacher is "
                               f"{cfg.teacher}; pass --teacher {meta['arch']}")
-    model = build_model(cfg.teacher, info.num_classes, info.channels, info.image_size)
+    model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
     load_weights(model, state, str(path), cfg.teacher)
     return model, str(path)
