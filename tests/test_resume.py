@@ -26,7 +26,7 @@ import torch
 import distillistic
 from distillistic import cli
 from distillistic.checkpoint import load, save
-from distillistic.rundir import rng_state, set_rng_state
+from distillistic.runtime import rng_state, set_rng_state
 
 # 3 epochs of 7 steps (112 training samples, batch 16); a checkpoint every 3 steps and every epoch.
 # Two students (DML) with RandAugment: several optimisers and schedules, peers, augmentation keys.

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
-import random
 import shutil
 import signal
 import subprocess
@@ -40,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import config as config_mod
@@ -57,10 +54,10 @@ from .config import FIELDS, VOLATILE_KEYS, Config
 from .data import DataInfo
 from .engine import Progress, Task, TrainMeters
 from .errors import CheckpointError, TrainingDiverged, UserError
-from .runtime import Runtime
+from .runtime import Runtime, rng_state, set_rng_state
+from .summary import build_summary, clean
 
 log = logging.getLogger("distillistic")
-METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export")
 
 
@@ -87,38 +84,6 @@ def _git() -> dict[str, Any] | None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def rng_state() -> dict[str, Any]:
-    np_state: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
-    state: dict[str, Any] = {
-        "python": random.getstate(), "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class RunDir:
@@ -195,7 +160,7 @@ class RunDir:
         }
         atomic_write_json(self.out / "manifest.json", self.manifest)
         history = progress.history if resumed else []
-        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(_clean(r)) + "\n" for r in history))
+        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(clean(r)) + "\n" for r in history))
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -255,7 +220,7 @@ class RunDir:
         fault_point("after-last")
         if self.rt.is_main:
             with (self.out / "metrics.jsonl").open("a") as f:
-                f.writelines(json.dumps(_clean(r)) + "\n" for r in rows)
+                f.writelines(json.dumps(clean(r)) + "\n" for r in rows)
             self._log_scalars(rows)
 
     def _log_scalars(self, rows: list[dict[str, Any]]) -> None:
@@ -299,33 +264,8 @@ class RunDir:
     def write_summary(self, task: Task, progress: Progress, status: str, reason: str | None = None,
                       final: dict[str, dict[str, Any]] | None = None,
                       teacher_source: str | None = None) -> dict[str, Any]:
-        final = final or {}
-        last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
-        models: dict[str, Any] = {}
-        for s in task.students:
-            best = progress.best.get(s.name)
-            models[s.name] = {"test": _metrics(final.get(s.name, {}).get("test")),
-                              "test_last": _metrics(final.get(s.name, {}).get("test_last")),
-                              "val_best": _metrics(best, epoch=True), "val_last": _metrics(last_val.get(s.name))}
-        summary: dict[str, Any] = {"status": status, "reason": reason, "algo": self.cfg.algo,
-                                   "dataset": self.cfg.dataset, "objective": str(task.objective)}
-        if len(task.students) > 1:
-            ens = final.get("ensemble", {})
-            models["ensemble"] = {"test": _metrics(ens.get("test")), "test_last": _metrics(ens.get("test_last")),
-                                  "val_best": _metrics(ens.get("val_best"), epoch=True),
-                                  "val_last": _metrics(last_val.get("ensemble"))}
-            scored = [(models[s.name]["val_best"] or {}).get("top1", -1.0) for s in task.students]
-            summary["best_student"] = task.students[scored.index(max(scored))].name
-            summary["cohort_mean"] = {part: _mean([models[s.name][part] for s in task.students])
-                                      for part in ("test", "test_last", "val_best", "val_last")}
-        if "teacher" in final:
-            models["teacher"] = {"test": _metrics(final["teacher"].get("test")),
-                                 "val_best": _metrics(final["teacher"].get("val_best"), epoch=True),
-                                 "source": teacher_source, "arch": self.cfg.teacher}
-        summary["models"] = models
-        summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
-                    "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}
-        summary = _clean(summary)
+        """Write ``summary.json`` (rank 0) and stamp the manifest's end time; return the summary."""
+        summary = build_summary(task, progress, status, reason, final, teacher_source)
         if self.rt.is_main:
             atomic_write_json(self.out / "summary.json", summary)
             if self.manifest:
@@ -344,20 +284,6 @@ def _tv_version() -> str:
     import torchvision
 
     return str(torchvision.__version__)
-
-
-def _metrics(m: dict[str, Any] | None, epoch: bool = False) -> dict[str, Any] | None:
-    if m is None:
-        return None
-    keep = [*METRICS, "n", "per_class_top1", "reliability", *(["epoch"] if epoch else [])]
-    return {k: m[k] for k in keep if k in m}
-
-
-def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
-    present = [e for e in entries if e]
-    if not present:
-        return None
-    return {k: sum(e[k] for e in present) / len(present) for k in METRICS if all(k in e for e in present)}
 
 
 def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None) -> Progress:

@@ -1,0 +1,79 @@
+"""``summary.json``: what a run's models scored, built from the engine's progress and final evaluation.
+
+For every model (``student`` or ``student0``…, ``ensemble`` and ``teacher`` where they exist)::
+
+    test       test metrics at the model's best-on-val epoch (the selected model)
+    test_last  test metrics at the last epoch
+    val_best   validation metrics at the best-on-val epoch, with that ``epoch``
+    val_last   validation metrics at the last epoch
+
+A cohort adds ``best_student`` (by val top-1) and ``cohort_mean`` (the students' mean of each part).
+Accuracies are fractions in [0, 1]; NaN and inf are written as null.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .engine import Progress, Task
+
+METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    return value
+
+
+def _metrics(m: dict[str, Any] | None, epoch: bool = False) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    keep = [*METRICS, "n", "per_class_top1", "reliability", *(["epoch"] if epoch else [])]
+    return {k: m[k] for k in keep if k in m}
+
+
+def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
+    present = [e for e in entries if e]
+    if not present:
+        return None
+    return {k: sum(e[k] for e in present) / len(present) for k in METRICS if all(k in e for e in present)}
+
+
+def build_summary(task: Task, progress: Progress, status: str, reason: str | None = None,
+                  final: dict[str, dict[str, Any]] | None = None,
+                  teacher_source: str | None = None) -> dict[str, Any]:
+    """The summary of a run that ended with ``status`` (completed, interrupted, diverged)."""
+    cfg, final = task.cfg, final or {}
+    last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
+    models: dict[str, Any] = {}
+    for s in task.students:
+        mine = final.get(s.name, {})
+        models[s.name] = {"test": _metrics(mine.get("test")), "test_last": _metrics(mine.get("test_last")),
+                          "val_best": _metrics(progress.best.get(s.name), epoch=True),
+                          "val_last": _metrics(last_val.get(s.name))}
+    summary: dict[str, Any] = {"status": status, "reason": reason, "algo": cfg.algo, "dataset": cfg.dataset,
+                               "objective": str(task.objective)}
+    if len(task.students) > 1:
+        ens = final.get("ensemble", {})
+        models["ensemble"] = {"test": _metrics(ens.get("test")), "test_last": _metrics(ens.get("test_last")),
+                              "val_best": _metrics(ens.get("val_best"), epoch=True),
+                              "val_last": _metrics(last_val.get("ensemble"))}
+        scored = [(models[s.name]["val_best"] or {}).get("top1", -1.0) for s in task.students]
+        summary["best_student"] = task.students[scored.index(max(scored))].name
+        summary["cohort_mean"] = {part: _mean([models[s.name][part] for s in task.students])
+                                  for part in ("test", "test_last", "val_best", "val_last")}
+    if "teacher" in final:
+        models["teacher"] = {"test": _metrics(final["teacher"].get("test")),
+                             "val_best": _metrics(final["teacher"].get("val_best"), epoch=True),
+                             "source": teacher_source, "arch": cfg.teacher}
+    summary["models"] = models
+    summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
+                "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}
+    return dict(clean(summary))
