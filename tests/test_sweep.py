@@ -13,9 +13,10 @@ from distillistic import config as config_mod
 from distillistic.cli import main
 from distillistic.config import Config
 from distillistic.errors import UserError
+from distillistic.grid import cell_name, expand, parse_shard, shard
 from distillistic.run import RunResult
 from distillistic.rundir import RunDir
-from distillistic.sweep import cell_name, cell_state, expand, parse_shard, run_sweep, shard
+from distillistic.sweep import cell_state, run_sweep
 
 BASE = {"dataset": "synthetic", "model": "cnn", "epochs": 1, "batch_size": 64, "progress": False,
         "tensorboard": False}

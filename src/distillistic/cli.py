@@ -156,7 +156,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import describe, parse_shard, run_sweep
+    from .grid import parse_shard
+    from .sweep import describe, run_sweep
 
     shard = parse_shard(args.shard)
     result = run_sweep(args.config, args.out, shard, config_mod.parse_set(args.set_items), wandb=args.wandb,

@@ -132,6 +132,10 @@ _HINTS: dict[str, Any] = typing.get_type_hints(Config)
 # Keys that only steer this process and never change what a run computes.
 VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard",
                            "checkpoint_every", "wandb", "data_hash"})
+# Keys that steer the machine, not what a run computes: runs that differ only in these are the same run
+# (a sweep cell, a cached teacher).
+MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
+                                "teacher_store", "compile"}
 
 
 def _plain(value: Any) -> Any:

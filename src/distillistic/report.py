@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .sweep import SEED_KEYS, comparable, value_text
+from .grid import SEED_KEYS, comparable, value_text
 
 METRICS = ("top1", "top5", "ece", "nll", "entropy", "brier")
 PERCENT = ("top1", "top5", "ece")  # shown in % in report.md; results.csv keeps fractions

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import load_weights, read_state_dict
-from .config import VOLATILE_KEYS, Config, cache_dir
+from .config import MACHINE_KEYS, Config, cache_dir
 from .data import DataInfo
 from .errors import CheckpointError, UserError
 from .models import build_model
@@ -29,9 +29,6 @@ from .runtime import derived_seed
 
 log = logging.getLogger("distillistic")
 
-# Keys that do not change what the teacher learns (or are replaced by the data checksum).
-_NOT_IN_KEY = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
-                               "teacher_store", "compile"}
 _DEFAULTS = Config()
 
 
@@ -51,7 +48,7 @@ def teacher_recipe(cfg: Config) -> Config:
 
 
 def recipe_key(recipe: Config, info: DataInfo) -> str:
-    items: dict[str, Any] = {k: v for k, v in recipe.to_dict().items() if k not in _NOT_IN_KEY}
+    items: dict[str, Any] = {k: v for k, v in recipe.to_dict().items() if k not in MACHINE_KEYS}
     items["data_checksum"] = info.checksum
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
