@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +26,10 @@ from torchvision.transforms.autoaugment import RandAugment, _apply_op
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
-# Streams: RandAugment slot s uses 2s (operation) and 2s+1 (sign); crops use 64 + 3 * attempt + k.
+# Streams: RandAugment slot s uses 2s (operation) and 2s+1 (sign); crops use 64 + 4 * attempt + k.
 CROP_STREAM = 64
+# Bump when any view a key produces changes (the teacher-output store keys its entries with it).
+AUGMENT_VERSION = 1
 
 
 def _mul32(x: Tensor, m: int) -> Tensor:
@@ -119,7 +122,13 @@ class BatchRandAugment:
         for name, (magnitudes, signed) in space.items():
             value = float(magnitudes[magnitude].item()) if magnitudes.ndim > 0 else 0.0
             self.ops.append((name, value, signed))
-        self.num_ops = num_ops
+        self.num_ops, self.magnitude, self.num_magnitude_bins = num_ops, magnitude, num_magnitude_bins
+
+    def describe(self) -> dict[str, Any]:
+        """The parameters that decide every view (part of the teacher-output store's key)."""
+        return {"name": "randaugment", "num_ops": self.num_ops, "magnitude": self.magnitude,
+                "num_magnitude_bins": self.num_magnitude_bins, "interpolation": "nearest", "fill": 0,
+                "version": AUGMENT_VERSION}
 
     def choices(self, keys: SampleKeys) -> list[tuple[Tensor, Tensor]]:
         """Per slot, the operation index ``[B]`` and sign (0: +, 1: -) ``[B]`` of every sample."""

@@ -14,9 +14,11 @@ and cropped in DataLoader workers (the crop box is keyed like everything else).
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from .errors import DataError
 from .integrity import file_checksum
 
 __all__ = ["DATASETS", "Batch", "DataBundle", "DataInfo", "EpochSampler", "Loader", "ViewMaker", "Views",
-           "build_data", "stratified_split"]
+           "build_data", "split_fingerprint", "stratified_split"]
 
 
 def stratified_split(labels: Tensor, counts: Sequence[int], seed: int) -> list[Tensor]:
@@ -79,6 +81,25 @@ class DataInfo:
 class DataBundle:
     info: DataInfo
     splits: dict[str, Source]  # "train", "val", "test"
+
+
+def split_fingerprint(source: Source) -> str:
+    """sha256 of what a split holds: its images (in memory) or its files' paths, sizes and times, and labels.
+
+    Sample ``i`` of a split is only the same image in two runs if the fingerprints agree, so the
+    teacher-output store keys its entries with them.
+    """
+    h = hashlib.sha256()
+    if isinstance(source, TensorSource):
+        images = source.images.contiguous()
+        h.update(repr(tuple(images.shape)).encode())
+        h.update(images.numpy().data)
+    else:
+        for path in source.paths:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(source.labels.contiguous().numpy().data)
+    return h.hexdigest()
 
 
 def _resize_in_memory(src: TensorSource, size: int) -> TensorSource:
@@ -193,6 +214,12 @@ class Batch:
     epoch: int
 
 
+# How image files become batches (part of the teacher-output store's key; change it when the code changes).
+FILE_TRANSFORM = {"train": "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) keyed by (data_seed, epoch, index), "
+                           "PIL bilinear resize of the box",
+                  "eval": "Resize(S * 256 / 224) + CenterCrop(S), PIL bilinear"}
+
+
 class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
     """Decodes one image file per ``(epoch, index)`` key: a keyed random crop (train) or centre crop (eval)."""
 
@@ -282,6 +309,12 @@ class Loader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def describe(self) -> dict[str, Any]:
+        """How this loader turns samples into uint8 images (for the teacher-output store's key)."""
+        if isinstance(self.source, TensorSource):
+            return {"source": "memory"}
+        return {"source": "files", "transform": FILE_TRANSFORM}
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         if self._loader is not None:
             self._keys.epoch, self._keys.start = epoch, start_step
@@ -300,15 +333,27 @@ class Loader:
 
 
 class Views:
-    """The float views of one batch, made on demand and cached: ``get(size, channels)``."""
+    """The float views of one batch, made on demand and cached: ``get(size, channels)``.
 
-    def __init__(self, base: Tensor, channels_last: bool) -> None:
-        self.base, self.channels_last = base, channels_last
+    Nothing is computed until a view is asked for: with a warm teacher-output store the teacher
+    never asks, so its view (and, in an evaluation of the teacher alone, the batch itself) is never made.
+    """
+
+    def __init__(self, base: Tensor | Callable[[], Tensor], channels_last: bool, size: int | None = None) -> None:
+        """``base``: the full view ``[B, C, S, S]``, or a function making it on first use (then give ``size``)."""
+        self._base, self.channels_last = base, channels_last
+        self._size = size if size is not None else int(base.shape[-1])  # type: ignore[union-attr]
         self._cache: dict[tuple[int, int], Tensor] = {}
 
     @property
+    def base(self) -> Tensor:
+        if callable(self._base):
+            self._base = self._base()
+        return self._base
+
+    @property
     def size(self) -> int:
-        return int(self.base.shape[-1])
+        return self._size
 
     def get(self, size: int | None, channels: int) -> Tensor:
         """The batch at ``size`` px (antialiased downscale of the full view) with ``channels`` channels."""
@@ -339,10 +384,18 @@ class ViewMaker:
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
 
+    def describe(self) -> dict[str, Any]:
+        """What decides the views besides the images and the keys (for the teacher-output store's key)."""
+        return {"augment": self.augment.describe() if self.augment is not None else "none",
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "downscale": "bilinear, antialias"}
+
     def __call__(self, batch: Batch, train: bool) -> Views:
-        x = batch.images.to(self.device, non_blocking=True)
-        if train and self.augment is not None:
-            x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
-        x = (x.float() / 255 - self.mean) / self.std
-        return Views(x, self.channels_last)
+        def make() -> Tensor:
+            x = batch.images.to(self.device, non_blocking=True)
+            if train and self.augment is not None:
+                x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
+            return (x.float() / 255 - self.mean) / self.std
+
+        return Views(make, self.channels_last, size=int(batch.images.shape[-1]))
 

@@ -17,6 +17,7 @@ loop never branches on the algorithm, the device or the precision. Files are wri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,10 +44,17 @@ class Member:
     model: nn.Module
     view_size: int | None  # input size; None: the full view
     channels: int
+    outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
 
     @property
     def raw(self) -> nn.Module:
         return unwrap(self.model)
+
+    def eval_logits(self, inp: StepInputs) -> Tensor:
+        """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
+        if self.outputs is not None:
+            return self.outputs(inp)
+        return self.raw(inp.views.get(self.view_size, self.channels))
 
 
 @dataclass
@@ -236,10 +244,10 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
         accs["ensemble"] = MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class)
     start = time.perf_counter()
     for batch in loader.epoch(0):
-        views = task.views(batch, train=False)
         labels = batch.labels.to(rt.device, non_blocking=True)
+        inp = StepInputs(task.views(batch, train=False), labels, [], task.num_classes, 0, batch.index, split)
         with rt.autocast():
-            logits = [m.raw(views.get(m.view_size, m.channels)) for m in members]
+            logits = [m.eval_logits(inp) for m in members]
         for m, z in zip(members, logits):
             accs[m.name].update(z, labels)
         if ensemble:

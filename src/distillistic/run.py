@@ -98,15 +98,15 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     seed_everything(cfg.seed)
     teacher_member, teacher_source = None, None
     if method.needs_teacher:
-        from .store import open_store
         from .teachers import build_teacher
 
         teacher_model, teacher_source = build_teacher(cfg, info)
         teacher_model = teacher_model.to(rt.device)
         channels = MODELS.get(cfg.teacher or "").channels(info.channels)
-        teacher_member = Member("teacher", teacher_model, cfg.teacher_resolution, channels)
-        store = open_store(cfg, info, teacher_source, teacher_model) if rt.world_size == 1 else None
-        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels, store=store)
+        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels)
+        # The teacher is evaluated through its signal, so its evaluation is read from the store too.
+        teacher_member = Member("teacher", teacher_model, cfg.teacher_resolution, channels,
+                                outputs=signal_teacher.logits)
     else:
         signal_teacher = None
     objective = method.objective(cfg, signal_teacher)
@@ -135,6 +135,10 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
+    if signal_teacher is not None:
+        from .store import open_store
+
+        signal_teacher.store = open_store(cfg, bundle, signal_teacher, loaders, task.views, rt)
     return task, {"data": info, "teacher_source": teacher_source}
 
 

@@ -34,6 +34,7 @@ class StepInputs:
     num_classes: int
     epoch: int = 0
     index: Tensor | None = None  # int64 [B] sample indices (host), keys for the teacher-output store
+    split: str = "train"  # the split the batch comes from (train, val or test)
     cache: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -53,9 +54,13 @@ class Signal(Protocol):
 class TeacherOutputs(Protocol):
     """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.store`)."""
 
-    def fetch(self, inp: StepInputs) -> Tensor | None: ...
+    def fetch(self, inp: StepInputs) -> Tensor | None:
+        """The stored logits ``[B, K]`` of the batch's samples on the device, or None if any is missing."""
+        ...
 
-    def record(self, inp: StepInputs, logits: Tensor) -> None: ...
+    def record(self, inp: StepInputs, logits: Tensor) -> None:
+        """Keep the logits ``[B, K]`` the teacher just computed for the batch's samples."""
+        ...
 
 
 def _soft(symbol: str, t: float) -> str:
@@ -64,7 +69,11 @@ def _soft(symbol: str, t: float) -> str:
 
 
 class Teacher:
-    """A frozen model's softened predictions on its own view of the batch."""
+    """A frozen model's softened predictions on its own view of the batch.
+
+    With a ``store`` (:mod:`distillistic.store`) the logits of views seen by an earlier run are read
+    instead of computed: the model does not run and its view of the batch is never made.
+    """
 
     pairwise = False
 
@@ -74,7 +83,7 @@ class Teacher:
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
 
     def logits(self, inp: StepInputs) -> Tensor:
-        """Teacher logits ``[B, K]`` (float32), computed at most once per step."""
+        """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
         if "teacher" not in inp.cache:
             stored = self.store.fetch(inp) if self.store is not None else None
             if stored is None:
