@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +212,7 @@ class Batch:
     labels: Tensor  # int64 [B]
     index: Tensor  # int64 [B], sample indices within the split (host)
     epoch: int
+    augmented: bool = False  # images already augmented (and on the device): see ViewMaker.prepare
 
 
 # How image files become batches (part of the teacher-output store's key; change it when the code changes).
@@ -374,11 +375,17 @@ class Views:
 
 
 class ViewMaker:
-    """uint8 batch -> (augmented) normalised float views on ``device``."""
+    """uint8 batch -> (augmented) normalised float views on ``device``.
+
+    ``prepare`` augments several small batches in one call (up to ``chunk_bytes`` of images):
+    RandAugment on a 256 x 28 x 28 batch is launch-bound (~4.8 ms on one core), on 16 batches at
+    once ~1 ms per batch. The views are the same, bit for bit, since every choice is keyed per sample.
+    """
 
     def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, chunk_bytes: int = 1 << 23) -> None:
         self.device, self.data_seed, self.channels_last = device, data_seed, channels_last
+        self.chunk_bytes = chunk_bytes
         self.augment = (BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
                         else None)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
@@ -390,10 +397,35 @@ class ViewMaker:
                 "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
                 "downscale": "bilinear, antialias"}
 
+    def prepare(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """Training batches, moved to the device and augmented ``chunk_bytes`` of images at a time."""
+        if self.augment is None:
+            yield from batches
+            return
+        chunk: list[Batch] = []
+        for batch in batches:
+            chunk.append(batch)
+            if sum(b.images.numel() for b in chunk) >= self.chunk_bytes:
+                yield from self._augment(chunk)
+                chunk = []
+        yield from self._augment(chunk)
+
+    def _augment(self, chunk: list[Batch]) -> Iterator[Batch]:
+        if not chunk or self.augment is None:
+            return
+        images = torch.cat([b.images for b in chunk]) if len(chunk) > 1 else chunk[0].images
+        if self.device.type == "cuda" and len(chunk) > 1:
+            images = images.pin_memory()
+        index = torch.cat([b.index for b in chunk])
+        assert all(b.epoch == chunk[0].epoch for b in chunk)
+        x = self.augment(images.to(self.device, non_blocking=True), SampleKeys(self.data_seed, chunk[0].epoch, index))
+        for b, images in zip(chunk, x.split([len(b.index) for b in chunk])):
+            yield Batch(images, b.labels, b.index, b.epoch, augmented=True)
+
     def __call__(self, batch: Batch, train: bool) -> Views:
         def make() -> Tensor:
             x = batch.images.to(self.device, non_blocking=True)
-            if train and self.augment is not None:
+            if train and self.augment is not None and not batch.augmented:
                 x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
             return (x.float() / 255 - self.mean) / self.std
 

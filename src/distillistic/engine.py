@@ -203,7 +203,7 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
     bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
                disable=not task.show_progress, leave=False, dynamic_ncols=True)
     start = time.perf_counter() - progress.epoch_seconds
-    for batch in loader.epoch(progress.epoch, progress.step):
+    for batch in task.views.prepare(loader.epoch(progress.epoch, progress.step)):
         alpha = task.objective.alpha_at((progress.epoch + progress.step / steps) / cfg.epochs)
         train_step(task, batch, alpha, meters)
         progress.step += 1

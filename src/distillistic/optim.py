@@ -11,13 +11,22 @@ from torch import nn
 from .config import Config
 
 
+def _fused(params: list[nn.Parameter]) -> bool:
+    """Whether torch's fused kernels (one update for all parameters, not a Python loop over them) apply.
+
+    On a 2-core CPU a ResNet-18 AdamW step takes ~5 ms fused against ~37 ms looped (benchmarks/).
+    """
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 def make_optimizer(cfg: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW (the thesis: lr 1e-3, betas (0.9, 0.999)) or SGD with momentum."""
     trainable = [p for p in params if p.requires_grad]
     wd = cfg.weight_decay if cfg.weight_decay is not None else 0.0
+    fused = _fused(trainable) or None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
-    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=wd)
+        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, fused=fused)
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=wd, fused=fused)
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,

@@ -1,0 +1,358 @@
+"""Speed benchmark (issue 5): end-to-end throughput against the model-math bound, the teacher store, scaling.
+
+One command, one run (``make bench`` = ``python benchmarks/run.py``)::
+
+    python benchmarks/run.py [--only main,store,scaling,pipeline,options] [--reps 3] [--samples 8000]
+
+What each number contains (every workload: MNIST t10k carved 0.8 / 0.2 / 0.0 = 8,000 train / 2,000 val,
+28 x 28 grayscale expanded to 3 channels, stock torchvision ResNet stems, per-sample RandAugment,
+batch 256 (31 steps, the ragged tail is dropped: 7,936 images), fp32, 2 threads):
+
+* **ours (a)**: ``distillistic.run.train`` with ``epochs=1`` -- the real API path, run directory,
+  TensorBoard and checkpoints included. Its time is the engine's own clock: the training epoch
+  (loading, augmentation, every forward/backward/step, signals, metrics) plus the validation pass
+  over 2,000 images. Setup (reading the data, building models, hashing the teacher for the store),
+  the end-of-epoch checkpoint writes and the final evaluation (where the teacher is evaluated once)
+  are *not* in it; they are shown apart as the run's total wall time.
+* **bound (b)**: the same models, built by the same code, on pre-made float tensors: 31 steps of
+  every student's forward, cross-entropy, backward and optimizer step, plus the teacher's forward
+  (KD), then the students' forwards over 2,000 validation images.
+* img/s = 7,936 training images / (epoch + validation seconds); ratio = a / b.
+
+Repetitions of (a) and (b) alternate (a b, b a, a b, ...) in one process per workload, after a
+two-step warm-up run, and the medians are reported; peak RSS is that process's ``ru_maxrss``.
+Each section runs in its own child process, so one workload's memory does not count for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+WORKLOADS = {
+    "kd": {"algo": "kd", "model": "resnet18", "teacher": "resnet50", "teacher_weights": "random"},
+    "dml": {"algo": "dml", "model": "resnet18", "students": 3},
+    "tfkd": {"algo": "tfkd", "model": "resnet18"},
+}
+
+
+# --- measurements (run inside a child process) ---------------------------------------------------------
+
+
+def base_config(data: Path, samples: int, **overrides: Any) -> Any:
+    from distillistic import Config
+
+    values: dict[str, Any] = {
+        "dataset": "mnist", "data_root": str(data / "mnist-t10k"), "split_fractions": (0.8, 0.2, 0.0),
+        "batch_size": 256, "precision": "fp32", "augment": "randaugment", "epochs": 1, "progress": False,
+        "teacher_store": "off", "max_train_samples": samples if samples < 8000 else None,
+    }
+    return Config(**(values | overrides))
+
+
+def end_to_end(cfg: Any, scratch: Path) -> dict[str, float]:
+    """One run through ``distillistic.run.train``; the engine's epoch and validation seconds."""
+    from distillistic import train
+
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    start = time.perf_counter()
+    train(cfg.replace(out=str(out), overwrite=True))
+    wall = time.perf_counter() - start
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = max(r["epoch"] for r in rows)
+    train_row = next(r for r in rows if r["split"] == "train" and r["epoch"] == last)
+    val_row = next(r for r in rows if r["split"] == "val" and r["epoch"] == last)
+    images = train_row["images_per_second"] * train_row["seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"train_s": train_row["seconds"], "val_s": val_row["seconds"], "wall_s": wall, "images": round(images)}
+
+
+def model_math(cfg: Any) -> Callable[[], dict[str, float]]:
+    """The bound: the run's own models and optimizers, on pre-made tensors (built once, timed per call)."""
+    import torch
+    import torch.nn.functional as F
+
+    from distillistic import config as config_mod
+    from distillistic.run import build_task
+    from distillistic.runtime import resolve_runtime
+
+    cfg = config_mod.resolve(cfg.replace(out="unused"))
+    rt = resolve_runtime(cfg)
+    task, extra = build_task(cfg, rt)
+    info, k = extra["data"], task.num_classes
+    steps, batch = len(task.loaders["train"]), cfg.batch_size
+    val_sizes = [len(b) for b in task.loaders["val"].sampler.batches(0)]
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(n: int, size: int | None) -> torch.Tensor:
+        s = size or info.image_size
+        return torch.randn(n, 3, s, s, generator=g).contiguous(memory_format=fmt)
+
+    x = {m.view_size: tensor(batch, m.view_size) for m in [*task.students, *([task.teacher] if task.teacher else [])]}
+    y = torch.randint(0, k, (batch,), generator=g)
+    val = {m.view_size: [tensor(n, m.view_size) for n in val_sizes] for m in task.students}
+
+    def run() -> dict[str, float]:
+        for s in task.students:
+            s.model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with rt.autocast():
+                logits = [s.model(x[s.view_size]) for s in task.students]
+                if task.teacher is not None:
+                    with torch.no_grad():
+                        task.teacher.model(x[task.teacher.view_size])
+                loss = torch.stack([F.cross_entropy(z.float(), y) for z in logits]).sum()
+            for opt in task.optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in task.optimizers:
+                opt.step()
+        mid = time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            for s in task.students:
+                s.raw.eval()
+            for i in range(len(val_sizes)):
+                for s in task.students:
+                    s.raw(val[s.view_size][i])
+        end = time.perf_counter()
+        return {"train_s": mid - start, "val_s": end - mid, "images": steps * batch}
+
+    return run
+
+
+def warm_up(cfg: Any, scratch: Path) -> None:
+    """Two steps and a validation pass, so that first-call costs (kernel selection, allocator) are paid."""
+    end_to_end(cfg.replace(max_train_samples=2 * cfg.batch_size, teacher_store="off"), scratch)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_workload(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """(a) and (b) of one workload, alternating; for KD also the teacher store, cold then warm."""
+    name = job["workload"]
+    cfg = base_config(Path(job["data"]), job["samples"], **WORKLOADS[name], **job.get("options", {}))
+    warm_up(cfg, scratch)
+    bound = model_math(cfg)
+    variants: dict[str, Callable[[], dict[str, float]]] = {"a": lambda: end_to_end(cfg, scratch), "b": bound}
+    out: dict[str, Any] = {"workload": name}
+    if job.get("store"):
+        store_cfg = cfg.replace(teacher_store=str(Path(tempfile.mkdtemp(dir=scratch)) / "store"))
+        out["cold"] = [end_to_end(store_cfg, scratch)]  # the first run of a sweep: computes and writes
+        variants["warm"] = lambda: end_to_end(store_cfg, scratch)
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rep in range(job["reps"]):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for v in order:
+            results[v].append(variants[v]())
+    out |= results
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def child_runs(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """End-to-end runs of a list of configs, one each (the scaling table and the options)."""
+    rows = []
+    data = Path(job["data"])
+    for spec in job["runs"]:
+        keys = {k: v for k, v in spec.items() if k not in ("label", "samples")}
+        cfg = base_config(data, spec["samples"], **keys)
+        if not rows:
+            warm_up(cfg, scratch)
+        rows.append(spec | end_to_end(cfg, scratch))
+    return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
+
+
+def child_pipeline(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """ImageNet-style input: JPEG decode + RandomResizedCrop (one worker's work), then the two views."""
+    import torch
+
+    from distillistic.config import Config
+    from distillistic.data import Batch, EpochSampler, Loader, ViewMaker, _FileDataset, build_data, default_workers
+
+    size, student = 224, 112
+    cfg = Config(dataset="imagefolder", data_root=str(Path(job["data"]) / "imagenet-sample100"),
+                 image_size=size, split_fractions=(0.98, 0.01, 0.01), augment="randaugment")
+    bundle = build_data(cfg)
+    source = bundle.splits["train"]
+    dataset = _FileDataset(source, size, train=True, data_seed=0)  # type: ignore[arg-type]
+    n, epochs = len(source), 2
+    dataset[(0, 0)]
+    start = time.perf_counter()
+    items = [dataset[(e, i)] for e in range(epochs) for i in range(n)]
+    decode_s = time.perf_counter() - start
+    views = ViewMaker(bundle.info, "randaugment", 0, torch.device("cpu"))
+    images = torch.stack([img for img, _, _ in items[:n]])
+    batch = Batch(images, torch.zeros(n, dtype=torch.long), torch.arange(n), 0)
+    views(batch, train=True).get(student, 3)
+    start = time.perf_counter()
+    for e in range(epochs):
+        v = views(Batch(images, batch.labels, batch.index, e), train=True)
+        v.get(size, 3), v.get(student, 3)
+    views_s = time.perf_counter() - start
+    workers = default_workers()
+    loader = Loader(source, EpochSampler(source.labels, 32, 0, shuffle=True), size, True, 0, workers=workers)
+    next(iter(loader.epoch(0)))
+    start = time.perf_counter()
+    count = 0
+    for e in range(epochs):
+        for b in loader.epoch(e):
+            v = views(b, train=True)
+            v.get(size, 3), v.get(student, 3)
+            count += len(b.labels)
+    loader_s = time.perf_counter() - start
+    return {"decode_crop_per_worker": n * epochs / decode_s, "views_main_process": n * epochs / views_s,
+            "loader": {"workers": workers, "images_per_s": count / loader_s}, "images": n,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline}
+
+
+# --- orchestration -------------------------------------------------------------------------------------
+
+
+def spawn(job: dict[str, Any]) -> dict[str, Any]:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
+                          env=env, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"benchmark child {job.get('workload') or job['kind']} failed ({proc.returncode})")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def med(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def rate(rows: list[dict[str, float]]) -> float:
+    """img/s of the median repetition (training images over epoch + validation seconds)."""
+    return statistics.median(r["images"] / (r["train_s"] + r["val_s"]) for r in rows)
+
+
+def report_main(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["| workload | ours (a) img/s | bound (b) img/s | a / b | a: epoch + val s | b: epoch + val s "
+             "| run wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        a, b = r["a"], r["b"]
+        lines.append(f"| {r['workload']} | {rate(a):.0f} | {rate(b):.0f} | {rate(a) / rate(b):.3f} | "
+                     f"{med(a, 'train_s'):.2f} + {med(a, 'val_s'):.2f} | {med(b, 'train_s'):.2f} + "
+                     f"{med(b, 'val_s'):.2f} | {med(a, 'wall_s'):.1f} | {r['peak_rss_mb']:.0f} |")
+    for r in results:
+        if "warm" in r:
+            lines += ["", "| KD teacher store | img/s | vs KD without store | run wall s |", "|---|---|---|---|"]
+            for label, rows in (("off (teacher live)", r["a"]), ("cold (first run, writes)", r["cold"]),
+                                ("warm (later runs, reads)", r["warm"])):
+                lines.append(f"| {label} | {rate(rows):.0f} | {rate(rows) / rate(r['a']):.2f}x | "
+                             f"{med(rows, 'wall_s'):.1f} |")
+    return lines
+
+
+def report_runs(title: str, rows: list[dict[str, Any]], axis: str) -> list[str]:
+    lines = [f"| {title} | {axis} | epoch s | val s | ms / training image | img/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r[axis]} | {r['train_s']:.2f} | {r['val_s']:.2f} | "
+                     f"{1000 * r['train_s'] / r['images']:.3f} | {r['images'] / (r['train_s'] + r['val_s']):.0f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="main,store,scaling,pipeline,options",
+                        help="sections (main, store, scaling, pipeline, options) or workloads (kd, dml, tfkd)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload")
+    parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
+    parser.add_argument("--data", default=str(DATASETS), help="folder holding mnist-t10k and imagenet-sample100")
+    parser.add_argument("--json", help="also write every measurement to this JSON file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        job = json.loads(args.child)
+        with tempfile.TemporaryDirectory() as scratch:
+            print(json.dumps(CHILDREN[job["kind"]](job, Path(scratch))))
+        return
+    only = set(args.only.split(","))
+    data = Path(args.data)
+    if not (data / "mnist-t10k").is_dir():
+        raise SystemExit(f"no mnist-t10k in '{data}'; pass --data")
+    started, load = time.perf_counter(), os.getloadavg()
+    print(f"# distillistic benchmark: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+          f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, python {sys.version.split()[0]}")
+    print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+    everything: dict[str, Any] = {"load_start": load}
+    common = {"data": str(data), "samples": args.samples, "reps": args.reps}
+    main_runs = [w for w in WORKLOADS if only & {"main", w} or (w == "kd" and "store" in only)]
+    if main_runs:
+        store = bool(only & {"main", "store"})
+        results = [spawn(common | {"kind": "workload", "workload": w, "store": w == "kd" and store}) for w in main_runs]
+        everything["main"] = results
+        print("\n## Throughput: ours (a) against the model-math bound (b)\n")
+        print("\n".join(report_main(results)), flush=True)
+    if "scaling" in only:
+        print("\n## Scaling (one end-to-end epoch each)\n")
+        tables = {
+            "data size (tfkd)": ("samples", [{"label": "tfkd", "samples": n, **WORKLOADS["tfkd"]}
+                                             for n in (2000, 4000, 8000)]),
+            "cohort (dml, 4k images)": ("students", [{"label": "dml", "samples": 4000, **WORKLOADS["dml"],
+                                                      "students": n} for n in (2, 3, 5)]),
+            "student resolution (tfkd, 56 px input, 4k)": (
+                "student_resolution", [{"label": "tfkd", "samples": 4000, **WORKLOADS["tfkd"], "image_size": 56,
+                                        "student_resolution": s} for s in (14, 28, 56)]),
+        }
+        everything["scaling"] = {}
+        for title, (axis, runs) in tables.items():
+            rows = spawn({"kind": "runs", "data": str(data), "runs": runs})["rows"]
+            everything["scaling"][title] = rows
+            print("\n".join(report_runs(title, rows, axis)) + "\n", flush=True)
+    if "pipeline" in only:
+        if not (data / "imagenet-sample100").is_dir():
+            print("\n(no imagenet-sample100: input pipeline skipped)")
+        else:
+            p = spawn({"kind": "pipeline", "data": str(data)})
+            everything["pipeline"] = p
+            print("\n## ImageNet-style input pipeline (224 px, 100 real JPEGs x 2 epochs)\n")
+            print(f"- decode + RandomResizedCrop, one worker: {p['decode_crop_per_worker']:.0f} img/s")
+            print(f"- RandAugment + normalise + full (224) and student (112) views, main process: "
+                  f"{p['views_main_process']:.0f} img/s")
+            loader = p["loader"]
+            print(f"- the Loader with {loader['workers']} worker(s) + views: {loader['images_per_s']:.0f} img/s",
+                  flush=True)
+    if "options" in only:
+        runs = [{"label": label, "samples": 4000, "epochs": 2, **WORKLOADS["tfkd"], **opts}
+                for label, opts in (("fp32", {}), ("--precision bf16", {"precision": "bf16"}),
+                                    ("--channels-last", {"channels_last": True}), ("--compile", {"compile": True}))]
+        rows = spawn({"kind": "runs", "data": str(data), "runs": runs})["rows"]
+        everything["options"] = rows
+        base = rows[0]["images"] / rows[0]["train_s"]
+        print("\n## Options (tfkd, 4k images, the second epoch: compilation excluded)\n")
+        print("| option | epoch img/s | vs fp32 | run wall s |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['label']} | {r['images'] / r['train_s']:.0f} | {r['images'] / r['train_s'] / base:.2f}x | "
+                  f"{r['wall_s']:.0f} |")
+    load = os.getloadavg()
+    everything["load_end"] = load
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {load[0]:.2f} / {load[1]:.2f} / "
+          f"{load[2]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
