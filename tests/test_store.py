@@ -81,7 +81,7 @@ def test_warm_store_replaces_the_teacher_exactly(tmp_path: Path, teacher_calls: 
 
 def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path, teacher_calls: list[int]) -> None:
     store = tmp_path / "store"
-    teacher = tmp_path / "teacher.safetensors"  # a fixed teacher, so that --seed only changes the student
+    teacher = tmp_path / "teacher.safetensors"  # a teacher from a file: --seed only changes the student
     from safetensors.torch import save_file
 
     from distillistic.models import build_model
@@ -98,7 +98,8 @@ def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path
     same_run(warm, live)
 
 
-@pytest.mark.parametrize("change", [{"seed": 5}, {"data_seed": 8}, {"augment": "none"}, {"synthetic_samples": 160}],
+@pytest.mark.parametrize("change", [{"teacher_seed": 5}, {"data_seed": 8}, {"augment": "none"},
+                                    {"synthetic_samples": 160}],
                          ids=["other-teacher", "other-data-seed", "other-transform", "other-data"])
 def test_mismatched_store_is_not_used(tmp_path: Path, teacher_calls: list[int], change: dict[str, Any]) -> None:
     store = tmp_path / "store"
@@ -118,7 +119,7 @@ def test_foreign_file_in_place_is_refused(tmp_path: Path, teacher_calls: list[in
                                           caplog: pytest.LogCaptureFixture) -> None:
     """A file copied from another entry (another teacher) to where this run looks is not read."""
     store_a, store_b = tmp_path / "a", tmp_path / "b"
-    run(tmp_path, "a", teacher_store=str(store_a), seed=5)
+    run(tmp_path, "a", teacher_store=str(store_a), teacher_seed=5)
     run(tmp_path, "b", teacher_store=str(store_b))
     for name, path in _entry_files(store_a).items():  # overwrite b's files with a's (same names, other key)
         _entry_files(store_b)[name].write_bytes(path.read_bytes())

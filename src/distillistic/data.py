@@ -212,7 +212,7 @@ class Batch:
     labels: Tensor  # int64 [B]
     index: Tensor  # int64 [B], sample indices within the split (host)
     epoch: int
-    augmented: bool = False  # images already augmented (and on the device): see ViewMaker.prepare
+    augmented: Tensor | None = None  # uint8 [B, C, S, S] on the device, made ahead by ViewMaker.prepare
 
 
 # How image files become batches (part of the teacher-output store's key; change it when the code changes).
@@ -398,7 +398,7 @@ class ViewMaker:
                 "downscale": "bilinear, antialias"}
 
     def prepare(self, batches: Iterable[Batch]) -> Iterator[Batch]:
-        """Training batches, moved to the device and augmented ``chunk_bytes`` of images at a time."""
+        """Training batches with their augmented images made ahead, ``chunk_bytes`` of images at a time."""
         if self.augment is None:
             yield from batches
             return
@@ -419,14 +419,17 @@ class ViewMaker:
         index = torch.cat([b.index for b in chunk])
         assert all(b.epoch == chunk[0].epoch for b in chunk)
         x = self.augment(images.to(self.device, non_blocking=True), SampleKeys(self.data_seed, chunk[0].epoch, index))
-        for b, images in zip(chunk, x.split([len(b.index) for b in chunk])):
-            yield Batch(images, b.labels, b.index, b.epoch, augmented=True)
+        for b, augmented in zip(chunk, x.split([len(b.index) for b in chunk])):
+            yield Batch(b.images, b.labels, b.index, b.epoch, augmented=augmented)
 
     def __call__(self, batch: Batch, train: bool) -> Views:
         def make() -> Tensor:
-            x = batch.images.to(self.device, non_blocking=True)
-            if train and self.augment is not None and not batch.augmented:
-                x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
+            if train and self.augment is not None and batch.augmented is not None:
+                x = batch.augmented
+            else:
+                x = batch.images.to(self.device, non_blocking=True)
+                if train and self.augment is not None:
+                    x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
             return (x.float() / 255 - self.mean) / self.std
 
         return Views(make, self.channels_last, size=int(batch.images.shape[-1]))
