@@ -192,7 +192,7 @@ def child_pipeline(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     bundle = build_data(cfg)
     source = bundle.splits["train"]
     dataset = _FileDataset(source, size, train=True, data_seed=0)  # type: ignore[arg-type]
-    n, epochs = len(source), 2
+    n, epochs = len(source), 4
     dataset[(0, 0)]
     start = time.perf_counter()
     items = [dataset[(e, i)] for e in range(epochs) for i in range(n)]
@@ -218,11 +218,24 @@ def child_pipeline(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
             count += len(b.labels)
     loader_s = time.perf_counter() - start
     return {"decode_crop_per_worker": n * epochs / decode_s, "views_main_process": n * epochs / views_s,
-            "loader": {"workers": workers, "images_per_s": count / loader_s}, "images": n,
+            "loader": {"workers": workers, "images_per_s": count / loader_s}, "images": n, "epochs": epochs,
             "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline}
+def child_memory(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """Peak RSS of one run of a workload in a fresh process, and what the imports alone take."""
+    import torch  # noqa: F401  (the imports a run makes, before any data or model exists)
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    import distillistic.run  # noqa: F401
+
+    imports = peak_rss_mb()
+    name = job["workload"]
+    end_to_end(base_config(Path(job["data"]), job["samples"], **WORKLOADS[name]), scratch)
+    return {"workload": name, "imports_mb": imports, "peak_rss_mb": peak_rss_mb()}
+
+
+CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory}
 
 
 # --- orchestration -------------------------------------------------------------------------------------
@@ -305,6 +318,12 @@ def main() -> None:
         everything["main"] = results
         print("\n## Throughput: ours (a) against the model-math bound (b)\n")
         print("\n".join(report_main(results)), flush=True)
+        memory = [spawn(common | {"kind": "memory", "workload": w}) for w in main_runs]
+        everything["memory"] = memory
+        print("\n| one run in a fresh process | peak RSS MB | of which imports (torch, torchvision, TensorBoard) |"
+              "\n|---|---|---|")
+        for m in memory:
+            print(f"| {m['workload']} | {m['peak_rss_mb']:.0f} | {m['imports_mb']:.0f} |", flush=True)
     if "scaling" in only:
         print("\n## Scaling (one end-to-end epoch each)\n")
         tables = {
@@ -327,7 +346,7 @@ def main() -> None:
         else:
             p = spawn({"kind": "pipeline", "data": str(data)})
             everything["pipeline"] = p
-            print("\n## ImageNet-style input pipeline (224 px, 100 real JPEGs x 2 epochs)\n")
+            print(f"\n## ImageNet-style input pipeline (224 px, {p['images']} real JPEGs x {p['epochs']} epochs)\n")
             print(f"- decode + RandomResizedCrop, one worker: {p['decode_crop_per_worker']:.0f} img/s")
             print(f"- RandAugment + normalise + full (224) and student (112) views, main process: "
                   f"{p['views_main_process']:.0f} img/s")
