@@ -26,9 +26,9 @@ import re
 import signal
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,16 +91,39 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
+class _MidWriteFault(io.RawIOBase):
+    """A file proxy that fires the ``mid-write`` fault point once its first chunk is on disk (tests only)."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        super().__init__()
+        self.f, self.name, self.fired = f, name, False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self.f.write(b)
+        if not self.fired:
+            self.fired = True
+            self.f.flush()
+            fault_point(f"mid-write-{self.name}")
+        return n
+
+
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
+    """Write ``data`` (bytes, or a function writing to a file) to ``path`` so that readers see the old or the
+    new file, never a partial one. A function streams straight into the temporary file (no copy in memory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            fault_point(f"mid-write-{path.name}")
-            f.write(data[half:])
+            if callable(data):
+                data(cast(BinaryIO, _MidWriteFault(f, path.name)))
+            else:
+                half = len(data) // 2
+                f.write(data[:half])
+                fault_point(f"mid-write-{path.name}")
+                f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         fault_point(f"before-rename-{path.name}")
@@ -152,9 +175,8 @@ def state_dict_hash(state: Mapping[str, Tensor]) -> str:
 
 def save(obj: Mapping[str, Any], path: Path) -> None:
     """Atomically ``torch.save`` a checkpoint dict (stamped with the format and its version)."""
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": FORMAT_VERSION, **obj}, buffer)
-    atomic_write(path, buffer.getvalue())
+    stamped = {"format": FORMAT, "version": FORMAT_VERSION, **obj}
+    atomic_write(path, lambda f: torch.save(stamped, f))
 
 
 def load(path: Path) -> dict[str, Any]:
