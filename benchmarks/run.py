@@ -184,7 +184,8 @@ def child_pipeline(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     import torch
 
     from distillistic.config import Config
-    from distillistic.data import Batch, EpochSampler, Loader, ViewMaker, _FileDataset, build_data, default_workers
+    from distillistic.data import Batch, EpochSampler, Loader, _FileDataset, build_data, default_workers
+    from distillistic.views import ViewMaker
 
     size, student = 224, 112
     cfg = Config(dataset="imagefolder", data_root=str(Path(job["data"]) / "imagenet-sample100"),

@@ -16,7 +16,8 @@ from distillistic.augment import (
     sample_hash,
     sample_hash_int,
 )
-from distillistic.data import Batch, DataInfo, ViewMaker
+from distillistic.data import Batch, DataInfo
+from distillistic.views import ViewMaker
 
 
 def _images(b: int, c: int, s: int, seed: int) -> torch.Tensor:

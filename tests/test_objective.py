@@ -72,8 +72,8 @@ def test_returned_keys_and_values(algo: str) -> None:
 
 
 def _step(labels: torch.Tensor) -> Any:
-    from distillistic.data import Views
     from distillistic.signals import StepInputs
+    from distillistic.views import Views
 
     return StepInputs(Views(torch.zeros(len(labels), 1, 2, 2), False), labels, [torch.zeros(len(labels), 10)], 10)
 

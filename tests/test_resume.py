@@ -242,8 +242,9 @@ def test_a_resumed_epoch_sees_exactly_the_remaining_batches_and_augmentations(tm
     """The data position is (epoch, step): batches from ``start_step`` are the tail of the full epoch's,
     and their augmented views depend only on (data_seed, epoch, index), for in-memory and file datasets."""
     from distillistic.config import Config, resolve
-    from distillistic.data import EpochSampler, Loader, ViewMaker, build_data
+    from distillistic.data import EpochSampler, Loader, build_data
     from distillistic.datasets import FileSource
+    from distillistic.views import ViewMaker
 
     cfg = resolve(Config(dataset="synthetic", synthetic_samples=90, image_size=12, augment="randaugment"))
     bundle = build_data(cfg)

@@ -15,9 +15,9 @@ from torch.overrides import TorchFunctionMode
 
 from distillistic import config as config_mod
 from distillistic.config import Config
-from distillistic.data import Views
 from distillistic.methods import METHODS
 from distillistic.signals import Peers, StepInputs, Teacher, Virtual
+from distillistic.views import Views
 
 
 def _inputs(logits: list[torch.Tensor], labels: torch.Tensor, k: int, base: torch.Tensor | None = None) -> StepInputs:

@@ -21,10 +21,11 @@ from distillistic import config as config_mod
 from distillistic import engine
 from distillistic.augment import BatchRandAugment, SampleKeys
 from distillistic.config import Config
-from distillistic.data import Batch, DataBundle, EpochSampler, Loader, ViewMaker, _FileDataset, build_data
+from distillistic.data import Batch, DataBundle, EpochSampler, Loader, _FileDataset, build_data
 from distillistic.engine import Progress, TrainMeters, train_one_epoch, train_step
 from distillistic.run import build_task
 from distillistic.runtime import resolve_runtime
+from distillistic.views import ViewMaker
 
 CPU = torch.device("cpu")
 

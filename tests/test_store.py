@@ -14,10 +14,11 @@ from distillistic import Config, train
 from distillistic import teachers as teachers_mod
 from distillistic.checkpoint import load
 from distillistic.cli import main
-from distillistic.data import EpochSampler, Loader, Views
+from distillistic.data import EpochSampler, Loader
 from distillistic.datasets import TensorSource
 from distillistic.signals import StepInputs
 from distillistic.store import FULL_MAX_CLASSES, TOP_K, Codec, TeacherStore
+from distillistic.views import Views
 
 KD = {"algo": "kd", "dataset": "synthetic", "synthetic_samples": 192, "image_size": 12, "model": "cnn",
       "teacher": "cnn", "teacher_weights": "random", "augment": "randaugment", "epochs": 2, "batch_size": 32,

@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import unwrap
 from .config import Config
-from .data import Batch, Loader, ViewMaker
+from .data import Batch, Loader
 from .errors import TrainingDiverged
 from .metrics import MetricAccumulator, pairwise_kl
 from .objective import Objective
 from .runtime import Runtime
 from .signals import StepInputs
+from .views import ViewMaker
 
 
 @dataclass

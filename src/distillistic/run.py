@@ -19,7 +19,7 @@ from torch import nn
 from . import config as config_mod
 from .checkpoint import fault_point, load_weights, read_state_dict, state_dict_hash, unwrap
 from .config import Config
-from .data import EpochSampler, Loader, ViewMaker, build_data
+from .data import EpochSampler, Loader, build_data
 from .engine import Member, Progress, Task, evaluate, fit
 from .errors import CheckpointError, TrainingDiverged, UserError
 from .methods import METHODS
@@ -28,6 +28,7 @@ from .optim import make_optimizer, make_scheduler
 from .rundir import RunDir, restore_state
 from .runtime import Runtime, derived_seed, resolve_runtime, seed_everything
 from .signals import Teacher
+from .views import ViewMaker
 
 log = logging.getLogger("distillistic")
 

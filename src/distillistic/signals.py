@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from .data import Views
+from .views import Views
 
 
 @dataclass

@@ -50,9 +50,10 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_write, atomic_write_json
 from .config import Config, cache_dir
-from .data import DataBundle, Loader, ViewMaker, split_fingerprint
+from .data import DataBundle, Loader, split_fingerprint
 from .errors import UserError
 from .signals import StepInputs, Teacher
+from .views import ViewMaker
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -1,0 +1,125 @@
+"""The device-side views of a batch: augmentation, normalisation, cross-quality downscaling.
+
+:class:`ViewMaker` turns a uint8 :class:`~distillistic.data.Batch` into :class:`Views` on the device:
+
+* RandAugment runs batched with per-sample choices keyed by ``(data_seed, epoch, index)``;
+* the cross-quality views come from *the same* augmented crop: the full view for the teacher and an
+  antialiased downscale of it for the students (:meth:`Views.get`);
+* grayscale data is expanded to 3 channels for models that take RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .augment import BatchRandAugment, SampleKeys
+from .data import Batch, DataInfo
+from .errors import DataError
+
+
+class Views:
+    """The float views of one batch, made on demand and cached: ``get(size, channels)``.
+
+    Nothing is computed until a view is asked for: with a warm teacher-output store the teacher
+    never asks, so its view (and, in an evaluation of the teacher alone, the batch itself) is never made.
+    """
+
+    def __init__(self, base: Tensor | Callable[[], Tensor], channels_last: bool, size: int | None = None) -> None:
+        """``base``: the full view ``[B, C, S, S]``, or a function making it on first use (then give ``size``)."""
+        self._base, self.channels_last = base, channels_last
+        self._size = size if size is not None else int(base.shape[-1])  # type: ignore[union-attr]
+        self._cache: dict[tuple[int, int], Tensor] = {}
+
+    @property
+    def base(self) -> Tensor:
+        if callable(self._base):
+            self._base = self._base()
+        return self._base
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def get(self, size: int | None, channels: int) -> Tensor:
+        """The batch at ``size`` px (antialiased downscale of the full view) with ``channels`` channels."""
+        size = size or self.size
+        key = (size, channels)
+        if key not in self._cache:
+            x = self.base
+            if size != self.size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if channels != x.shape[1]:
+                if x.shape[1] != 1:
+                    raise DataError(f"a model expects {channels} input channels but the data has {x.shape[1]}")
+                x = x.expand(-1, channels, -1, -1)  # grayscale -> RGB, as Grayscale(num_output_channels=3)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            self._cache[key] = x
+        return self._cache[key]
+
+
+class ViewMaker:
+    """uint8 batch -> (augmented) normalised float views on ``device``.
+
+    ``prepare`` augments several small batches in one call (up to ``chunk_bytes`` of images):
+    RandAugment on a 256 x 28 x 28 batch is launch-bound (~4.8 ms on one core), on 16 batches at
+    once ~1 ms per batch. The views are the same, bit for bit, since every choice is keyed per sample.
+    """
+
+    def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
+                 channels_last: bool = False, chunk_bytes: int = 1 << 23) -> None:
+        self.device, self.data_seed, self.channels_last = device, data_seed, channels_last
+        self.chunk_bytes = chunk_bytes
+        self.augment = (BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
+                        else None)
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+
+    def describe(self) -> dict[str, Any]:
+        """What decides the views besides the images and the keys (for the teacher-output store's key)."""
+        return {"augment": self.augment.describe() if self.augment is not None else "none",
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                "downscale": "bilinear, antialias"}
+
+    def prepare(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """Training batches with their augmented images made ahead, ``chunk_bytes`` of images at a time."""
+        if self.augment is None:
+            yield from batches
+            return
+        chunk: list[Batch] = []
+        for batch in batches:
+            chunk.append(batch)
+            if sum(b.images.numel() for b in chunk) >= self.chunk_bytes:
+                yield from self._augment(chunk)
+                chunk = []
+        yield from self._augment(chunk)
+
+    def _augment(self, chunk: list[Batch]) -> Iterator[Batch]:
+        if not chunk or self.augment is None:
+            return
+        images = torch.cat([b.images for b in chunk]) if len(chunk) > 1 else chunk[0].images
+        if self.device.type == "cuda" and len(chunk) > 1:
+            images = images.pin_memory()
+        index = torch.cat([b.index for b in chunk])
+        assert all(b.epoch == chunk[0].epoch for b in chunk)
+        x = self.augment(images.to(self.device, non_blocking=True), SampleKeys(self.data_seed, chunk[0].epoch, index))
+        for b, augmented in zip(chunk, x.split([len(b.index) for b in chunk])):
+            yield Batch(b.images, b.labels, b.index, b.epoch, augmented=augmented)
+
+    def __call__(self, batch: Batch, train: bool) -> Views:
+        def make() -> Tensor:
+            if train and self.augment is not None and batch.augmented is not None:
+                x = batch.augmented
+            else:
+                x = batch.images.to(self.device, non_blocking=True)
+                if train and self.augment is not None:
+                    x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
+            return (x.float() / 255 - self.mean) / self.std
+
+        return Views(make, self.channels_last, size=int(batch.images.shape[-1]))
+
