@@ -106,7 +106,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                                          "{root}/mlp-10-classes.pt"],
                                         ["mlp-10-classes.pt' does not fit architecture 'cnn'"]),
     "teacher run of another architecture": (["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "{run}"],
-                                            ["holds a mlp but --teacher is cnn", "--teacher mlp"]),
+                                            ["are a mlp but --teacher is cnn", "--teacher mlp"]),
     "missing teacher weights": (["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "{root}/none.pt"],
                                 ["teacher weights '{root}/none.pt' not found"]),
     "imagenet teacher on 10 classes": (["--algo", "kd", "--teacher", "resnet18", "--teacher-weights", "imagenet"],

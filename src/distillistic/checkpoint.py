@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 
 FORMAT = "distillistic-checkpoint"
 FORMAT_VERSION = 1
@@ -327,3 +327,16 @@ def load_weights(model: nn.Module, state: Mapping[str, Tensor], source: str, arc
         raise CheckpointError(f"'{source}' does not fit architecture '{arch}': {k} has shape {got_shape}, "
                               f"expected {want_shape}; pass the architecture the weights were trained with")
     model.load_state_dict(state)
+
+
+def load_model_weights(model: nn.Module, path: Path, arch: str, role: str, flag: str, choices: str) -> None:
+    """Load a ``role`` model's weights (a run directory, checkpoint, state dict or ``.safetensors``) into
+    ``model``, refusing a missing path, another recorded architecture, or weights that do not fit."""
+    if not path.exists():
+        raise UserError(f"{role} weights '{path}' not found: use {choices} or an existing checkpoint, run "
+                        "directory or .safetensors path")
+    state, meta = read_state_dict(path)
+    if meta.get("arch") and meta["arch"] != arch:
+        raise CheckpointError(f"{role} weights '{path}' are a {meta['arch']} but {flag} is {arch}; "
+                              f"pass {flag} {meta['arch']}")
+    load_weights(model, state, str(path), arch)

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from . import config as config_mod
-from .checkpoint import fault_point, load_weights, read_state_dict, state_dict_hash, unwrap
+from .checkpoint import fault_point, load_model_weights, read_state_dict, state_dict_hash, unwrap
 from .config import Config
 from .data import EpochSampler, Loader, build_data
 from .engine import Member, Progress, Task, evaluate, fit
-from .errors import CheckpointError, TrainingDiverged, UserError
+from .errors import TrainingDiverged, UserError
 from .methods import METHODS
 from .models import MODELS, build_model
 from .optim import make_optimizer, make_scheduler
@@ -66,15 +66,8 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
         model = build_model(cfg.model, info.num_classes, info.channels, cfg.student_resolution or info.image_size,
                             imagenet=cfg.student_weights == "imagenet", freeze_backbone=cfg.freeze_backbone)
         if cfg.student_weights not in ("random", "imagenet"):
-            path = Path(cfg.student_weights).expanduser()
-            if not path.exists():
-                raise UserError(f"student weights '{path}' not found: use random, imagenet or an existing "
-                                "checkpoint, run directory or .safetensors path")
-            state, meta = read_state_dict(path)
-            if meta.get("arch") and meta["arch"] != cfg.model:
-                raise CheckpointError(f"student weights '{path}' are a {meta['arch']} but --model is {cfg.model}; "
-                                      f"pass --model {meta['arch']}")
-            load_weights(model, state, str(path), cfg.model)
+            load_model_weights(model, Path(cfg.student_weights).expanduser(), cfg.model, "student", "--model",
+                               "random, imagenet")
         models.append(model)
     return models
 

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_weights, read_state_dict
+from .checkpoint import load_model_weights
 from .config import MACHINE_KEYS, Config, cache_dir
 from .data import DataInfo
-from .errors import CheckpointError, UserError
+from .errors import UserError
 from .models import build_model
 from .runtime import derived_seed
 
@@ -100,13 +100,6 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
                             imagenet=source == "imagenet")
         return model, source
     path = trained_teacher_dir(cfg, info) if source == "train" else Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"teacher weights '{source}' not found: use imagenet, train, random or an existing "
-                        "checkpoint, run directory or .safetensors path")
-    state, meta = read_state_dict(path)
-    if meta.get("arch") and meta["arch"] != cfg.teacher:
-        raise CheckpointError(f"teacher checkpoint '{path}' holds a {meta['arch']} but --teacher is "
-                              f"{cfg.teacher}; pass --teacher {meta['arch']}")
     model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
-    load_weights(model, state, str(path), cfg.teacher)
+    load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
     return model, str(path)
