@@ -90,12 +90,13 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     info = bundle.info
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
-    teacher_member, teacher_source = None, None
+    teacher_member, teacher_source, teacher_sha256 = None, None, None
     if method.needs_teacher:
         from .teachers import build_teacher
 
         teacher_model, teacher_source = build_teacher(cfg, info)
         teacher_model = teacher_model.to(rt.device)
+        teacher_sha256 = state_dict_hash(teacher_model.state_dict())  # its identity: store key, checkpoints
         channels = MODELS.get(cfg.teacher or "").channels(info.channels)
         signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels)
         # The teacher is evaluated through its signal, so its evaluation is read from the store too.
@@ -129,11 +130,11 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
-    if signal_teacher is not None:
+    if signal_teacher is not None and teacher_sha256 is not None:
         from .store import open_store
 
-        signal_teacher.store = open_store(cfg, bundle, signal_teacher, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teacher_source}
+        signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
+    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256}
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -144,7 +145,7 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     info = extra["data"]
     if task.teacher is not None:  # its identity goes into every checkpoint: a resume must use the same one
         rundir.teacher = {"arch": cfg.teacher, "source": extra["teacher_source"],
-                          "sha256": state_dict_hash(task.teacher.raw.state_dict())}
+                          "sha256": extra["teacher_sha256"]}
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
         progress = restore_state(rundir.last_checkpoint, task, rundir.teacher)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .checkpoint import atomic_write, atomic_write_json
 from .config import Config, cache_dir
@@ -68,16 +68,6 @@ TOP_K = 32
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over a model's state dict (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -315,9 +305,10 @@ def store_root(cfg: Config) -> Path:
     return cache_dir(cfg) / "teacher-store" if cfg.teacher_store == "auto" else Path(cfg.teacher_store).expanduser()
 
 
-def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, loaders: dict[str, Loader], views: ViewMaker,
-               rt: Runtime) -> TeacherStore | None:
-    """The store entry of this run's teacher, data, transform and data seed; None when the store is off."""
+def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256: str, loaders: dict[str, Loader],
+               views: ViewMaker, rt: Runtime) -> TeacherStore | None:
+    """The store entry of this run's teacher (``teacher_sha256``: :func:`~distillistic.checkpoint.state_dict_hash`
+    of its weights), data, transform and data seed; None when the store is off."""
     if cfg.teacher_store == "off":
         return None
     if rt.world_size > 1:
@@ -334,7 +325,7 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, loaders: dict[
     info = bundle.info
     entry = {
         "format": FORMAT_VERSION,
-        "teacher": {"arch": cfg.teacher, "weights_sha256": weights_fingerprint(teacher.model)},
+        "teacher": {"arch": cfg.teacher, "weights_sha256": teacher_sha256},
         "data": {"dataset": info.dataset, "checksum": info.checksum, "num_classes": info.num_classes,
                  "splits": {name: split_fingerprint(src) for name, src in sorted(bundle.splits.items())}},
         "view": {"size": teacher.view_size or info.image_size, "channels": teacher.channels,
