@@ -134,8 +134,7 @@ VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_worker
                            "checkpoint_every", "wandb", "data_hash"})
 # Keys that steer the machine, not what a run computes: runs that differ only in these are the same run
 # (a sweep cell, a cached teacher).
-MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "checkpoint_every", "wandb",
-                                "teacher_store", "compile"}
+MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "teacher_store", "compile"}
 
 
 def _plain(value: Any) -> Any:

@@ -82,6 +82,15 @@ def _git() -> dict[str, Any] | None:
     return {"sha": sha, "dirty": dirty}
 
 
+def read_summary(folder: Path) -> dict[str, Any]:
+    """A run directory's ``summary.json``, or ``{}`` if it has none yet or it cannot be read."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

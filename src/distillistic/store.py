@@ -158,6 +158,7 @@ class TeacherStore:
         self.stats = {"hits": 0, "misses": 0, "written": 0, "rebuilt": 0}  # batches / files
         self._stored: dict[str, tuple[int, _Outputs | None]] = {}  # split -> (epoch, what its file holds)
         self._pending: dict[str, tuple[int, _Outputs]] = {}  # split -> (epoch, outputs being recorded)
+        self._plans: dict[str, tuple[int, Tensor]] = {}  # split -> (epoch, the samples it visits)
         self._check_manifest(folder / "manifest.json", entry, "*.safetensors")
         self._check_manifest(self.train_folder / "manifest.json", views, "epoch-*.safetensors")
 
@@ -209,8 +210,11 @@ class TeacherStore:
 
     def _planned(self, split: str, epoch: int) -> Tensor:
         """Indices of the samples an epoch visits (the ragged tail that training drops is not)."""
-        sampler = self.samplers[split]
-        return sampler.order(epoch)[: len(sampler) * sampler.batch_size]
+        plan = self._plans.get(split)
+        if plan is None or plan[0] != epoch:  # drawn once per epoch, not at every recorded step
+            sampler = self.samplers[split]
+            plan = self._plans[split] = (epoch, sampler.order(epoch)[: len(sampler) * sampler.batch_size])
+        return plan[1]
 
     def _file_key(self, split: str, epoch: int) -> str:
         key = {"format": FORMAT_VERSION, "entry": self.entry, "split": split, "codec": self.codec.describe(),
@@ -298,7 +302,6 @@ class TeacherStore:
                 for p in stale:
                     p.unlink(missing_ok=True)
             atomic_write_json(path, expected)
-
 
 
 def store_root(cfg: Config) -> Path:

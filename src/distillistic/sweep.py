@@ -17,7 +17,6 @@ complete comparison.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import traceback
@@ -33,14 +32,9 @@ from . import config as config_mod
 from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import UserError
 from .grid import Cell, Plan, comparable, expand, plain, shard
-from .rundir import RUN_FILES
+from .rundir import RUN_FILES, read_summary
 
 log = logging.getLogger("distillistic")
-
-
-
-
-
 
 
 @dataclass
@@ -70,37 +64,7 @@ class SweepResult:
 # --- expanding a sweep file ---------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- the state of a cell's directory --------------------------------------------------------------------
-
-
 
 
 def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
@@ -121,10 +85,7 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
                 k = differ[0]
                 more = f"; also {', '.join(differ[1:4])}{' ...' if len(differ) > 4 else ''}" if len(differ) > 1 else ""
                 return "conflict", f"{k}: {have.get(k)!r} in the folder, {want[k]!r} in the sweep{more}"
-    try:
-        summary = dict(json.loads((folder / "summary.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        summary = {}
+    summary = read_summary(folder)
     if summary.get("status") == "completed":
         return "done", ""
     if summary.get("status") == "diverged":

@@ -25,6 +25,7 @@ from .config import MACHINE_KEYS, Config, cache_dir
 from .data import DataInfo
 from .errors import UserError
 from .models import build_model
+from .rundir import read_summary
 from .runtime import derived_seed
 
 log = logging.getLogger("distillistic")
@@ -79,11 +80,7 @@ def trained_teacher_dir(cfg: Config, info: DataInfo) -> Path:
 
 
 def _completed(folder: Path) -> bool:
-    summary = folder / "summary.json"
-    try:
-        return json.loads(summary.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    return read_summary(folder).get("status") == "completed"
 
 
 def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
