@@ -1,0 +1,81 @@
+"""Golden steps: every loss term of every registered method over the first 3 steps, at a fixed seed.
+
+The values in ``golden/steps.json`` were recorded before the core redesign (by running this module as a
+script); the redesign, and every change after it, must reproduce them to 1e-6. A newly registered method
+gets its own entry the first time the script runs (``python tests/test_golden_steps.py --record NAME``),
+so the check covers every method of the registry: a method without a recorded entry fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distillistic import train
+
+GOLDEN = Path(__file__).with_name("golden") / "steps.json"
+STEPS = 3
+# Synthetic data, the small cnn, 3 steps of batch 32: a stable model, so float32 rounding stays far below 1e-6.
+BASE: dict[str, Any] = dict(dataset="synthetic", synthetic_samples=160, split_fractions=(0.6, 0.2, 0.2),
+                            image_size=8, model="cnn", epochs=1, batch_size=32, lr=1e-3, seed=3,
+                            progress=False, tensorboard=False, num_workers=0, threads=1, device="cpu")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {"algo": "baseline"},
+    "kd": {"algo": "kd", "teacher": "cnn", "teacher_weights": "random", "temperature": 4.0},
+    "dml": {"algo": "dml", "students": 3},
+    "dml_e": {"algo": "dml_e", "students": 3},
+    "tfkd": {"algo": "tfkd"},
+    "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
+}
+
+
+def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
+    """The loss dict of each student at each of the first ``STEPS`` steps: ``[step][student]{term: value}``."""
+    from distillistic import Config
+    from distillistic.engine import TrainMeters
+
+    steps: list[list[dict[str, float]]] = []
+    original = TrainMeters.update
+
+    def spy(self: TrainMeters, logits: Any, labels: Any, outs: list[dict[str, torch.Tensor]], *a: Any) -> None:
+        if len(steps) < STEPS:
+            steps.append([{k: float(v.detach()) for k, v in o.items()} for o in outs])
+        original(self, logits, labels, outs, *a)
+
+    TrainMeters.update = spy  # type: ignore[method-assign]
+    try:
+        train(Config(**(BASE | VARIANTS[variant] | {"out": str(out)})))
+    finally:
+        TrainMeters.update = original  # type: ignore[method-assign]
+    assert len(steps) == STEPS
+    return steps
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_golden_steps(variant: str, tmp_path: Path) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    assert variant in golden, f"no golden steps for {variant}: record them with 'python {__file__} --record'"
+    got = record(variant, tmp_path / "run")
+    want = golden[variant]
+    for step, (g, w) in enumerate(zip(got, want)):
+        for student, (gs, ws) in enumerate(zip(g, w)):
+            assert set(gs) == set(ws), (step, student)
+            for key in ws:
+                assert gs[key] == pytest.approx(ws[key], abs=1e-6, rel=0), (variant, step, student, key)
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    import tempfile
+
+    names = sys.argv[sys.argv.index("--record") + 1:] or list(VARIANTS)
+    data = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            data[name] = record(name, Path(tmp) / "run")
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
