@@ -8,7 +8,7 @@ What each number contains (every workload: MNIST t10k carved 0.8 / 0.2 / 0.0 = 8
 28 x 28 grayscale expanded to 3 channels, stock torchvision ResNet stems, per-sample RandAugment,
 batch 256 (31 steps, the ragged tail is dropped: 7,936 images), fp32, 2 threads):
 
-* **ours (a)**: ``distillistic.run.train`` with ``epochs=1`` -- the real API path, run directory,
+* **ours (a)**: ``distillistic.training.run.train`` with ``epochs=1`` -- the real API path, run directory,
   TensorBoard and checkpoints included. Its time is the engine's own clock: the training epoch
   (loading, augmentation, every forward/backward/step, signals, metrics) plus the validation pass
   over 2,000 images. Setup (reading the data, building models, hashing the teacher for the store),
@@ -64,7 +64,7 @@ def base_config(data: Path, samples: int, **overrides: Any) -> Any:
 
 
 def end_to_end(cfg: Any, scratch: Path) -> dict[str, float]:
-    """One run through ``distillistic.run.train``; the engine's epoch and validation seconds."""
+    """One run through ``distillistic.training.run.train``; the engine's epoch and validation seconds."""
     from distillistic import train
 
     out = Path(tempfile.mkdtemp(dir=scratch))
@@ -86,10 +86,10 @@ def model_math(cfg: Any) -> Callable[[], dict[str, float]]:
     import torch.nn.functional as F
 
     from distillistic import config as config_mod
-    from distillistic.run import build_task
-    from distillistic.runtime import resolve_runtime
+    from distillistic.training.run import build_task
+    from distillistic.training.runtime import resolve_runtime
 
-    cfg = config_mod.resolve(cfg.replace(out="unused"))
+    cfg = setup.resolve(cfg.replace(out="unused"))
     rt = resolve_runtime(cfg)
     task, extra = build_task(cfg, rt)
     info, k = extra["data"], task.num_classes
@@ -184,8 +184,8 @@ def child_pipeline(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     import torch
 
     from distillistic.config import Config
-    from distillistic.data import Batch, EpochSampler, Loader, _FileDataset, build_data, default_workers
-    from distillistic.views import ViewMaker
+    from distillistic.data.loader import Batch, EpochSampler, Loader, _FileDataset, build_data, default_workers
+    from distillistic.data.views import ViewMaker
 
     size, student = 224, 112
     cfg = Config(dataset="imagefolder", data_root=str(Path(job["data"]) / "imagenet-sample100"),
@@ -228,7 +228,7 @@ def child_memory(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     import torch  # noqa: F401  (the imports a run makes, before any data or model exists)
     from torch.utils.tensorboard import SummaryWriter  # noqa: F401
 
-    import distillistic.run  # noqa: F401
+    import distillistic.training.run  # noqa: F401
 
     imports = peak_rss_mb()
     name = job["workload"]

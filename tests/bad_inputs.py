@@ -47,7 +47,7 @@ class Workspace:
         return ["train", *TINY, *args, *out_args]
 
     def state_dict(self, name: str, arch: str = "mlp", classes: int = 10, channels: int = 1, **extra: object) -> Path:
-        from distillistic.models import build_model
+        from distillistic.models.builders import build_model
 
         path = self.tmp / name
         torch.save({**build_model(arch, classes, channels, 8).state_dict(), **extra}, path)
@@ -146,7 +146,7 @@ def _image_edit(ws: Workspace, edit: str) -> list[str]:
 
 
 def _fashion_bad_md5(ws: Workspace) -> list[str]:
-    from distillistic.datasets import FASHION_FILES
+    from distillistic.data.datasets import FASHION_FILES
 
     folder = ws.tmp / "fashion"
     folder.mkdir()
@@ -169,7 +169,7 @@ def _malicious_file(path: Path) -> None:
 
 
 def _newer_version(path: Path) -> None:
-    from distillistic.checkpoint import load
+    from distillistic.training.checkpoint import load
 
     obj = load(path)
     obj["version"] = 99
@@ -337,7 +337,7 @@ def make_reference_run(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _fashion_offline(enabled: bool) -> Iterator[None]:
-    from distillistic import datasets
+    from distillistic.data import datasets
 
     saved = datasets.FASHION_MIRRORS
     if enabled:

@@ -13,6 +13,7 @@ import yaml
 
 from _util import tiny
 from distillistic import train
+from distillistic.training import setup
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
 ALGOS: dict[str, dict[str, Any]] = {
@@ -131,14 +132,13 @@ def test_a_small_cnn_learns_mnist_t10k(mnist_t10k: Path, tmp_path: Path) -> None
 
 
 def test_imbalanced_run_reports_per_class_accuracy(tmp_path: Path) -> None:
-    from distillistic import config as config_mod
-    from distillistic.data import build_data
+    from distillistic.data.loader import build_data
 
     cfg = tiny(tmp_path / "run", imbalance_class=2, imbalance_share=0.9)
     result = train(cfg)
     test = result.summary["models"]["student"]["test"]
     per_class = test["per_class_top1"]
-    counts = torch.bincount(build_data(config_mod.resolve(cfg)).splits["test"].labels, minlength=10).tolist()
+    counts = torch.bincount(build_data(setup.resolve(cfg)).splits["test"].labels, minlength=10).tolist()
     # top-1 is the per-class accuracies weighted by the class counts
     assert sum(a * n for a, n in zip(per_class, counts)) / sum(counts) == pytest.approx(test["top1"])
     # nine draws in ten were class 2: the student favours it

@@ -8,7 +8,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from torchvision.transforms.autoaugment import RandAugment, _apply_op
 
-from distillistic.augment import (
+from distillistic.data.augment import (
     BatchRandAugment,
     SampleKeys,
     crop_box,
@@ -16,8 +16,8 @@ from distillistic.augment import (
     sample_hash,
     sample_hash_int,
 )
-from distillistic.data import Batch, DataInfo
-from distillistic.views import ViewMaker
+from distillistic.data.loader import Batch, DataInfo
+from distillistic.data.views import ViewMaker
 
 
 def _images(b: int, c: int, s: int, seed: int) -> torch.Tensor:

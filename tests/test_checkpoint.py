@@ -13,7 +13,9 @@ import torch
 from safetensors import safe_open
 
 from distillistic import cli
-from distillistic.checkpoint import (
+from distillistic.errors import CheckpointError
+from distillistic.models.builders import build_model
+from distillistic.training.checkpoint import (
     FORMAT_VERSION,
     atomic_write,
     load,
@@ -23,8 +25,6 @@ from distillistic.checkpoint import (
     save,
     state_dict_hash,
 )
-from distillistic.errors import CheckpointError
-from distillistic.models import build_model
 
 TINY = ["--dataset", "synthetic", "--synthetic-samples", "96", "--image-size", "8", "--model", "mlp", "--epochs", "1",
         "--batch-size", "16", "--device", "cpu", "--no-tensorboard", "--no-progress"]

@@ -15,9 +15,9 @@ from PIL import Image
 
 from _util import balanced_labels, run_cli, snapshot, tiny, write_idx, write_idx_split
 from distillistic import train
-from distillistic.data import DATASETS
-from distillistic.methods import METHODS
-from distillistic.models import MODELS, build_model
+from distillistic.core.methods import METHODS
+from distillistic.data.loader import DATASETS
+from distillistic.models.builders import MODELS, build_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BASE = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64", "--no-progress",

@@ -12,6 +12,7 @@ from distillistic import config as config_mod
 from distillistic.cli import build_parser
 from distillistic.config import Config
 from distillistic.errors import ConfigError, UserError
+from distillistic.training import setup
 
 
 def test_every_config_key_is_a_flag() -> None:
@@ -73,7 +74,7 @@ def test_yaml_files(tmp_path: Path) -> None:
 
 
 def test_a_saved_resolved_config_loads_back_equal(tmp_path: Path) -> None:
-    cfg = config_mod.resolve(Config(algo="kd", dataset="digits", class_names=("1", "2"), split_fractions=(0.6, 0.2,
+    cfg = setup.resolve(Config(algo="kd", dataset="digits", class_names=("1", "2"), split_fractions=(0.6, 0.2,
                                                                                                          0.2)))
     config_mod.save(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["class_names"] == ["1", "2"]
@@ -81,7 +82,7 @@ def test_a_saved_resolved_config_loads_back_equal(tmp_path: Path) -> None:
 
 
 def test_resolve_fills_every_default() -> None:
-    cfg = config_mod.resolve(Config(algo="kd", dataset="digits", seed=5, batch_size=32, epochs=7))
+    cfg = setup.resolve(Config(algo="kd", dataset="digits", seed=5, batch_size=32, epochs=7))
     assert cfg.data_seed == 5
     assert cfg.eval_batch_size == 64
     assert cfg.teacher_epochs == 7
@@ -91,13 +92,13 @@ def test_resolve_fills_every_default() -> None:
     assert cfg.temperature == 20.0
     assert cfg.teacher == "resnet50"
     assert cfg.students == 1
-    assert config_mod.resolve(Config(dataset="mnist", optimizer="sgd")).weight_decay == 1e-4
-    assert config_mod.resolve(Config(dataset="fashion-mnist")).augment == "randaugment"
-    assert config_mod.resolve(Config(dataset="imagefolder")).image_size == 224
-    assert config_mod.resolve(Config(dataset="synthetic")).image_size == 16
-    explicit = config_mod.resolve(Config(algo="dml", dataset="digits", data_seed=9, temperature=3.0, students=5))
+    assert setup.resolve(Config(dataset="mnist", optimizer="sgd")).weight_decay == 1e-4
+    assert setup.resolve(Config(dataset="fashion-mnist")).augment == "randaugment"
+    assert setup.resolve(Config(dataset="imagefolder")).image_size == 224
+    assert setup.resolve(Config(dataset="synthetic")).image_size == 16
+    explicit = setup.resolve(Config(algo="dml", dataset="digits", data_seed=9, temperature=3.0, students=5))
     assert (explicit.data_seed, explicit.temperature, explicit.students) == (9, 3.0, 5)
-    assert config_mod.resolve(cfg) == cfg  # resolving twice changes nothing
+    assert setup.resolve(cfg) == cfg  # resolving twice changes nothing
 
 
 @pytest.mark.parametrize(("changes", "key"), [
@@ -110,7 +111,7 @@ def test_resolve_fills_every_default() -> None:
 ])
 def test_validation_names_the_key(changes: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        config_mod.validate(Config(**changes))  # type: ignore[arg-type]
+        setup.check(Config(**changes))  # type: ignore[arg-type]
     assert info.value.key == key
     assert str(info.value).startswith(f"config key '{key}' = ")
 
@@ -119,8 +120,8 @@ def test_augment_none_means_no_augmentation(tmp_path: Path) -> None:
     """"none" is a choice of --augment, not "unset" (which would fall back to the dataset's RandAugment)."""
     assert config_mod.coerce("augment", "none") == "none"
     assert config_mod.coerce("augment", "None") is None  # other spellings still mean unset
-    assert config_mod.resolve(config_mod.load(None, {"dataset": "mnist", "augment": "none"})).augment == "none"
+    assert setup.resolve(config_mod.load(None, {"dataset": "mnist", "augment": "none"})).augment == "none"
     path = tmp_path / "c.yaml"
     path.write_text("dataset: fashion-mnist\naugment: none\n")
-    assert config_mod.resolve(config_mod.load(path)).augment == "none"
-    assert config_mod.resolve(config_mod.load(None, {"dataset": "mnist"})).augment == "randaugment"
+    assert setup.resolve(config_mod.load(path)).augment == "none"
+    assert setup.resolve(config_mod.load(None, {"dataset": "mnist"})).augment == "randaugment"

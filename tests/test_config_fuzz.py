@@ -22,6 +22,7 @@ from distillistic import cli
 from distillistic import config as config_mod
 from distillistic.config import FIELDS, Config
 from distillistic.errors import UserError
+from distillistic.training import setup
 
 KEYS = sorted(FIELDS)
 SPECIAL_STRINGS = ["nan", "NaN", "inf", "-inf", ".inf", "1e999", "-1", "0", "1e3", "3.5", "none", "null", "~", "",
@@ -42,7 +43,9 @@ mappings = st.dictionaries(keys, values, max_size=6)
 
 def _plausible(key: str) -> st.SearchStrategy[Any]:
     """Values near the valid range of ``key`` (so that the fuzz also reaches valid configs), and some not."""
-    from distillistic import data, divergences, methods, models
+    from distillistic.core import divergences, methods
+    from distillistic.data import loader as data
+    from distillistic.models import builders as models
 
     names = {"algo": methods.METHODS, "dataset": data.DATASETS, "model": models.MODELS, "teacher": models.MODELS,
              "divergence": divergences.DIVERGENCES}
@@ -96,7 +99,7 @@ HINTS = typing.get_type_hints(Config)
 def _assert_valid(cfg: Config) -> None:
     for name in FIELDS:
         assert _conforms(getattr(cfg, name), HINTS[name]), (name, getattr(cfg, name))
-    config_mod.validate(cfg)  # a second validation must accept what the first let through
+    setup.check(cfg)  # a second validation must accept what the first let through
 
 
 def _assert_clean(error: UserError) -> None:
@@ -113,7 +116,7 @@ def _load(tmp_path: Path, text: str, items: list[str]) -> None:
     try:
         cfg = config_mod.load(path, config_mod.parse_set(items))
         _assert_valid(cfg)
-        resolved = config_mod.resolve(cfg)
+        resolved = setup.resolve(cfg)
         _assert_valid(resolved)
         event("valid config")
         for classes, size in ((10, resolved.image_size or 28), (2, 8)):  # the data-dependent checks too
@@ -165,7 +168,7 @@ def test_cli_flags_give_a_run_or_exit_2_with_one_line(flags: list[tuple[str, str
         reached.append(cfg)
         return types.SimpleNamespace(summary={"status": "fake"}, out=cfg.out)
 
-    monkeypatch.setattr("distillistic.run.train", fake_train)
+    monkeypatch.setattr("distillistic.training.run.train", fake_train)
     argv = ["train"]
     for key, value in flags:
         flag = "--" + key.replace("_", "-")

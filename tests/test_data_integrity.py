@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from bad_inputs import write_idx
-from distillistic import cli, datasets, integrity
+from distillistic import cli
 from distillistic.config import Config
-from distillistic.datasets import ensure_files
+from distillistic.data import datasets, integrity
+from distillistic.data.datasets import ensure_files
+from distillistic.data.integrity import check_image_bytes, folder_checksum, md5sum
 from distillistic.errors import DataError
-from distillistic.integrity import check_image_bytes, folder_checksum, md5sum
 
 
 def _fashion_files(folder: Path, n_train: int = 30, n_test: int = 20) -> None:

@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 
 from _util import balanced_labels, class_images, idx_bytes, md5, write_idx, write_idx_split
-from distillistic import config as config_mod
-from distillistic import datasets
 from distillistic.config import Config
-from distillistic.data import DataBundle, EpochSampler, Loader, build_data, stratified_split
-from distillistic.datasets import FileSource, TensorSource, read_idx
+from distillistic.data import datasets
+from distillistic.data.datasets import FileSource, TensorSource, read_idx
+from distillistic.data.loader import DataBundle, EpochSampler, Loader, build_data, stratified_split
 from distillistic.errors import DataError
+from distillistic.training import setup
 
 
 def build(**overrides: Any) -> DataBundle:
-    return build_data(config_mod.resolve(Config(**overrides)))
+    return build_data(setup.resolve(Config(**overrides)))
 
 
 def class_counts(labels: torch.Tensor, k: int = 10) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial.distance import jensenshannon
 
-from distillistic.divergences import DIVERGENCES, js, kl, mse
+from distillistic.core.divergences import DIVERGENCES, js, kl, mse
 
 # Student logits whose softmax at T is exactly [0.25, 0.75] (z / T = [0, ln 3]); target [0.5, 0.5].
 Q = torch.tensor([[0.5, 0.5]])

@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
     """The loss dict of each student at each of the first ``STEPS`` steps: ``[step][student]{term: value}``."""
     from distillistic import Config
-    from distillistic.engine import TrainMeters
+    from distillistic.training.engine import TrainMeters
 
     steps: list[list[dict[str, float]]] = []
     original = TrainMeters.update

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from distillistic.metrics import MetricAccumulator, pairwise_kl
+from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 
 # Four samples over K = 3 with exactly representable probabilities (logits = log p).
 PROBS = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25], [0.125, 0.75, 0.125], [0.125, 0.125, 0.75]],

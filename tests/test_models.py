@@ -12,7 +12,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from distillistic.errors import CheckpointError, UserError
-from distillistic.models import MODELS, build_model, head_name
+from distillistic.models.builders import MODELS, build_model, head_name
 
 
 @pytest.mark.parametrize("name", MODELS.names())

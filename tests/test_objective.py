@@ -10,20 +10,20 @@ import torch
 import torch.nn.functional as F
 
 from _util import tiny
-from distillistic import config as config_mod
-from distillistic import engine, train
+from distillistic import train
 from distillistic.config import Config
+from distillistic.core.methods import METHODS, Context, method
+from distillistic.core.objective import Distill, Objective
+from distillistic.core.signals import Teacher, Virtual
 from distillistic.errors import UserError
-from distillistic.methods import METHODS, method
-from distillistic.objective import Objective, Term
 from distillistic.registry import Registry
-from distillistic.signals import Teacher, Virtual
+from distillistic.training import engine, setup
 
 
 def _objective(algo: str, **overrides: Any) -> Objective:
-    cfg = config_mod.resolve(Config(algo=algo, dataset="synthetic", **overrides))
+    cfg = setup.resolve(Config(algo=algo, dataset="synthetic", **overrides))
     teacher = Teacher(torch.nn.Linear(2, 2), None, 1) if METHODS.get(algo).needs_teacher else None
-    return METHODS.get(algo).objective(cfg, teacher)
+    return METHODS.get(algo).objective(cfg, Context(teacher, 10, cfg.students or 1))
 
 
 FORMULAS = {
@@ -55,8 +55,9 @@ def test_returned_keys_and_values(algo: str) -> None:
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
     objective = _objective(algo, alpha=0.3)
-    targets = {t.name: Virtual(0.9, False).targets(_step(y), 1.0)[0] for t in objective.terms}
-    out = objective(z, y, targets, alpha=0.3)
+    inp = _step(y)
+    targets = objective.targets(inp)
+    out = objective(0, z, inp, targets, objective.weights_at(0.0))
     ce = F.cross_entropy(z, y)
     if algo == "baseline":
         assert set(out) == {"loss", "ce"}
@@ -65,26 +66,29 @@ def test_returned_keys_and_values(algo: str) -> None:
         return
     assert set(out) == {"loss", "ce", "tfkd"}
     assert objective.names == ["loss", "ce", "tfkd"]
-    kl = F.kl_div(F.log_softmax(z, 1), targets["tfkd"][0], reduction="batchmean")
+    q = targets["tfkd"]
+    assert q is not None
+    kl = F.kl_div(F.log_softmax(z, 1), q[0][0], reduction="batchmean")
     torch.testing.assert_close(out["ce"], ce)
     torch.testing.assert_close(out["tfkd"], kl)
     torch.testing.assert_close(out["loss"], 0.7 * ce + 0.3 * kl)
 
 
 def _step(labels: torch.Tensor) -> Any:
-    from distillistic.signals import StepInputs
-    from distillistic.views import Views
+    from distillistic.core.signals import StepInputs
+    from distillistic.data.views import Views
 
     return StepInputs(Views(torch.zeros(len(labels), 1, 2, 2), False), labels, [torch.zeros(len(labels), 10)], 10)
 
 
 def test_term_weights_and_several_terms() -> None:
     virtual = Virtual(0.9, False)
-    objective = Objective((Term("a", virtual, "kl", 2.0, weight=0.5), Term("b", virtual, "mse", 1.0)), alpha=0.4)
+    objective = Objective((Distill("a", virtual, "kl", 2.0, weight=0.5), Distill("b", virtual, "mse", 1.0)), alpha=0.4)
     assert str(objective) == "L = 0.6·CE(z, y) + 0.4·[0.5·2²·KL(v(p=0.9) ‖ softmax(z/2)) + MSE(v(p=0.9) ‖ softmax(z))]"
     z, y = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
-    q = virtual.targets(_step(y), 1.0)[0]
-    out = objective(z, y, {"a": q, "b": q}, alpha=0.4)
+    inp = _step(y)
+    q = virtual.targets(inp, 1.0)[0]
+    out = objective(0, z, inp, objective.targets(inp), objective.weights_at(1.0))
     kl = 4 * F.kl_div(F.log_softmax(z / 2, 1), q[0], reduction="batchmean")
     mse = ((z.softmax(1) - q[0]) ** 2).sum(1).mean()
     torch.testing.assert_close(out["loss"], 0.6 * F.cross_entropy(z, y) + 0.4 * (0.5 * kl + mse))
@@ -102,9 +106,9 @@ def test_the_loop_warms_alpha_up_step_by_step(tmp_path: Path, monkeypatch: pytes
     alphas: list[tuple[int, float]] = []
     original = engine.train_step
 
-    def record(task: Any, batch: Any, alpha: float, meters: Any) -> None:
-        alphas.append((batch.epoch, alpha))
-        original(task, batch, alpha, meters)
+    def record(task: Any, batch: Any, progress: float, meters: Any) -> None:
+        alphas.append((batch.epoch, task.objective.weights_at(progress)["tfkd"]))
+        original(task, batch, progress, meters)
 
     monkeypatch.setattr(engine, "train_step", record)
     train(tiny(tmp_path / "run", algo="tfkd", epochs=2, alpha=0.6, alpha_warmup=0.5, batch_size=128))
@@ -128,14 +132,14 @@ def test_registry_refuses_duplicates_and_lists_valid_names() -> None:
         reg.get("onr")
     with pytest.raises(ValueError, match="algorithm 'kd' is already registered"):
         method("kd", "a second KD")(lambda cfg, teacher: ())
-    assert METHODS.get("kd").reference == "Hinton, Vinyals, Dean 2015"
+    assert METHODS.get("kd").reference.startswith("Hinton, Vinyals, Dean 2015")
 
 
 def test_methods_declare_their_students_and_temperature() -> None:
-    resolved = {a: config_mod.resolve(Config(algo=a, dataset="synthetic")) for a in METHODS.names()}
+    resolved = {a: setup.resolve(Config(algo=a, dataset="synthetic")) for a in METHODS.names()}
     assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1}
     assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
                                                               "dml_e": 1.0, "tfkd": 1.0}
-    assert config_mod.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
+    assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
     assert resolved["kd"].teacher == "resnet50"
     assert resolved["dml"].teacher is None

@@ -15,8 +15,8 @@ from distillistic import config as config_mod
 from distillistic.cli import main
 from distillistic.config import Config
 from distillistic.errors import UserError
-from distillistic.plots import _geometric, swept_axes
-from distillistic.report import (
+from distillistic.experiments.plots import _geometric, swept_axes
+from distillistic.experiments.report import (
     cell_rows,
     find_runs,
     format_table,
@@ -26,6 +26,7 @@ from distillistic.report import (
     summarize_runs,
     write_report,
 )
+from distillistic.training import setup
 
 BINS = 15
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +47,7 @@ def make_run(folder: Path, seed: int, top1: float, ece: float = 0.05, last_top1:
              seconds: float = 10.0, students: int = 1, status: str = "completed", **settings: Any) -> Path:
     """A run directory as ``distillistic train`` writes it, with chosen test metrics (and 2 epochs of history)."""
     folder.mkdir(parents=True)
-    cfg = config_mod.resolve(Config(dataset="synthetic", model="cnn", epochs=2, seed=seed, out=str(folder),
+    cfg = setup.resolve(Config(dataset="synthetic", model="cnn", epochs=2, seed=seed, out=str(folder),
                                     **settings))
     config_mod.save(cfg, folder / "config.yaml")
     last = last_top1 if last_top1 is not None else top1

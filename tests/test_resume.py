@@ -1,6 +1,6 @@
 """Exact resume after a crash: the real CLI in a subprocess, killed at many points, gives the same run.
 
-The crashes are injected with ``DISTILLISTIC_FAULT`` (see :func:`distillistic.checkpoint.fault_point`):
+The crashes are injected with ``DISTILLISTIC_FAULT`` (see :func:`distillistic.training.checkpoint.fault_point`):
 the process sends itself SIGKILL (or SIGTERM / SIGINT) at a chosen point — after a training step,
 half-way through writing ``last.pt``'s temporary file, between that file's fsync and its rename,
 between the best and the last checkpoint of an epoch, between ``last.pt`` and the epoch's metrics
@@ -25,8 +25,8 @@ import torch
 
 import distillistic
 from distillistic import cli
-from distillistic.checkpoint import load, save
-from distillistic.runtime import rng_state, set_rng_state
+from distillistic.training.checkpoint import load, save
+from distillistic.training.runtime import rng_state, set_rng_state
 
 # 3 epochs of 7 steps (112 training samples, batch 16); a checkpoint every 3 steps and every epoch.
 # Two students (DML) with RandAugment: several optimisers and schedules, peers, augmentation keys.
@@ -198,7 +198,7 @@ def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_resume_with_another_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from distillistic.models import build_model
+    from distillistic.models.builders import build_model
 
     teacher = tmp_path / "teacher.pt"
     torch.manual_seed(0)
@@ -241,10 +241,11 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> None:
 def test_a_resumed_epoch_sees_exactly_the_remaining_batches_and_augmentations(tmp_path: Path, files: bool) -> None:
     """The data position is (epoch, step): batches from ``start_step`` are the tail of the full epoch's,
     and their augmented views depend only on (data_seed, epoch, index), for in-memory and file datasets."""
-    from distillistic.config import Config, resolve
-    from distillistic.data import EpochSampler, Loader, build_data
-    from distillistic.datasets import FileSource
-    from distillistic.views import ViewMaker
+    from distillistic.config import Config
+    from distillistic.data.datasets import FileSource
+    from distillistic.data.loader import EpochSampler, Loader, build_data
+    from distillistic.data.views import ViewMaker
+    from distillistic.training.setup import resolve
 
     cfg = resolve(Config(dataset="synthetic", synthetic_samples=90, image_size=12, augment="randaugment"))
     bundle = build_data(cfg)
@@ -279,8 +280,8 @@ def test_loading_files_leaves_the_global_rng_alone(tmp_path: Path, workers: int)
     starts its loaders at another moment than an uninterrupted one, and would otherwise drift from it."""
     from PIL import Image
 
-    from distillistic.data import EpochSampler, Loader
-    from distillistic.datasets import FileSource
+    from distillistic.data.datasets import FileSource
+    from distillistic.data.loader import EpochSampler, Loader
 
     paths = []
     for i in range(12):

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from distillistic import config as config_mod
 from distillistic.config import Config
-from distillistic.methods import METHODS
-from distillistic.signals import Peers, StepInputs, Teacher, Virtual
-from distillistic.views import Views
+from distillistic.core.methods import METHODS, Context
+from distillistic.core.signals import Peers, StepInputs, Teacher, Virtual
+from distillistic.data.views import Views
+from distillistic.training import setup
 
 
 def _inputs(logits: list[torch.Tensor], labels: torch.Tensor, k: int, base: torch.Tensor | None = None) -> StepInputs:
@@ -28,13 +28,14 @@ def _inputs(logits: list[torch.Tensor], labels: torch.Tensor, k: int, base: torc
 def _cohort_gradients(algo: str, logits: list[torch.Tensor], labels: torch.Tensor, t: float,
                       alpha: float) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Each student's gradient w.r.t. its logits under the real objective of ``algo`` (one backward)."""
-    cfg = config_mod.resolve(Config(algo=algo, dataset="synthetic", students=len(logits), temperature=t, alpha=alpha))
-    objective = METHODS.get(algo).objective(cfg, None)
+    cfg = setup.resolve(Config(algo=algo, dataset="synthetic", students=len(logits), temperature=t, alpha=alpha))
+    objective = METHODS.get(algo).objective(cfg, Context(None, logits[0].shape[1], len(logits)))
     leaves = [z.clone().requires_grad_(True) for z in logits]
     # the signal gets the live logits: detaching the peers is the signal's own job (the loop detaches too)
     inp = StepInputs(Views(torch.zeros(len(labels), 1, 4, 4), False), labels, leaves, logits[0].shape[1])
-    targets = {term.name: term.signal.targets(inp, term.temperature) for term in objective.terms}
-    outs = [objective(z, labels, {n: q[i] for n, q in targets.items()}, alpha) for i, z in enumerate(leaves)]
+    targets = objective.targets(inp)
+    weights = objective.weights_at(1.0)
+    outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(leaves)]
     torch.stack([o["loss"] for o in outs]).sum().backward()
     return [z.grad for z in leaves], outs  # type: ignore[misc]
 

@@ -17,21 +17,20 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from distillistic import config as config_mod
-from distillistic import engine
-from distillistic.augment import BatchRandAugment, SampleKeys
 from distillistic.config import Config
-from distillistic.data import Batch, DataBundle, EpochSampler, Loader, _FileDataset, build_data
-from distillistic.engine import Progress, TrainMeters, train_one_epoch, train_step
-from distillistic.run import build_task
-from distillistic.runtime import resolve_runtime
-from distillistic.views import ViewMaker
+from distillistic.data.augment import BatchRandAugment, SampleKeys
+from distillistic.data.loader import Batch, DataBundle, EpochSampler, Loader, _FileDataset, build_data
+from distillistic.data.views import ViewMaker
+from distillistic.training import engine, setup
+from distillistic.training.engine import Progress, TrainMeters, train_one_epoch, train_step
+from distillistic.training.run import build_task
+from distillistic.training.runtime import resolve_runtime
 
 CPU = torch.device("cpu")
 
 
 def _bundle(**overrides: Any) -> DataBundle:
-    cfg = config_mod.resolve(Config(**({"dataset": "synthetic", "synthetic_samples": 300, "image_size": 16,
+    cfg = setup.resolve(Config(**({"dataset": "synthetic", "synthetic_samples": 300, "image_size": 16,
                                         "augment": "randaugment", "data_seed": 11} | overrides)))
     return build_data(cfg)
 
@@ -146,7 +145,7 @@ class _HostReads(TorchFunctionMode):
 
 
 def _task(tmp_path: Path, **overrides: Any) -> engine.Task:
-    cfg = config_mod.resolve(Config(**(TINY | {"out": str(tmp_path / "unused")} | overrides)))
+    cfg = setup.resolve(Config(**(TINY | {"out": str(tmp_path / "unused")} | overrides)))
     task, _ = build_task(cfg, resolve_runtime(cfg))
     return task
 

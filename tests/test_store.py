@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from distillistic import Config, train
-from distillistic import teachers as teachers_mod
-from distillistic.checkpoint import load
 from distillistic.cli import main
-from distillistic.data import EpochSampler, Loader
-from distillistic.datasets import TensorSource
-from distillistic.signals import StepInputs
-from distillistic.store import FULL_MAX_CLASSES, TOP_K, Codec, TeacherStore
-from distillistic.views import Views
+from distillistic.core.signals import StepInputs
+from distillistic.data.datasets import TensorSource
+from distillistic.data.loader import EpochSampler, Loader
+from distillistic.data.views import Views
+from distillistic.training import teachers as teachers_mod
+from distillistic.training.checkpoint import load
+from distillistic.training.store import FULL_MAX_CLASSES, TOP_K, Codec, TeacherStore
 
 KD = {"algo": "kd", "dataset": "synthetic", "synthetic_samples": 192, "image_size": 12, "model": "cnn",
       "teacher": "cnn", "teacher_weights": "random", "augment": "randaugment", "epochs": 2, "batch_size": 32,
@@ -31,8 +31,8 @@ def teacher_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     original = teachers_mod.build_teacher
 
-    def counting(cfg: Config, info: Any) -> Any:
-        model, source = original(cfg, info)
+    def counting(cfg: Config, info: Any, trainer: Any) -> Any:
+        model, source = original(cfg, info, trainer)
         model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
         return model, source
 
@@ -85,7 +85,7 @@ def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path
     teacher = tmp_path / "teacher.safetensors"  # a teacher from a file: --seed only changes the student
     from safetensors.torch import save_file
 
-    from distillistic.models import build_model
+    from distillistic.models.builders import build_model
 
     torch.manual_seed(0)
     save_file(build_model("cnn", 10, 1, 12).state_dict(), str(teacher))

@@ -13,10 +13,11 @@ from distillistic import config as config_mod
 from distillistic.cli import main
 from distillistic.config import Config
 from distillistic.errors import UserError
-from distillistic.grid import cell_name, expand, parse_shard, shard
-from distillistic.run import RunResult
-from distillistic.rundir import RunDir
-from distillistic.sweep import cell_state, run_sweep
+from distillistic.experiments.grid import cell_name, expand, parse_shard, shard
+from distillistic.experiments.sweep import cell_state, run_sweep
+from distillistic.training import setup
+from distillistic.training.run import RunResult
+from distillistic.training.rundir import RunDir
 
 BASE = {"dataset": "synthetic", "model": "cnn", "epochs": 1, "batch_size": 64, "progress": False,
         "tensorboard": False}
@@ -127,7 +128,7 @@ def test_sweep_cli_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def _write_run(folder: Path, cfg: Config, status: str | None, checkpoint: bool = False) -> None:
     folder.mkdir(parents=True)
-    config_mod.save(config_mod.resolve(cfg.replace(out=str(folder))), folder / "config.yaml")
+    config_mod.save(setup.resolve(cfg.replace(out=str(folder))), folder / "config.yaml")
     if status is not None:
         (folder / "summary.json").write_text(json.dumps({"status": status, "reason": "loss is nan"}))
     if checkpoint:
@@ -163,7 +164,7 @@ def test_a_conflicting_folder_stops_the_sweep_before_anything_runs(tmp_path: Pat
     cell = expand(spec).cells[1]
     _write_run(tmp_path / cell.name, cell.config.replace(lr=0.5), "completed")
     calls: list[Config] = []
-    monkeypatch.setattr("distillistic.run.train", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr("distillistic.training.run.train", lambda cfg: calls.append(cfg))
     with pytest.raises(UserError, match=r"holds a run of another config \(lr: 0.5"):
         run_sweep(spec, tmp_path)
     assert calls == []
@@ -179,7 +180,7 @@ def _fake_train(calls: list[Config], fail: dict[int, Exception]) -> Any:
             raise fail[cfg.seed]
         out = Path(cfg.out or "")
         out.mkdir(parents=True, exist_ok=True)
-        config_mod.save(config_mod.resolve(cfg), out / "config.yaml")
+        config_mod.save(setup.resolve(cfg), out / "config.yaml")
         summary = {"status": "completed"}
         (out / "summary.json").write_text(json.dumps(summary))
         return RunResult(out, cfg, summary)
@@ -189,7 +190,7 @@ def _fake_train(calls: list[Config], fail: dict[int, Exception]) -> Any:
 def test_failed_cells_are_reported_and_the_sweep_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[Config] = []
-    monkeypatch.setattr("distillistic.run.train", _fake_train(calls, {
+    monkeypatch.setattr("distillistic.training.run.train", _fake_train(calls, {
         1: UserError("data folder 'x' does not exist"), 2: RuntimeError("CUDA out of memory")}))
     cfg = tmp_path / "s.yaml"
     cfg.write_text(yaml.safe_dump({**BASE, "grid": {"seed": [0, 1, 2, 3]}}))
@@ -209,7 +210,7 @@ def test_failed_cells_are_reported_and_the_sweep_goes_on(tmp_path: Path, monkeyp
     assert yaml.safe_load((out / "sweep.yaml").read_text())["grid"] == {"seed": [0, 1, 2, 3]}
     # again: the completed cells are skipped, only the failed ones are tried
     calls.clear()
-    monkeypatch.setattr("distillistic.run.train", _fake_train(calls, {}))
+    monkeypatch.setattr("distillistic.training.run.train", _fake_train(calls, {}))
     assert main(["sweep", str(cfg), "--out", str(out)]) == 0
     assert [c.seed for c in calls] == [1, 2]
     assert not (out / "seed=2" / "error.txt").exists()
@@ -218,13 +219,13 @@ def test_failed_cells_are_reported_and_the_sweep_goes_on(tmp_path: Path, monkeyp
 
 def test_fail_fast_and_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Config] = []
-    monkeypatch.setattr("distillistic.run.train", _fake_train(calls, {0: UserError("bad")}))
+    monkeypatch.setattr("distillistic.training.run.train", _fake_train(calls, {0: UserError("bad")}))
     spec = {**BASE, "grid": {"seed": [0, 1, 2, 3]}}
     result = run_sweep(spec, tmp_path / "a", fail_fast=True)
     assert [o.status for o in result.outcomes] == ["failed"]
     assert len(calls) == 1
     calls.clear()
-    monkeypatch.setattr("distillistic.run.train", _fake_train(calls, {}))
+    monkeypatch.setattr("distillistic.training.run.train", _fake_train(calls, {}))
     result = run_sweep(spec, tmp_path / "b", shard_spec=(1, 2))
     assert [c.seed for c in calls] == [1, 3]
     assert [o.status for o in result.outcomes] == ["completed", "completed"]

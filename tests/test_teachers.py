@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from _util import tiny
-from distillistic import engine, teachers, train
-from distillistic import run as run_mod
-from distillistic.models import build_model
+from distillistic import train
+from distillistic.models.builders import build_model
+from distillistic.training import engine, teachers
+from distillistic.training import run as run_mod
 
 
 def _capture_teacher(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -22,8 +23,8 @@ def _capture_teacher(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {"calls": []}
     original = teachers.build_teacher
 
-    def build(cfg: Any, info: Any) -> tuple[nn.Module, str]:
-        model, source = original(cfg, info)
+    def build(cfg: Any, info: Any, trainer: Any) -> tuple[nn.Module, str]:
+        model, source = original(cfg, info, trainer)
         seen["model"] = model
         model.register_forward_pre_hook(lambda m, args: seen["calls"].append((m.training, torch.is_grad_enabled())))
         return model, source

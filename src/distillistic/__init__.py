@@ -7,8 +7,8 @@ Python API (mirrors ``distillistic train``)::
     result.summary["models"]["student"]["test"]["top1"]
 """
 
-from .config import Config
-from .errors import UserError
-from .run import RunResult, train
+from distillistic.config import Config
+from distillistic.errors import UserError
+from distillistic.training.run import RunResult, train
 
 __all__ = ["Config", "RunResult", "UserError", "train"]

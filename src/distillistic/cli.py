@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import config as config_mod
-from .errors import UserError
+from distillistic import config as config_mod
+from distillistic.errors import UserError
 
 log = logging.getLogger("distillistic")
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .run import train
+    from distillistic.training.run import train
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items", "argv")}
     overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
@@ -119,7 +119,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from distillistic.training.export import export_run
 
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
         print(path)
@@ -136,10 +136,10 @@ def _summary_line(summary: dict[str, Any], out: Any) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from .data import DATASETS
-    from .divergences import DIVERGENCES
-    from .methods import METHODS
-    from .models import MODELS
+    from distillistic.core.divergences import DIVERGENCES
+    from distillistic.core.methods import METHODS
+    from distillistic.data.loader import DATASETS
+    from distillistic.models.builders import MODELS
 
     tables: dict[str, Any] = {"algos": METHODS, "datasets": DATASETS, "models": MODELS, "divergences": DIVERGENCES}
     for name, registry in tables.items():
@@ -149,15 +149,15 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from distillistic.experiments.demo import run_demo
 
     print(run_demo(args.out, seeds=args.seeds, epochs=args.epochs, algos=args.algos))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .grid import parse_shard
-    from .sweep import describe, run_sweep
+    from distillistic.experiments.grid import parse_shard
+    from distillistic.experiments.sweep import describe, run_sweep
 
     shard = parse_shard(args.shard)
     result = run_sweep(args.config, args.out, shard, config_mod.parse_set(args.set_items), wandb=args.wandb,
@@ -173,7 +173,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from distillistic.experiments.report import write_report
 
     out = write_report(args.dirs, args.out)
     print(f"report: {out / 'report.md'}")

@@ -3,8 +3,8 @@
 The config is flat on purpose: every CLI flag ``--some-key`` is the config key ``some_key`` (the CLI
 is generated from the fields below), so a YAML file, a flag, a ``--set`` override and a sweep's
 ``grid:`` axis all name a setting the same way. Keys that default to ``None`` are resolved once, by
-:func:`resolve`, from the algorithm's and the dataset's defaults; the resolved config is what a run
-saves as ``config.yaml``.
+:func:`distillistic.training.setup.resolve`, from the algorithm's and the dataset's defaults; the
+resolved config is what a run saves as ``config.yaml``. This module is a leaf: it never looks a name up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UserError, short_repr
+from distillistic.errors import ConfigError, UserError, short_repr
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
@@ -309,17 +309,8 @@ def _check(ok: bool, key: str, value: object, allowed: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Static checks of every key; data-dependent ones are in :func:`validate_for_data`."""
-    from . import data, divergences, methods, models  # registries; imported here to avoid cycles
-
-    for key, registry in (("algo", methods.METHODS), ("dataset", data.DATASETS), ("model", models.MODELS)):
-        value = getattr(cfg, key)
-        if value not in registry:
-            raise UserError(f"config key '{key}': {registry.unknown_message(value)}")
-    if cfg.teacher is not None and cfg.teacher not in models.MODELS:
-        raise UserError(f"config key 'teacher': {models.MODELS.unknown_message(cfg.teacher)}")
-    if cfg.divergence not in divergences.DIVERGENCES:
-        raise UserError(f"config key 'divergence': {divergences.DIVERGENCES.unknown_message(cfg.divergence)}")
+    """Static checks of every key (no registry lookups: names are checked by
+    :func:`distillistic.training.setup.check`); data-dependent ones are in :func:`validate_for_data`."""
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
         _check(value is None or value in allowed, key, value, f"one of {', '.join(allowed)}")
@@ -357,38 +348,26 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")
     _check(cfg.student_weights != "train", "student_weights", "train", "imagenet, random or a checkpoint path")
-    methods.METHODS.get(cfg.algo).check(cfg)
-
-
-def resolve(cfg: Config) -> Config:
-    """Fill every ``None`` default from the algorithm and dataset; the result is what a run saves."""
-    from . import data, methods
-
-    method = methods.METHODS.get(cfg.algo)
-    spec = data.DATASETS.get(cfg.dataset)
-    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else (
-        0.01 if cfg.optimizer == "adamw" else 1e-4)
-    resolved = cfg.replace(
-        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-        weight_decay=weight_decay,
-        augment=cfg.augment or spec.default_augment,
-        image_size=cfg.image_size or spec.default_image_size(cfg),
-        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-        teacher_epochs=cfg.teacher_epochs or cfg.epochs,
-    )
-    resolved = method.resolve(resolved)
-    validate(resolved)
-    return resolved
 
 
 def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:
     """Checks that need the dataset: class count and image size."""
-    if cfg.algo == "tfkd" and not cfg.virtual_p > 1.0 / num_classes:
-        raise ConfigError("virtual_p", cfg.virtual_p,
-                          f"a probability in (1/K, 1] = ({1.0 / num_classes:.4g}, 1] for K = {num_classes} classes")
     for key in ("student_resolution", "teacher_resolution"):
         value = getattr(cfg, key)
         if value is not None and value > image_size:
             raise ConfigError(key, value, f"at most the input size {image_size} px (views are only downscaled)")
     if cfg.imbalance_class is not None and cfg.imbalance_class >= num_classes:
         raise ConfigError("imbalance_class", cfg.imbalance_class, f"a class index in [0, {num_classes - 1}]")
+
+
+def split_names(value: str | None) -> list[str]:
+    """``"resnet50,resnet34"`` -> ``["resnet50", "resnet34"]`` (a list key given as one string)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def model_names(cfg: Config, key: str) -> list[str]:
+    """The architectures named by ``key``: ``model``, ``teacher`` (a list) or ``students`` (when it lists them)."""
+    value = getattr(cfg, key)
+    if key == "students":
+        return list(value) if isinstance(value, tuple) else []
+    return split_names(value)

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import UserError, short_repr
+from distillistic.errors import UserError, short_repr
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ One step, for any algorithm (DESIGN.md, section 1):
 
 Statistics stay on the device and are read once per log interval and at the end of the epoch; the
 loop never branches on the algorithm, the device or the precision. Files are written by the
-:class:`Hooks` the caller passes (see :mod:`distillistic.run`).
+:class:`Hooks` the caller passes (see :mod:`distillistic.training.run`).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import unwrap
-from .config import Config
-from .data import Batch, Loader
-from .errors import TrainingDiverged
-from .metrics import MetricAccumulator, pairwise_kl
-from .objective import Objective
-from .runtime import Runtime
-from .signals import StepInputs
-from .views import ViewMaker
+from distillistic.config import Config
+from distillistic.core.metrics import MetricAccumulator, pairwise_kl
+from distillistic.core.objective import Objective
+from distillistic.core.signals import StepInputs
+from distillistic.data.loader import Batch, Loader
+from distillistic.data.views import ViewMaker
+from distillistic.errors import TrainingDiverged
+from distillistic.training.checkpoint import unwrap
+from distillistic.training.runtime import Runtime
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Member:
 
 @dataclass
 class Task:
-    """Everything a run trains with, built once from the config by :mod:`distillistic.run`."""
+    """Everything a run trains with, built once from the config by :mod:`distillistic.training.run`."""
 
     cfg: Config
     rt: Runtime
@@ -74,6 +74,11 @@ class Task:
     num_classes: int
     show_progress: bool = False
     per_class: bool = False
+
+    @property
+    def term_parameters(self) -> list[nn.Parameter]:
+        """The objective's trainable parameters (adapters, temperatures), every student's."""
+        return [p for i in range(len(self.students)) for p in self.objective.student_parameters(i)]
 
 
 @dataclass
@@ -108,20 +113,20 @@ class TrainMeters:
     def __init__(self, task: Task) -> None:
         k, dev, n = task.num_classes, task.rt.device, len(task.students)
         self.loss_names = task.objective.names
-        self.terms = [t.name for t in task.objective.terms]
+        self.terms = [t.name for t in task.objective.extra]
         self.losses = torch.zeros(n, len(self.loss_names), device=dev, dtype=torch.float64)
         self.preds = [MetricAccumulator(k, dev, per_class=task.per_class) for _ in range(n)]
         self.signals = {(t, i): MetricAccumulator(k, dev) for t in self.terms for i in range(n)}
         self.extra = torch.zeros(3, device=dev, dtype=torch.float64)  # steps, sum of pairwise KL, non-finite losses
 
     def update(self, logits: list[Tensor], labels: Tensor, outs: list[dict[str, Tensor]],
-               targets: dict[str, list[Tensor]]) -> None:
+               targets: dict[str, list[Tensor] | None]) -> None:
         self.losses += torch.stack([torch.stack([o[k].detach() for k in self.loss_names]) for o in outs]).double()
         for acc, z in zip(self.preds, logits):
             acc.update(z.detach(), labels)
         for name, qs in targets.items():
-            for i, q in enumerate(qs):
-                if i == 0 or q is not qs[0]:  # a signal shared by the cohort is counted once
+            for i, q in enumerate(qs or []):
+                if i == 0 or q is not (qs or [])[0]:  # a signal shared by the cohort is counted once
                     self.signals[(name, i)].update_probs(q.mean(dim=0), labels)
         kl = pairwise_kl([z.detach() for z in logits]) if len(logits) > 1 else labels.new_zeros((), dtype=torch.float)
         bad = (~torch.isfinite(torch.stack([o["loss"].detach() for o in outs]))).sum()
@@ -167,27 +172,32 @@ class TrainMeters:
         return rows
 
 
-def train_step(task: Task, batch: Batch, alpha: float, meters: TrainMeters) -> None:
-    """One optimisation step of every student on one batch."""
+def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -> None:
+    """One optimisation step of every student on one batch, at ``progress`` in [0, 1] of training."""
     rt, objective = task.rt, task.objective
     views = task.views(batch, train=True)
     labels = batch.labels.to(rt.device, non_blocking=True)
+    weights = objective.weights_at(progress)
     with rt.autocast():
         logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
-        inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index)
-        targets = {t.name: t.signal.targets(inp, t.temperature) for t in objective.terms}
-        outs = [objective(z, labels, {n: q[i] for n, q in targets.items()}, alpha) for i, z in enumerate(logits)]
+        inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
+                         progress=progress)
+        targets = objective.targets(inp)
+        outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     for opt in task.optimizers:
         opt.zero_grad(set_to_none=True)
     # The students share no graph (signals are detached), so one backward gives each its own gradient.
     rt.scaler.scale(torch.stack([o["loss"] for o in outs]).sum()).backward()
-    for student, opt, sched in zip(task.students, task.optimizers, task.schedulers):
+    rt.average_gradients_(task.term_parameters)  # terms' own parameters live outside DDP's wrapper
+    for i, (student, opt, sched) in enumerate(zip(task.students, task.optimizers, task.schedulers)):
         if task.cfg.grad_clip:
             rt.scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(student.model.parameters(), task.cfg.grad_clip)
+            nn.utils.clip_grad_norm_([*student.model.parameters(), *objective.student_parameters(i)],
+                                     task.cfg.grad_clip)
         rt.scaler.step(opt)
         sched.step()
     rt.scaler.update()
+    objective.after_step(inp)
     meters.update(logits, labels, outs, targets)
 
 
@@ -205,8 +215,7 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
                disable=not task.show_progress, leave=False, dynamic_ncols=True)
     start = time.perf_counter() - progress.epoch_seconds
     for batch in task.views.prepare(loader.epoch(progress.epoch, progress.step)):
-        alpha = task.objective.alpha_at((progress.epoch + progress.step / steps) / cfg.epochs)
-        train_step(task, batch, alpha, meters)
+        train_step(task, batch, (progress.epoch + progress.step / steps) / cfg.epochs, meters)
         progress.step += 1
         progress.global_step += 1
         progress.epoch_images += len(batch.labels) * task.rt.world_size

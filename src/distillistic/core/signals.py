@@ -21,7 +21,13 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from .views import Views
+
+class Views(Protocol):
+    """The batch as models see it (:class:`distillistic.data.views.Views`): one view per input size."""
+
+    def get(self, size: int | None, channels: int) -> Tensor:
+        """The batch ``[B, C, S, S]`` at ``size`` px (None: the full view) with ``channels`` channels."""
+        ...
 
 
 @dataclass
@@ -35,6 +41,7 @@ class StepInputs:
     epoch: int = 0
     index: Tensor | None = None  # int64 [B] sample indices (host), keys for the teacher-output store
     split: str = "train"  # the split the batch comes from (train, val or test)
+    progress: float = 0.0  # share of training done, in [0, 1] (schedules, ramps)
     cache: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -52,7 +59,7 @@ class Signal(Protocol):
 
 
 class TeacherOutputs(Protocol):
-    """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.store`)."""
+    """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.training.store`)."""
 
     def fetch(self, inp: StepInputs) -> Tensor | None:
         """The stored logits ``[B, K]`` of the batch's samples on the device, or None if any is missing."""
@@ -71,7 +78,7 @@ def _soft(symbol: str, t: float) -> str:
 class Teacher:
     """A frozen model's softened predictions on its own view of the batch.
 
-    With a ``store`` (:mod:`distillistic.store`) the logits of views seen by an earlier run are read
+    With a ``store`` (:mod:`distillistic.training.store`) the logits of views seen by an earlier run are read
     instead of computed: the model does not run and its view of the batch is never made.
     """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .engine import Progress, Task
+from distillistic.training.engine import Progress, Task
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
 

@@ -3,7 +3,7 @@
 Each registered dataset turns a config into a :class:`RawDataset`: its splits as sources of uint8
 images (in memory for small datasets, file paths for image folders), class names, normalisation
 statistics and the files it read (for the manifest's checksum). Splitting, sampling, loading and
-augmentation are in :mod:`distillistic.data`.
+augmentation are in :mod:`distillistic.data.loader`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, cache_dir
-from .errors import DataError
-from .integrity import folder_checksum, md5sum
-from .registry import Registry
+from distillistic.config import Config, cache_dir
+from distillistic.data.integrity import folder_checksum, md5sum
+from distillistic.errors import DataError
+from distillistic.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

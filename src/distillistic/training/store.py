@@ -2,7 +2,7 @@
 
 A sweep trains many students (seeds, algorithms, α, T, resolutions) against one frozen teacher on
 the same data. Every sample's training view is a pure function of ``(data seed, epoch, index)``
-(:mod:`distillistic.augment`), so the teacher's logits on it are too: the first run records them,
+(:mod:`distillistic.data.augment`), so the teacher's logits on it are too: the first run records them,
 every later run that shares teacher, data, transform and data seed reads them and never runs the
 teacher (Shen & Xing 2022, "A Fast Knowledge Distillation Framework", stores them the same way).
 Runs share an entry only when they fix the data seed (``--data-seed``): it defaults to ``--seed``.
@@ -48,15 +48,15 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write, atomic_write_json
-from .config import Config, cache_dir
-from .data import DataBundle, Loader, split_fingerprint
-from .errors import UserError
-from .signals import StepInputs, Teacher
-from .views import ViewMaker
+from distillistic.config import Config, cache_dir
+from distillistic.core.signals import StepInputs, Teacher
+from distillistic.data.loader import DataBundle, Loader, split_fingerprint
+from distillistic.data.views import ViewMaker
+from distillistic.errors import UserError
+from distillistic.training.checkpoint import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from distillistic.training.runtime import Runtime
 
 log = logging.getLogger("distillistic")
 
@@ -310,8 +310,9 @@ def store_root(cfg: Config) -> Path:
 
 def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256: str, loaders: dict[str, Loader],
                views: ViewMaker, rt: Runtime) -> TeacherStore | None:
-    """The store entry of this run's teacher (``teacher_sha256``: :func:`~distillistic.checkpoint.state_dict_hash`
-    of its weights), data, transform and data seed; None when the store is off."""
+    """The store entry of this run's teacher (``teacher_sha256``:
+    :func:`~distillistic.fileio.state_dict_hash` of its weights), data, transform and data seed;
+    None when the store is off."""
     if cfg.teacher_store == "off":
         return None
     if rt.world_size > 1:

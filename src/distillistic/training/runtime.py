@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import Config
-from .errors import ConfigError
+from distillistic.config import Config
+from distillistic.errors import ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,6 +56,16 @@ class Runtime:
         if self.distributed:
             for t in tensors:
                 dist.all_reduce(t)
+
+    def average_gradients_(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients of parameters that no DDP wrapper syncs (a term's adapters) over processes."""
+        if self.distributed and params:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for p, g in zip(params, flat.split([g.numel() for g in grads])):
+                p.grad = g.view_as(p).clone()
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every process."""

@@ -19,8 +19,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from .errors import CheckpointError, UserError
-from .registry import Registry
+from distillistic.errors import CheckpointError, UserError
+from distillistic.registry import Registry
 
 Builder = Callable[[int, int, int, bool], nn.Module]  # (num_classes, in_channels, image_size, imagenet)
 
@@ -61,7 +61,7 @@ def _imagenet_model(name: str) -> nn.Module:
     if cached.is_file():
         # torchvision reads its cache with torch.load(weights_only=False): a file put there by hand is
         # checked first with weights_only=True, so that it cannot run pickled code.
-        from .checkpoint import load
+        from distillistic.fileio import load
 
         try:
             load(cached)

@@ -1,6 +1,6 @@
 """The device-side views of a batch: augmentation, normalisation, cross-quality downscaling.
 
-:class:`ViewMaker` turns a uint8 :class:`~distillistic.data.Batch` into :class:`Views` on the device:
+:class:`ViewMaker` turns a uint8 :class:`~distillistic.data.loader.Batch` into :class:`Views` on the device:
 
 * RandAugment runs batched with per-sample choices keyed by ``(data_seed, epoch, index)``;
 * the cross-quality views come from *the same* augmented crop: the full view for the teacher and an
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import BatchRandAugment, SampleKeys
-from .data import Batch, DataInfo
-from .errors import DataError
+from distillistic.data.augment import BatchRandAugment, SampleKeys
+from distillistic.data.loader import Batch, DataInfo
+from distillistic.errors import DataError
 
 
 class Views:

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_model_weights
-from .config import MACHINE_KEYS, Config, cache_dir
-from .data import DataInfo
-from .errors import UserError
-from .models import build_model
-from .rundir import read_summary
-from .runtime import derived_seed
+from distillistic.config import Config, cache_dir
+from distillistic.data.loader import DataInfo
+from distillistic.errors import UserError
+from distillistic.models.builders import build_model
+from distillistic.training.checkpoint import load_model_weights
+from distillistic.training.rundir import read_summary
+from distillistic.training.runtime import derived_seed
 
 log = logging.getLogger("distillistic")
 
@@ -48,15 +49,31 @@ def teacher_recipe(cfg: Config) -> Config:
         virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share)
 
 
+# The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
+# parameter, the student's model) can never reach the key, so no sweep retrains the teacher per value.
+TEACHER_KEYS = (
+    "model", "student_weights", "seed", "data_seed", "epochs",
+    "dataset", "split_seed", "val_fraction", "split_fractions", "image_size", "augment", "max_classes",
+    "class_names", "max_train_samples", "synthetic_samples", "synthetic_classes", "synthetic_channels",
+    "student_resolution", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "scheduler",
+    "warmup_fraction", "grad_clip", "precision", "channels_last", "deterministic",
+)
+
+
 def recipe_key(recipe: Config, info: DataInfo) -> str:
-    items: dict[str, Any] = {k: v for k, v in recipe.to_dict().items() if k not in MACHINE_KEYS}
+    """A short hash of the teacher's defining keys (:data:`TEACHER_KEYS`) and the data's checksum."""
+    settings = recipe.to_dict()
+    items: dict[str, Any] = {k: settings[k] for k in TEACHER_KEYS}
     items["data_checksum"] = info.checksum
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trained_teacher_dir(cfg: Config, info: DataInfo) -> Path:
-    """Train the teacher once (or find it trained) and return its run directory."""
-    from .run import train  # a teacher is trained by the same trainer, as a baseline run
+Trainer = Callable[[Config], object]
+
+
+def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
+    """Train the teacher once with ``train`` (the run's own trainer, as a baseline run), or find it trained;
+    return its run directory."""
 
     recipe = teacher_recipe(cfg)
     folder = cache_dir(cfg) / "teachers" / f"{recipe.model}-{recipe_key(recipe, info)}"
@@ -83,7 +100,7 @@ def _completed(folder: Path) -> bool:
     return read_summary(folder).get("status") == "completed"
 
 
-def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
+def build_teacher(cfg: Config, info: DataInfo, train: Trainer) -> tuple[nn.Module, str]:
     """The frozen teacher of a resolved config and a description of where its weights came from."""
     assert cfg.teacher is not None
     source = cfg.teacher_weights
@@ -96,7 +113,7 @@ def build_teacher(cfg: Config, info: DataInfo) -> tuple[nn.Module, str]:
         model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size,
                             imagenet=source == "imagenet")
         return model, source
-    path = trained_teacher_dir(cfg, info) if source == "train" else Path(source).expanduser()
+    path = trained_teacher_dir(cfg, info, train) if source == "train" else Path(source).expanduser()
     model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
     load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
     return model, str(path)

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .config import MACHINE_KEYS, Config
-from .errors import UserError
+from distillistic import config as config_mod
+from distillistic.config import MACHINE_KEYS, Config
+from distillistic.errors import UserError
+from distillistic.training import setup
 
 SEED_KEYS = ("seed", "data_seed")
 
@@ -178,8 +179,7 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
     name = cell_name(variant, settings)
     try:
         cfg = config_mod.from_mapping({**base, **variant_values, **settings})
-        config_mod.validate(cfg)
-        config_mod.resolve(cfg)
+        setup.resolve(cfg)
     except UserError as e:
         raise UserError(f"{source}: cell '{name}': {e}") from None
     full = {"variant": variant, **settings} if variant is not None else dict(settings)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .report import format_table, summarize_runs
-from .run import train
+from distillistic.config import Config
+from distillistic.experiments.report import format_table, summarize_runs
+from distillistic.training.run import train
 
 DEMO_ALGOS: dict[str, dict[str, object]] = {
     "baseline": {"algo": "baseline"},

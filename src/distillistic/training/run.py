@@ -16,19 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import config as config_mod
-from .checkpoint import fault_point, load_model_weights, read_state_dict, state_dict_hash, unwrap
-from .config import Config
-from .data import EpochSampler, Loader, build_data
-from .engine import Member, Progress, Task, evaluate, fit
-from .errors import TrainingDiverged, UserError
-from .methods import METHODS
-from .models import MODELS, build_model
-from .optim import make_optimizer, make_scheduler
-from .rundir import RunDir, restore_state
-from .runtime import Runtime, derived_seed, resolve_runtime, seed_everything
-from .signals import Teacher
-from .views import ViewMaker
+from distillistic import config as config_mod
+from distillistic.config import Config
+from distillistic.core.methods import METHODS, Context
+from distillistic.core.signals import Teacher
+from distillistic.data.loader import EpochSampler, Loader, build_data
+from distillistic.data.views import ViewMaker
+from distillistic.errors import TrainingDiverged, UserError
+from distillistic.models.builders import MODELS, build_model
+from distillistic.training import setup
+from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, state_dict_hash, unwrap
+from distillistic.training.engine import Member, Progress, Task, evaluate, fit
+from distillistic.training.optim import make_optimizer, make_scheduler
+from distillistic.training.rundir import RunDir, restore_state
+from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
 
 log = logging.getLogger("distillistic")
 
@@ -43,8 +44,7 @@ class RunResult:
 def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     cfg = config_mod.from_mapping(overrides, base=config or Config())
-    config_mod.validate(cfg)
-    cfg = config_mod.resolve(cfg)
+    cfg = setup.resolve(cfg)
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)
@@ -88,13 +88,14 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     """Everything the engine needs, from a resolved config; raises :class:`UserError` on bad input."""
     bundle = build_data(cfg)
     info = bundle.info
+    setup.check_for_data(cfg, info.num_classes, info.image_size)
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
     teacher_member, teacher_source, teacher_sha256 = None, None, None
     if method.needs_teacher:
-        from .teachers import build_teacher
+        from distillistic.training.teachers import build_teacher
 
-        teacher_model, teacher_source = build_teacher(cfg, info)
+        teacher_model, teacher_source = build_teacher(cfg, info, train)
         teacher_model = teacher_model.to(rt.device)
         teacher_sha256 = state_dict_hash(teacher_model.state_dict())  # its identity: store key, checkpoints
         channels = MODELS.get(cfg.teacher or "").channels(info.channels)
@@ -104,7 +105,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                                 outputs=signal_teacher.logits)
     else:
         signal_teacher = None
-    objective = method.objective(cfg, signal_teacher)
+    objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1)).to(rt.device)
     names = _student_names(cfg.students or 1)
     channels = MODELS.get(cfg.model).channels(info.channels)
     raw_students = _build_students(cfg, info)
@@ -124,14 +125,16 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
         loaders[split] = Loader(bundle.splits[split], sampler, info.image_size, False, cfg.data_seed,
                                 cfg.num_workers, pin)
     total_steps = len(loaders["train"]) * cfg.epochs
-    optimizers = [make_optimizer(cfg, s.model.parameters()) for s in students]
+    # A term's own parameters (an adapter, a temperature) train with the student they belong to.
+    optimizers = [make_optimizer(cfg, [*s.model.parameters(), *objective.student_parameters(i)])
+                  for i, s in enumerate(students)]
     schedulers = [make_scheduler(cfg, opt, total_steps) for opt in optimizers]
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
     if signal_teacher is not None and teacher_sha256 is not None:
-        from .store import open_store
+        from distillistic.training.store import open_store
 
         signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
     return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256}

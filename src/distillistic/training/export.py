@@ -3,7 +3,7 @@
 safetensors holds tensors and a string-to-string header only, so an exported file can be shared and
 loaded without any pickle. Each file carries, as JSON in its metadata, the student's architecture
 (``arch``), class count (``num_classes``), name and the run's resolved ``config``; read it back with
-:func:`distillistic.checkpoint.read_state_dict` (``--teacher-weights FILE`` / ``--student-weights FILE``).
+:func:`distillistic.training.checkpoint.read_state_dict` (``--teacher-weights FILE`` / ``--student-weights FILE``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoint import check_format, load, write_safetensors
-from .errors import CheckpointError, UserError
+from distillistic.errors import CheckpointError, UserError
+from distillistic.training.checkpoint import check_format, load, write_safetensors
 
 
 def export_run(run_dir: Path, out: Path | None = None, which: str = "best", overwrite: bool = False) -> list[Path]:

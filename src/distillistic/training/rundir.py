@@ -40,8 +40,11 @@ from typing import Any
 
 import torch
 
-from . import config as config_mod
-from .checkpoint import (
+from distillistic import config as config_mod
+from distillistic.config import FIELDS, VOLATILE_KEYS, Config
+from distillistic.data.loader import DataInfo
+from distillistic.errors import CheckpointError, TrainingDiverged, UserError
+from distillistic.training.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     check_format,
@@ -50,12 +53,9 @@ from .checkpoint import (
     remove_stale_temporaries,
     save,
 )
-from .config import FIELDS, VOLATILE_KEYS, Config
-from .data import DataInfo
-from .engine import Progress, Task, TrainMeters
-from .errors import CheckpointError, TrainingDiverged, UserError
-from .runtime import Runtime, rng_state, set_rng_state
-from .summary import build_summary, clean
+from distillistic.training.engine import Progress, Task, TrainMeters
+from distillistic.training.runtime import Runtime, rng_state, set_rng_state
+from distillistic.training.summary import build_summary, clean
 
 log = logging.getLogger("distillistic")
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export")
@@ -96,7 +96,7 @@ def _now() -> str:
 
 
 class RunDir:
-    """Files of one run; also the engine's :class:`~distillistic.engine.Hooks`."""
+    """Files of one run; also the engine's :class:`~distillistic.training.engine.Hooks`."""
 
     def __init__(self, out: Path, cfg: Config, rt: Runtime) -> None:
         self.out, self.cfg, self.rt = out, cfg, rt
@@ -264,7 +264,7 @@ class RunDir:
               "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in task.students},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
-              "rng": rng_state(), "progress": state, "teacher": self.teacher,
+              "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),
               "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
              self.last_checkpoint)
 
@@ -331,6 +331,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None)
         for sched, state in zip(task.schedulers, ckpt["schedulers"]):
             sched.load_state_dict(state)
         task.rt.scaler.load_state_dict(ckpt["scaler"])
+        task.objective.load_state_dict(ckpt.get("terms") or {})
         set_rng_state(ckpt["rng"])
         progress = Progress(**ckpt["progress"])
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:

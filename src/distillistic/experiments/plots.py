@@ -17,15 +17,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-if TYPE_CHECKING:
-    from .report import Group
+from distillistic.experiments.results import Group, mean_std, minimal_labels, pm, varying_keys
 
 AXES: dict[str, tuple[str, str]] = {  # key -> (name, unit) on plot axes and facet titles
     "student_resolution": ("student input size", "px"), "teacher_resolution": ("teacher input size", "px"),
@@ -88,7 +87,6 @@ def _determined_by(groups: Sequence[Group], key: str, axis: str) -> bool:
 
 def series_settings(groups: Sequence[Group], axis: str) -> list[dict[str, Any]]:
     """Each cell's settings without the axis and the numeric keys tied to it: what one line shares."""
-    from .report import varying_keys
 
     tied = {k for k in varying_keys([g.settings for g in groups])
             if k != axis and all(_numeric(g.settings.get(k)) for g in groups) and _determined_by(groups, k, axis)}
@@ -97,7 +95,6 @@ def series_settings(groups: Sequence[Group], axis: str) -> list[dict[str, Any]]:
 
 def swept_axes(groups: Sequence[Group]) -> list[str]:
     """Numeric keys along which at least one line (cells equal apart from the axis) has two or more points."""
-    from .report import varying_keys
 
     axes = []
     for key in varying_keys([g.settings for g in groups]):
@@ -113,7 +110,6 @@ def swept_axes(groups: Sequence[Group]) -> list[str]:
 
 def panels(groups: Sequence[Group], axis: str | None) -> list[Panel]:
     """Every cell as a :class:`Panel`: facets are the axis' values, labels what differs within a facet."""
-    from .report import minimal_labels
 
     if axis is None:
         return [Panel("", g.label, g) for g in groups]
@@ -130,7 +126,6 @@ def _fmt(value: Any) -> str:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    from .report import mean_std
 
     mean, std, _ = mean_std(values)
     return mean, std
@@ -238,7 +233,6 @@ def learning_curves(items: Sequence[Panel], path: Path) -> Path:
 
 
 def _reliability_panel(fig: Figure, spec: Any, p: Panel, ylabels: bool) -> None:
-    from .report import pm
 
     top, bottom = spec.subgridspec(2, 1, height_ratios=(3, 1), hspace=0.05).subplots(sharex=True)
     bins = pooled_bins(p.group)
@@ -321,7 +315,6 @@ def _log_axis(ax: Axes, xs: Sequence[float]) -> None:
 
 
 def against_axis(groups: Sequence[Group], axis: str, teacher: dict[str, Any] | None, path: Path) -> Path:
-    from .report import minimal_labels
 
     labels = minimal_labels(series_settings(groups, axis))
     colors, styles = _colors(labels), _styles(labels)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from distillistic.errors import DataError
 
 
 def md5sum(path: Path) -> str:
@@ -78,7 +78,7 @@ def folder_checksum(root: Path, paths: Sequence[Path], mode: str, cache: Path | 
     ``mode="listing"``: sha256 over relative paths and sizes only (no file is read); the result is
     prefixed ``listing:`` so the manifest says what it covers.
     """
-    from .checkpoint import atomic_write_json
+    from distillistic.fileio import atomic_write_json
 
     entries: list[tuple[str, str, int, int]] = []
     for p in sorted(paths):

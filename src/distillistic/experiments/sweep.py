@@ -5,7 +5,7 @@ A sweep file holds base config keys, a ``grid:`` mapping keys to lists of values
 ``tfkd_smoothed: {algo: tfkd, virtual_smooth: true}``, or a student size with the batch size that
 fits it); see ``configs/``.
 
-Every cell runs through :func:`distillistic.run.train` in ``DIR/<name>``, where the name lists the
+Every cell runs through :func:`distillistic.training.run.train` in ``DIR/<name>``, where the name lists the
 cell's variant and grid values (``tfkd_smoothed,seed=1``), so it is readable and stays the same
 when the sweep is run again. Re-running a sweep skips completed cells, resumes interrupted ones from
 their ``checkpoints/last.pt`` and retries failed ones; ``shard=(i, n)`` runs every n-th cell, so
@@ -28,11 +28,12 @@ from typing import Any
 
 import yaml
 
-from . import config as config_mod
-from .checkpoint import atomic_write_json, atomic_write_text
-from .errors import UserError
-from .grid import Cell, Plan, comparable, expand, plain, shard
-from .rundir import RUN_FILES, read_summary
+from distillistic import config as config_mod
+from distillistic.errors import UserError
+from distillistic.experiments.grid import Cell, Plan, comparable, expand, plain, shard
+from distillistic.training import setup
+from distillistic.training.checkpoint import atomic_write_json, atomic_write_text
+from distillistic.training.rundir import RUN_FILES, read_summary
 
 log = logging.getLogger("distillistic")
 
@@ -78,7 +79,7 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
         except yaml.YAMLError:
             saved = None
         if isinstance(saved, dict):
-            want = comparable(config_mod.resolve(cell.config).to_dict())
+            want = comparable(setup.resolve(cell.config).to_dict())
             have = comparable(saved)  # a key it lacks is newer than the run: its default applied then
             differ = sorted((k for k in want if k in have and have[k] != want[k]), key=lambda k: k not in cell.explicit)
             if differ:
@@ -133,13 +134,13 @@ def write_plan(plan: Plan, out: Path) -> None:
              f"--out {out}\n"
     atomic_write_text(out / "sweep.yaml", header + yaml.safe_dump(spec, sort_keys=False))
     cells = [{"index": c.index, "name": c.name, "settings": {k: plain(v) for k, v in c.settings.items()},
-              "config": config_mod.resolve(c.config).to_dict()} for c in plan.cells]
+              "config": setup.resolve(c.config).to_dict()} for c in plan.cells]
     atomic_write_json(out / "plan.json", {"source": plan.source, "cells": cells})
 
 
 def run_cell(cell: Cell, out: Path, state: str, wandb: bool | None = None) -> Outcome:
     """Train one cell in ``out/<name>`` (fresh, resumed or restarted); failures become an :class:`Outcome`."""
-    from .run import train
+    from distillistic.training.run import train
 
     folder = out / cell.name
     cfg = cell.config.replace(out=str(folder), resume=state == "resume", overwrite=state == "restart")

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .config import Config
+from distillistic.config import Config
 
 
 def _fused(params: list[nn.Parameter]) -> bool:

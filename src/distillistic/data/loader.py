@@ -1,7 +1,7 @@
 """Splits, sampling and loading.
 
 Data flows as uint8 images until it reaches the device: loaders yield :class:`Batch` (images
-``[B, C, S, S]`` uint8, labels, sample indices) and :mod:`distillistic.views` augments, normalises and
+``[B, C, S, S]`` uint8, labels, sample indices) and :mod:`distillistic.data.views` augments, normalises and
 derives the views a step needs on the device. Small datasets live in memory as one tensor and are
 gathered per batch; image folders are decoded and cropped in DataLoader workers (the crop box is keyed
 by ``(data_seed, epoch, index)`` like every other random choice).
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .augment import crop_box, sample_hash_int
-from .config import Config, validate_for_data
-from .datasets import DATASETS, FileSource, Source, TensorSource, data_root
-from .errors import DataError
-from .integrity import file_checksum
+from distillistic.config import Config
+from distillistic.data.augment import crop_box, sample_hash_int
+from distillistic.data.datasets import DATASETS, FileSource, Source, TensorSource, data_root
+from distillistic.data.integrity import file_checksum
+from distillistic.errors import DataError
 
 __all__ = ["DATASETS", "Batch", "DataBundle", "DataInfo", "EpochSampler", "Loader", "build_data",
            "split_fingerprint", "stratified_split"]
@@ -140,7 +140,6 @@ def build_data(cfg: Config) -> DataBundle:
     if len(train) == 0 or len(splits["val"]) == 0:
         raise DataError(f"dataset '{cfg.dataset}' in '{root}' is too small to carve train and val splits "
                         f"({len(train)} / {len(splits['val'])} samples); use more data or larger fractions")
-    validate_for_data(cfg, num_classes, cfg.image_size)
     checksum = file_checksum(raw.files) if raw.files else (raw.checksum or "")
     info = DataInfo(cfg.dataset, num_classes, channels, cfg.image_size, tuple(mean), tuple(std),
                     raw.class_names, {k: len(v) for k, v in splits.items()}, checksum,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import Registry
+from distillistic.registry import Registry
 
 Divergence = Callable[[Tensor, Tensor, float], Tensor]
 DIVERGENCES: Registry[Divergence] = Registry("divergence")

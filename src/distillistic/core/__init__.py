@@ -1,0 +1,1 @@
+"""Pure tensor code: teaching signals, losses, the objective, the methods' registry, metrics."""

@@ -1,0 +1,156 @@
+"""The methods' registry: each method is one registered function that returns its terms.
+
+A method never touches the training loop. It declares its students (how many, at least), whether it
+needs a frozen teacher, its default temperature, the config keys it reads (its *parameters*: typed
+config fields with defaults, help and range checks in :mod:`distillistic.config`), the paper it
+implements and its formula; its function returns the :class:`~distillistic.core.objective.Term` s
+beside cross-entropy. Nothing outside this registry names an algorithm: the loop, the config, the
+report and the demo ask a method what they need to know.
+
+Adding a method is one decorated function below (or in another module that registers into
+:data:`METHODS`); the tests parametrize over the registry, so it gets an end-to-end run, a torchrun
+run of its family and a golden-step check without another line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from distillistic.config import FIELDS, Config
+from distillistic.core.objective import Distill, Objective, Term
+from distillistic.core.signals import Peers, Signal, Virtual
+from distillistic.errors import ConfigError, UserError
+from distillistic.registry import Registry
+
+Family = Literal["supervised", "teacher", "cohort", "self"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method's terms may be built from, besides the config."""
+
+    teacher: Signal | None = None  # the frozen teacher(s)' signal, for methods that need one
+    num_classes: int = 0
+    students: int = 1
+
+
+TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    terms: TermsBuilder
+    reference: str
+    formula: str = ""
+    family: Family = "supervised"
+    params: tuple[str, ...] = ()  # the config keys this method reads beyond the common ones
+    needs_teacher: bool = False
+    min_students: int = 1
+    default_students: int = 1
+    default_teacher: str | None = None
+    default_temperature: Callable[[Config], float] = field(default=lambda cfg: 1.0)
+    composition: Literal["thesis", "sum"] = "thesis"
+    data_check: Callable[[Config, int], None] | None = None
+
+    def check(self, cfg: Config) -> None:
+        """Refuse a cohort too small for the method, and another method's parameters set to non-defaults."""
+        n = student_count(cfg)
+        if n is not None and n < self.min_students:
+            raise ConfigError("students", cfg.students,
+                              f"at least {self.min_students} for {self.name} (each student learns from its peers)")
+        for key in sorted(PARAMETERS):
+            if key not in self.params and getattr(cfg, key) != FIELDS[key].default:
+                owners = ", ".join(sorted(m for m in METHODS if key in METHODS.get(m).params))
+                raise UserError(f"config key '{key}' is a parameter of {owners}, not of algo {self.name}; "
+                                f"remove it or choose one of those algorithms")
+
+    def check_for_data(self, cfg: Config, num_classes: int) -> None:
+        if self.data_check is not None:
+            self.data_check(cfg, num_classes)
+
+    def resolve(self, cfg: Config) -> Config:
+        return cfg.replace(
+            students=cfg.students or self.default_students,
+            temperature=cfg.temperature or self.default_temperature(cfg),
+            teacher=(cfg.teacher or self.default_teacher) if self.needs_teacher else None,
+        )
+
+    def objective(self, cfg: Config, ctx: Context) -> Objective:
+        terms = self.terms(cfg, ctx)
+        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition)
+
+
+METHODS: Registry[Method] = Registry("algorithm")
+PARAMETERS: set[str] = set()  # every method's parameters: set for another method, they are refused
+
+
+def student_count(cfg: Config) -> int | None:
+    """Students in the cohort: ``students`` as a count, or the number of architectures it lists."""
+    value = cfg.students
+    return len(value) if isinstance(value, tuple) else value
+
+
+def method(name: str, reference: str, **options: object) -> Callable[[TermsBuilder], TermsBuilder]:
+    """Register ``fn(cfg, ctx) -> terms`` as algorithm ``name``; its docstring's first line is its formula."""
+
+    def decorator(fn: TermsBuilder) -> TermsBuilder:
+        formula = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        spec = Method(name, fn, reference, formula, **options)  # type: ignore[arg-type]
+        for key in spec.params:
+            if key not in FIELDS:
+                raise ValueError(f"method {name}: parameter '{key}' is not a config key")
+        METHODS.add(name, spec)
+        PARAMETERS.update(spec.params)
+        return fn
+
+    return decorator
+
+
+def _t(cfg: Config) -> float:
+    assert cfg.temperature is not None, "resolve the config first"
+    return cfg.temperature
+
+
+@method("baseline", "supervised training of the student alone")
+def _baseline(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    """L = CE(z, y)"""
+    return ()
+
+
+@method("kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network", family="teacher",
+        needs_teacher=True, default_teacher="resnet50", default_temperature=lambda cfg: 20.0)
+def _kd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)); several teachers: their mean softmax(t_j/T)"""
+    assert ctx.teacher is not None
+    return (Distill("kd", ctx.teacher, cfg.divergence, _t(cfg)),)
+
+
+@method("dml", "Zhang et al. 2018, Deep Mutual Learning (CVPR)", family="cohort", min_students=2,
+        default_students=3)
+def _dml(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    """L_i = (1-a) CE(z_i, y) + a mean_(j≠i) KL(softmax(z_j/T) ‖ softmax(z_i/T)), peers detached"""
+    return (Distill("dml", Peers("pairwise", name="dml"), cfg.divergence, _t(cfg)),)
+
+
+@method("dml_e", "DML against the mean of the peers (thesis)", family="cohort", min_students=2,
+        default_students=3)
+def _dml_e(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    """L_i = (1-a) CE(z_i, y) + a KL(mean_(j≠i) softmax(z_j/T) ‖ softmax(z_i/T))"""
+    return (Distill("dml_e", Peers("mean", name="dml_e"), cfg.divergence, _t(cfg)),)
+
+
+def _virtual_p_check(cfg: Config, num_classes: int) -> None:
+    if not cfg.virtual_p > 1.0 / num_classes:
+        raise ConfigError("virtual_p", cfg.virtual_p,
+                          f"a probability in (1/K, 1] = ({1.0 / num_classes:.4g}, 1] for K = {num_classes} classes")
+
+
+@method("tfkd", "Yuan et al. 2020, Revisiting KD via Label Smoothing Regularization (CVPR): virtual teacher",
+        family="self", params=("virtual_p", "virtual_smooth"), data_check=_virtual_p_check,
+        default_temperature=lambda cfg: 20.0 if cfg.virtual_smooth else 1.0)
+def _tfkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    """L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))"""
+    return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence, _t(cfg)),)

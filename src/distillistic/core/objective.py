@@ -1,0 +1,179 @@
+"""The objective: a weighted sum of terms, one per teaching signal (DESIGN.md, sections 1 and 7).
+
+For student ``i`` with outputs ``z_i`` (logits ``[B, K]``), labels ``y`` ``[B]`` and progress ``p`` in
+[0, 1] of training::
+
+    L_i = sum_k w_k(p) * term_k(i)
+
+A :class:`Term` is a teaching signal's detached target, a loss and a weight; cross-entropy is a term
+too (:class:`CrossEntropy`). Two compositions set the weights:
+
+* ``thesis`` (the default, the thesis's form): ``L = (1 - a) * CE + a * sum_k w_k * D_k`` with the
+  distillation weight ``a`` (alpha) optionally warmed up from 0 over a share of training;
+* ``sum``: ``L = sum_k w_k(p) * term_k``, each term with its own weight and ramp (``CE + b X + g Y``).
+
+Terms are modules: a term may own trainable parameters per student (an adapter, a temperature), which
+join that student's optimizer, and state (an EMA copy, a memory bank), which goes into the checkpoint;
+after every optimizer step each term's :meth:`Term.after_step` runs (EMA updates, memory banks).
+Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scalar per term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillistic.core.divergences import DIVERGENCES, SYMBOLS
+from distillistic.core.signals import Signal, StepInputs
+
+Ramp = Callable[[float], float]  # progress in [0, 1] -> factor of the term's weight
+
+
+def constant(progress: float) -> float:
+    return 1.0
+
+
+class Term(nn.Module):
+    """One teaching signal + its loss + its weight. Subclasses implement :meth:`loss` and :meth:`describe`.
+
+    ``distil``: the term is part of the distillation share ``alpha`` of the thesis's composition.
+    """
+
+    def __init__(self, name: str, weight: float = 1.0, distil: bool = True, ramp: Ramp = constant) -> None:
+        super().__init__()
+        self.name, self.weight, self.distil, self.ramp = name, weight, distil, ramp
+
+    def targets(self, inp: StepInputs) -> list[Tensor] | None:
+        """Detached target distributions ``[M, B, K]`` per student, computed once per step (None: no target).
+
+        They are what the term teaches and are also monitored (their entropy and ECE are logged)."""
+        return None
+
+    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
+        """The scalar term for student ``i`` with logits ``z`` ``[B, K]`` (with gradient)."""
+        raise NotImplementedError
+
+    def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
+        """Trainable parameters that belong with student ``i`` (its optimizer, DDP, checkpoint)."""
+        return iter(())
+
+    def after_step(self, inp: StepInputs) -> None:
+        """Called once after every optimizer step (EMA copies, memory banks, schedules)."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class CrossEntropy(Term):
+    """``CE(z, y)``: the supervised term, mean over the batch (float32 whatever the autocast)."""
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__("ce", weight, distil=False)
+
+    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
+        return F.cross_entropy(z.float(), inp.labels)
+
+    def describe(self) -> str:
+        return "CE(z, y)"
+
+
+class Distill(Term):
+    """``weight * D(signal || student; T)``: a divergence to a signal's target distribution."""
+
+    def __init__(self, name: str, signal: Signal, divergence: str = "kl", temperature: float = 1.0,
+                 weight: float = 1.0, ramp: Ramp = constant) -> None:
+        super().__init__(name, weight, distil=True, ramp=ramp)
+        self.signal, self.divergence, self.temperature = signal, divergence, temperature
+        self._fn = DIVERGENCES.get(divergence)
+
+    def targets(self, inp: StepInputs) -> list[Tensor]:
+        return self.signal.targets(inp, self.temperature)
+
+    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
+        assert target is not None
+        return self._fn(target, z, self.temperature)
+
+    def describe(self) -> str:
+        t = f"{self.temperature:g}"
+        d = SYMBOLS.get(self.divergence, self.divergence.upper())
+        scale, student = (f"{t}²·", f"softmax(z/{t})") if self.temperature != 1 else ("", "softmax(z)")
+        core = f"{scale}{d}({self.signal.describe(self.temperature)} ‖ {student})"
+        if self.signal.pairwise:
+            core = f"mean_(j≠i) {core}"
+        return core if self.weight == 1 else f"{self.weight:g}·{core}"
+
+
+class Objective(nn.Module):
+    """The terms of a method and their composition (see the module docstring)."""
+
+    def __init__(self, terms: tuple[Term, ...] = (), alpha: float = 0.0, alpha_warmup: float = 0.0,
+                 composition: Literal["thesis", "sum"] = "thesis", ce: Term | None = None) -> None:
+        super().__init__()
+        self.ce = ce if ce is not None else CrossEntropy()
+        self.terms = nn.ModuleList(terms)
+        self.alpha = alpha if terms else 0.0
+        self.alpha_warmup, self.composition = alpha_warmup, composition
+
+    @property
+    def extra(self) -> list[Term]:
+        return list(self.terms)  # type: ignore[arg-type]
+
+    def alpha_at(self, progress: float) -> float:
+        """alpha after ``progress`` in [0, 1] of training (epochs done / epochs)."""
+        if not self.terms or self.composition != "thesis":
+            return self.alpha
+        if self.alpha_warmup <= 0:
+            return self.alpha
+        return self.alpha * min(1.0, progress / self.alpha_warmup)
+
+    @property
+    def names(self) -> list[str]:
+        return ["loss", "ce", *(t.name for t in self.extra)]
+
+    def weights_at(self, progress: float) -> dict[str, float]:
+        """Each term's weight at ``progress``: the thesis's ``(1 - a, a * w_k)`` or ``w_k * ramp_k(p)``."""
+        if self.composition == "sum":
+            return {t.name: t.weight * t.ramp(progress) for t in [self.ce, *self.extra]}
+        a = self.alpha_at(progress)
+        return {"ce": 1 - a if self.terms else 1.0} | {t.name: a * t.weight * t.ramp(progress) for t in self.extra}
+
+    def targets(self, inp: StepInputs) -> dict[str, list[Tensor] | None]:
+        """Every term's detached targets for this step (once per step, shared by the cohort)."""
+        return {t.name: t.targets(inp) for t in self.extra}
+
+    def forward(self, i: int, z: Tensor, inp: StepInputs, targets: dict[str, list[Tensor] | None],
+                weights: dict[str, float]) -> dict[str, Tensor]:
+        """Student ``i``'s terms and loss: ``{"loss", "ce", <term name>: scalar}``."""
+        ce = self.ce.loss(i, z, inp, None)
+        out = {"ce": ce}
+        loss = weights["ce"] * ce if (self.terms or weights["ce"] != 1.0) else ce
+        for term in self.extra:
+            target = targets[term.name]
+            value = term.loss(i, z, inp, target[i] if target is not None else None)
+            out[term.name] = value
+            loss = loss + weights[term.name] * value
+        out["loss"] = loss
+        return out
+
+    def student_parameters(self, i: int) -> list[nn.Parameter]:
+        return [p for t in [self.ce, *self.extra] for p in t.student_parameters(i)]
+
+    def after_step(self, inp: StepInputs) -> None:
+        for t in [self.ce, *self.extra]:
+            t.after_step(inp)
+
+    def __str__(self) -> str:
+        if self.composition == "sum":
+            parts = [t.describe() if t.weight == 1 else f"{t.weight:g}·{t.describe()}" for t in [self.ce, *self.extra]]
+            return "L = " + " + ".join(parts)
+        if not self.terms:
+            return "L = CE(z, y)"
+        a, rest = f"{self.alpha:g}", f"{1 - self.alpha:g}"
+        distil = " + ".join(t.describe() for t in self.extra)
+        warm = f", alpha rising from 0 over the first {self.alpha_warmup:.0%} of training" if self.alpha_warmup else ""
+        if len(self.terms) > 1:
+            distil = f"[{distil}]"
+        return f"L = {rest}·CE(z, y) + {a}·{distil}{warm}"

@@ -1,0 +1,1 @@
+"""Datasets, splits, loading, augmentation and device-side views."""

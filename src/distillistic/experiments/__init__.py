@@ -1,0 +1,1 @@
+"""Sweeps, reports, plots and the demo: many runs of the trainer."""

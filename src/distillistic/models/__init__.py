@@ -1,0 +1,1 @@
+"""The model registry: builders, weights, stage taps."""

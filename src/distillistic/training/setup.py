@@ -1,0 +1,56 @@
+"""A config's checks against the registries, and its resolution into what a run saves.
+
+:mod:`distillistic.config` is a leaf: it checks every value on its own but never looks a name up. The
+checks that need the registries (methods, datasets, models, divergences) and the defaults that come
+from them live here, one layer above both.
+"""
+
+from __future__ import annotations
+
+from distillistic import config as config_mod
+from distillistic.config import Config
+from distillistic.core.divergences import DIVERGENCES
+from distillistic.core.methods import METHODS
+from distillistic.data.datasets import DATASETS
+from distillistic.errors import UserError
+from distillistic.models.builders import MODELS
+
+
+def check(cfg: Config) -> None:
+    """Every static check: the values (:func:`config.validate`), the names, the method's own parameters."""
+    config_mod.validate(cfg)
+    for key, registry in (("algo", METHODS), ("dataset", DATASETS), ("divergence", DIVERGENCES)):
+        value = getattr(cfg, key)
+        if value not in registry:
+            raise UserError(f"config key '{key}': {registry.unknown_message(value)}")
+    for key in ("model", "teacher", "students"):
+        for name in config_mod.model_names(cfg, key):
+            if name not in MODELS:
+                raise UserError(f"config key '{key}': {MODELS.unknown_message(name)}")
+    METHODS.get(cfg.algo).check(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill every ``None`` default from the algorithm and dataset; the result is what a run saves."""
+    check(cfg)
+    method = METHODS.get(cfg.algo)
+    spec = DATASETS.get(cfg.dataset)
+    weight_decay = cfg.weight_decay if cfg.weight_decay is not None else (
+        0.01 if cfg.optimizer == "adamw" else 1e-4)
+    resolved = cfg.replace(
+        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        weight_decay=weight_decay,
+        augment=cfg.augment or spec.default_augment,
+        image_size=cfg.image_size or spec.default_image_size(cfg),
+        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        teacher_epochs=cfg.teacher_epochs or cfg.epochs,
+    )
+    resolved = method.resolve(resolved)
+    check(resolved)
+    return resolved
+
+
+def check_for_data(cfg: Config, num_classes: int, image_size: int) -> None:
+    """The checks that need the dataset: the config's own (sizes, classes), then the method's."""
+    config_mod.validate_for_data(cfg, num_classes, image_size)
+    METHODS.get(cfg.algo).check_for_data(cfg, num_classes)
