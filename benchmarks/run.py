@@ -85,7 +85,7 @@ def model_math(cfg: Any) -> Callable[[], dict[str, float]]:
     import torch
     import torch.nn.functional as F
 
-    from distillistic import config as config_mod
+    from distillistic.training import setup
     from distillistic.training.run import build_task
     from distillistic.training.runtime import resolve_runtime
 
