@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_calibration_error, multiclass_calibration_error
 
-from distillistic.calibration import (
+from distillistic.core.calibration import (
     CalibrationAccumulator,
     adaptive_ece,
     calibration_report,
@@ -20,7 +20,7 @@ from distillistic.calibration import (
     scale,
     top1_agreement,
 )
-from distillistic.metrics import MetricAccumulator
+from distillistic.core.metrics import MetricAccumulator
 
 # Six samples over K = 3 with dyadic (exactly representable) probabilities and distinct confidences
 # 7/16, 1/2, 9/16, 3/4, 13/16, 7/8, none on an edge of the 3 bins (0, 1/3], (1/3, 2/3], (2/3, 1].

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from distillistic import cifar_data
-from distillistic.cifar_data import CIFAR, ensure_cifar, read_cifar
+from distillistic.data import cifar as cifar_data
+from distillistic.data.cifar import CIFAR, ensure_cifar, read_cifar
 from distillistic.errors import DataError
 
 # --- writers of the original format ---------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillistic.cifar_zoo import CIFAR_CLASSIFIER, CIFAR_MODELS, CIFAR_STAGES
+from distillistic.models.cifar import CIFAR_CLASSIFIER, CIFAR_MODELS, CIFAR_STAGES
 
 # name: (params at K=100, params at K=10, state_dict layout digest) -- counted on the reference, see above.
 PINNED: dict[str, tuple[int, int, str]] = {

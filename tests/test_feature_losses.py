@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from distillistic.feature_losses import (
+from distillistic.core.feature_losses import (
     ContrastMemory,
     CRDHead,
     Embed,

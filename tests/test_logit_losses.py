@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillistic.logit_losses import (
+from distillistic.core.logit_losses import (
     LearnableTemperature,
     cosine_lambda,
     dist_loss,

@@ -12,8 +12,8 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from distillistic.errors import UserError
-from distillistic.models import build_model
-from distillistic.taps import Taps, torchvision_stages
+from distillistic.models.builders import build_model
+from distillistic.models.taps import Taps, torchvision_stages
 
 RESNET_LAYERS = {"layer1": "layer1", "layer2": "layer2", "layer3": "layer3", "layer4": "layer4"}
 

@@ -322,7 +322,7 @@ def crd_loss(fs: torch.Tensor, ft: torch.Tensor, idx: torch.Tensor, embed_s: nn.
              generator: torch.Generator | None = None, update: bool = True) -> torch.Tensor:
     """CRD loss (RepDistiller ``CRDLoss``): ``nce(out_s) + nce(out_t)`` on the embedded penultimate features.
 
-    ``fs`` ``[B, d_s]``, ``ft`` ``[B, d_t]`` (e.g. the pooled features a :class:`distillistic.taps.Taps`
+    ``fs`` ``[B, d_s]``, ``ft`` ``[B, d_t]`` (e.g. the pooled features a :class:`distillistic.models.taps.Taps`
     "embedding" captures), ``idx`` ``[B]`` the samples' dataset indices. ``embed_t`` is trained too (it is in
     RepDistiller's trainable list); the teacher features themselves are detached. Updates the banks unless
     ``update=False`` (see :class:`ContrastMemory`).

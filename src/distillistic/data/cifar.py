@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import DataError
+from distillistic.errors import DataError
 
 Variant = Literal["cifar10", "cifar100"]
 

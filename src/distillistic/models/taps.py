@@ -17,7 +17,7 @@ from types import TracebackType
 import torch
 from torch import nn
 
-from .errors import UserError
+from distillistic.errors import UserError
 
 __all__ = ["TORCHVISION_STAGES", "Taps", "torchvision_stages"]
 
