@@ -137,7 +137,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
         from distillistic.training.store import open_store
 
         signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256}
+    store = signal_teacher.store if signal_teacher is not None else None
+    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256, "store": store}
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -187,6 +188,10 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
         return _stopped(task, progress, rundir, checkpointed)
     fault_point("final")
     final = final_evaluation(task, rundir)
+    if extra["store"] is not None:
+        stats = extra["store"].stats
+        log.info("teacher store: %d batches read, %d computed, %d files written, %d rebuilt", stats["hits"],
+                 stats["misses"], stats["written"], stats["rebuilt"])
     summary = rundir.write_summary(task, progress, status="completed", final=final,
                                    teacher_source=extra["teacher_source"])
     rundir.close()
