@@ -17,7 +17,7 @@ from distillistic import train
 from distillistic.config import Config
 from distillistic.core.signals import StepInputs, Teacher, Teachers
 from distillistic.errors import ConfigError, UserError
-from distillistic.experiments.report import teacher_rows
+from distillistic.experiments.report import teacher_rows, write_report
 from distillistic.experiments.results import Run
 from distillistic.experiments.sweep import run_sweep
 from distillistic.training import setup
@@ -223,6 +223,10 @@ def test_two_teachers_from_a_sweep(tmp_path: Path, mlp_teacher: Path) -> None:
                                      "grid": {"alpha": [0.5]}}
     (summary,) = _sweep(tmp_path, spec)
     _check_two_teachers(summary, mlp_teacher)
+    report = (write_report([tmp_path / "sweep"]) / "report.md").read_text()
+    teachers = report.split("## Teachers")[1]
+    assert "| cnn_wide |" in teachers
+    assert f"| mlp | `{mlp_teacher}` | 1 |" in teachers
 
 
 COHORT = ("cnn", "mlp", "cnn_wide")
@@ -265,6 +269,25 @@ def test_mixed_cohort_from_a_sweep(tmp_path: Path) -> None:
     spec = dict(TINY, algo="dml", students=list(COHORT), grid={"seed": [1]})
     (summary,) = _sweep(tmp_path, spec)
     _check_cohort(next((tmp_path / "sweep").glob("seed=1*")), summary)
+    report = (write_report([tmp_path / "sweep"]) / "report.md").read_text()
+    assert "cohort mean" in report
+    assert "## Teachers" not in report
+
+
+def test_each_teacher_has_its_own_config_and_cached_recipe() -> None:
+    from distillistic.training.teacher_set import teacher_configs
+    from distillistic.training.teachers import teacher_recipe
+
+    cfg = setup.resolve(Config(**TINY, algo="kd", teacher="cnn,cnn,mlp", teacher_weights="train", teacher_seed=5,
+                               teacher_mix=(1, 1, 2)))
+    configs = teacher_configs(cfg)
+    assert [(c.teacher, c.teacher_weights, c.teacher_seed) for c in configs] == [
+        ("cnn", "train", 5), ("cnn", "train", 6), ("mlp", "train", 5)]  # a repeated architecture: its own seed
+    recipes = [teacher_recipe(c) for c in configs]
+    assert len({(r.model, r.seed) for r in recipes}) == 3
+    single = setup.resolve(Config(**TINY, algo="kd", teacher="mlp", teacher_seed=5))
+    assert teacher_configs(single) == [single]
+    assert teacher_recipe(single) == recipes[2]  # the first of an architecture is the single teacher's recipe
 
 
 def test_an_integer_still_means_copies_of_model() -> None:
@@ -305,3 +328,26 @@ def test_bad_lists_are_refused_by_the_python_api() -> None:
         setup.resolve(Config(**TINY, algo="dml", students=("cnn", "nope")))
     with pytest.raises(ConfigError, match="students"):
         setup.resolve(Config(**TINY, algo="dml", students=()))
+
+
+def test_resume_with_another_second_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The checkpoint's teacher identity covers every teacher: new weights for the second alone are refused."""
+    from distillistic.models.builders import build_model
+
+    first, second = tmp_path / "t0.pt", tmp_path / "t1.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("cnn", 10, 1, 8).state_dict(), first)
+    torch.save(build_model("mlp", 10, 1, 8).state_dict(), second)
+    out = tmp_path / "run"
+    args = ["train", "--algo", "kd", "--teacher", "cnn,mlp", "--teacher-weights", f"{first},{second}",
+            "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "128", "--num-workers", "0",
+            "--no-tensorboard", "--no-progress", "--out", str(out)]
+    rc, _, err = run_cli(args, capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli([*args, "--resume"], capsys)  # the same teachers: it resumes (and finds it finished)
+    assert rc == 0, err
+    torch.manual_seed(1)
+    torch.save(build_model("mlp", 10, 1, 8).state_dict(), second)  # same path, other weights
+    rc, _, err = run_cli([*args, "--resume"], capsys)
+    assert rc == 2
+    assert "the teacher differs from the one the run started with (cnn,mlp from" in err[0]

@@ -102,8 +102,8 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
     for c in configs:  # a missing PATH is refused before another teacher is trained
         path = Path(c.teacher_weights).expanduser()
         if c.teacher_weights not in ("imagenet", "random", "train") and not path.exists():
-            raise UserError(f"teacher weights '{c.teacher_weights}' ({c.teacher}) not found: use imagenet, train, "
-                            "random or an existing checkpoint, run directory or .safetensors path")
+            raise UserError(f"teacher weights '{path}' not found: use imagenet, train, random or an existing "
+                            "checkpoint, run directory or .safetensors path")  # the message of load_model_weights
     names = config_mod.teacher_names(len(configs))
     signals, members, sources, hashes = [], [], [], []
     for name, c in zip(names, configs):
