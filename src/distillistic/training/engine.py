@@ -74,6 +74,7 @@ class Task:
     num_classes: int
     show_progress: bool = False
     per_class: bool = False
+    teachers: list[Member] = field(default_factory=list)  # every frozen teacher (teacher is teachers[0])
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:
