@@ -217,7 +217,7 @@ _TEACHER = {"family": "teacher", "needs_teacher": True, "default_teacher": "resn
 
 @method("dkd", "Zhao et al. 2022, Decoupled Knowledge Distillation (CVPR)", composition="sum",
         params=("dkd_alpha", "dkd_beta", "dkd_warmup", "logit_standardize"), default_temperature=lambda cfg: 4.0,
-        **_TEACHER)  # type: ignore[arg-type]
+        **_TEACHER)
 def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = CE(z, y) + min(p/w, 1) T² (α TCKD + β NCKD); TCKD on [p_y, 1-p_y], NCKD on the non-target classes"""
     teacher = _logit_source(ctx.teacher, "dkd")
@@ -226,7 +226,7 @@ def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 @method("dist", "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher (NeurIPS): DIST",
         composition="sum", params=("dist_beta", "dist_gamma", "logit_standardize"),
-        default_temperature=lambda cfg: 4.0, **_TEACHER)  # type: ignore[arg-type]
+        default_temperature=lambda cfg: 4.0, **_TEACHER)
 def _dist(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = CE(z, y) + τ² (β (1 - mean_b pearson_K) + γ (1 - mean_k pearson_B)) of softmax(z/τ), softmax(t/τ)"""
     teacher = _logit_source(ctx.teacher, "dist")
@@ -234,7 +234,7 @@ def _dist(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 
 @method("ctkd", "Li et al. 2023, Curriculum Temperature for Knowledge Distillation (AAAI): global temperature",
-        params=("ctkd_ramp", "logit_standardize"), **_TEACHER)  # type: ignore[arg-type]
+        params=("ctkd_ramp", "logit_standardize"), **_TEACHER)
 def _ctkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), T = 1 + 20 sigmoid(θ), θ by reversed gradient"""
     teacher = _logit_source(ctx.teacher, "ctkd")

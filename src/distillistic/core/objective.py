@@ -104,7 +104,7 @@ class Distill(Term):
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
         if self.standardize:
-            return self.signal.standardized_targets(inp, self.temperature)  # type: ignore[attr-defined, no-any-return]
+            return self.signal.standardized_targets(inp, self.temperature)  # type: ignore[attr-defined]
         return self.signal.targets(inp, self.temperature)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:

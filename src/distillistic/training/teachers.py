@@ -49,7 +49,7 @@ def teacher_recipe(cfg: Config) -> Config:
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
         virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
         # every method's own parameters too (the teacher is a baseline run, which refuses them)
-        **{key: FIELDS[key].default for key in sorted(PARAMETERS)})
+    ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
