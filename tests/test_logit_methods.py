@@ -301,3 +301,25 @@ def test_the_new_methods_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
         spec = METHODS.get(name)
         assert spec.reference
         assert spec.formula.startswith("L")
+
+
+def test_ctkd_temperature_survives_a_kill_and_resume(tmp_path: Path) -> None:
+    """θ is in the checkpoint (objective state and the student's optimizer): a run killed mid-epoch and resumed
+    ends bit for bit where the uninterrupted one does, logged temperatures included."""
+    from distillistic.training.checkpoint import load
+    from test_resume import assert_identical_runs
+    from test_resume import run_cli as run_process
+
+    args = ["train", "--algo", "ctkd", "--teacher", "mlp", "--teacher-weights", "random", "--dataset", "synthetic",
+            "--synthetic-samples", "160", "--image-size", "8", "--model", "mlp", "--epochs", "2", "--batch-size", "16",
+            "--checkpoint-every", "3", "--ctkd-ramp", "0.3", "--device", "cpu", "--threads", "1", "--no-tensorboard",
+            "--no-progress"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert run_process([*args, "--out", str(ref)]).returncode == 0
+    killed = run_process([*args, "--out", str(out)], fault="step:5")
+    assert killed.returncode != 0
+    done = run_process([*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(ref, out)
+    a, b = load(ref / "checkpoints" / "last.pt")["terms"], load(out / "checkpoints" / "last.pt")["terms"]
+    assert torch.equal(a["terms.0.temperatures.0.theta"], b["terms.0.temperatures.0.theta"])
