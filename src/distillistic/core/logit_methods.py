@@ -37,7 +37,7 @@ from distillistic.core.logit_losses import (
 from distillistic.core.methods import Context, method
 from distillistic.core.objective import Distill, Ramp, Term, constant
 from distillistic.core.signals import Signal, StepInputs, Transform
-from distillistic.errors import UserError
+from distillistic.errors import ConfigError, UserError
 
 
 class LogitSource(Protocol):
@@ -233,8 +233,14 @@ def _dist(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     return (DISTTerm(teacher, cfg.dist_beta, cfg.dist_gamma, _t(cfg), cfg.logit_standardize),)
 
 
+def _learned_temperature_check(cfg: Config, num_classes: int) -> None:
+    if cfg.temperature not in (None, 1.0):
+        raise ConfigError("temperature", cfg.temperature, "unset for ctkd (its temperature is learned: "
+                                                          "1 + 20·sigmoid(θ))")
+
+
 @method("ctkd", "Li et al. 2023, Curriculum Temperature for Knowledge Distillation (AAAI): global temperature",
-        params=("ctkd_ramp", "logit_standardize"), **_TEACHER)
+        params=("ctkd_ramp", "logit_standardize"), data_check=_learned_temperature_check, **_TEACHER)
 def _ctkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), T = 1 + 20 sigmoid(θ), θ by reversed gradient"""
     teacher = _logit_source(ctx.teacher, "ctkd")
