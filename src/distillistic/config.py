@@ -98,6 +98,18 @@ class Config:
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
     virtual_p: float = _f(0.9, "tfkd: probability of the correct class in the virtual teacher")
     virtual_smooth: bool = _f(False, "tfkd: soften the virtual teacher with softmax(v/T) as the original code")
+    # --- logit-based methods (issue 10): ls, dkd, dist, ctkd, kdcl and logit standardisation ---------
+    label_smoothing: float = _f(0.1, "ls: smoothing eps of the target (1-eps) onehot + eps/K, in [0, 1)")
+    dkd_alpha: float = _f(1.0, "dkd: weight alpha of the target-class term TCKD (Zhao et al. 2022: 1)")
+    dkd_beta: float = _f(8.0, "dkd: weight beta of the non-target-class term NCKD (Zhao et al. 2022: 8)")
+    dkd_warmup: float = _f(20 / 240, "dkd: share of training over which the DKD term rises linearly from 0 "
+                                     "(Zhao et al. 2022: 20 of 240 epochs)")
+    dist_beta: float = _f(2.0, "dist: weight beta of the inter-class relation term (Huang et al. 2022: 2)")
+    dist_gamma: float = _f(2.0, "dist: weight gamma of the intra-class relation term (Huang et al. 2022: 2)")
+    ctkd_ramp: float = _f(10 / 240, "ctkd: share of training over which the reversal strength lambda rises "
+                                    "(cosine) from 0 to 1 (Li et al. 2023: 10 of 240 epochs)")
+    logit_standardize: bool = _f(False, "z-score teacher/peer and student logits per sample before the temperature "
+                                        "(Sun et al. 2024): kd, dkd, dist, ctkd, dml, dml_e, kdcl")
     student_resolution: int | None = _f(None, "cross-quality: students read a downscaled view of this size")
     teacher_resolution: int | None = _f(None, "cross-quality: teacher view size (default: the dataset's)")
     teacher_store: str = _f("auto", "store of frozen-teacher outputs: auto (cache folder), off, or a DIR")
@@ -393,6 +405,12 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")
     _check(cfg.student_weights != "train", "student_weights", "train", "imagenet, random or a checkpoint path")
+    # logit-based methods (issue 10)
+    _check(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", cfg.label_smoothing, "a number in [0, 1)")
+    for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
+        _check(getattr(cfg, key) >= 0, key, getattr(cfg, key), "a weight >= 0")
+    for key in ("dkd_warmup", "ctkd_ramp"):
+        _check(0.0 <= getattr(cfg, key) < 1.0, key, getattr(cfg, key), "a share of training in [0, 1)")
 
 
 def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:

@@ -18,11 +18,16 @@ before they get here, and the virtual teacher is built from labels alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from distillistic.core.logit_losses import standardize
+
+Transform = Callable[[Tensor], Tensor] | None  # applied to a signal's logits [..., K] before the temperature
 
 
 class Views(Protocol):
@@ -108,7 +113,15 @@ class Teacher:
         return inp.cache[self.key]
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        q = torch.softmax(self.logits(inp) / temperature, dim=-1).unsqueeze(0)
+        return self._targets(inp, temperature, None)
+
+    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """``softmax(zscore(t)/T)`` (logit standardisation, Sun et al. 2024)."""
+        return self._targets(inp, temperature, standardize)
+
+    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
+        t = self.logits(inp)
+        q = torch.softmax((transform(t) if transform else t) / temperature, dim=-1).unsqueeze(0)
         return [q] * len(inp.logits)
 
     def describe(self, temperature: float) -> str:
@@ -159,10 +172,18 @@ class Peers:
         self.pairwise = mode == "pairwise"
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        return self._targets(inp, temperature, None)
+
+    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """The peers' logits z-scored per sample before the temperature (Sun et al. 2024)."""
+        return self._targets(inp, temperature, standardize)
+
+    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
         n = len(inp.logits)
         if n < 2:
             raise ValueError("Peers needs a cohort of at least 2 students")
-        p = torch.softmax(torch.stack([z.detach().float() for z in inp.logits]) / temperature, dim=-1)
+        z = torch.stack([z.detach().float() for z in inp.logits])
+        p = torch.softmax((transform(z) if transform else z) / temperature, dim=-1)
         if self.pairwise:
             return [p[[j for j in range(n) if j != i]] for i in range(n)]
         total = p.sum(dim=0)

@@ -165,6 +165,7 @@ class TrainMeters:
                 acc = self.signals[(t, i)] if float(self.signals[(t, i)].sums[0]) else self.signals[(t, 0)]
                 stats = acc.compute()
                 row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"]}
+            row |= task.objective.stats(i)  # the terms' own state (e.g. a learned temperature), once per epoch
             rows.append(row)
         if len(names) > 1:
             top1 = torch.tensor([r["top1"] for r in rows])

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillistic.config import Config, cache_dir
+from distillistic.config import FIELDS, Config, cache_dir
+from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
 from distillistic.errors import UserError
 from distillistic.models.builders import build_model
@@ -46,7 +47,9 @@ def teacher_recipe(cfg: Config) -> Config:
         # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
-        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share)
+        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
+        # every method's own parameters too (the teacher is a baseline run, which refuses them)
+    ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
