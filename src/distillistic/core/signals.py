@@ -25,8 +25,10 @@ from torch import Tensor, nn
 class Views(Protocol):
     """The batch as models see it (:class:`distillistic.data.views.Views`): one view per input size."""
 
-    def get(self, size: int | None, channels: int) -> Tensor:
-        """The batch ``[B, C, S, S]`` at ``size`` px (None: the full view) with ``channels`` channels."""
+    def get(self, size: int | None, channels: int,
+            norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Tensor:
+        """The batch ``[B, C, S, S]`` at ``size`` px (None: the full view) with ``channels`` channels, normalised
+        with ``norm = (mean, std)`` when given (a model's own statistics), else with the dataset's."""
         ...
 
 
@@ -85,9 +87,11 @@ class Teacher:
     pairwise = False
 
     def __init__(self, model: nn.Module, view_size: int | None, channels: int,
-                 store: TeacherOutputs | None = None, name: str = "kd") -> None:
+                 store: TeacherOutputs | None = None, name: str = "kd",
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
+        self.norm = norm  # the (mean, std) the teacher reads its view with; None: the dataset's
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
@@ -97,7 +101,7 @@ class Teacher:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
                     self.model.eval()
                 with torch.no_grad():
-                    stored = self.model(inp.views.get(self.view_size, self.channels)).float()
+                    stored = self.model(inp.views.get(self.view_size, self.channels, self.norm)).float()
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache["teacher"] = stored

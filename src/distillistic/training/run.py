@@ -99,17 +99,19 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
         teacher_model = teacher_model.to(rt.device)
         teacher_sha256 = state_dict_hash(teacher_model.state_dict())  # its identity: store key, checkpoints
         channels = MODELS.get(cfg.teacher or "").channels(info.channels)
-        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels)
+        teacher_norm = MODELS.get(cfg.teacher or "").norm
+        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels, norm=teacher_norm)
         # The teacher is evaluated through its signal, so its evaluation is read from the store too.
         teacher_member = Member("teacher", teacher_model, cfg.teacher_resolution, channels,
-                                outputs=signal_teacher.logits)
+                                outputs=signal_teacher.logits, norm=teacher_norm)
     else:
         signal_teacher = None
     objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1)).to(rt.device)
     names = _student_names(cfg.students or 1)
     channels = MODELS.get(cfg.model).channels(info.channels)
     raw_students = _build_students(cfg, info)
-    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels) for n, m in zip(names, raw_students)]
+    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels, norm=MODELS.get(cfg.model).norm)
+                for n, m in zip(names, raw_students)]
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
     assert cfg.data_seed is not None
