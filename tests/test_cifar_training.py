@@ -37,7 +37,8 @@ def test_crop_flip_is_torchvisions_crop_and_flip_per_sample() -> None:
             ref = TF.horizontal_flip(ref)
         assert torch.equal(out[i], ref), i
     # Every offset and both flips occur; offsets stay within [0, 8].
-    assert set(dy.tolist()) == set(range(9)) and set(flip.tolist()) == {False, True}
+    assert set(dy.tolist()) == set(range(9))
+    assert set(flip.tolist()) == {False, True}
     # A sample's view depends on its key only, not on its batch.
     assert torch.equal(aug(img[10:20], SampleKeys(7, 3, keys.index[10:20])), out[10:20])
     assert not torch.equal(aug(img, SampleKeys(7, 4, keys.index)), out)  # another epoch, other views
@@ -50,7 +51,8 @@ def test_cifar_datasets_read_the_real_format(tmp_path: Path, variant: str) -> No
     assert (cfg.augment, cfg.image_size) == ("cifar", 32)
     bundle = build_data(cfg)
     k = 10 if variant == "cifar10" else 100
-    assert bundle.info.num_classes == k and bundle.info.channels == 3
+    assert bundle.info.num_classes == k
+    assert bundle.info.channels == 3
     assert bundle.info.sizes == {"train": 5 * k - round(5 * k * 0.1), "val": round(5 * k * 0.1), "test": 2 * k}
     if variant == "cifar10":
         assert bundle.info.mean == CIFAR10_MEAN
@@ -80,7 +82,8 @@ def test_multistep_decays_at_the_milestone_epochs() -> None:
                  warmup_fraction=0.0, nesterov=True, weight_decay=5e-4)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = make_optimizer(cfg, [p])
-    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["weight_decay"] == 5e-4
+    assert opt.param_groups[0]["nesterov"]
+    assert opt.param_groups[0]["weight_decay"] == 5e-4
     sched = make_scheduler(cfg, opt, total_steps=50)  # 10 steps per epoch
     lrs = []
     for _ in range(50):
@@ -88,7 +91,8 @@ def test_multistep_decays_at_the_milestone_epochs() -> None:
         opt.step()
         sched.step()
     assert lrs[:20] == [0.05] * 20
-    assert lrs[20:40] == pytest.approx([0.005] * 20) and lrs[40:] == pytest.approx([0.0005] * 10)
+    assert lrs[20:40] == pytest.approx([0.005] * 20)
+    assert lrs[40:] == pytest.approx([0.0005] * 10)
 
 
 @pytest.mark.parametrize(("overrides", "key"), [

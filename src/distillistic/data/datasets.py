@@ -291,7 +291,7 @@ def _cifar(variant: Cifar) -> Callable[[Config, Path], RawDataset]:
 
 
 for _variant in ("cifar10", "cifar100"):
-    dataset(_variant, "cifar", native_size=32)(_cifar(_variant))  # type: ignore[arg-type]
+    dataset(_variant, "cifar", native_size=32)(_cifar(_variant))
 
 
 # --- scikit-learn digits -------------------------------------------------------------------------------

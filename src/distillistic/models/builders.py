@@ -188,7 +188,8 @@ def _small(factory: Callable[[int, int, int], nn.Module]) -> Builder:
 
 MODELS.add("mlp", ModelSpec("mlp", _small(MLP), None, False, "small"))
 MODELS.add("cnn", ModelSpec("cnn", _small(lambda k, c, s: SmallCNN(k, c, s, (32, 64))), None, False, "small"))
-MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False, "small"))
+MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False,
+                                  "small"))
 
 
 def _zoo(name: str) -> Builder:
@@ -205,7 +206,10 @@ for _name in CIFAR_MODELS:  # the CIFAR KD zoo (models/cifar.py): resnet8 ... sh
 def parameter_count(name: str, num_classes: int, data_channels: int = 3, image_size: int = 32) -> int:
     """Parameters of model ``name`` with a ``num_classes`` head, built on the meta device (no memory, no init)."""
     spec = MODELS.get(name)
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values while building (regnet)
         model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
     return sum(p.numel() for p in model.parameters())
 
