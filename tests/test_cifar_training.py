@@ -105,3 +105,23 @@ def test_multistep_decays_at_the_milestone_epochs() -> None:
 def test_bad_schedule_settings_name_the_key(overrides: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         load(None, overrides)
+
+
+def test_in_memory_splits_move_to_a_gpu_only() -> None:
+    from distillistic.data.datasets import TensorSource
+    from distillistic.data.loader import EpochSampler, Loader, resident
+
+    src = TensorSource(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4)
+    assert resident(src, torch.device("cpu")) is src  # the CPU path is unchanged
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: the device-resident path is checked where one is present")
+    gpu = resident(src, torch.device("cuda"))
+    assert gpu.images.device.type == "cuda"  # type: ignore[union-attr]
+    sampler = EpochSampler(src.labels, 8, 0, True)
+    host = list(Loader(src, sampler, 8, True, 0, 0, pin_memory=True).epoch(1))
+    dev = list(Loader(gpu, sampler, 8, True, 0, 0, pin_memory=True).epoch(1))
+    for a, b in zip(host, dev):
+        assert b.images.device.type == "cuda"
+        assert torch.equal(a.images, b.images.cpu())
+        assert torch.equal(a.labels, b.labels.cpu())
+        assert torch.equal(a.index, b.index)
