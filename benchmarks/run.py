@@ -270,7 +270,8 @@ def child_cifar(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     return {"workload": "cifar kd resnet32x4 -> resnet8x4", **results, "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"cifar": child_cifar, "workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory}
+CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory,
+            "cifar": child_cifar}
 
 
 # --- orchestration -------------------------------------------------------------------------------------
