@@ -32,6 +32,13 @@ class Views(Protocol):
         ...
 
 
+def model_view(views: Views, size: int | None, channels: int,
+               norm: tuple[tuple[float, ...], tuple[float, ...]] | None) -> Tensor:
+    """A model's view of the batch: ``views.get(size, channels)``, normalised with ``norm`` when the model has
+    its own statistics (a timm model); the plain call otherwise, so any ``Views`` of two arguments still serves."""
+    return views.get(size, channels) if norm is None else views.get(size, channels, norm)
+
+
 @dataclass
 class StepInputs:
     """What a signal may look at during one step (or one evaluation batch)."""
@@ -101,7 +108,7 @@ class Teacher:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
                     self.model.eval()
                 with torch.no_grad():
-                    stored = self.model(inp.views.get(self.view_size, self.channels, self.norm)).float()
+                    stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm)).float()
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache["teacher"] = stored
