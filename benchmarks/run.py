@@ -326,7 +326,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="main,store,scaling,pipeline,options,cifar",
                         help="sections (main, store, scaling, pipeline, options, cifar) or workloads (kd, dml, tfkd)")
-    parser.add_argument("--cifar-samples", type=int, default=5000,
+    parser.add_argument("--cifar-samples", type=int, default=2000,
                         help="CIFAR section: synthetic 32 px images (80%% train, 20%% val)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload")
     parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
