@@ -60,7 +60,7 @@ class Config:
         (0.7, 0.1, 0.2), "train/val/test shares when a dataset ships one split only"
     )
     image_size: int | None = _f(None, "input size in pixels (default: the dataset's)")
-    augment: str | None = _f(None, "train augmentation: randaugment or none (default: the dataset's)")
+    augment: str | None = _f(None, "train augmentation: randaugment, cifar (crop+flip), none (default: the dataset's)")
     max_classes: int | None = _f(None, "imagefolder: keep the first K classes")
     class_names: tuple[str, ...] = _f((), "imagefolder: keep these classes (folder names)")
     max_train_samples: int | None = _f(None, "use a stratified subset of this many training samples")
