@@ -202,11 +202,14 @@ def _kd(ws: Workspace, weights: str, teacher: str = "mlp") -> list[str]:
 CASES: list[Case] = [
     # --- config values ---------------------------------------------------------------------------
     Case("unknown-algo", "config value", "an unknown algorithm", lambda ws: ws.train("--algo", "kdd")),
-    Case("unknown-dataset", "config value", "an unknown dataset", lambda ws: ws.train("--dataset", "cifar10")),
+    Case("unknown-dataset", "config value", "an unknown dataset", lambda ws: ws.train("--dataset", "cifar-10")),
     Case("unknown-model", "config value", "an unknown model", lambda ws: ws.train("--model", "resnet19")),
     Case("unknown-teacher", "config value", "an unknown teacher model",
          lambda ws: ws.train("--algo", "kd", "--teacher", "resnet500")),
     Case("epochs-zero", "config value", "zero epochs", lambda ws: ws.train("--epochs", "0")),
+    Case("milestones-without-multistep", "config value", "milestones with another schedule",
+         lambda ws: ws.train("--milestones", "150,180")),
+    Case("nesterov-adamw", "config value", "Nesterov momentum with AdamW", lambda ws: ws.train("--nesterov")),
     Case("batch-negative", "config value", "a negative batch size", lambda ws: ws.train("--batch-size", "-8")),
     Case("lr-zero", "config value", "a learning rate of 0", lambda ws: ws.train("--lr", "0")),
     Case("lr-nan", "config value", "a learning rate of NaN", lambda ws: ws.train("--lr", "nan")),

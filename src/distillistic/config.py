@@ -27,9 +27,9 @@ from distillistic.errors import ConfigError, UserError, short_repr
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
-    "scheduler": ("onecycle", "cosine", "constant"),
+    "scheduler": ("onecycle", "cosine", "constant", "multistep"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
-    "augment": ("none", "randaugment"),
+    "augment": ("none", "randaugment", "cifar"),
     "teacher_init": ("random", "imagenet"),
     "data_hash": ("content", "listing"),
 }
@@ -62,7 +62,7 @@ class Config:
         (0.7, 0.1, 0.2), "train/val/test shares when a dataset ships one split only"
     )
     image_size: int | None = _f(None, "input size in pixels (default: the dataset's)")
-    augment: str | None = _f(None, "train augmentation: randaugment or none (default: the dataset's)")
+    augment: str | None = _f(None, "train augmentation: randaugment, cifar (crop+flip), none (default: the dataset's)")
     max_classes: int | None = _f(None, "imagefolder: keep the first K classes")
     class_names: tuple[str, ...] = _f((), "imagefolder: keep these classes (folder names)")
     max_train_samples: int | None = _f(None, "use a stratified subset of this many training samples")
@@ -121,7 +121,11 @@ class Config:
     optimizer: str = _f("adamw", "adamw or sgd")
     weight_decay: float | None = _f(None, "weight decay (default: 0.01 adamw, 1e-4 sgd)")
     momentum: float = _f(0.9, "sgd momentum")
-    scheduler: str = _f("onecycle", "learning-rate schedule: onecycle, cosine, constant")
+    scheduler: str = _f("onecycle", "learning-rate schedule: onecycle, cosine, constant, multistep")
+    # --- ecosystem: step-decay schedule and SGD Nesterov (the published CIFAR/ImageNet KD protocols) --------
+    milestones: tuple[int, ...] = _f((), "multistep: epochs after which the learning rate is multiplied by --gamma")
+    gamma: float = _f(0.1, "multistep: learning-rate factor at each milestone")
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
     warmup_fraction: float = _f(0.1, "share of steps spent warming up the learning rate")
     grad_clip: float | None = _f(None, "clip each student's gradient norm to this value")
     # --- runtime -----------------------------------------------------------------------------------
@@ -393,6 +397,13 @@ def validate(cfg: Config) -> None:
     _check(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
     _check(0.0 <= cfg.momentum < 1.0, "momentum", cfg.momentum, "a number in [0, 1)")
     _check(0.0 <= cfg.warmup_fraction < 1.0, "warmup_fraction", cfg.warmup_fraction, "a share in [0, 1)")
+    _check(0.0 < cfg.gamma <= 1.0, "gamma", cfg.gamma, "a factor in (0, 1]")
+    _check(all(m > 0 for m in cfg.milestones) and list(cfg.milestones) == sorted(set(cfg.milestones)),
+           "milestones", list(cfg.milestones), "increasing epochs > 0, e.g. 150,180,210")
+    _check((cfg.scheduler == "multistep") == bool(cfg.milestones), "milestones", list(cfg.milestones),
+           "epochs such as 150,180,210 with --scheduler multistep, and only with it")
+    _check(not cfg.nesterov or (cfg.optimizer == "sgd" and cfg.momentum > 0), "nesterov", cfg.nesterov,
+           "false unless --optimizer sgd with --momentum > 0")
     _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
     _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distillistic.config import Config
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
-from distillistic.core.signals import StepInputs
+from distillistic.core.signals import StepInputs, model_view
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
@@ -46,6 +46,7 @@ class Member:
     view_size: int | None  # input size; None: the full view
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # its own input (mean, std); None: the data's
 
     @property
     def raw(self) -> nn.Module:
@@ -55,7 +56,7 @@ class Member:
         """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
         if self.outputs is not None:
             return self.outputs(inp)
-        return self.raw(inp.views.get(self.view_size, self.channels))
+        return self.raw(model_view(inp.views, self.view_size, self.channels, self.norm))
 
 
 @dataclass
@@ -181,7 +182,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     labels = batch.labels.to(rt.device, non_blocking=True)
     weights = objective.weights_at(progress)
     with rt.autocast():
-        logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
+        logits = [s.model(model_view(views, s.view_size, s.channels, s.norm)) for s in task.students]
         inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
                          progress=progress)
         targets = objective.targets(inp)

@@ -63,11 +63,20 @@ TEACHER_KEYS = (
 )
 
 
+LATER_TEACHER_KEYS = ("milestones", "gamma", "nesterov")
+
+
+def _plain_default(key: str) -> Any:
+    return _DEFAULTS.to_dict()[key]
+
+
 def recipe_key(recipe: Config, info: DataInfo) -> str:
     """A short hash of the teacher's defining keys (:data:`TEACHER_KEYS`) and the data's checksum."""
     settings = recipe.to_dict()
     items: dict[str, Any] = {k: settings[k] for k in TEACHER_KEYS}
     items["data_checksum"] = info.checksum
+    # Later keys join only when set away from their default, so the keys of cached teachers stay the same.
+    items |= {k: settings[k] for k in LATER_TEACHER_KEYS if settings[k] != _plain_default(k)}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
