@@ -113,6 +113,13 @@ class Config:
     # --- logging and checkpoints -------------------------------------------------------------------
     log_every: int = _f(50, "steps between progress-bar updates (each costs one host sync)")
     checkpoint_every: int = _f(0, "steps between mid-epoch checkpoints (0: end of each epoch only)")
+    # --- the first hour (issue 15): progress lines, your own models and data, the teacher check ---
+    quiet: bool = _f(False, "no progress lines on stderr (warnings and errors still show)")
+    line_every: int = _f(0, "a progress line every N training steps (0: only by --line-seconds)")
+    line_seconds: float = _f(30.0, "a progress line at most every M seconds inside an epoch (0: off)")
+    plugins: tuple[str, ...] = _f((), "Python modules (or .py files) imported before the config is checked; "
+                                      "they register models and datasets")
+    allow_weak_teacher: bool = _f(False, "distil from a teacher at chance level or recorded for other data")
     progress: bool | None = _f(None, "show progress bars (default: when stderr is a terminal)")
     tensorboard: bool = _f(True, "write TensorBoard events")
     wandb: bool = _f(False, "also log to Weights & Biases (honours WANDB_MODE=offline)")
@@ -132,6 +139,7 @@ _HINTS: dict[str, Any] = typing.get_type_hints(Config)
 # Keys that only steer this process and never change what a run computes.
 VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard",
                            "checkpoint_every", "wandb", "data_hash"})
+VOLATILE_KEYS = VOLATILE_KEYS | {"quiet", "line_every", "line_seconds", "allow_weak_teacher"}  # issue 15
 # Keys that steer the machine, not what a run computes: runs that differ only in these are the same run
 # (a sweep cell, a cached teacher).
 MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "teacher_store", "compile"}
@@ -338,6 +346,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.warmup_fraction < 1.0, "warmup_fraction", cfg.warmup_fraction, "a share in [0, 1)")
     _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
+    _check(cfg.line_every >= 0, "line_every", cfg.line_every, "a whole number >= 0 (0: off)")
+    _check(cfg.line_seconds >= 0, "line_seconds", cfg.line_seconds, "a number of seconds >= 0 (0: off)")
     _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")
     _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
            "auto, cpu, cuda, cuda:N or mps")

@@ -211,8 +211,10 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
         meters.load_tensors(progress.meters)
         progress.meters = None
     steps = len(loader)
-    bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
-               disable=not task.show_progress, leave=False, dynamic_ncols=True)
+    from distillistic.training.talk import prefix
+
+    bar = tqdm(total=steps, initial=progress.step, desc=f"{prefix()}epoch {progress.epoch + 1}/{cfg.epochs}",
+               disable=not task.show_progress, leave=True, dynamic_ncols=True)
     start = time.perf_counter() - progress.epoch_seconds
     for batch in task.views.prepare(loader.epoch(progress.epoch, progress.step)):
         train_step(task, batch, (progress.epoch + progress.step / steps) / cfg.epochs, meters)

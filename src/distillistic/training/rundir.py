@@ -244,6 +244,12 @@ class RunDir:
         if self._tb is not None:
             self._tb.flush()
 
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step scalars (``train_step/<key>``) at the progress-line interval (issue 15)."""
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"train_step/{key}", value, step)
+
     def save_last(self, task: Task, progress: Progress, meters: TrainMeters | None = None) -> None:
         """Everything needed to continue exactly: models, optimisers, schedules, scaler, RNG, progress.
 
