@@ -36,10 +36,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, group: str | None = None) -> Any:
+    meta = {"help": help, **({"group": group} if group else {})}  # group: its section of --help if not the comment's
     if isinstance(default, list | tuple):
-        return field(default=tuple(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,14 @@ class Config:
     # --- logging and checkpoints -------------------------------------------------------------------
     log_every: int = _f(50, "steps between progress-bar updates (each costs one host sync)")
     checkpoint_every: int = _f(0, "steps between mid-epoch checkpoints (0: end of each epoch only)")
-    # --- the first hour (issue 15): progress lines, your own models and data, the teacher check ---
+    # --- output (issue 15, the first hour: progress lines; plugins and the teacher check have their groups) ---
     quiet: bool = _f(False, "no progress lines on stderr (warnings and errors still show)")
     line_every: int = _f(0, "a progress line every N training steps (0: only by --line-seconds)")
     line_seconds: float = _f(30.0, "a progress line at most every M seconds inside an epoch (0: off)")
     plugins: tuple[str, ...] = _f((), "Python modules (or .py files) imported before the config is checked; "
-                                      "they register models and datasets")
-    allow_weak_teacher: bool = _f(False, "distil from a teacher at chance level or recorded for other data")
+                                      "they register models and datasets (docs/custom.md)", group="models")
+    allow_weak_teacher: bool = _f(False, "distil from a teacher at chance level on val or recorded for other "
+                                         "data", group="distillation")
     progress: bool | None = _f(None, "show progress bars (default: when stderr is a terminal)")
     tensorboard: bool = _f(True, "write TensorBoard events")
     wandb: bool = _f(False, "also log to Weights & Biases (honours WANDB_MODE=offline)")
