@@ -41,8 +41,9 @@ def test_kd_run_talks_to_a_file_and_quiet_silences_it(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     start = [line for line in lines if line.startswith("start: kd")]
-    assert start and "device cpu" in start[0] and "precision fp32" in start[0] and "threads" in start[0] \
-        and "world size 1" in start[0]
+    assert start
+    for part in ("device cpu", "precision fp32", "threads", "world size 1"):
+        assert part in start[0]
     assert any(line.startswith("teacher: start: baseline") for line in lines)  # the nested run, prefixed
     teacher_epochs = [line for line in lines if line.startswith("teacher: epoch ") and " student: " in line]
     assert [line.split()[2] for line in teacher_epochs] == ["1/2", "2/2"]
@@ -68,7 +69,9 @@ def test_help_is_grouped_with_examples_and_one_default_each(capsys: pytest.Captu
         assert f"\n{title}\n" in text
     groups = config_groups()
     assert sum(len(v) for v in groups.values()) == len(FIELDS)  # every key lands in a group
-    assert "plugins" in groups["models"] and "quiet" in groups["output"] and "epochs" in groups["optimisation"]
+    assert "plugins" in groups["models"]
+    assert "quiet" in groups["output"]
+    assert "epochs" in groups["optimisation"]
     chunks = text.split("\n  --")[1:]
     for chunk in chunks:
         body = " ".join(chunk.split())
@@ -133,7 +136,7 @@ def test_plugin_model_and_dataset_train_through_cli_and_sweep(tmp_path: Path) ->
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["models"]["student"]["test"]["top1"] > 0.6  # brightness is easy: it learned
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["dataset"]["image_size"] == 6 and manifest["dataset"]["num_classes"] == 3
+    assert (manifest["dataset"]["image_size"], manifest["dataset"]["num_classes"]) == (6, 3)
     sweep = {"plugins": ["my_models"], "dataset": "my_models:load", "epochs": 1, "batch_size": 32, "num_workers": 0,
              "tensorboard": False, "progress": False,
              "variants": {"linear": {"model": "tiny_linear"}, "mine": {"model": "my_models:build_net"}},
@@ -152,7 +155,8 @@ def test_a_bad_plugin_is_one_line(tmp_path: Path) -> None:
     done = _cli(["train", *TINY, "--plugins", "no_such_module_xyz", "--out", "x"], tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert "no_such_module_xyz" in done.stderr and not (tmp_path / "x").exists()
+    assert "no_such_module_xyz" in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None:
@@ -164,7 +168,8 @@ def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None
     done = _cli(["train", *kd, "--out", "kd"], tmp_path)
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert "chance level" in last and "--allow-weak-teacher" in last
+    assert "chance level" in last
+    assert "--allow-weak-teacher" in last
     assert not (tmp_path / "kd" / "checkpoints").exists()  # refused before training
     # random weights asked for explicitly stay allowed, as does the override
     assert _cli(["train", *kd[:-1], "random", "--out", "kd_random"], tmp_path).returncode == 0
@@ -192,7 +197,8 @@ def test_demo_report_has_no_teacher_cell_and_uses_its_names(tmp_path: Path) -> N
     from distillistic.experiments.report import write_report
 
     table = run_demo(str(tmp_path / "demo"), seeds=1, epochs=1, algos=["kd", "dml"])
-    assert "dml (cohort mean)" in table and "dml (ensemble)" in table
+    assert "dml (cohort mean)" in table
+    assert "dml (ensemble)" in table
     assert (tmp_path / "demo" / "cache" / "teachers").is_dir()  # the teacher was trained into the demo folder
     out = write_report([tmp_path / "demo"])
     with (out / "results.csv").open() as f:

@@ -174,7 +174,8 @@ def _import(module: str, what: str) -> Any:
             if not path.is_file():
                 raise UserError(f"{what}: file '{module}' does not exist")
             spec = importlib.util.spec_from_file_location(path.stem, path)
-            assert spec is not None and spec.loader is not None
+            if spec is None or spec.loader is None:
+                raise UserError(f"{what}: '{module}' cannot be imported as a Python file")
             loaded = sys.modules.get(path.stem)
             if loaded is not None and getattr(loaded, "__file__", None) == str(path):
                 return loaded

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from distillistic.config import Config
-from distillistic.training.cores import default_threads
 from distillistic.errors import ConfigError
+from distillistic.training.cores import default_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

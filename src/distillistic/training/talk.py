@@ -9,41 +9,17 @@ every ``line_every`` steps or ``line_seconds`` seconds, whichever comes first.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from distillistic.training.engine import Hooks, Progress, Task, TrainMeters
+from distillistic.training.lines import prefix, prefixed, say
 
-log = logging.getLogger("distillistic")
-_PREFIX: list[str] = []
-
-
-@contextlib.contextmanager
-def prefixed(name: str) -> Iterator[None]:
-    """Prefix every line of the runs started inside with ``name:`` (the teacher trained first)."""
-    _PREFIX.append(name)
-    try:
-        yield
-    finally:
-        _PREFIX.pop()
-
-
-def prefix() -> str:
-    """``"teacher: "`` inside :func:`prefixed`, else ``""``."""
-    return "".join(f"{p}: " for p in _PREFIX)
-
-
-def say(message: str, *args: Any) -> None:
-    """One progress line (prefixed) on the ``distillistic`` logger."""
-    log.info(prefix() + message, *args)
-
+__all__ = ["Talk", "epoch_lines", "prefix", "prefixed", "say", "start_line"]
 
 def duration(seconds: float) -> str:
     """``h:mm:ss`` (``m:ss`` under an hour)."""
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     h, rest = divmod(s, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 

@@ -21,7 +21,7 @@ import torch
 from distillistic.errors import CheckpointError, UserError
 from distillistic.training.checkpoint import read_state_dict
 from distillistic.training.engine import Task, evaluate
-from distillistic.training.talk import say
+from distillistic.training.lines import say
 
 
 def chance_threshold(labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
