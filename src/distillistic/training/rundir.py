@@ -162,7 +162,8 @@ class RunDir:
             "command": sys.argv, "device": str(self.rt.device), "precision": self.rt.precision,
             "world_size": self.rt.world_size, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
             "dataset": {"name": info.dataset, "root": info.root, "checksum": info.checksum, "sizes": info.sizes,
-                        "num_classes": info.num_classes, "image_size": info.image_size},
+                        "num_classes": info.num_classes, "image_size": info.image_size,
+                        "channels": info.channels, "mean": info.mean, "std": info.std},  # to normalise inputs later
             "objective": str(task.objective),
             "start_time": previous.get("start_time", _now()), "end_time": None,
             "resumed_at": [*previous.get("resumed_at", []), *([_now()] if resumed else [])],
