@@ -38,7 +38,7 @@ def build_net(num_classes: int, in_channels: int, image_size: int, width: int = 
 class Stripes(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """Grey 12x12 images of stripes; the class is the stripes' period (2, 3 or 4 px) plus noise."""
 
-    classes = ["period2", "period3", "period4"]
+    classes = ("period2", "period3", "period4")
 
     def __init__(self, n: int = 900, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
