@@ -53,6 +53,7 @@ def test_kd_run_talks_to_a_file_and_quiet_silences_it(tmp_path: Path) -> None:
         assert word in student[0]
     assert any(line.startswith("teacher: epoch 1/2 step 5/") for line in lines)  # the interval lines
     assert any("teacher cnn (train): val top1" in line and "chance" in line for line in lines)
+    assert any(line.startswith("teacher store: filling (epoch 1: ") for line in lines)  # the first run fills it
     # --quiet: the same run again (teacher cached, store warm) prints no progress line
     done = _cli(["train", *kd, "--out", "kd2", "--quiet"], tmp_path)
     assert done.returncode == 0, done.stderr

@@ -60,6 +60,8 @@ class Talk:
         self.bars = task.show_progress
         self.started = time.perf_counter()
         self.first_epoch = progress.epoch
+        stats = _store_stats(task)
+        self._store = (stats["hits"], stats["misses"]) if stats else (0, 0)
         self._mark(progress, None)
 
     def _mark(self, progress: Progress, sums: list[float] | None) -> None:
@@ -97,4 +99,23 @@ class Talk:
         if self.show:
             for line in epoch_lines(task, rows, progress.epoch, eta):
                 say("%s", line)
+            self._store_line(task, progress.epoch)
         self._mark(progress, None)
+
+    def _store_line(self, task: Task, epoch: int) -> None:
+        """While the teacher-output store is filled: how much of this epoch the teacher computed."""
+        stats = _store_stats(task)
+        if stats is None:
+            return
+        hits, misses = stats["hits"] - self._store[0], stats["misses"] - self._store[1]
+        self._store = (stats["hits"], stats["misses"])
+        if misses:
+            say("teacher store: filling (epoch %d: %d batches computed by the teacher and stored, %d read)",
+                epoch, misses, hits)
+
+
+def _store_stats(task: Task) -> dict[str, int] | None:
+    """The teacher-output store's counters (batches read / computed), or None without a store."""
+    signal = getattr(task.teacher.outputs, "__self__", None) if task.teacher is not None else None
+    stats = getattr(getattr(signal, "store", None), "stats", None)
+    return stats if isinstance(stats, dict) else None
