@@ -50,7 +50,7 @@ def recorded_mismatch(source: str, cfg_dataset: str, num_classes: int, input_siz
     return None
 
 
-def check_teacher(task: Task, source: str | None) -> dict[str, Any] | None:
+def check_teacher(task: Task, source: str | None) -> dict[str, dict[str, Any]] | None:
     """Measure the teacher on val, print it, and refuse it (``UserError``) at chance level or recorded for
     other data, unless its weights are random by request or ``allow_weak_teacher`` is set."""
     if task.teacher is None:
@@ -63,13 +63,17 @@ def check_teacher(task: Task, source: str | None) -> dict[str, Any] | None:
         if why:
             raise UserError(f"teacher '{source}' does not match this run: {why}; train it on this data "
                             "(--teacher-weights train) or pass --allow-weak-teacher")
-    metrics = evaluate(task, [task.teacher], "val")["teacher"]
+    members = list(getattr(task, "teachers", None) or [task.teacher])  # every teacher of a multi-teacher run
+    val = evaluate(task, members, "val")
     chance, threshold = chance_threshold(task.loaders["val"].sampler.labels, task.num_classes)
-    say("teacher %s (%s): val top1 %.4f, ece %.4f (chance %.4f)", cfg.teacher, weights if weights in (
-        "train", "random", "imagenet") else "from a file", metrics["top1"], metrics["ece"], chance)
-    weak = metrics["top1"] <= threshold
-    if weak and weights != "random" and not cfg.allow_weak_teacher:
-        raise UserError(f"the teacher {cfg.teacher} ({source}) is at chance level on val (top1 {metrics['top1']:.4f}, "
-                        f"chance {chance:.4f}): it would teach noise; train it longer (--teacher-epochs), check "
-                        "--teacher-weights, or pass --allow-weak-teacher")
-    return metrics
+    kind = weights if weights in ("train", "random", "imagenet") else "from a file"
+    for member in members:
+        metrics = val[member.name]
+        arch = cfg.teacher if len(members) == 1 else member.name
+        say("teacher %s (%s): val top1 %.4f, ece %.4f (chance %.4f)", arch, kind, metrics["top1"], metrics["ece"],
+            chance)
+        if metrics["top1"] <= threshold and weights != "random" and not cfg.allow_weak_teacher:
+            raise UserError(f"the teacher {arch} ({source}) is at chance level on val (top1 {metrics['top1']:.4f}, "
+                            f"chance {chance:.4f}): it would teach noise; train it longer (--teacher-epochs), check "
+                            "--teacher-weights, or pass --allow-weak-teacher")
+    return val
