@@ -220,3 +220,42 @@ def test_threads_follow_affinity_quota_and_parallel_runs(tmp_path: Path, monkeyp
     monkeypatch.setenv(cores.RUNS_ENV, "3")
     assert cores.default_threads() == 1
     assert cores.default_threads(runs=2) == 2
+
+
+def test_interval_lines_read_the_loss_only_at_their_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Every ``line_every`` steps: one line and one per-step TensorBoard record with the mean loss of the
+    steps since the last line (not of the whole epoch); nothing in between."""
+    from types import SimpleNamespace
+
+    from distillistic.training.engine import Progress
+    from distillistic.training.talk import Talk
+
+    class Inner:
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict[str, float]]] = []
+
+        def after_step(self, *args: object) -> bool:
+            return False
+
+        def log_step(self, step: int, values: dict[str, float]) -> None:
+            self.logged.append((step, values))
+
+    cfg = SimpleNamespace(line_every=2, line_seconds=0.0, epochs=1)
+    opt = SimpleNamespace(param_groups=[{"lr": 0.1}])
+    task = SimpleNamespace(cfg=cfg, show_progress=False, students=[object()], optimizers=[opt], teacher=None,
+                           loaders={"train": [0] * 6})
+    meters = SimpleNamespace(losses=torch.zeros(1, 1, dtype=torch.float64), extra=torch.zeros(3, dtype=torch.float64))
+    inner, progress = Inner(), Progress()
+    talk = Talk(inner, task, progress, show=True)  # type: ignore[arg-type]
+    caplog.set_level("INFO", logger="distillistic")
+    for step, loss in enumerate([1.0, 3.0, 5.0, 7.0, 9.0], 1):
+        meters.losses += loss
+        meters.extra[0] += 1
+        progress.step = progress.global_step = step
+        progress.epoch_images += 10
+        assert talk.after_step(task, progress, meters) is False  # type: ignore[arg-type]
+    assert [(s, v["loss"], v["lr"]) for s, v in inner.logged] == [(2, 2.0, 0.1), (4, 6.0, 0.1)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/1 step 2/6", "epoch 1/1 step 4/6"]
+    assert "loss 2.0000" in lines[0]
+    assert "loss 6.0000" in lines[1]
