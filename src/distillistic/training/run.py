@@ -156,7 +156,7 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     if show:
         say("%s", start_line(task, torch.get_num_threads()))
     if progress.global_step == 0:
-        check_teacher(task, extra["teacher_source"])  # before anything is written
+        check_teacher(task, extra["teachers"])  # before anything is written
     rundir.open(info, task, progress)
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)

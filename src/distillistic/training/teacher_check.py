@@ -22,6 +22,7 @@ from distillistic.errors import CheckpointError, UserError
 from distillistic.training.checkpoint import read_state_dict
 from distillistic.training.engine import Task, evaluate
 from distillistic.training.lines import say
+from distillistic.training.teacher_set import TeacherSet
 
 
 def chance_threshold(labels: torch.Tensor, num_classes: int) -> tuple[float, float]:
@@ -50,26 +51,24 @@ def recorded_mismatch(source: str, cfg_dataset: str, num_classes: int, input_siz
     return None
 
 
-def check_teacher(task: Task, source: str | None) -> dict[str, dict[str, Any]] | None:
-    """Measure the teacher on val, print it, and refuse it (``UserError``) at chance level or recorded for
+def check_teacher(task: Task, teachers: TeacherSet | None) -> dict[str, dict[str, Any]] | None:
+    """Measure every teacher on val, print it, and refuse one (``UserError``) at chance level or recorded for
     other data, unless its weights are random by request or ``allow_weak_teacher`` is set."""
-    if task.teacher is None:
+    if teachers is None:
         return None
     cfg = task.cfg
-    weights = cfg.teacher_weights
-    input_size = cfg.teacher_resolution or cfg.image_size or 0
-    if weights not in ("train", "random", "imagenet") and source and not cfg.allow_weak_teacher:
-        why = recorded_mismatch(source, cfg.dataset, task.num_classes, input_size)
-        if why:
-            raise UserError(f"teacher '{source}' does not match this run: {why}; train it on this data "
-                            "(--teacher-weights train) or pass --allow-weak-teacher")
-    members = list(getattr(task, "teachers", None) or [task.teacher])  # every teacher of a multi-teacher run
-    val = evaluate(task, members, "val")
+    val = evaluate(task, teachers.members, "val")
     chance, threshold = chance_threshold(task.loaders["val"].sampler.labels, task.num_classes)
-    kind = weights if weights in ("train", "random", "imagenet") else "from a file"
-    for member in members:
+    for c, member, source in zip(teachers.configs, teachers.members, teachers.sources):
+        weights = c.teacher_weights
+        kind = weights if weights in ("train", "random", "imagenet") else "from a file"
+        arch = c.teacher if len(teachers.members) == 1 else f"{member.name} ({c.teacher})"
+        if kind == "from a file" and not cfg.allow_weak_teacher:
+            why = recorded_mismatch(source, cfg.dataset, task.num_classes, c.teacher_resolution or cfg.image_size or 0)
+            if why:
+                raise UserError(f"teacher '{source}' does not match this run: {why}; train it on this data "
+                                "(--teacher-weights train) or pass --allow-weak-teacher")
         metrics = val[member.name]
-        arch = cfg.teacher if len(members) == 1 else member.name
         say("teacher %s (%s): val top1 %.4f, ece %.4f (chance %.4f)", arch, kind, metrics["top1"], metrics["ece"],
             chance)
         if metrics["top1"] <= threshold and weights != "random" and not cfg.allow_weak_teacher:
