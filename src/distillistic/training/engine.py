@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distillistic.config import Config
+from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
 from distillistic.core.signals import StepInputs
@@ -249,21 +250,26 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
     rt, loader = task.rt, task.loaders[split]
     for m in members:
         m.raw.eval()
-    accs = {m.name: MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
+    accs = {m.name: HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
     if ensemble:
-        accs["ensemble"] = MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class)
+        accs["ensemble"] = HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class)
+    # students are also scored against the teacher (Stanton et al. 2021); the teacher itself is not
+    teacher = task.teacher if all(m is not task.teacher for m in members) else None
     start = time.perf_counter()
     for batch in loader.epoch(0):
         labels = batch.labels.to(rt.device, non_blocking=True)
         inp = StepInputs(task.views(batch, train=False), labels, [], task.num_classes, 0, batch.index, split)
         with rt.autocast():
             logits = [m.eval_logits(inp) for m in members]
+            zt = teacher.eval_logits(inp) if teacher is not None else None
         for m, z in zip(members, logits):
-            accs[m.name].update(z, labels)
+            accs[m.name].update(z, labels, zt)
         if ensemble:
             probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(dim=0)
-            accs["ensemble"].update_probs(probs, labels)
+            accs["ensemble"].update_probs(probs, labels, zt)
     rt.all_reduce_([t for acc in accs.values() for t in acc.tensors()])
+    for acc in accs.values():  # ACE sorts every confidence: gather, not sum
+        acc.load_samples(rt.all_gather_rows(acc.samples()))
     seconds = time.perf_counter() - start
     out = {}
     for name, acc in accs.items():

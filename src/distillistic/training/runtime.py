@@ -57,6 +57,22 @@ class Runtime:
             for t in tensors:
                 dist.all_reduce(t)
 
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's rows ``[N_r, ...]`` concatenated in rank order (``t`` itself on one process).
+
+        Ranks may hold different N_r: each pads to the largest first (all_gather needs equal shapes)."""
+        if not self.distributed:
+            return t
+        n = torch.tensor([t.shape[0]], device=t.device)
+        counts = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(counts, n)
+        sizes = [int(c) for c in counts]
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
     def average_gradients_(self, params: list[torch.nn.Parameter]) -> None:
         """Average the gradients of parameters that no DDP wrapper syncs (a term's adapters) over processes."""
         if self.distributed and params:

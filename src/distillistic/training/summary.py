@@ -19,6 +19,8 @@ from typing import Any
 from distillistic.training.engine import Progress, Task
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
+# calibration beyond ECE and, for students with a teacher, agreement with it (core/heldout.py)
+CALIBRATION = ("ace", "mce", "classwise_ece", "teacher_agreement", "teacher_kl")
 
 
 def clean(value: Any) -> Any:
@@ -35,7 +37,7 @@ def clean(value: Any) -> Any:
 def _metrics(m: dict[str, Any] | None, epoch: bool = False) -> dict[str, Any] | None:
     if m is None:
         return None
-    keep = [*METRICS, "n", "per_class_top1", "reliability", *(["epoch"] if epoch else [])]
+    keep = [*METRICS, "n", "per_class_top1", "reliability", *CALIBRATION, *(["epoch"] if epoch else [])]
     return {k: m[k] for k in keep if k in m}
 
 
