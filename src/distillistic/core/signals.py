@@ -21,6 +21,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from distillistic.core.precision import at_least_float32
+
 
 class Views(Protocol):
     """The batch as models see it (:class:`distillistic.data.views.Views`): one view per input size."""
@@ -88,6 +90,9 @@ class Teacher:
                  store: TeacherOutputs | None = None, name: str = "kd") -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
+        # Temperature scaling of the teacher itself (Guo et al. 2017; --teacher-calibration): t / T_cal before
+        # any KD temperature. 1.0 leaves the logits bit for bit as they are.
+        self.calibration_t = 1.0
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
@@ -97,7 +102,8 @@ class Teacher:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
                     self.model.eval()
                 with torch.no_grad():
-                    stored = self.model(inp.views.get(self.view_size, self.channels)).float()
+                    stored = self.model(inp.views.get(self.view_size, self.channels))
+                    stored = at_least_float32(stored) / self.calibration_t
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache["teacher"] = stored
@@ -124,7 +130,7 @@ class Peers:
         n = len(inp.logits)
         if n < 2:
             raise ValueError("Peers needs a cohort of at least 2 students")
-        p = torch.softmax(torch.stack([z.detach().float() for z in inp.logits]) / temperature, dim=-1)
+        p = torch.softmax(torch.stack([at_least_float32(z.detach()) for z in inp.logits]) / temperature, dim=-1)
         if self.pairwise:
             return [p[[j for j in range(n) if j != i]] for i in range(n)]
         total = p.sum(dim=0)

@@ -73,7 +73,7 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
 
 
 def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
-    model = model.to(rt.device)
+    model = model.to(rt.device, rt.dtype)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if rt.distributed:
@@ -96,7 +96,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
         from distillistic.training.teachers import build_teacher
 
         teacher_model, teacher_source = build_teacher(cfg, info, train)
-        teacher_model = teacher_model.to(rt.device)
+        teacher_model = teacher_model.to(rt.device, rt.dtype)
         teacher_sha256 = state_dict_hash(teacher_model.state_dict())  # its identity: store key, checkpoints
         channels = MODELS.get(cfg.teacher or "").channels(info.channels)
         signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels)
@@ -106,6 +106,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     else:
         signal_teacher = None
     objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1)).to(rt.device)
+    if rt.dtype == torch.float64:  # fp64: a term's own parameters too (other precisions keep their dtypes)
+        objective = objective.to(rt.dtype)
     names = _student_names(cfg.students or 1)
     channels = MODELS.get(cfg.model).channels(info.channels)
     raw_students = _build_students(cfg, info)
@@ -131,7 +133,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     schedulers = [make_scheduler(cfg, opt, total_steps) for opt in optimizers]
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
-                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
+                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype),
+                info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
     if signal_teacher is not None and teacher_sha256 is not None:
         from distillistic.training.store import open_store

@@ -28,7 +28,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Runtime:
     device: torch.device
-    precision: str  # fp32, bf16 or fp16 (resolved)
+    precision: str  # fp32, bf16, fp16 or fp64 (resolved)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -47,6 +47,11 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of models and inputs: float64 for fp64, else float32 (autocast lowers it where it applies)."""
+        return torch.float64 if self.precision == "fp64" else torch.float32
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self._autocast()
@@ -123,6 +128,9 @@ def _precision(cfg: Config, device: torch.device) -> str:
     if cfg.precision != "auto":
         if cfg.precision == "fp16" and device.type == "cpu":
             raise ConfigError("precision", "fp16", "fp32 or bf16 on the CPU (fp16 autocast needs a GPU)")
+        if cfg.precision == "fp64" and device.type != "cpu":
+            raise ConfigError("precision", "fp64", f"auto, fp32, bf16 or fp16 on {device.type} (fp64 runs on the "
+                                                   "CPU only: add --device cpu)")
         return cfg.precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"  # the thesis trained with mixed precision on
