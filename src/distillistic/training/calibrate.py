@@ -29,8 +29,8 @@ from distillistic.fileio import atomic_write_json
 from distillistic.training import setup
 from distillistic.training.checkpoint import read_state_dict, unwrap
 from distillistic.training.engine import Member, Task
-from distillistic.training.rundir import read_summary
 from distillistic.training.run import build_task
+from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import resolve_runtime
 from distillistic.training.summary import clean
 
