@@ -75,6 +75,7 @@ class Task:
     num_classes: int
     show_progress: bool = False
     per_class: bool = False
+    teacher_temperature: float | None = None  # --teacher-calibration temperature: the fitted T_cal
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:

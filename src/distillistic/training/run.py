@@ -30,6 +30,7 @@ from distillistic.training.engine import Member, Progress, Task, evaluate, fit
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
+from distillistic.training.teacher_calibration import resolve_virtual_p
 
 log = logging.getLogger("distillistic")
 
@@ -45,6 +46,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     cfg = config_mod.from_mapping(overrides, base=config or Config())
     cfg = setup.resolve(cfg)
+    cfg = resolve_virtual_p(cfg)  # --virtual-p-from: p from a baseline run, saved in config.yaml
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)
@@ -136,6 +138,13 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
+    if signal_teacher is not None and cfg.teacher_calibration == "temperature":  # before the store: T is in its key
+        from distillistic.training.teacher_calibration import fit_teacher_temperature
+
+        signal_teacher.calibration_t = fit_teacher_temperature(signal_teacher, loaders["val"], task.views,
+                                                               info.num_classes, rt)
+        task.teacher_temperature = signal_teacher.calibration_t
+        log.info("teacher calibration: temperature %.4f fitted on val", signal_teacher.calibration_t)
     if signal_teacher is not None and teacher_sha256 is not None:
         from distillistic.training.store import open_store
 

@@ -75,6 +75,9 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
         models["teacher"] = {"test": _metrics(final["teacher"].get("test")),
                              "val_best": _metrics(final["teacher"].get("val_best"), epoch=True),
                              "source": teacher_source, "arch": cfg.teacher}
+        if task.teacher_temperature is not None:  # the teaching signal is t / T_cal (--teacher-calibration)
+            models["teacher"] |= {"calibration": cfg.teacher_calibration,
+                                  "calibration_temperature": task.teacher_temperature}
     summary["models"] = models
     summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
                 "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}

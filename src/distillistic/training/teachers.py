@@ -46,7 +46,8 @@ def teacher_recipe(cfg: Config) -> Config:
         # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
-        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share)
+        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
+        teacher_calibration=_DEFAULTS.teacher_calibration, virtual_p_from=_DEFAULTS.virtual_p_from)
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
