@@ -109,8 +109,9 @@ def calibrate_run(run_dir: Path, device: str | None = None) -> dict[str, Any]:
     members = [*task.students, *([task.teacher] if task.teacher is not None else [])]
     val, val_y = collect_logits(task, members, "val")
     if val_y.numel() == 0 or int(torch.unique(val_y).numel()) < 2:
-        raise UserError(f"calibrate: the val split of '{run_dir}' holds {int(torch.unique(val_y).numel())} "
-                        "class(es); a temperature needs at least 2 classes there (use a larger --val-fraction)")
+        raise UserError(f"calibrate: the val split of '{run_dir}' holds a single class; fitting a temperature needs "
+                        "at least 2: train the run with a larger val split (--val-fraction, or the val share of "
+                        "--split-fractions)")
     has_test = len(task.loaders["test"].sampler.labels) > 0
     test, test_y = collect_logits(task, members, "test") if has_test else ({}, None)
     models: dict[str, Any] = {}
