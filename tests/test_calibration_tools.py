@@ -180,6 +180,11 @@ def test_virtual_p_from_takes_the_baselines_best_val_top1(baseline_run: Path, tm
     assert result.config.virtual_p == top1
     assert f"v(p={top1:g})" in result.summary["objective"]
     assert f"virtual_p: {top1}" in (tmp_path / "tfkd" / "config.yaml").read_text()
+    # the virtual teacher puts p on the label, always its argmax: one bin, ECE = MCE = 1 - p
+    rows = [json.loads(line) for line in (tmp_path / "tfkd" / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if r["split"] == "train")
+    assert train_row["tfkd_target_ece"] == pytest.approx(1 - top1, abs=1e-6)
+    assert train_row["tfkd_target_mce"] == pytest.approx(1 - top1, abs=1e-6)
     with pytest.raises(UserError, match="virtual_p_from"):
         setup.resolve(tiny(virtual_p_from=str(baseline_run)))  # a tfkd parameter only
     with pytest.raises(UserError, match="not a finished run"):

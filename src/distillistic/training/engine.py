@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distillistic.config import Config
+from distillistic.core.calibration import mce_from_sums
 from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
@@ -165,7 +166,8 @@ class TrainMeters:
             for t in self.terms:
                 acc = self.signals[(t, i)] if float(self.signals[(t, i)].sums[0]) else self.signals[(t, 0)]
                 stats = acc.compute()
-                row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"]}
+                row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"],
+                        f"{t}_target_mce": mce_from_sums(acc.bins.cpu())}  # from the same bins: no extra work
             rows.append(row)
         if len(names) > 1:
             top1 = torch.tensor([r["top1"] for r in rows])
