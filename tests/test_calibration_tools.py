@@ -174,7 +174,7 @@ def test_teacher_calibration_without_a_teacher_is_refused() -> None:
 # --- Tf-KD's p from a baseline ---------------------------------------------------------------------------
 
 
-def test_virtual_p_from_takes_the_baselines_best_val_top1(baseline_run: Path, tmp_path: Path) -> None:
+def test_virtual_p_from_takes_the_baselines_best_val_top1(baseline_run: Path, tmp_path: Path, cache: Path) -> None:
     top1 = _summary(baseline_run)["models"]["student"]["val_best"]["top1"]
     result = train(tiny(tmp_path / "tfkd", algo="tfkd", virtual_p_from=str(baseline_run)))
     assert result.config.virtual_p == top1
@@ -185,6 +185,10 @@ def test_virtual_p_from_takes_the_baselines_best_val_top1(baseline_run: Path, tm
     train_row = next(r for r in rows if r["split"] == "train")
     assert train_row["tfkd_target_ece"] == pytest.approx(1 - top1, abs=1e-6)
     assert train_row["tfkd_target_mce"] == pytest.approx(1 - top1, abs=1e-6)
+    # auto: the student's own baseline, trained once into the cache as a teacher is
+    auto = train(tiny(tmp_path / "auto", algo="tfkd", virtual_p_from="auto", cache_dir=str(cache)))
+    cached = next((cache / "teachers").glob("cnn-*/summary.json"))
+    assert auto.config.virtual_p == json.loads(cached.read_text())["models"]["student"]["val_best"]["top1"]
     with pytest.raises(UserError, match="virtual_p_from"):
         setup.resolve(tiny(virtual_p_from=str(baseline_run)))  # a tfkd parameter only
     with pytest.raises(UserError, match="not a finished run"):

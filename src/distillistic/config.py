@@ -107,8 +107,8 @@ class Config:
     # --- calibration of the teaching signal (issue 12) ------------------------------------------------
     teacher_calibration: str = _f("none", "calibrate the frozen teacher before distillation: none or temperature "
                                           "(one T fitted on val by LBFGS on NLL, Guo et al. 2017; t/T before the KD T)")
-    virtual_p_from: str | None = _f(None, "tfkd: take --virtual-p from a baseline RUN_DIR's best val top-1 "
-                                          "(the data-driven virtual teacher, '--virtual-p auto')")
+    virtual_p_from: str | None = _f(None, "tfkd: take --virtual-p from a baseline RUN_DIR's best val top-1, or "
+                                          "auto: from the student's baseline, trained once and cached")
     # --- runtime -----------------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu, cuda, cuda:N, mps")
     precision: str = _f("auto", "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, fp64 (CPU only)")

@@ -46,7 +46,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     cfg = config_mod.from_mapping(overrides, base=config or Config())
     cfg = setup.resolve(cfg)
-    cfg = resolve_virtual_p(cfg)  # --virtual-p-from: p from a baseline run, saved in config.yaml
+    cfg = resolve_virtual_p(cfg, train)  # --virtual-p-from: p from a baseline run, saved in config.yaml
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)

@@ -5,9 +5,10 @@
   fitted on the **val** split by LBFGS (:func:`~distillistic.core.calibration.fit_temperature`) from the teacher's
   raw logits; the signal then uses ``t / T_cal`` everywhere (``softmax(t / (T_cal T))`` at KD temperature T), its
   evaluation included. ``T_cal`` is part of the teacher-output store's key and of ``summary.json``.
-* ``--virtual-p-from RUN_DIR`` (``--virtual-p auto``): Tf-KD's virtual teacher takes ``p`` = the baseline run's
-  best val top-1, so the hand-made teacher is as confident as a trained model is accurate. It is resolved when the
-  run starts, and the saved config holds the value used.
+* ``--virtual-p-from RUN_DIR|auto`` (the issue's ``--virtual-p auto``): Tf-KD's virtual teacher takes ``p`` = a
+  baseline run's best val top-1, so the hand-made teacher is as confident as a trained model is accurate; ``auto``
+  trains (once, cached like a teacher) the baseline of the student's architecture. It is resolved when the run
+  starts, and the saved config holds the value used.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from distillistic.config import Config
 from distillistic.core.calibration import fit_temperature
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, Teacher
-from distillistic.data.loader import Loader
+from distillistic.data.loader import Loader, build_data
 from distillistic.data.views import ViewMaker
 from distillistic.errors import ConfigError, UserError
 from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import Runtime
+from distillistic.training.teachers import Trainer, trained_teacher_dir
 
 
 @torch.no_grad()
@@ -49,11 +51,19 @@ def fit_teacher_temperature(teacher: Teacher, loader: Loader, views: ViewMaker, 
     return fit_temperature(z, y_all)
 
 
-def resolve_virtual_p(cfg: Config) -> Config:
-    """``cfg`` with ``virtual_p`` = the best val top-1 of the baseline run ``virtual_p_from`` (unchanged if unset)."""
+def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
+    """``cfg`` with ``virtual_p`` = the best val top-1 of the baseline run ``virtual_p_from`` (unchanged if unset).
+
+    ``auto``: the baseline of the student's own architecture, trained once with ``train`` and cached as a
+    teacher is (:func:`~distillistic.training.teachers.trained_teacher_dir`: ``teacher_seed``, ``teacher_init``,
+    this run's epochs and recipe)."""
     if cfg.virtual_p_from is None:
         return cfg
-    folder = Path(cfg.virtual_p_from).expanduser()
+    if cfg.virtual_p_from == "auto":
+        baseline = cfg.replace(teacher=cfg.model, teacher_resolution=cfg.student_resolution, teacher_epochs=cfg.epochs)
+        folder = trained_teacher_dir(baseline, build_data(cfg).info, train)
+    else:
+        folder = Path(cfg.virtual_p_from).expanduser()
     summary = read_summary(folder) if folder.is_dir() else {}
     if summary.get("status") != "completed":
         raise UserError(f"--virtual-p-from '{folder}' is not a finished run directory (no completed summary.json); "
