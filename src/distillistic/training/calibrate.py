@@ -106,7 +106,7 @@ def calibrate_run(run_dir: Path, device: str | None = None) -> dict[str, Any]:
     """Fit one temperature per model on val, score before/after on val and test, write ``calibration.json``."""
     check_run(run_dir)
     task = _load(run_dir, device)
-    members = [*task.students, *([task.teacher] if task.teacher is not None else [])]
+    members = [*task.students, *(task.teachers or ([task.teacher] if task.teacher is not None else []))]
     val, val_y = collect_logits(task, members, "val")
     if val_y.numel() == 0 or int(torch.unique(val_y).numel()) < 2:
         raise UserError(f"calibrate: the val split of '{run_dir}' holds a single class; fitting a temperature needs "

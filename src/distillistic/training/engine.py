@@ -76,7 +76,8 @@ class Task:
     num_classes: int
     show_progress: bool = False
     per_class: bool = False
-    teacher_temperature: float | None = None  # --teacher-calibration temperature: the fitted T_cal
+    teachers: list[Member] = field(default_factory=list)  # every frozen teacher (teacher is teachers[0])
+    teacher_temperatures: dict[str, float] = field(default_factory=dict)  # --teacher-calibration: T_cal each
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:
@@ -256,8 +257,9 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
     accs = {m.name: HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
     if ensemble:
         accs["ensemble"] = HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class)
-    # students are also scored against the teacher (Stanton et al. 2021); the teacher itself is not
-    teacher = task.teacher if all(m is not task.teacher for m in members) else None
+    # students are also scored against their one teacher (Stanton et al. 2021); a teacher itself is not
+    alone = len(task.teachers) <= 1 and all(m is not task.teacher for m in members)
+    teacher = task.teacher if alone else None
     start = time.perf_counter()
     for batch in loader.epoch(0):
         labels = batch.labels.to(rt.device, non_blocking=True)

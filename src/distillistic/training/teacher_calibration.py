@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from distillistic.errors import ConfigError, UserError
 from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import Runtime
 from distillistic.training.teachers import Trainer, trained_teacher_dir
+
+log = logging.getLogger("distillistic")
 
 
 @torch.no_grad()
@@ -49,6 +52,16 @@ def fit_teacher_temperature(teacher: Teacher, loader: Loader, views: ViewMaker, 
                           "none: the val split holds fewer than 2 classes to fit the teacher's temperature on "
                           "(or use a larger --val-fraction)")
     return fit_temperature(z, y_all)
+
+
+def calibrate_teachers(signals: list[Teacher], names: list[str], loader: Loader, views: ViewMaker,
+                       num_classes: int, rt: Runtime) -> dict[str, float]:
+    """Fit and set every teacher's ``calibration_t`` (each its own, on its raw logits); name -> T_cal."""
+    fitted = {}
+    for name, signal in zip(names, signals, strict=True):
+        signal.calibration_t = fitted[name] = fit_teacher_temperature(signal, loader, views, num_classes, rt)
+        log.info("teacher calibration: %s temperature %.4f fitted on val", name, signal.calibration_t)
+    return fitted
 
 
 def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
