@@ -153,6 +153,7 @@ def test_teacher_calibration_fits_the_teachers_temperature_on_val(kd_run: Path, 
                                                                    cache: Path) -> None:
     raw_teacher = calibrate_run(kd_run, "cpu")["models"]["teacher"]  # T of the raw teacher, fitted on val
     out = tmp_path / "calibrated"
+    before = {p.name for p in (cache / "teacher-store").iterdir()}
     summary = train(tiny(out, algo="kd", teacher="cnn", teacher_weights="random", cache_dir=str(cache),
                          teacher_calibration="temperature")).summary
     teacher = summary["models"]["teacher"]
@@ -162,8 +163,16 @@ def test_teacher_calibration_fits_the_teachers_temperature_on_val(kd_run: Path, 
     assert teacher["test"]["nll"] == pytest.approx(raw_teacher["test"]["after"]["nll"], rel=1e-5)
     assert teacher["test"]["top1"] == raw_teacher["test"]["before"]["top1"]
     # the calibrated logits live in a store entry of their own
-    entries = {p.name for p in (cache / "teacher-store").iterdir()}
-    assert len(entries) == 2
+    assert len({p.name for p in (cache / "teacher-store").iterdir()} - before) == 1
+
+
+def test_several_teachers_each_get_their_own_temperature(tmp_path: Path, cache: Path) -> None:
+    summary = train(tiny(tmp_path / "two", algo="kd", teacher="cnn,cnn", teacher_weights="random",
+                         cache_dir=str(cache), teacher_calibration="temperature")).summary
+    fitted = [summary["models"][name]["calibration_temperature"] for name in ("teacher0", "teacher1")]
+    assert all(t > 0 for t in fitted)
+    assert fitted[0] != fitted[1]  # two random teachers (seeds teacher_seed + k): two temperatures
+    assert "teacher_agreement" not in summary["models"]["student"]["test"]  # no single teacher to agree with
 
 
 def test_teacher_calibration_without_a_teacher_is_refused() -> None:
