@@ -237,3 +237,37 @@ def test_fp64_is_refused_off_the_cpu() -> None:
         with pytest.raises(ConfigError, match="CPU only"):
             _precision(cfg, torch.device(device))
     assert _precision(cfg, torch.device("cpu")) == "fp64"
+
+
+# --- two processes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_of_val(tmp_path: Path) -> None:
+    """Under torchrun the ACE of the summary is the definition's on the whole test split (gathered, not one
+    shard's), and T_cal is the optimum over the whole val split: refitting on the calibrated teacher gives 1."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "distillistic", "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1",
+           "--teacher-calibration", "temperature", "--dataset", "synthetic", "--synthetic-samples", "300",
+           "--model", "mlp", "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress",
+           "--no-tensorboard"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = _load(out, "cpu")
+    assert task.teacher is not None
+    logits, labels = collect_logits(task, [*task.students, task.teacher], "test")
+    got = _summary(out)["models"]["student"]["test"]
+    assert got["n"] == len(labels)
+    want = reference(logits["student"].numpy(), labels.numpy(), logits["teacher"].numpy())
+    for key in ("ace", "mce", "classwise_ece", "teacher_agreement"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    # the run read its teacher's logits from its float16 store, this process computes them: close, not equal
+    assert got["teacher_kl"] == pytest.approx(want["teacher_kl"], rel=5e-2)
+    refit = calibrate_run(out, "cpu")["models"]["teacher"]["temperature"]
+    assert refit == pytest.approx(1.0, abs=1e-2)
