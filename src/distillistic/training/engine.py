@@ -31,7 +31,7 @@ from distillistic.core.calibration import mce_from_sums
 from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
-from distillistic.core.signals import StepInputs
+from distillistic.core.signals import StepInputs, model_view
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
@@ -48,6 +48,7 @@ class Member:
     view_size: int | None  # input size; None: the full view
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # its own input (mean, std); None: the data's
 
     @property
     def raw(self) -> nn.Module:
@@ -57,7 +58,7 @@ class Member:
         """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
         if self.outputs is not None:
             return self.outputs(inp)
-        return self.raw(inp.views.get(self.view_size, self.channels))
+        return self.raw(model_view(inp.views, self.view_size, self.channels, self.norm))
 
 
 @dataclass
@@ -169,6 +170,7 @@ class TrainMeters:
                 stats = acc.compute()
                 row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"],
                         f"{t}_target_mce": mce_from_sums(acc.bins.cpu())}  # from the same bins: no extra work
+            row |= task.objective.stats(i)  # the terms' own state (e.g. a learned temperature), once per epoch
             rows.append(row)
         if len(names) > 1:
             top1 = torch.tensor([r["top1"] for r in rows])
@@ -184,7 +186,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     labels = batch.labels.to(rt.device, non_blocking=True)
     weights = objective.weights_at(progress)
     with rt.autocast():
-        logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
+        logits = [s.model(model_view(views, s.view_size, s.channels, s.norm)) for s in task.students]
         inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
                          progress=progress)
         targets = objective.targets(inp)

@@ -21,7 +21,7 @@ import torch
 from distillistic.config import Config
 from distillistic.core.calibration import fit_temperature
 from distillistic.core.precision import at_least_float32
-from distillistic.core.signals import StepInputs, Teacher
+from distillistic.core.signals import StepInputs, Teacher, model_view
 from distillistic.data.loader import Loader, build_data
 from distillistic.data.views import ViewMaker
 from distillistic.errors import ConfigError, UserError
@@ -42,7 +42,8 @@ def fit_teacher_temperature(teacher: Teacher, loader: Loader, views: ViewMaker, 
         y = batch.labels.to(rt.device)
         inp = StepInputs(views(batch, train=False), y, [], num_classes, 0, batch.index, "val")
         with rt.autocast():
-            logits.append(at_least_float32(teacher.model(inp.views.get(teacher.view_size, teacher.channels))))
+            z = teacher.model(model_view(inp.views, teacher.view_size, teacher.channels, teacher.norm))
+            logits.append(at_least_float32(z))
         labels.append(y)
     z = rt.all_gather_rows(torch.cat(logits).double() if logits else torch.zeros(0, num_classes,
                                                                                    device=rt.device))

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillistic.config import Config, cache_dir
+from distillistic.config import FIELDS, Config, cache_dir
+from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
 from distillistic.errors import UserError
 from distillistic.models.builders import build_model
@@ -47,7 +48,9 @@ def teacher_recipe(cfg: Config) -> Config:
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
         virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
-        teacher_calibration=_DEFAULTS.teacher_calibration, virtual_p_from=_DEFAULTS.virtual_p_from)
+        teacher_calibration=_DEFAULTS.teacher_calibration,
+        # every method's own parameters too (the teacher is a baseline run, which refuses them)
+    ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
@@ -61,11 +64,20 @@ TEACHER_KEYS = (
 )
 
 
+LATER_TEACHER_KEYS = ("milestones", "gamma", "nesterov")
+
+
+def _plain_default(key: str) -> Any:
+    return _DEFAULTS.to_dict()[key]
+
+
 def recipe_key(recipe: Config, info: DataInfo) -> str:
     """A short hash of the teacher's defining keys (:data:`TEACHER_KEYS`) and the data's checksum."""
     settings = recipe.to_dict()
     items: dict[str, Any] = {k: settings[k] for k in TEACHER_KEYS}
     items["data_checksum"] = info.checksum
+    # Later keys join only when set away from their default, so the keys of cached teachers stay the same.
+    items |= {k: settings[k] for k in LATER_TEACHER_KEYS if settings[k] != _plain_default(k)}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
