@@ -88,7 +88,7 @@ class Payload:
 @dataclass(frozen=True)
 class Case:
     id: str
-    kind: str  # config value, flag, config file, data file, checkpoint, output directory, export
+    kind: str  # config value, flag, config file, data file, checkpoint, output directory, export, calibrate
     what: str
     argv: Callable[[Workspace], list[str]]
     fashion_offline: bool = False  # point the Fashion-MNIST mirror at a folder that does not exist
@@ -333,7 +333,36 @@ CASES: list[Case] = [
          lambda ws: ["export", str(ws.tmp)]),
     Case("export-exists", "export", "export over files that exist",
          lambda ws: ["export", str(ws.run), "--out", str(_file(ws, "student.safetensors").parent)]),
+    # --- calibrate -------------------------------------------------------------------------------
+    Case("calibrate-no-checkpoints", "calibrate", "calibrate of a folder without checkpoints",
+         lambda ws: ["calibrate", str(ws.tmp)]),
+    Case("calibrate-unfinished", "calibrate", "calibrate of a run that did not finish",
+         lambda ws: ["calibrate", str(_unfinished_run(ws))]),
+    Case("calibrate-one-class-val", "calibrate", "calibrate of a run whose val split holds one class",
+         lambda ws: ["calibrate", str(_one_class_val_run(ws))]),
 ]
+
+
+def _unfinished_run(ws: Workspace) -> Path:
+    """A copy of RUN whose summary says it was interrupted."""
+    import json
+
+    copy = ws.tmp / "unfinished"
+    shutil.copytree(ws.run, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps(summary | {"status": "interrupted"}))
+    return copy
+
+
+def _one_class_val_run(ws: Workspace) -> Path:
+    """A finished run whose val split is one sample (so one class): 2% of 96 synthetic images."""
+    from distillistic import cli
+
+    out = ws.tmp / "one-class"
+    argv = ["train", *TINY, "--split-fractions", "0.88,0.02,0.1", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(argv) == 0
+    return out
 
 
 def _torch_file(ws: Workspace, name: str, obj: object) -> Path:

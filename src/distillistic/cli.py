@@ -1,4 +1,4 @@
-"""Command line: ``distillistic train | demo | sweep | report | export | list``.
+"""Command line: ``distillistic train | demo | sweep | report | export | calibrate | list``.
 
 This is the only module that sees ``argparse``. ``train`` flags are generated from the config's
 fields (``--some-key`` is the key ``some_key``), so every flag is a config key and vice versa. Any
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best",
                    help="best-on-val weights (default) or the last epoch's")
     p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    p = sub.add_parser("calibrate", help="temperature-scale a finished run's models (T fitted on val), "
+                       "ECE/NLL/Brier before and after on test")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of 'distillistic train'")
+    p.add_argument("--device", default=None, help="device to evaluate on (default: the run's --device)")
     p = sub.add_parser("sweep", help="run every cell of a sweep config (grid/variants), each in its own run dir")
     p.add_argument("config", help="sweep YAML: base config keys, grid: {key: [values]}, optional variants:")
     p.add_argument("--out", required=True, help="sweep directory (cells go to DIR/<name>; re-run to continue)")
@@ -203,6 +207,15 @@ def _export(args: argparse.Namespace) -> int:
 
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
         print(path)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from distillistic.training.calibrate import calibrate_run, table
+
+    result = calibrate_run(Path(args.run_dir), args.device)
+    print(table(result))
+    print(f"written: {Path(args.run_dir) / 'calibration.json'}")
     return 0
 
 
@@ -292,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
     commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,
-                "export": _export, "reproduce": _reproduce}
+                "export": _export, "reproduce": _reproduce,
+                "calibrate": _calibrate}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -28,10 +28,11 @@ from distillistic.errors import ConfigError, UserError, short_repr
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
     "scheduler": ("onecycle", "cosine", "constant", "multistep"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
     "augment": ("none", "randaugment", "cifar"),
     "teacher_init": ("random", "imagenet"),
     "data_hash": ("content", "listing"),
+    "teacher_calibration": ("none", "temperature"),
 }
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
@@ -129,9 +130,14 @@ class Config:
     nesterov: bool = _f(False, "sgd: Nesterov momentum")
     warmup_fraction: float = _f(0.1, "share of steps spent warming up the learning rate")
     grad_clip: float | None = _f(None, "clip each student's gradient norm to this value")
+    # --- calibration of the teaching signal (issue 12) ------------------------------------------------
+    teacher_calibration: str = _f("none", "calibrate the frozen teacher before distillation: none or temperature "
+                                          "(one T fitted on val by LBFGS on NLL, Guo et al. 2017; t/T before the KD T)")
+    virtual_p_from: str | None = _f(None, "tfkd: take --virtual-p from a baseline RUN_DIR's best val top-1, or "
+                                          "auto: from the student's baseline, trained once and cached")
     # --- runtime -----------------------------------------------------------------------------------
     device: str = _f("auto", "auto, cpu, cuda, cuda:N, mps")
-    precision: str = _f("auto", "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16")
+    precision: str = _f("auto", "auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, fp64 (CPU only)")
     channels_last: bool = _f(False, "use channels-last memory format")
     compile: bool = _f(False, "torch.compile the students")
     threads: int | None = _f(None, "torch intra-op threads (default: torch's)")

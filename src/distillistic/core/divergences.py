@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillistic.core.precision import at_least_float32
 from distillistic.registry import Registry
 
 Divergence = Callable[[Tensor, Tensor, float], Tensor]
@@ -31,10 +32,10 @@ SYMBOLS = {"kl": "KL", "js": "JS", "mse": "MSE"}
 
 
 def _prepare(q: Tensor, z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    q = q.detach().float()
+    q = at_least_float32(q.detach())
     if q.dim() == 2:
         q = q.unsqueeze(0)
-    return q, F.log_softmax(z.float() / temperature, dim=-1)
+    return q, F.log_softmax(at_least_float32(z) / temperature, dim=-1)
 
 
 @DIVERGENCES.register("kl")

@@ -155,7 +155,7 @@ def _virtual_p_check(cfg: Config, num_classes: int) -> None:
 
 
 @method("tfkd", "Yuan et al. 2020, Revisiting KD via Label Smoothing Regularization (CVPR): virtual teacher",
-        family="self", params=("virtual_p", "virtual_smooth"), data_check=_virtual_p_check,
+        family="self", params=("virtual_p", "virtual_smooth", "virtual_p_from"), data_check=_virtual_p_check,
         default_temperature=lambda cfg: 20.0 if cfg.virtual_smooth else 1.0)
 def _tfkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))"""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.logit_losses import standardize
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import Signal, StepInputs
 
 Ramp = Callable[[float], float]  # progress in [0, 1] -> factor of the term's weight
@@ -80,7 +81,7 @@ class CrossEntropy(Term):
         super().__init__("ce", weight, distil=False)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        return F.cross_entropy(z.float(), inp.labels)
+        return F.cross_entropy(at_least_float32(z), inp.labels)
 
     def describe(self) -> str:
         return "CE(z, y)"

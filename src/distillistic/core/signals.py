@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from distillistic.core.logit_losses import standardize
+from distillistic.core.precision import at_least_float32
 
 Transform = Callable[[Tensor], Tensor] | None  # applied to a signal's logits [..., K] before the temperature
 
@@ -108,6 +109,9 @@ class Teacher:
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
         self.key = key  # its logits' entry in the step's cache (one per teacher when there are several)
         self.norm = norm  # the (mean, std) the teacher reads its view with; None: the dataset's
+        # Temperature scaling of the teacher itself (Guo et al. 2017; --teacher-calibration): t / T_cal before
+        # any KD temperature. 1.0 leaves the logits bit for bit as they are.
+        self.calibration_t = 1.0
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
@@ -117,7 +121,8 @@ class Teacher:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
                     self.model.eval()
                 with torch.no_grad():
-                    stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm)).float()
+                    stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm))
+                    stored = at_least_float32(stored) / self.calibration_t
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache[self.key] = stored
@@ -201,7 +206,7 @@ class Peers:
         n = len(inp.logits)
         if n < 2:
             raise ValueError("Peers needs a cohort of at least 2 students")
-        z = torch.stack([z.detach().float() for z in inp.logits])
+        z = torch.stack([at_least_float32(z.detach()) for z in inp.logits])
         p = torch.softmax((transform(z) if transform else z) / temperature, dim=-1)
         if self.pairwise:
             return [p[[j for j in range(n) if j != i]] for i in range(n)]

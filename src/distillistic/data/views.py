@@ -100,14 +100,15 @@ class ViewMaker:
     """
 
     def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
-                 channels_last: bool = False, chunk_bytes: int = 1 << 23) -> None:
+                 channels_last: bool = False, chunk_bytes: int = 1 << 23, dtype: torch.dtype = torch.float32) -> None:
         self.device, self.data_seed, self.channels_last = device, data_seed, channels_last
+        self.dtype = dtype  # float64 in an fp64 run
         self.chunk_bytes = chunk_bytes
         self.augment: BatchRandAugment | BatchCropFlip | None = (
             BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
             else BatchCropFlip() if augment == "cifar" else None)
-        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        self.mean = torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1)
 
     def describe(self) -> dict[str, Any]:
         """What decides the views besides the images and the keys (for the teacher-output store's key)."""
@@ -148,7 +149,7 @@ class ViewMaker:
                 x = batch.images.to(self.device, non_blocking=True)
                 if train and self.augment is not None:
                     x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
-            return (x.float() / 255 - self.mean) / self.std
+            return (x.to(self.dtype) / 255 - self.mean) / self.std
 
         return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
 

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distillistic.config import Config
+from distillistic.core.calibration import mce_from_sums
+from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
 from distillistic.core.signals import StepInputs, model_view
@@ -77,6 +79,7 @@ class Task:
     show_progress: bool = False
     per_class: bool = False
     teachers: list[Member] = field(default_factory=list)  # every frozen teacher (teacher is teachers[0])
+    teacher_temperatures: dict[str, float] = field(default_factory=dict)  # --teacher-calibration: T_cal each
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:
@@ -166,7 +169,8 @@ class TrainMeters:
             for t in self.terms:
                 acc = self.signals[(t, i)] if float(self.signals[(t, i)].sums[0]) else self.signals[(t, 0)]
                 stats = acc.compute()
-                row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"]}
+                row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"],
+                        f"{t}_target_mce": mce_from_sums(acc.bins.cpu())}  # from the same bins: no extra work
             row |= task.objective.stats(i)  # the terms' own state (e.g. a learned temperature), once per epoch
             rows.append(row)
         if len(names) > 1:
@@ -253,21 +257,27 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
     rt, loader = task.rt, task.loaders[split]
     for m in members:
         m.raw.eval()
-    accs = {m.name: MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
+    accs = {m.name: HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class) for m in members}
     if ensemble:
-        accs["ensemble"] = MetricAccumulator(task.num_classes, rt.device, per_class=task.per_class)
+        accs["ensemble"] = HeldOutAccumulator(task.num_classes, rt.device, per_class=task.per_class)
+    # students are also scored against their one teacher (Stanton et al. 2021); a teacher itself is not
+    alone = len(task.teachers) <= 1 and all(m is not task.teacher for m in members)
+    teacher = task.teacher if alone else None
     start = time.perf_counter()
     for batch in loader.epoch(0):
         labels = batch.labels.to(rt.device, non_blocking=True)
         inp = StepInputs(task.views(batch, train=False), labels, [], task.num_classes, 0, batch.index, split)
         with rt.autocast():
             logits = [m.eval_logits(inp) for m in members]
+            zt = teacher.eval_logits(inp) if teacher is not None else None
         for m, z in zip(members, logits):
-            accs[m.name].update(z, labels)
+            accs[m.name].update(z, labels, zt)
         if ensemble:
             probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(dim=0)
-            accs["ensemble"].update_probs(probs, labels)
+            accs["ensemble"].update_probs(probs, labels, zt)
     rt.all_reduce_([t for acc in accs.values() for t in acc.tensors()])
+    for acc in accs.values():  # ACE sorts every confidence: gather, not sum
+        acc.load_samples(rt.all_gather_rows(acc.samples()))
     seconds = time.perf_counter() - start
     out = {}
     for name, acc in accs.items():

@@ -30,6 +30,7 @@ from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
 from distillistic.training.talk import Talk, say, start_line
+from distillistic.training.teacher_calibration import resolve_virtual_p
 from distillistic.training.teacher_check import check_teacher
 
 log = logging.getLogger("distillistic")
@@ -46,6 +47,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     cfg = config_mod.from_mapping(overrides, base=config or Config())
     cfg = setup.resolve(cfg)
+    cfg = resolve_virtual_p(cfg, train)  # --virtual-p-from: p from a baseline run, saved in config.yaml
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)
@@ -75,7 +77,7 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
 
 
 def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
-    model = model.to(rt.device)
+    model = model.to(rt.device, rt.dtype)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if rt.distributed:
@@ -101,6 +103,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     n_students = student_count(cfg) or 1
     objective = method.objective(cfg, Context(teachers.signal if teachers else None, info.num_classes,
                                               n_students)).to(rt.device)
+    if rt.dtype == torch.float64:  # fp64: a term's own parameters too (other precisions keep their dtypes)
+        objective = objective.to(rt.dtype)
     names = _student_names(n_students)
     archs = config_mod.student_archs(cfg, n_students)
     raw_students = _build_students(cfg, info)
@@ -128,9 +132,15 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
                 loaders,
-                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
+                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype),
+                info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [])
+    if teachers is not None and cfg.teacher_calibration == "temperature":  # before the stores: T_cal is in their keys
+        from distillistic.training.teacher_calibration import calibrate_teachers
+
+        task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
+                                                       loaders["val"], task.views, info.num_classes, rt)
     if teachers is not None:
         teachers.open_stores(bundle, loaders, task.views, rt)
     return task, {"data": info, "teacher_source": teachers.source if teachers else None,

@@ -58,7 +58,8 @@ from distillistic.training.runtime import Runtime, rng_state, set_rng_state
 from distillistic.training.summary import build_summary, clean
 
 log = logging.getLogger("distillistic")
-RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export")
+RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export",
+             "calibration.json")
 
 
 def _version() -> str:

@@ -29,7 +29,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class Runtime:
     device: torch.device
-    precision: str  # fp32, bf16 or fp16 (resolved)
+    precision: str  # fp32, bf16, fp16 or fp64 (resolved)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -49,6 +49,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of models and inputs: float64 for fp64, else float32 (autocast lowers it where it applies)."""
+        return torch.float64 if self.precision == "fp64" else torch.float32
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self._autocast()
 
@@ -57,6 +62,22 @@ class Runtime:
         if self.distributed:
             for t in tensors:
                 dist.all_reduce(t)
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's rows ``[N_r, ...]`` concatenated in rank order (``t`` itself on one process).
+
+        Ranks may hold different N_r: each pads to the largest first (all_gather needs equal shapes)."""
+        if not self.distributed:
+            return t
+        n = torch.tensor([t.shape[0]], device=t.device)
+        counts = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(counts, n)
+        sizes = [int(c) for c in counts]
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
     def average_gradients_(self, params: list[torch.nn.Parameter]) -> None:
         """Average the gradients of parameters that no DDP wrapper syncs (a term's adapters) over processes."""
@@ -108,6 +129,9 @@ def _precision(cfg: Config, device: torch.device) -> str:
     if cfg.precision != "auto":
         if cfg.precision == "fp16" and device.type == "cpu":
             raise ConfigError("precision", "fp16", "fp32 or bf16 on the CPU (fp16 autocast needs a GPU)")
+        if cfg.precision == "fp64" and device.type != "cpu":
+            raise ConfigError("precision", "fp64", f"auto, fp32, bf16 or fp16 on {device.type} (fp64 runs on the "
+                                                   "CPU only: add --device cpu)")
         return cfg.precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"  # the thesis trained with mixed precision on

@@ -30,6 +30,9 @@ def check(cfg: Config) -> None:
             if name not in MODELS:
                 raise UserError(f"config key '{key}': {MODELS.unknown_message(name)}")
     METHODS.get(cfg.algo).check(cfg)
+    if cfg.teacher_calibration != "none" and not METHODS.get(cfg.algo).needs_teacher:
+        raise UserError(f"config key 'teacher_calibration' calibrates a frozen teacher; algo {cfg.algo} has none: "
+                        "remove it or choose an algorithm with a teacher (e.g. kd)")
 
 
 def resolve(cfg: Config) -> Config:

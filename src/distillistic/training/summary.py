@@ -21,6 +21,8 @@ from distillistic import config as config_mod
 from distillistic.training.engine import Progress, Task
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
+# calibration beyond ECE and, for students with a teacher, agreement with it (core/heldout.py)
+CALIBRATION = ("ace", "mce", "classwise_ece", "teacher_agreement", "teacher_kl")
 
 
 def clean(value: Any) -> Any:
@@ -37,7 +39,7 @@ def clean(value: Any) -> Any:
 def _metrics(m: dict[str, Any] | None, epoch: bool = False) -> dict[str, Any] | None:
     if m is None:
         return None
-    keep = [*METRICS, "n", "per_class_top1", "reliability", *(["epoch"] if epoch else [])]
+    keep = [*METRICS, "n", "per_class_top1", "reliability", *CALIBRATION, *(["epoch"] if epoch else [])]
     return {k: m[k] for k in keep if k in m}
 
 
@@ -79,6 +81,9 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
             models[name] = {"test": _metrics(final[name].get("test")),
                             "val_best": _metrics(final[name].get("val_best"), epoch=True),
                             "source": source, "arch": arch}
+            if name in task.teacher_temperatures:  # the teaching signal is t / T_cal (--teacher-calibration)
+                models[name] |= {"calibration": cfg.teacher_calibration,
+                                 "calibration_temperature": task.teacher_temperatures[name]}
     summary["models"] = models
     summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
                 "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}

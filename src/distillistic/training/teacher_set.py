@@ -108,7 +108,7 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
     signals, members, sources, hashes = [], [], [], []
     for name, c in zip(names, configs):
         model, source = teachers_mod.build_teacher(c, info, train)  # looked up at call time (tests patch it)
-        model = model.to(rt.device)
+        model = model.to(rt.device, rt.dtype)
         hashes.append(state_dict_hash(model.state_dict()))  # its identity: store key, checkpoints
         spec = MODELS.get(c.teacher or "")
         channels, norm = spec.channels(info.channels), spec.norm  # norm: its own (mean, std), e.g. a timm model's

@@ -49,6 +49,7 @@ def teacher_recipe(cfg: Config) -> Config:
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
         virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
+        teacher_calibration=_DEFAULTS.teacher_calibration,
         # every method's own parameters too (the teacher is a baseline run, which refuses them)
     ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
 
