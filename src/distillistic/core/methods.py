@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distillistic.config import FIELDS, Config
+from distillistic.core.features import FeatureProbe
 from distillistic.core.objective import Distill, Objective, Term
 from distillistic.core.signals import Peers, Signal, Virtual
 from distillistic.errors import ConfigError, UserError
@@ -34,6 +35,7 @@ class Context:
     teacher: Signal | None = None  # the frozen teacher(s)' signal, for methods that need one
     num_classes: int = 0
     students: int = 1
+    probe: FeatureProbe | None = None  # the run's models' stages and feature shapes (feature methods)
 
 
 TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]
@@ -154,3 +156,7 @@ def _virtual_p_check(cfg: Config, num_classes: int) -> None:
 def _tfkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))"""
     return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence, _t(cfg)),)
+
+
+# Methods registered in their own modules (imported last: they register into METHODS above).
+from distillistic.core import feature_methods as _feature_methods  # noqa: E402, F401

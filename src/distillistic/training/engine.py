@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distillistic.config import Config
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
-from distillistic.core.signals import StepInputs
+from distillistic.core.signals import StepInputs, Tapped
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
@@ -46,6 +46,7 @@ class Member:
     view_size: int | None  # input size; None: the full view
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
+    taps: Tapped | None = None  # hooks on the plain model's stages (feature methods), popped after every forward
 
     @property
     def raw(self) -> nn.Module:
@@ -55,7 +56,13 @@ class Member:
         """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
         if self.outputs is not None:
             return self.outputs(inp)
-        return self.raw(inp.views.get(self.view_size, self.channels))
+        z = self.raw(inp.views.get(self.view_size, self.channels))
+        self.features()  # evaluation needs no features: drop what the hooks kept
+        return z
+
+    def features(self) -> dict[str, Tensor]:
+        """The stage maps the taps kept during the last forward (with its graph), ``{}`` without taps."""
+        return self.taps.pop() if self.taps is not None else {}
 
 
 @dataclass
@@ -181,7 +188,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     with rt.autocast():
         logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
         inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
-                         progress=progress)
+                         progress=progress, features=[s.features() for s in task.students])
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     for opt in task.optimizers:

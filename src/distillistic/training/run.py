@@ -27,6 +27,7 @@ from distillistic.models.builders import MODELS, build_model
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, state_dict_hash, unwrap
 from distillistic.training.engine import Member, Progress, Task, evaluate, fit
+from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
@@ -105,11 +106,17 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                                 outputs=signal_teacher.logits)
     else:
         signal_teacher = None
-    objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1)).to(rt.device)
     names = _student_names(cfg.students or 1)
     channels = MODELS.get(cfg.model).channels(info.channels)
     raw_students = _build_students(cfg, info)
-    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels) for n, m in zip(names, raw_students)]
+    # Terms may shape adapters from the models (a dry forward) and tap their stages (hooks on the plain modules).
+    probe = ModelProbe(cfg, info, raw_students, signal_teacher.model if signal_teacher else None,
+                       len(bundle.splits["train"].labels))
+    objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1, probe))
+    objective = objective.to(rt.device)
+    taps = attach_taps_for(cfg, objective, raw_students, signal_teacher)
+    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels, taps=t)
+                for n, m, t in zip(names, raw_students, taps)]
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
     assert cfg.data_seed is not None
@@ -133,11 +140,15 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
-    if signal_teacher is not None and teacher_sha256 is not None:
+    teacher_live = signal_teacher is not None and signal_teacher.taps is not None
+    if teacher_live:
+        log.info("teacher store: off (%s)", TEACHER_LIVE)
+    if signal_teacher is not None and teacher_sha256 is not None and not teacher_live:
         from distillistic.training.store import open_store
 
         signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256}
+    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256,
+                  "teacher_outputs": TEACHER_LIVE if teacher_live else None}
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -157,6 +168,8 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
         else:
             log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
     rundir.open(info, task, progress)
+    if extra["teacher_outputs"]:
+        rundir.note("teacher_outputs", extra["teacher_outputs"])
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distillistic.config import Config, cache_dir
+from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
 from distillistic.errors import UserError
 from distillistic.models.builders import build_model
@@ -37,6 +38,7 @@ _DEFAULTS = Config()
 def teacher_recipe(cfg: Config) -> Config:
     """The baseline config that trains this run's teacher."""
     assert cfg.teacher is not None
+    cfg = cfg.replace(**{k: getattr(_DEFAULTS, k) for k in PARAMETERS})  # every method's parameters: a baseline's
     return cfg.replace(
         algo="baseline", model=cfg.teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
