@@ -31,6 +31,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dml_e": {"algo": "dml_e", "students": 3},
     "tfkd": {"algo": "tfkd"},
     "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
+    "fitnet": {"algo": "fitnet", "teacher": "cnn", "teacher_weights": "random"},
+    "at_kd": {"algo": "at", "teacher": "cnn", "teacher_weights": "random", "feature_kd": 0.9},
+    "sp": {"algo": "sp", "teacher": "cnn", "teacher_weights": "random"},
+    "rkd": {"algo": "rkd", "teacher": "cnn", "teacher_weights": "random"},
+    "crd": {"algo": "crd", "teacher": "cnn", "teacher_weights": "random", "crd_negatives": 64},
 }
 
 

@@ -16,14 +16,31 @@ from distillistic.core.methods import METHODS, Context, method
 from distillistic.core.objective import Distill, Objective
 from distillistic.core.signals import Teacher, Virtual
 from distillistic.errors import UserError
+from distillistic.models.builders import build_model
+from distillistic.models.stages import feature_shapes, stage_names
 from distillistic.registry import Registry
 from distillistic.training import engine, setup
+
+
+class _Probe:
+    """The models a feature method probes: a cnn student and a cnn teacher on 8 px, 1-channel images."""
+
+    n_data = 100
+
+    def __init__(self) -> None:
+        self.models = {"student": build_model("cnn", 10, 1, 8), "teacher": build_model("cnn", 10, 1, 8)}
+
+    def stages(self, role: str, i: int = 0) -> tuple[str, ...]:
+        return stage_names("cnn", self.models[role])
+
+    def shapes(self, role: str, stages: Any, i: int = 0) -> dict[str, tuple[int, ...]]:
+        return feature_shapes("cnn", self.models[role], stages, 1, 8, role)
 
 
 def _objective(algo: str, **overrides: Any) -> Objective:
     cfg = setup.resolve(Config(algo=algo, dataset="synthetic", **overrides))
     teacher = Teacher(torch.nn.Linear(2, 2), None, 1) if METHODS.get(algo).needs_teacher else None
-    return METHODS.get(algo).objective(cfg, Context(teacher, 10, cfg.students or 1))
+    return METHODS.get(algo).objective(cfg, Context(teacher, 10, cfg.students or 1, _Probe()))
 
 
 FORMULAS = {
@@ -38,6 +55,13 @@ FORMULAS = {
     ("dml", (("temperature", 3.0), ("alpha", 0.3), ("alpha_warmup", 0.2), ("divergence", "js"))):
         "L = 0.7·CE(z, y) + 0.3·mean_(j≠i) 3²·JS(softmax(z_j/3) ‖ softmax(z/3)), alpha rising from 0 over the "
         "first 20% of training",
+    ("fitnet", ()): "L = CE(z, y) + 100·MSE(r(F_s), F_t)[stage2]",
+    ("at", ()): "L = CE(z, y) + 1000·AT(F_s, F_t)[stage1, stage2]",
+    ("at", (("feature_kd", 0.9), ("feature_weight", 500.0))):
+        "L = CE(z, y) + 500·AT(F_s, F_t)[stage1, stage2] + 0.9·4²·KL(softmax(t/4) ‖ softmax(z/4))",
+    ("sp", ()): "L = CE(z, y) + 3000·SP(F_s, F_t)[stage2]",
+    ("rkd", ()): "L = CE(z, y) + (25·RKD_D + 50·RKD_A)(e_s, e_t)",
+    ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
 }
 
 
@@ -137,9 +161,12 @@ def test_registry_refuses_duplicates_and_lists_valid_names() -> None:
 
 def test_methods_declare_their_students_and_temperature() -> None:
     resolved = {a: setup.resolve(Config(algo=a, dataset="synthetic")) for a in METHODS.names()}
-    assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1}
+    features = dict.fromkeys(("fitnet", "at", "sp", "rkd", "crd"))
+    assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1,
+                                                           **dict.fromkeys(features, 1)}
     assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
-                                                              "dml_e": 1.0, "tfkd": 1.0}
+                                                              "dml_e": 1.0, "tfkd": 1.0,
+                                                              **dict.fromkeys(features, 4.0)}
     assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
     assert resolved["kd"].teacher == "resnet50"
     assert resolved["dml"].teacher is None
