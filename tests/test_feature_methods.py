@@ -137,3 +137,26 @@ def test_a_feature_method_resumes_exactly_after_sigkill(algo: str, args: list[st
         from safetensors.torch import load_file
 
         assert set(load_file(str(path))) == set(a["models"]["student"])
+
+
+@pytest.mark.slow
+def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "distillistic", "train", "--algo", "crd", "--teacher", "cnn", "--teacher-weights", "random",
+           "--crd-negatives", "64", "--feature-kd", "0.5", "--dataset", "synthetic", "--synthetic-samples", "300",
+           "--image-size", "8", "--model", "cnn", "--epochs", "1", "--batch-size", "32", "--out", str(out),
+           "--no-progress", "--no-tensorboard"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load(out / "checkpoints" / "last.pt")
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+    trained = ckpt["progress"]["epoch_images"] or ckpt["progress"]["train_images"]
+    # every sample both ranks trained on was written to rank 0's banks: those rows (and only those) are unit norm
+    norms = ckpt["terms"]["terms.0.heads.0.memory.memory_s"].norm(dim=1)
+    assert int(((norms - 1).abs() < 1e-5).sum()) == trained

@@ -16,13 +16,15 @@ student's grid (:func:`match_grid`) before any loss.
 from __future__ import annotations
 
 import logging
+import typing
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from distillistic.core.feature_losses import CRDHead, at_loss, hint_loss, make_regressor, pool_to, rkd_loss, sp_loss
+from distillistic.core import feature_losses as fl
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs
 
@@ -60,7 +62,7 @@ def match_grid(ft: Tensor, fs_shape: Sequence[int]) -> Tensor:
     """
     if ft.dim() != 4 or len(fs_shape) != 4:
         return ft
-    return pool_to(ft, (min(ft.shape[-2], int(fs_shape[-2])), min(ft.shape[-1], int(fs_shape[-1]))))
+    return fl.pool_to(ft, (min(ft.shape[-2], int(fs_shape[-2])), min(ft.shape[-1], int(fs_shape[-1]))))
 
 
 def _matched_shape(t: Sequence[int], s: Sequence[int]) -> tuple[int, ...]:
@@ -95,11 +97,11 @@ class FitNet(FeatureTerm):
     def __init__(self, teacher: FeatureTeacher, student_stage: str, teacher_stage: str, weight: float,
                  student_shapes: Sequence[Sequence[int]], teacher_shape: Sequence[int]) -> None:
         super().__init__("fitnet", teacher, (student_stage,), (teacher_stage,), weight)
-        self.regressors = nn.ModuleList(make_regressor(s, _matched_shape(teacher_shape, s)) for s in student_shapes)
+        self.regressors = nn.ModuleList(fl.make_regressor(s, _matched_shape(teacher_shape, s)) for s in student_shapes)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         (fs,), (ft,) = self.maps(i, inp)
-        return hint_loss(self.regressors[i](fs), ft)
+        return fl.hint_loss(self.regressors[i](fs), ft)
 
     def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
         return self.regressors[i].parameters()
@@ -116,7 +118,7 @@ class Attention(FeatureTerm):
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         fs, ft = self.maps(i, inp)
-        return at_loss(fs, ft, beta=1.0)
+        return fl.at_loss(fs, ft, beta=1.0)
 
     def describe(self) -> str:
         return f"AT(F_s, F_t)[{self._pairs()}]"
@@ -130,7 +132,7 @@ class Similarity(FeatureTerm):
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         (fs,), (ft,) = self.maps(i, inp)
-        return sp_loss(fs, ft)
+        return fl.sp_loss(fs, ft)
 
     def describe(self) -> str:
         return f"SP(F_s, F_t)[{self._pairs()}]"
@@ -145,17 +147,31 @@ class Relational(FeatureTerm):
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         (fs,), (ft,) = self.maps(i, inp)
-        return rkd_loss(fs, ft, self.w_dist, self.w_angle)["loss"]
+        return fl.rkd_loss(fs, ft, self.w_dist, self.w_angle)["loss"]
 
     def describe(self) -> str:
         return f"({self.w_dist:g}·RKD_D + {self.w_angle:g}·RKD_A)(e_s, e_t)"
+
+
+def _all_gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each tensor concatenated over the DDP ranks (equal batch sizes per rank), or as it is in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)
 
 
 class Contrastive(FeatureTerm):
     """CRD (Tian et al. 2020): NCE over ``K`` negatives of a momentum memory bank keyed by the sample's index.
 
     One :class:`CRDHead` per student (its two embeddings train with the student; its banks and normalisers are
-    buffers). Negatives are drawn from a ``torch.Generator`` seeded with ``seed``, whose state is this term's
+    buffers). The banks update after the optimizer step with the embeddings of every DDP rank, so that all
+    ranks keep equal banks (RepDistiller updates inside the forward: the same values in one process).
+    Negatives are drawn from a ``torch.Generator`` seeded with ``seed``, whose state is this term's
     extra state in the checkpoint, so a resumed run draws the same negatives.
     """
 
@@ -163,10 +179,11 @@ class Contrastive(FeatureTerm):
                  dim: int, k: int, temperature: float, momentum: float, seed: int) -> None:
         super().__init__("crd", teacher, ("embedding",), ("embedding",), weight)
         init = torch.Generator().manual_seed(seed)
-        self.heads = nn.ModuleList(CRDHead(d, dim_t, n_data, dim, k, temperature, momentum, init) for d in dim_s)
+        self.heads = nn.ModuleList(fl.CRDHead(d, dim_t, n_data, dim, k, temperature, momentum, init) for d in dim_s)
         self.seed, self.k, self.temperature = seed, k, temperature
         self._generator: torch.Generator | None = None
         self._pending: Tensor | None = None  # a restored generator state, applied when the generator is made
+        self._updates: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # student -> (idx, v_s, v_t) of this step
 
     def _draws(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -177,10 +194,21 @@ class Contrastive(FeatureTerm):
         return self._generator
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
+        """:func:`crd_loss` against the banks as they were before this step; the banks update in :meth:`after_step`."""
         assert inp.index is not None, "CRD needs the samples' dataset indices"
         (fs,), (ft,) = self.maps(i, inp)
         idx = inp.index.to(fs.device, non_blocking=True)
-        return self.heads[i](fs, ft, idx, generator=self._draws(fs.device))
+        head = typing.cast(fl.CRDHead, self.heads[i])
+        v_s, v_t = head.embed_s(fs), head.embed_t(ft.detach())
+        out_s, out_t = head.memory(v_s, v_t, idx, generator=self._draws(fs.device), update=False)
+        self._updates[i] = (idx, v_s.detach(), v_t.detach())
+        return fl.nce_loss(out_s, head.memory.n_data) + fl.nce_loss(out_t, head.memory.n_data)
+
+    def after_step(self, inp: StepInputs) -> None:
+        """The momentum update of every student's banks with this step's embeddings, of every DDP rank."""
+        for i, update in sorted(self._updates.items()):
+            typing.cast(fl.CRDHead, self.heads[i]).memory.update_(*_all_gathered(update))
+        self._updates.clear()
 
     def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
         return self.heads[i].parameters()
