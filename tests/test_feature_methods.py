@@ -160,3 +160,20 @@ def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(tmp_path:
     # every sample both ranks trained on was written to rank 0's banks: those rows (and only those) are unit norm
     norms = ckpt["terms"]["terms.0.heads.0.memory.memory_s"].norm(dim=1)
     assert int(((norms - 1).abs() < 1e-5).sum()) == trained
+
+
+def test_from_the_cli_with_a_teacher_trained_first_and_explicit_stages(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teacher is trained as a baseline (the method's parameters are not its own) and the flags parse."""
+    from distillistic.cli import main
+
+    monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["train", "--algo", "at", "--at-stages", "stage2", "--feature-weight", "10", "--teacher", "cnn",
+               "--teacher-epochs", "1", "--dataset", "digits", "--model", "cnn", "--epochs", "1",
+               "--max-train-samples", "128", "--batch-size", "32", "--out", str(out), "--no-progress",
+               "--no-tensorboard", "--num-workers", "0"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] == "L = CE(z, y) + 10·AT(F_s, F_t)[stage2]"
+    assert summary["models"]["teacher"]["source"].startswith(str(tmp_path / "cache"))

@@ -156,7 +156,3 @@ def _virtual_p_check(cfg: Config, num_classes: int) -> None:
 def _tfkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))"""
     return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence, _t(cfg)),)
-
-
-# Methods registered in their own modules (imported last: they register into METHODS above).
-from distillistic.core import feature_methods as _feature_methods  # noqa: E402, F401
