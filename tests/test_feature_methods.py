@@ -177,3 +177,20 @@ def test_from_the_cli_with_a_teacher_trained_first_and_explicit_stages(tmp_path:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "L = CE(z, y) + 10·AT(F_s, F_t)[stage2]"
     assert summary["models"]["teacher"]["source"].startswith(str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("algo", ["fitnet", "crd"])
+def test_a_cohort_gets_one_adapter_per_student_in_its_own_optimizer(algo: str, tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "run", algo=algo, students=2, teacher="cnn", teacher_weights="random",
+               max_train_samples=64, batch_size=32, checkpoint_every=1)
+    result = train(cfg)
+    ckpt = load(result.out / "checkpoints" / "last.pt")
+    adapters = {k.split(".")[3] for k in ckpt["terms"] if k.startswith(("terms.0.regressors.", "terms.0.heads."))}
+    assert adapters == {"0", "1"}
+    student_params = len(ckpt["models"]["student0"]) - sum(k.endswith(("running_mean", "running_var",
+                                                                        "num_batches_tracked"))
+                                                            for k in ckpt["models"]["student0"])
+    term_params = 4 if algo == "crd" else 3  # embed_s, embed_t (weight, bias) / conv, BN weight and bias
+    for state in ckpt["optimizers"]:
+        assert len(state["param_groups"][0]["params"]) + sum(
+            len(g["params"]) for g in state["param_groups"][1:]) == student_params + term_params
