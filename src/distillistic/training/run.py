@@ -140,15 +140,22 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None)
-    teacher_live = signal_teacher is not None and signal_teacher.taps is not None
-    if teacher_live:
+    outputs = _teacher_outputs(cfg, bundle, signal_teacher, teacher_sha256, task, rt)
+    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256,
+                  "teacher_outputs": outputs}
+
+
+def _teacher_outputs(cfg: Config, bundle: Any, teacher: Teacher | None, sha256: str | None, task: Task,
+                     rt: Runtime) -> str | None:
+    """Open the teacher-output store, unless the teacher is tapped (feature methods: it runs live; say so)."""
+    if teacher is not None and teacher.taps is not None:
         log.info("teacher store: off (%s)", TEACHER_LIVE)
-    if signal_teacher is not None and teacher_sha256 is not None and not teacher_live:
+        return TEACHER_LIVE
+    if teacher is not None and sha256 is not None:
         from distillistic.training.store import open_store
 
-        signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256,
-                  "teacher_outputs": TEACHER_LIVE if teacher_live else None}
+        teacher.store = open_store(cfg, bundle, teacher, sha256, task.loaders, task.views, rt)
+    return None
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
