@@ -194,3 +194,24 @@ def test_a_cohort_gets_one_adapter_per_student_in_its_own_optimizer(algo: str, t
     for state in ckpt["optimizers"]:
         assert len(state["param_groups"][0]["params"]) + sum(
             len(g["params"]) for g in state["param_groups"][1:]) == student_params + term_params
+
+
+@pytest.mark.parametrize("algo", list(STUDENT))
+def test_no_host_reads_per_step_and_one_teacher_forward_per_step(tmp_path: Path, algo: str) -> None:
+    from distillistic.training import engine
+    from test_speed_invariants import _HostReads, _NoHooks, _task
+
+    reads, calls = [], []
+    for samples in (120, 360):  # 5 and 15 steps
+        task = _task(tmp_path, algo=algo, students=2, synthetic_samples=samples, teacher="cnn",
+                     teacher_weights="random")
+        assert task.teacher is not None
+        steps: list[int] = []
+        task.teacher.model.register_forward_hook(lambda m, args, out, steps=steps: steps.append(len(args[0])))
+        with _HostReads() as mode:
+            engine.train_one_epoch(task, engine.Progress(), _NoHooks())
+        reads.append(mode.count)
+        calls.append((steps, len(task.loaders["train"])))
+    assert reads[0] == reads[1]
+    for steps, n in calls:
+        assert steps == [16] * n  # one teacher forward per step for the whole cohort, taps included
