@@ -199,6 +199,10 @@ def _kd(ws: Workspace, weights: str, teacher: str = "mlp") -> list[str]:
     return ws.train("--algo", "kd", "--teacher", teacher, "--teacher-weights", weights)
 
 
+def _feature(ws: Workspace, algo: str, *args: str, teacher: str = "cnn") -> list[str]:
+    return ws.train("--algo", algo, "--teacher", teacher, "--teacher-weights", "random", *args)
+
+
 CASES: list[Case] = [
     # --- config values ---------------------------------------------------------------------------
     Case("unknown-algo", "config value", "an unknown algorithm", lambda ws: ws.train("--algo", "kdd")),
@@ -319,6 +323,13 @@ CASES: list[Case] = [
     Case("student-safetensors", "checkpoint", "a damaged .safetensors file", _student_safetensors),
     Case("student-not-state-dict", "checkpoint", "a PyTorch file that is not a state dict",
          lambda ws: ws.train("--student-weights", str(_torch_file(ws, "s.pt", {"epoch": 3, "note": "hi"})))),
+    # --- feature distillation: stages ------------------------------------------------------------
+    Case("feature-stage-unknown", "config value", "a feature stage the teacher does not have",
+         lambda ws: _feature(ws, "fitnet", "--hint-stage", "stage9")),
+    Case("feature-student-no-stage", "config value", "a feature stage the student (mlp) does not have",
+         lambda ws: _feature(ws, "sp", "--sp-stage", "stage2")),
+    Case("feature-teacher-no-taps", "config value", "a feature method with a teacher that declares no stages",
+         lambda ws: _feature(ws, "rkd", teacher="densenet121")),
     # --- output directories ----------------------------------------------------------------------
     Case("out-is-file", "output directory", "--out naming a file",
          lambda ws: ws.train(out=_file(ws, "out.txt"))[:-1]),

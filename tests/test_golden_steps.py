@@ -41,6 +41,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kd_standardized": {"algo": "kd", "teacher": "cnn", "teacher_weights": "random", "temperature": 2.0,
                         "logit_standardize": True},
     "dml_standardized": {"algo": "dml", "students": 2, "temperature": 2.0, "logit_standardize": True},
+    "fitnet": {"algo": "fitnet", "teacher": "cnn", "teacher_weights": "random"},
+    "at_kd": {"algo": "at", "teacher": "cnn", "teacher_weights": "random", "feature_kd": 0.9},
+    "sp": {"algo": "sp", "teacher": "cnn", "teacher_weights": "random"},
+    "rkd": {"algo": "rkd", "teacher": "cnn", "teacher_weights": "random"},
+    "crd": {"algo": "crd", "teacher": "cnn", "teacher_weights": "random", "crd_negatives": 64},
 }
 
 

@@ -16,14 +16,31 @@ from distillistic.core.methods import METHODS, Context, method
 from distillistic.core.objective import Distill, Objective
 from distillistic.core.signals import Teacher, Virtual
 from distillistic.errors import UserError
+from distillistic.models.builders import build_model
+from distillistic.models.stages import feature_shapes, stage_names
 from distillistic.registry import Registry
 from distillistic.training import engine, setup
+
+
+class _Probe:
+    """The models a feature method probes: a cnn student and a cnn teacher on 8 px, 1-channel images."""
+
+    n_data = 100
+
+    def __init__(self) -> None:
+        self.models = {"student": build_model("cnn", 10, 1, 8), "teacher": build_model("cnn", 10, 1, 8)}
+
+    def stages(self, role: str, i: int = 0) -> tuple[str, ...]:
+        return stage_names("cnn", self.models[role])
+
+    def shapes(self, role: str, stages: Any, i: int = 0) -> dict[str, tuple[int, ...]]:
+        return feature_shapes("cnn", self.models[role], stages, 1, 8, role)
 
 
 def _objective(algo: str, **overrides: Any) -> Objective:
     cfg = setup.resolve(Config(algo=algo, dataset="synthetic", **overrides))
     teacher = Teacher(torch.nn.Linear(2, 2), None, 1) if METHODS.get(algo).needs_teacher else None
-    return METHODS.get(algo).objective(cfg, Context(teacher, 10, cfg.students or 1))
+    return METHODS.get(algo).objective(cfg, Context(teacher, 10, cfg.students or 1, _Probe()))
 
 
 FORMULAS = {
@@ -48,6 +65,13 @@ FORMULAS = {
     ("tfkd_self", ()): "L = 0.5·CE(z, y) + 0.5·20²·KL(softmax(t/20) ‖ softmax(z/20))",
     ("kd", (("temperature", 2.0), ("logit_standardize", True))):
         "L = 0.5·CE(z, y) + 0.5·2²·KL(softmax(t/2) ‖ softmax(z/2)) on z-scored logits",
+    ("fitnet", ()): "L = CE(z, y) + 100·MSE(r(F_s), F_t)[stage2]",
+    ("at", ()): "L = CE(z, y) + 1000·AT(F_s, F_t)[stage1, stage2]",
+    ("at", (("feature_kd", 0.9), ("feature_weight", 500.0))):
+        "L = CE(z, y) + 500·AT(F_s, F_t)[stage1, stage2] + 0.9·4²·KL(softmax(t/4) ‖ softmax(z/4))",
+    ("sp", ()): "L = CE(z, y) + 3000·SP(F_s, F_t)[stage2]",
+    ("rkd", ()): "L = CE(z, y) + (25·RKD_D + 50·RKD_A)(e_s, e_t)",
+    ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
 }
 
 

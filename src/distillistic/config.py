@@ -98,6 +98,19 @@ class Config:
     alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2)")
     temperature: float | None = _f(None, "softmax temperature T (default: 20 for kd and smoothed tfkd, else 1)")
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
+    # --- feature distillation: fitnet, at, rkd, sp, crd (stages: stage1..stageN, embedding) ----------
+    feature_weight: float | None = _f(None, "feature methods: weight of the feature term (default: the paper's: "
+                                            "fitnet 100, at 1000, rkd 1, sp 3000, crd 0.8)")
+    feature_kd: float = _f(0.0, "feature methods: weight of an added KD term T²·KL(softmax(t/T) ‖ softmax(z/T))")
+    hint_stage: str = _f("stage2", "fitnet: the stage whose map the student regresses onto the teacher's")
+    at_stages: tuple[str, ...] = _f((), "at: the stages compared (default: every stage student and teacher share)")
+    sp_stage: str = _f("last", "sp: the stage whose batch similarities are matched (last: each model's last one)")
+    rkd_distance: float = _f(25.0, "rkd: weight of the distance loss")
+    rkd_angle: float = _f(50.0, "rkd: weight of the angle loss")
+    crd_negatives: int = _f(16384, "crd: negatives per sample (at most the training samples - 1)")
+    crd_temperature: float = _f(0.07, "crd: temperature of the NCE scores")
+    crd_momentum: float = _f(0.5, "crd: momentum of the memory bank's update")
+    crd_dim: int = _f(128, "crd: dimension of the embedding heads")
     virtual_p: float = _f(0.9, "tfkd: probability of the correct class in the virtual teacher")
     virtual_smooth: bool = _f(False, "tfkd: soften the virtual teacher with softmax(v/T) as the original code")
     # --- logit-based methods (issue 10): ls, dkd, dist, ctkd, kdcl and logit standardisation ---------
@@ -440,6 +453,19 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg, key) >= 0, key, getattr(cfg, key), "a weight >= 0")
     for key in ("dkd_warmup", "ctkd_ramp"):
         _check(0.0 <= getattr(cfg, key) < 1.0, key, getattr(cfg, key), "a share of training in [0, 1)")
+    _validate_features(cfg)
+
+
+def _validate_features(cfg: Config) -> None:
+    """Value checks of the feature-distillation keys (stage names are checked against the models)."""
+    for key in ("feature_kd", "rkd_distance", "rkd_angle"):
+        _check(getattr(cfg, key) >= 0, key, getattr(cfg, key), "a number >= 0")
+    _check(cfg.feature_weight is None or cfg.feature_weight >= 0, "feature_weight", cfg.feature_weight,
+           "a number >= 0 (or unset: the paper's)")
+    for key in ("crd_negatives", "crd_dim"):
+        _check(getattr(cfg, key) > 0, key, getattr(cfg, key), "a whole number > 0")
+    _check(cfg.crd_temperature > 0, "crd_temperature", cfg.crd_temperature, "a number > 0")
+    _check(0.0 <= cfg.crd_momentum < 1.0, "crd_momentum", cfg.crd_momentum, "a number in [0, 1)")
 
 
 def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distillistic.config import FIELDS, Config
+from distillistic.core.features import FeatureProbe
 from distillistic.core.objective import Distill, Objective, Term
 from distillistic.core.signals import Peers, Signal, Virtual
 from distillistic.errors import ConfigError, UserError
@@ -34,6 +35,7 @@ class Context:
     teacher: Signal | None = None  # the frozen teacher(s)' signal, for methods that need one
     num_classes: int = 0
     students: int = 1
+    probe: FeatureProbe | None = None  # the run's models' stages and feature shapes (feature methods)
 
 
 TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]

@@ -42,7 +42,12 @@ class Term(nn.Module):
     """One teaching signal + its loss + its weight. Subclasses implement :meth:`loss` and :meth:`describe`.
 
     ``distil``: the term is part of the distillation share ``alpha`` of the thesis's composition.
+    ``student_stages`` / ``teacher_stages``: the tapped stages the term reads (``inp.features``, the teacher's
+    ``features``); a run registers hooks only for the stages its terms name.
     """
+
+    student_stages: tuple[str, ...] = ()
+    teacher_stages: tuple[str, ...] = ()
 
     def __init__(self, name: str, weight: float = 1.0, distil: bool = True, ramp: Ramp = constant) -> None:
         super().__init__()

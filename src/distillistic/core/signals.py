@@ -61,6 +61,7 @@ class StepInputs:
     split: str = "train"  # the split the batch comes from (train, val or test)
     progress: float = 0.0  # share of training done, in [0, 1] (schedules, ramps)
     cache: dict[str, Tensor] = field(default_factory=dict)
+    features: list[dict[str, Tensor]] = field(default_factory=list)  # per student: tapped maps, with gradient
 
 
 class Signal(Protocol):
@@ -88,6 +89,17 @@ class TeacherOutputs(Protocol):
         ...
 
 
+class Tapped(Protocol):
+    """Forward hooks that kept a model's stage outputs (:class:`distillistic.models.taps.Taps`)."""
+
+    def pop(self) -> dict[str, Tensor]:
+        """The captured ``{stage: tensor}`` of the last forward, and a cleared store."""
+        ...
+
+
+_TAP = "teacher."  # cache key prefix of the teacher's tapped maps
+
+
 def _soft(symbol: str, t: float) -> str:
     """``softmax(symbol/T)``, or ``softmax(symbol)`` at T = 1."""
     return f"softmax({symbol}/{t:g})" if t != 1 else f"softmax({symbol})"
@@ -112,6 +124,7 @@ class Teacher:
         # Temperature scaling of the teacher itself (Guo et al. 2017; --teacher-calibration): t / T_cal before
         # any KD temperature. 1.0 leaves the logits bit for bit as they are.
         self.calibration_t = 1.0
+        self.taps: Tapped | None = None  # hooks on the model's stages (feature methods; the model then runs live)
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
@@ -123,10 +136,17 @@ class Teacher:
                 with torch.no_grad():
                     stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm))
                     stored = at_least_float32(stored) / self.calibration_t
+                if self.taps is not None:
+                    inp.cache |= {f"{_TAP}{k}": v for k, v in self.taps.pop().items()}
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache[self.key] = stored
         return inp.cache[self.key]
+
+    def features(self, inp: StepInputs) -> dict[str, Tensor]:
+        """The tapped maps ``{stage: tensor}`` of this step's forward (no gradient); needs ``taps`` and no store."""
+        self.logits(inp)
+        return {k[len(_TAP):]: v for k, v in inp.cache.items() if k.startswith(_TAP)}
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
         return self._targets(inp, temperature, None)

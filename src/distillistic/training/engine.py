@@ -31,7 +31,7 @@ from distillistic.core.calibration import mce_from_sums
 from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
-from distillistic.core.signals import StepInputs, model_view
+from distillistic.core.signals import StepInputs, Tapped, model_view
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
@@ -50,6 +50,7 @@ class Member:
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # its own input (mean, std); None: the data's
+    taps: Tapped | None = None  # hooks on the plain model's stages (feature methods), popped after every forward
 
     @property
     def raw(self) -> nn.Module:
@@ -59,7 +60,13 @@ class Member:
         """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
         if self.outputs is not None:
             return self.outputs(inp)
-        return self.raw(model_view(inp.views, self.view_size, self.channels, self.norm))
+        z = self.raw(model_view(inp.views, self.view_size, self.channels, self.norm))
+        self.features()  # evaluation needs no features: drop what the hooks kept
+        return z
+
+    def features(self) -> dict[str, Tensor]:
+        """The stage maps the taps kept during the last forward (with its graph), ``{}`` without taps."""
+        return self.taps.pop() if self.taps is not None else {}
 
 
 @dataclass
@@ -189,7 +196,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     with rt.autocast():
         logits = [s.model(model_view(views, s.view_size, s.channels, s.norm)) for s in task.students]
         inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
-                         progress=progress)
+                         progress=progress, features=[s.features() for s in task.students])
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     for opt in task.optimizers:

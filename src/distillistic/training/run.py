@@ -26,6 +26,7 @@ from distillistic.models.builders import MODELS, build_model
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
 from distillistic.training.engine import Member, Progress, Task, evaluate, fit
+from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
@@ -101,15 +102,19 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
 
         teachers = build_teachers(cfg, info, rt, train)
     n_students = student_count(cfg) or 1
-    objective = method.objective(cfg, Context(teachers.signal if teachers else None, info.num_classes,
-                                              n_students)).to(rt.device)
-    if rt.dtype == torch.float64:  # fp64: a term's own parameters too (other precisions keep their dtypes)
-        objective = objective.to(rt.dtype)
     names = _student_names(n_students)
     archs = config_mod.student_archs(cfg, n_students)
     raw_students = _build_students(cfg, info)
+    first = teachers.signals[0] if teachers else None  # feature methods tap one teacher
+    # Terms may shape adapters from the models (a dry forward) and tap their stages (hooks on the plain modules).
+    probe = ModelProbe(cfg, info, raw_students, first.model if first else None, len(bundle.splits["train"].labels))
+    objective = method.objective(cfg, Context(teachers.signal if teachers else None, info.num_classes,
+                                              n_students, probe)).to(rt.device)
+    if rt.dtype == torch.float64:  # fp64: a term's own parameters too (other precisions keep their dtypes)
+        objective = objective.to(rt.dtype)
+    taps = attach_taps_for(cfg, objective, raw_students, first)
     students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels),
-                       norm=MODELS.get(a).norm) for n, m, a in zip(names, raw_students, archs)]
+                       norm=MODELS.get(a).norm, taps=tap) for n, m, a, tap in zip(names, raw_students, archs, taps)]
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
     assert cfg.data_seed is not None
@@ -141,10 +146,15 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
 
         task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
                                                        loaders["val"], task.views, info.num_classes, rt)
-    if teachers is not None:
+    outputs = None
+    if teachers is not None and any(s.taps is not None for s in teachers.signals):
+        log.info("teacher store: off (%s)", TEACHER_LIVE)  # feature methods: the tapped teacher runs live
+        outputs = TEACHER_LIVE
+    elif teachers is not None:
         teachers.open_stores(bundle, loaders, task.views, rt)
     return task, {"data": info, "teacher_source": teachers.source if teachers else None,
-                  "teacher_sha256": teachers.sha256 if teachers else None, "teachers": teachers}
+                  "teacher_sha256": teachers.sha256 if teachers else None, "teachers": teachers,
+                  "teacher_outputs": outputs}
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -168,6 +178,8 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     if progress.global_step == 0:
         check_teacher(task, extra["teachers"])  # before anything is written
     rundir.open(info, task, progress)
+    if extra["teacher_outputs"]:
+        rundir.note("teacher_outputs", extra["teacher_outputs"])
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

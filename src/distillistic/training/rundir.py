@@ -182,6 +182,12 @@ class RunDir:
             self._wandb = wandb.init(project="distillistic", name=self.out.name, dir=str(self.out),
                                      config=self.cfg.to_dict(), resume="allow")
 
+    def note(self, key: str, value: Any) -> None:
+        """Add ``key: value`` to ``manifest.json`` (rank 0), e.g. how the teacher's outputs are obtained."""
+        self.manifest[key] = value
+        if self.rt.is_main:
+            atomic_write_json(self.out / "manifest.json", self.manifest)
+
     def _read_manifest(self) -> dict[str, Any]:
         try:
             return dict(json.loads((self.out / "manifest.json").read_text()))

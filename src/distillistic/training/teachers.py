@@ -39,6 +39,7 @@ _DEFAULTS = Config()
 def teacher_recipe(cfg: Config) -> Config:
     """The baseline config that trains this run's teacher."""
     assert cfg.teacher is not None
+    cfg = cfg.replace(**{k: getattr(_DEFAULTS, k) for k in PARAMETERS})  # every method's parameters: a baseline's
     return cfg.replace(
         algo="baseline", model=cfg.teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
