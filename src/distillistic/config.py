@@ -245,7 +245,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise UserError(f"--set expects key=value, got {short_repr(item)}")
         try:
             value = safe_load_bounded(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a number too long to convert): the raw string
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a number too long): the raw string
             value = raw
         out[key] = coerce(key, value)
     return out
@@ -297,7 +297,7 @@ def _expanded_size(node: Any, memo: dict[int, tuple[int, int]], depth: int) -> t
 
 def safe_load_bounded(text: str) -> Any:
     """``yaml.safe_load`` within :data:`MAX_YAML_NODES` and :data:`MAX_YAML_DEPTH` (raises YamlTooLarge)."""
-    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -351,7 +351,9 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from distillistic.fileio import atomic_write_text  # an OS failure is one line naming the file
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --- validation and resolution ----------------------------------------------------------------------

@@ -104,7 +104,7 @@ class _MidWriteFault(io.RawIOBase):
 _OS_HINTS = {
     errno.ENOSPC: "free some space or choose another folder",
     errno.EDQUOT: "free some space or choose another folder",
-    errno.EROFS: "the file system is read-only; choose another folder",
+    errno.EROFS: "choose another folder",
     errno.EACCES: "check its permissions or choose another folder",
     errno.EPERM: "check its permissions or choose another folder",
     errno.ENAMETOOLONG: "use a shorter name",
@@ -123,10 +123,12 @@ def os_error_line(error: OSError, path: Path | str | None = None, action: str = 
     return f"{action} '{short_path(where)}': {cause}; {hint}"
 
 
-def short_path(path: Path | str, limit: int = 200) -> str:
-    """A path for a message, cut in the middle when very long (a 5000-character name must not flood it)."""
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+def short_path(path: Path | str, limit: int = 80) -> str:
+    """A path for a message, its last name cut when very long (a 5000-character name must not flood it)."""
+    p = Path(path)
+    if len(p.name) <= limit:
+        return str(path)
+    return f"{p.parent / p.name[:limit // 2]}...({len(p.name)} characters)"
 
 
 def _os_error_of(error: BaseException) -> OSError | None:

@@ -123,6 +123,9 @@ class RunDir:
         """Refuse an output path that is a file, or a directory holding another run (unless asked)."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out '{self.out}' is a file; choose a directory path")
+        if self.out.is_symlink() and not self.out.exists():
+            raise UserError(f"--out '{self.out}' is a symlink to '{os.readlink(self.out)}', which does not exist; "
+                            "create its target or choose another path")
         parent = next(p for p in [self.out, *self.out.absolute().parents] if p.exists())
         if not parent.is_dir():
             raise UserError(f"--out '{self.out}' cannot be created: '{parent}' is a file; choose another path")
