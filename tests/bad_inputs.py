@@ -661,6 +661,22 @@ Everything above is refused before the run directory is touched. Some problems c
   sent to every process of the group (as batch schedulers do) also ends an image-folder run's
   workers: the step in progress still finishes and checkpoints; if the main process was waiting
   for a batch instead, the run stops at its last checkpoint (exit 0; resume as usual).
+* **Signals outside training.** While a teacher is trained first (`--teacher-weights train`), SIGINT or
+  SIGTERM stops the teacher's training as above (its `last.pt` is written into the cache): the
+  distillation never starts on it and the run exits 0 with `distillistic: the teacher's training
+  (trained first into 'DIR') stopped by a signal …; nothing was distilled from it; resume both with:
+  <the same command>`; that command resumes the teacher from its `last.pt` (also after a SIGKILL),
+  then distils. A teacher whose training fails or diverges is never used either (exit 2). During the
+  final evaluation a signal stops at once: `summary.json` says `interrupted` (never `completed`), exit
+  0 and the resume command, which only evaluates. While data, teachers and the store are being set
+  up, SIGINT or SIGTERM ends the command with `distillistic: interrupted` and exit code 130 (nothing
+  is trained yet; run the same command again). A teacher-store file is written to a temporary name
+  and renamed once complete, so a kill at any point never leaves a half-written file in use.
+* **Integrity.** Every checkpoint carries the sha256 of its content (tensors' bytes, dtypes and
+  shapes, and every value), verified on every load; a damaged file is refused by name (exit 2). A
+  damaged cached teacher is trained again with a warning, and a damaged teacher-store file is
+  recomputed with a warning (its CRC-32). `--resume` compares the config, the teacher's weights and
+  the data's checksum with the run's, and a run directory is locked (`DIR/.lock`) by the run using it.
 """
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(header + "\n".join(rows) + "\n" + footer, encoding="utf-8")

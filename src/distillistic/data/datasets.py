@@ -14,7 +14,7 @@ import re
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def read_idx_folder(root: Path) -> RawDataset:
     return RawDataset(splits, tuple(str(c) for c in range(classes)), files=sorted(files))
 
 
-def _check_labels(splits: dict[str, TensorSource], root: Path) -> int:
+def _check_labels(splits: Mapping[str, TensorSource | FileSource], root: Path) -> int:
     """The class count of IDX labels, which must be whole numbers 0..K-1, each class with a sample: a stray
     label (a negative one, or 200 among ten digits) would otherwise grow the model silently."""
     labels = torch.cat([s.labels for s in splits.values()])

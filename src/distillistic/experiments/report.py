@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from distillistic.errors import UserError, short_repr
-from distillistic.fileio import atomic_write_text
 from distillistic.experiments.grid import SEED_KEYS, comparable, value_text
 from distillistic.experiments.results import (
     Group,
@@ -34,6 +33,7 @@ from distillistic.experiments.results import (
     pm,
     varying_keys,
 )
+from distillistic.fileio import atomic_write_text
 
 METRICS = ("top1", "top5", "ece", "nll", "entropy", "brier")
 PERCENT = ("top1", "top5", "ece")  # shown in % in report.md; results.csv keeps fractions

@@ -387,9 +387,9 @@ def _check_data(ckpt: dict[str, Any], path: Path, data_checksum: str | None) -> 
         except (OSError, ValueError, KeyError, TypeError):
             saved = None
     if saved is not None and data_checksum is not None and saved != data_checksum:
-        raise UserError(f"--resume: the data differs from the run being resumed (dataset checksum "
-                        f"{str(saved)[:12]} -> {data_checksum[:12]}); resume with the same data, or start a new "
-                        "--out")
+        raise UserError(f"--resume: the data differs from the run being resumed (the dataset's checksum changed "
+                        f"since it started: {path.parent.parent / 'manifest.json'} has the old one); resume with the "
+                        "same data, or start a new --out")
 
 
 def _default(key: str) -> Any:
