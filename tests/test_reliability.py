@@ -348,3 +348,22 @@ def test_a_signal_while_the_teacher_store_writes(sig: str, tmp_path: Path) -> No
     assert "is damaged" not in resumed.stderr
     assert _status(out) == "completed"
     assert not list(entry.rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_teacher_is_trained_again_with_a_warning(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path / "cache"))
+    args = ["train", *TINY, *KD, "--teacher-epochs", "1"]
+    code, text = run_argv([*args, "--out", str(tmp_path / "a")])
+    assert code == 0, text
+    (teacher,) = (tmp_path / "cache" / "teachers").glob("mlp-*[!k]")
+    best = teacher / "checkpoints" / "best-student.pt"
+    _flip_a_tensor_byte(best)
+    code, text = run_argv([*args, "--out", str(tmp_path / "b")])
+    assert code == 0, text
+    assert f"teacher: the cached teacher is damaged (checkpoint '{best}' fails its integrity check" in text
+    load(best)  # rewritten whole
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())["models"]["teacher"]["test"]
+    second = json.loads((tmp_path / "b" / "summary.json").read_text())["models"]["teacher"]["test"]
+    assert second["top1"] == first["top1"]  # the same recipe trains the same teacher again
