@@ -302,7 +302,7 @@ def check_format(obj: Mapping[str, Any], path: Path) -> None:
                               "file instead")
     version = obj.get("version")
     if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"checkpoint '{path}' has no valid format version ({version!r}); it is damaged")
+        raise CheckpointError(f"checkpoint '{path}' has no valid format version ({short_repr(version)}); it is damaged")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {version}, newer than this "
                               f"distillistic's {FORMAT_VERSION}; upgrade distillistic to read it")

@@ -44,7 +44,7 @@ import torch
 from distillistic import config as config_mod
 from distillistic.config import FIELDS, VOLATILE_KEYS, Config
 from distillistic.data.loader import DataInfo
-from distillistic.errors import CheckpointError, TrainingDiverged, UserError
+from distillistic.errors import CheckpointError, TrainingDiverged, UserError, short_repr
 from distillistic.training.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -339,7 +339,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
     ckpt = load(path)
     check_format(ckpt, path)
     if ckpt.get("kind") != "last" or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"'{path}' is not a resumable checkpoint (kind {ckpt.get('kind')!r}); "
+        raise CheckpointError(f"'{path}' is not a resumable checkpoint (kind {short_repr(ckpt.get('kind'))}); "
                               "start a new --out")
     saved = ckpt["config"]
     current = task.cfg.to_dict()
@@ -347,8 +347,8 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
     differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k, _default(k)) != current[k]]
     if differ:
         k = differ[0]
-        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {saved.get(k)!r} -> "
-                        f"{current[k]!r}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {short_repr(saved.get(k))} -> "
+                        f"{short_repr(current[k])}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
                         "resume with the same settings, or start a new --out")
     _check_data(ckpt, path, data_checksum)
     saved_teacher = ckpt.get("teacher")
