@@ -13,6 +13,7 @@ table from the real messages::
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import logging
@@ -92,6 +93,7 @@ class Case:
     what: str
     argv: Callable[[Workspace], list[str]]
     fashion_offline: bool = False  # point the Fashion-MNIST mirror at a folder that does not exist
+    patch: Callable[[], contextlib.AbstractContextManager[object]] | None = None  # e.g. a disk that is full
 
 
 def _yaml(ws: Workspace, text: str) -> str:
@@ -374,6 +376,196 @@ def _one_class_val_run(ws: Workspace) -> Path:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cli.main(argv) == 0
     return out
+# --- reliability (issue 14): integrity, resume checks, locks, bounded inputs, OS failures, odd data -------
+
+_HELD: list[object] = []  # lock files held open by a case (an in-process stand-in for a concurrent run)
+BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n"
+                                              for p, c in zip("abcdefg", "bcdefgh"))
+
+
+def _flip_tensor_byte(path: Path) -> None:
+    """One flipped byte inside the first tensor's data of a torch zip file (torch does not notice)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size > 16)
+    raw = bytearray(path.read_bytes())
+    at = info.header_offset + 30 + int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    at += int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little") + 5
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def _no_checksum(path: Path) -> None:
+    obj = torch.load(path, weights_only=True)
+    del obj["sha256"]
+    torch.save(obj, path)
+
+
+def _best(ws: Workspace) -> Path:
+    return ws.run / "checkpoints" / "best-student.pt"
+
+
+def _flipped_best(ws: Workspace) -> str:
+    _flip_tensor_byte(_best(ws))
+    return str(_best(ws))
+
+
+def _resume_changed_data(ws: Workspace) -> list[str]:
+    folder = ws.idx_folder(n=120)
+    out = ws.tmp / "idx-run"
+    argv = ws.train("--dataset", "mnist", "--data-root", str(folder), out=out)
+    code, text = run_argv(argv)
+    assert code == 0, text
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    data = bytearray(gzip.decompress(images.read_bytes()))
+    data[-1] ^= 0xFF  # one pixel changed since the run started
+    images.write_bytes(gzip.compress(bytes(data)))
+    return ws.train("--dataset", "mnist", "--data-root", str(folder), out=out, resume=True)
+
+
+def _locked(ws: Workspace) -> list[str]:
+    import fcntl
+
+    f = (ws.run / ".lock").open("a")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD.append(f)  # as another train on RUN, still running
+    return ws.train()
+
+
+def _dangling(ws: Workspace) -> list[str]:
+    link = ws.tmp / "link"
+    link.symlink_to(ws.tmp / "gone")
+    return ws.train(out=link)
+
+
+@contextlib.contextmanager
+def _os_fails(code: int, op: str = "fsync") -> Iterator[None]:
+    """Every write's fsync (or another os call) fails with ``code``: a full disk, a read-only file system."""
+    saved = getattr(os, op)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    setattr(os, op, fail)
+    try:
+        yield
+    finally:
+        setattr(os, op, saved)
+
+
+def _fails(code: int, op: str = "fsync") -> Callable[[], contextlib.AbstractContextManager[None]]:
+    return lambda: _os_fails(code, op)
+
+
+def _idx_labels(ws: Workspace, labels: np.ndarray, code: int = 0x08) -> list[str]:
+    folder = ws.idx_folder(n=len(labels))
+    raw = bytes([0, 0, code, 1]) + len(labels).to_bytes(4, "big") + labels.astype(labels.dtype.newbyteorder(">")
+                                                                                   ).tobytes()
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    return ws.train("--dataset", "mnist", "--data-root", str(folder))
+
+
+def _image_case(ws: Workspace, edit: str) -> list[str]:
+    from PIL import Image
+
+    root = ws.image_folder()
+    if edit == "empty-class":
+        (root / "emu").mkdir()
+    elif edit == "16bit":
+        Image.fromarray(np.full((12, 12), 40000, np.uint16)).save(root / "dog" / "wide.png")
+    elif edit == "float":
+        Image.fromarray(np.zeros((12, 12), np.float32)).save(root / "dog" / "float.tiff")
+    elif edit == "bomb":
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+        ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)  # declares 1.6 billion pixels
+        png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+            chunk(b"IEND", b"")
+        (root / "dog" / "bomb.png").write_bytes(png)
+    return ["train", "--dataset", "imagefolder", "--data-root", str(root), "--image-size", "8", "--model", "mlp",
+            "--epochs", "1", "--device", "cpu", "--no-tensorboard", "--no-progress", "--num-workers", "0",
+            "--split-fractions", "0.5,0.25,0.25", "--out", str(ws.run), "--overwrite"]
+
+
+RELIABILITY_CASES: list[Case] = [
+    Case("temperature-huge", "config value", "a temperature so large the softmax is uniform",
+         lambda ws: ws.train("--algo", "tfkd", "--temperature", "5000")),
+    Case("temperature-tiny", "config value", "a temperature so small the softmax overflows",
+         lambda ws: ws.train("--algo", "tfkd", "--temperature", "0.001")),
+    Case("yaml-alias-bomb", "config file", "a 300-byte YAML alias bomb (9**8 values once expanded)",
+         lambda ws: ws.train(_yaml(ws, BOMB))),
+    Case("yaml-too-deep", "config file", "a config file nested 30 levels deep",
+         lambda ws: ws.train(_yaml(ws, "epochs: " + "[" * 30 + "]" * 30 + "\n"))),
+    Case("yaml-too-large", "config file", "a config file over 1 MiB",
+         lambda ws: ws.train(_yaml(ws, "# padding\n" * 120_000))),
+    Case("yaml-not-utf8", "config file", "a config file that is not UTF-8 text",
+         lambda ws: ws.train(str(_file(ws, "c.yaml", b"epochs: \xff\xfe3\n")))),
+    Case("sweep-alias-bomb", "config file", "a sweep file that is a YAML alias bomb",
+         lambda ws: ["sweep", _yaml(ws, BOMB), "--out", str(ws.tmp / "sweep")]),
+    Case("resume-flipped-byte", "checkpoint", "--resume from a last.pt with one flipped byte in a tensor",
+         lambda ws: _resume_with_checkpoint(ws, _flip_tensor_byte)),
+    Case("resume-no-checksum", "checkpoint", "--resume from a last.pt whose checksum was removed",
+         lambda ws: _resume_with_checkpoint(ws, _no_checksum)),
+    Case("resume-missing", "checkpoint", "--resume of a folder that does not exist",
+         lambda ws: ws.train(out=ws.tmp / "nowhere", resume=True)),
+    Case("resume-data-changed", "checkpoint", "--resume after the data changed (one pixel)", _resume_changed_data),
+    Case("teacher-run-flipped", "checkpoint", "a teacher run directory whose best weights have a flipped byte",
+         lambda ws: (_flipped_best(ws), _kd(ws, str(ws.run)))[1]),
+    Case("student-flipped", "checkpoint", "student weights (a best-*.pt) with a flipped byte",
+         lambda ws: ws.train("--student-weights", _flipped_best(ws), out=ws.tmp / "s")),
+    Case("export-flipped", "export", "export of a run whose best weights have a flipped byte",
+         lambda ws: (_flipped_best(ws), ["export", str(ws.run), "--out", str(ws.tmp / "export")])[1]),
+    Case("out-locked", "output directory", "--out in use by another train at the same time", _locked),
+    Case("out-dangling-symlink", "output directory", "--out a symlink to a folder that does not exist", _dangling),
+    Case("out-name-too-long", "output directory", "--out with a name longer than the file system allows",
+         lambda ws: ws.train(out=ws.tmp / ("n" * 300))),
+    Case("out-disk-full", "output directory", "the disk is full when the run starts writing",
+         lambda ws: ws.train(out=ws.tmp / "out"), patch=_fails(errno.ENOSPC)),
+    Case("out-quota", "output directory", "the disk quota is exceeded", lambda ws: ws.train(out=ws.tmp / "out"),
+         patch=_fails(errno.EDQUOT)),
+    Case("out-read-only", "output directory", "--out on a read-only file system",
+         lambda ws: ws.train(out=ws.tmp / "out"), patch=_fails(errno.EROFS)),
+    Case("out-permission", "output directory", "no permission to write in --out",
+         lambda ws: ws.train(out=ws.tmp / "out"), patch=_fails(errno.EACCES)),
+    Case("out-io-error", "output directory", "an I/O error from the disk", lambda ws: ws.train(out=ws.tmp / "out"),
+         patch=_fails(errno.EIO)),
+    Case("export-disk-full", "export", "the disk is full during an export",
+         lambda ws: ["export", str(ws.run), "--out", str(ws.tmp / "export")], patch=_fails(errno.ENOSPC)),
+    Case("report-disk-full", "report", "the disk is full while writing a report",
+         lambda ws: ["report", str(ws.run), "--out", str(ws.tmp / "report")], patch=_fails(errno.ENOSPC)),
+    Case("report-nothing", "report", "a report of folders holding only a malformed run",
+         lambda ws: ["report", str(_malformed_run(ws)), "--out", str(ws.tmp / "report")]),
+    Case("sweep-disk-full", "output directory", "the disk is full when a sweep starts",
+         lambda ws: ["sweep", _yaml(ws, "dataset: synthetic\ngrid: {seed: [0, 1]}\n"), "--out",
+                     str(ws.tmp / "sweep")], patch=_fails(errno.ENOSPC)),
+    Case("idx-label-gap", "data file", "an IDX label outside the classes (200 among digits 0-2)",
+         lambda ws: _idx_labels(ws, np.array([0, 1, 2] * 19 + [200, 1, 2], np.uint8))),
+    Case("idx-label-negative", "data file", "a negative IDX label (signed byte type)",
+         lambda ws: _idx_labels(ws, np.array([0, 1, 2] * 19 + [-1, 1, 2], np.int8), code=0x09)),
+    Case("idx-label-float", "data file", "IDX labels stored as floats",
+         lambda ws: _idx_labels(ws, np.array([0, 1, 2] * 20, np.float32), code=0x0D)),
+    Case("images-empty-class", "data file", "a class folder with no images", lambda ws: _image_case(ws, "empty-class")),
+    Case("image-16bit", "data file", "a 16-bit PNG in an image folder", lambda ws: _image_case(ws, "16bit")),
+    Case("image-float", "data file", "a 32-bit float TIFF in an image folder", lambda ws: _image_case(ws, "float")),
+    Case("image-bomb", "data file", "a PNG declaring 40000 x 40000 pixels (decompression bomb)",
+         lambda ws: _image_case(ws, "bomb")),
+]
+
+
+def _malformed_run(ws: Workspace) -> Path:
+    folder = ws.tmp / "runs" / "bad"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text('{"status": "completed", "models": {"student": {"test": {"top1": "x"}}}}')
+    (folder / "config.yaml").write_text("algo: baseline\nseed: 0\n")
+    return ws.tmp / "runs"
+
+
+CASES += RELIABILITY_CASES
 
 
 def _torch_file(ws: Workspace, name: str, obj: object) -> Path:
@@ -408,11 +600,12 @@ def _fashion_offline(enabled: bool) -> Iterator[None]:
 def run_case(case: Case, ws: Workspace) -> tuple[int, str, list[str]]:
     """Prepare the case's files and run the CLI on its arguments: see :func:`run_argv`."""
     argv = case.argv(ws)
-    code, text = run_argv(argv, case.fashion_offline)
+    code, text = run_argv(argv, case.fashion_offline, case.patch)
     return code, text, argv
 
 
-def run_argv(argv: list[str], fashion_offline: bool = False) -> tuple[int, str]:
+def run_argv(argv: list[str], fashion_offline: bool = False,
+             patch: Callable[[], contextlib.AbstractContextManager[object]] | None = None) -> tuple[int, str]:
     """``distillistic.cli.main(argv)``: its exit code and everything it would print to stderr.
 
     stderr here includes the log records (the CLI logs INFO and above to stderr) and warnings.
@@ -428,7 +621,8 @@ def run_argv(argv: list[str], fashion_offline: bool = False) -> tuple[int, str]:
     logger.setLevel(logging.INFO)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
-                warnings.catch_warnings(record=True) as caught, _fashion_offline(fashion_offline):
+                warnings.catch_warnings(record=True) as caught, _fashion_offline(fashion_offline), \
+                (patch() if patch is not None else contextlib.nullcontext()):
             warnings.simplefilter("always")
             try:
                 code = cli.main(argv)
@@ -522,6 +716,22 @@ Everything above is refused before the run directory is touched. Some problems c
   sent to every process of the group (as batch schedulers do) also ends an image-folder run's
   workers: the step in progress still finishes and checkpoints; if the main process was waiting
   for a batch instead, the run stops at its last checkpoint (exit 0; resume as usual).
+* **Signals outside training.** While a teacher is trained first (`--teacher-weights train`), SIGINT or
+  SIGTERM stops the teacher's training as above (its `last.pt` is written into the cache): the
+  distillation never starts on it and the run exits 0 with `distillistic: the teacher's training
+  (trained first into 'DIR') stopped by a signal …; nothing was distilled from it; resume both with:
+  <the same command>`; that command resumes the teacher from its `last.pt` (also after a SIGKILL),
+  then distils. A teacher whose training fails or diverges is never used either (exit 2). During the
+  final evaluation a signal stops at once: `summary.json` says `interrupted` (never `completed`), exit
+  0 and the resume command, which only evaluates. While data, teachers and the store are being set
+  up, SIGINT or SIGTERM ends the command with `distillistic: interrupted` and exit code 130 (nothing
+  is trained yet; run the same command again). A teacher-store file is written to a temporary name
+  and renamed once complete, so a kill at any point never leaves a half-written file in use.
+* **Integrity.** Every checkpoint carries the sha256 of its content (tensors' bytes, dtypes and
+  shapes, and every value), verified on every load; a damaged file is refused by name (exit 2). A
+  damaged cached teacher is trained again with a warning, and a damaged teacher-store file is
+  recomputed with a warning (its CRC-32). `--resume` compares the config, the teacher's weights and
+  the data's checksum with the run's, and a run directory is locked (`DIR/.lock`) by the run using it.
 """
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(header + "\n".join(rows) + "\n" + footer, encoding="utf-8")

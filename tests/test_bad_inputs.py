@@ -54,7 +54,7 @@ def test_bad_input_gets_one_line_exit_2_and_loses_nothing(case: object, workspac
     assert isinstance(case, Case)
     argv = case.argv(workspace)  # writes the case's files (some replace a file of the run: the setup)
     before = _snapshot(workspace.run)
-    code, text = run_argv(argv, case.fashion_offline)
+    code, text = run_argv(argv, case.fashion_offline, case.patch)
     assert code == 2, (argv, text)
     assert "Traceback" not in text
     lines = text.strip().splitlines()

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from distillistic import cli
-from distillistic.errors import CheckpointError
+from distillistic.errors import CheckpointError, UserError
 from distillistic.models.builders import build_model
 from distillistic.training.checkpoint import (
     FORMAT_VERSION,
@@ -128,7 +128,7 @@ def test_atomic_write_keeps_the_previous_file_until_the_new_one_is_complete(tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=f"cannot write '{path}': disk full; "):  # one line naming the path
         atomic_write(path, b"new" * 1000)
     assert path.read_bytes() == b"old"
     assert not list(tmp_path.glob(".*.tmp"))  # the failed writer removed its temporary file

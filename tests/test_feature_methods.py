@@ -172,7 +172,7 @@ def test_from_the_cli_with_a_teacher_trained_first_and_explicit_stages(tmp_path:
     rc = main(["train", "--algo", "at", "--at-stages", "stage2", "--feature-weight", "10", "--teacher", "cnn",
                "--teacher-epochs", "1", "--dataset", "digits", "--model", "cnn", "--epochs", "1",
                "--max-train-samples", "128", "--batch-size", "32", "--out", str(out), "--no-progress",
-               "--no-tensorboard", "--num-workers", "0"])
+               "--no-tensorboard", "--num-workers", "0", "--allow-weak-teacher"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "L = CE(z, y) + 10·AT(F_s, F_t)[stage2]"

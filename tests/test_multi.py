@@ -341,7 +341,7 @@ def test_resume_with_another_second_teacher_is_refused(tmp_path: Path, capsys: p
     out = tmp_path / "run"
     args = ["train", "--algo", "kd", "--teacher", "cnn,mlp", "--teacher-weights", f"{first},{second}",
             "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "128", "--num-workers", "0",
-            "--no-tensorboard", "--no-progress", "--out", str(out)]
+            "--no-tensorboard", "--no-progress", "--allow-weak-teacher", "--out", str(out)]
     rc, _, err = run_cli(args, capsys)
     assert rc == 0, err
     rc, _, err = run_cli([*args, "--resume"], capsys)  # the same teachers: it resumes (and finds it finished)

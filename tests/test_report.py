@@ -231,3 +231,31 @@ def test_demo_table_api_still_works(tmp_path: Path) -> None:
     assert rows[0]["top1"] == pytest.approx(0.85)
     assert rows[0]["top1_std"] == pytest.approx(math.sqrt(0.005))
     assert "| baseline | 2 | 85.00 ± 7.07 |" in format_table(rows)
+
+
+@pytest.mark.parametrize("damage", ["summary-not-json", "summary-list", "no-models", "models-not-dicts",
+                                    "top1-text", "config-broken", "config-no-algo", "seed-text", "summary-deep",
+                                    "summary-dir", "config-missing"])
+def test_one_malformed_run_folder_never_loses_the_good_runs(damage: str, tmp_path: Path) -> None:
+    """Every malformed case: the good run is reported, the bad folder is skipped and named with its reason."""
+    make_run(tmp_path / "sweep" / "good", 0, 0.5)
+    bad = tmp_path / "sweep" / "bad"
+    make_run(bad, 1, 0.7)
+    summary = json.loads((bad / "summary.json").read_text())
+    edits = {"summary-not-json": lambda: (bad / "summary.json").write_text("{not json"),
+             "summary-list": lambda: (bad / "summary.json").write_text("[1, 2]"),
+             "no-models": lambda: (bad / "summary.json").write_text(json.dumps({**summary, "models": None})),
+             "models-not-dicts": lambda: (bad / "summary.json").write_text(json.dumps({**summary, "models": {"s": 3}})),
+             "top1-text": lambda: (bad / "summary.json").write_text(json.dumps(
+                 {**summary, "models": {"student": {"test": {"top1": "high", "ece": 0.1}}}})),
+             "config-broken": lambda: (bad / "config.yaml").write_text("algo: [\n"),
+             "config-no-algo": lambda: (bad / "config.yaml").write_text("seed: 1\n"),
+             "seed-text": lambda: (bad / "config.yaml").write_text("algo: baseline\nseed: one\n"),
+             "summary-deep": lambda: (bad / "summary.json").write_text("[" * 100_000 + "]" * 100_000),
+             "summary-dir": lambda: ((bad / "summary.json").unlink(), (bad / "summary.json").mkdir()),
+             "config-missing": lambda: (bad / "config.yaml").unlink()}
+    edits[damage]()
+    out = write_report([tmp_path / "sweep"], tmp_path / "report")
+    text = (out / "report.md").read_text()
+    assert "| algo=baseline | student | 1 | 50.00 |" in text  # the good run (n = 1)
+    assert f"`{bad}`" in text  # the skipped folder, named

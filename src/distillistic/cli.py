@@ -185,12 +185,15 @@ def _train(args: argparse.Namespace) -> int:
         reason = result.summary.get("reason")
         resume = (f"; resume with: {resume_command(args.argv)}"
                   if (result.out / "checkpoints" / "last.pt").is_file() else "")
+        if result.summary.get("stage") == "teacher":  # nothing distilled yet: the same command resumes both
+            resume = f"; nothing was distilled from it; resume both with: {resume_command(args.argv, same=True)}"
         print(f"distillistic: {reason}{resume}", file=sys.stderr)
     return 0
 
 
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues this run: the same arguments, ``--resume`` instead of ``--overwrite``."""
+def resume_command(argv: Sequence[str], same: bool = False) -> str:
+    """The command line that continues this run: the same arguments, ``--resume`` instead of ``--overwrite``
+    (with ``same``, exactly the same arguments: a run stopped before it started, while training its teacher)."""
     prog = Path(sys.argv[0])
     if prog.name == "__main__.py":
         head = [sys.executable, "-m", "distillistic"]
@@ -198,6 +201,8 @@ def resume_command(argv: Sequence[str]) -> str:
         head = ["distillistic"]
     else:
         head = [str(prog)]
+    if same:
+        return shlex.join([*head, *argv])
     args = [a for a in argv if a not in ("--overwrite", "--no-overwrite", "--resume", "--no-resume")]
     return shlex.join([*head, *args, "--resume"])
 
@@ -311,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as e:
         print(f"distillistic: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only folder, permissions, a name too long: one line, exit 2
+        from distillistic.fileio import os_error_line
+
+        print(f"distillistic: error: {os_error_line(e, action='cannot access')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillistic: interrupted", file=sys.stderr)

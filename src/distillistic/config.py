@@ -333,20 +333,74 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--set expects key=value, got {short_repr(item)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except (yaml.YAMLError, ValueError):  # not YAML (or a number too long to convert): the raw string
+            value = safe_load_bounded(raw) if raw.strip() else None
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (or a number too long): the raw string
             value = raw
         out[key] = coerce(key, value)
     return out
 
 
+# Bounds of a config or sweep file: its size, its nodes once every alias is expanded, and its nesting.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 20
+
+
+class YamlTooLarge(ValueError):
+    """A YAML document beyond :data:`MAX_YAML_NODES` expanded nodes or :data:`MAX_YAML_DEPTH` levels."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that measures the composed document before building any Python object: a
+    300-byte alias bomb (each level repeating the previous one) is refused in microseconds."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        _expanded_size(node, {}, 0)
+        return node
+
+
+def _expanded_size(node: Any, memo: dict[int, tuple[int, int]], depth: int) -> tuple[int, int]:
+    """(nodes, height) of ``node`` with every alias expanded, memoised per node (aliases share nodes)."""
+    if id(node) in memo:
+        size, height = memo[id(node)]
+    else:
+        children: list[Any] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        size, height = 1, 0
+        for child in children:
+            if depth + 1 > MAX_YAML_DEPTH:
+                raise YamlTooLarge(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            child_size, child_height = _expanded_size(child, memo, depth + 1)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_YAML_NODES:
+                raise YamlTooLarge(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+        memo[id(node)] = (size, height)
+    if depth + height > MAX_YAML_DEPTH:
+        raise YamlTooLarge(f"nested deeper than {MAX_YAML_DEPTH} levels")
+    return size, height
+
+
+def safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load`` within :data:`MAX_YAML_NODES` and :data:`MAX_YAML_DEPTH` (raises YamlTooLarge)."""
+    return yaml.load(text, Loader=_BoundedLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with one clear error for a missing, unreadable or malformed file."""
+    """Read a YAML mapping, with one clear error for a missing, unreadable, malformed or oversized file."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file '{p}' does not exist; check the path")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.stat().st_size > MAX_YAML_BYTES:
+            raise UserError(f"config file '{p}' is larger than {MAX_YAML_BYTES >> 20} MiB; a config is a few "
+                            "lines of key: value")
+        data = safe_load_bounded(p.read_text(encoding="utf-8"))
+    except YamlTooLarge as e:
+        raise UserError(f"config file '{p}' is too large: {e}; write the values out plainly") from None
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -386,7 +440,9 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    from distillistic.fileio import atomic_write_text  # an OS failure is one line naming the file
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --- validation and resolution ----------------------------------------------------------------------
@@ -414,7 +470,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
     _check(0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
     _check(0.0 <= cfg.alpha_warmup < 1.0, "alpha_warmup", cfg.alpha_warmup, "a share of epochs in [0, 1)")
-    _check(cfg.temperature is None or cfg.temperature > 0, "temperature", cfg.temperature, "a number > 0")
+    _check(cfg.temperature is None or 0.01 <= cfg.temperature <= 1000, "temperature", cfg.temperature,
+           "a number in [0.01, 1000] (beyond, softmax(z / T) saturates or is uniform to float precision)")
     _check(0.0 < cfg.virtual_p <= 1.0, "virtual_p", cfg.virtual_p, "a probability in (1/K, 1]")
     _check(0.0 < cfg.val_fraction < 1.0, "val_fraction", cfg.val_fraction, "a share in (0, 1)")
     fr = cfg.split_fractions

@@ -40,3 +40,11 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or inf; the run stops and records why in ``summary.json``."""
+
+
+class TeacherStopped(Exception):
+    """A teacher trained first stopped before completing (a signal): the distillation must not start on it."""
+
+    def __init__(self, reason: str, folder: object) -> None:
+        self.reason, self.folder = reason, folder
+        super().__init__(f"the teacher's training (trained first into '{folder}') {reason}")

@@ -15,6 +15,7 @@ write and read files through it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -31,10 +32,11 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import Tensor
 
-from distillistic.errors import CheckpointError
+from distillistic.errors import CheckpointError, UserError, short_repr
 
 FORMAT = "distillistic-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every checkpoint carries the sha256 of its content (``CHECKSUM_KEY``)
+CHECKSUM_KEY = "sha256"
 
 
 _FAULT_HITS: Counter[str] = Counter()
@@ -99,9 +101,63 @@ class _MidWriteFault(io.RawIOBase):
         return n
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or choose another folder",
+    errno.EDQUOT: "free some space or choose another folder",
+    errno.EROFS: "choose another folder",
+    errno.EACCES: "check its permissions or choose another folder",
+    errno.EPERM: "check its permissions or choose another folder",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.ENOENT: "a folder on the path does not exist (a dangling symlink?); check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "something is in the way (a dangling symlink?); remove it or choose another path",
+    errno.EISDIR: "a folder is in the way; remove it or choose another path",
+}
+
+
+def os_error_line(error: OSError, path: Path | str | None = None, action: str = "cannot write") -> str:
+    """One line for an operating-system failure: the path, the cause and what to do (no traceback)."""
+    where = path if path is not None else (error.filename if error.filename is not None else "?")
+    cause = error.strerror or short_repr(str(error)).strip("'\"") or type(error).__name__
+    hint = _OS_HINTS.get(error.errno or 0, "check the path and try again")
+    return f"{action} '{short_path(where)}': {cause}; {hint}"
+
+
+def short_path(path: Path | str, limit: int = 80) -> str:
+    """A path for a message, its last name cut when very long (a 5000-character name must not flood it)."""
+    p = Path(path)
+    if len(p.name) <= limit:
+        return str(path)
+    return f"{p.parent / p.name[:limit // 2]}...({len(p.name)} characters)"
+
+
+def _os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind ``error`` (torch.save wraps a failed write into a RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
     """Write ``data`` (bytes, or a function writing to a file) to ``path`` so that readers see the old or the
-    new file, never a partial one. A function streams straight into the temporary file (no copy in memory)."""
+    new file, never a partial one. A function streams straight into the temporary file (no copy in memory).
+
+    An operating-system failure (disk full, read-only folder, permissions, a name too long) raises a
+    :class:`UserError` naming ``path`` and the cause; the previous file stays as it was.
+    """
+    try:
+        _atomic_write(path, data)
+    except (OSError, RuntimeError) as e:
+        cause = _os_error_of(e)
+        if cause is None:
+            raise
+        raise UserError(os_error_line(cause, path)) from None
+
+
+def _atomic_write(path: Path, data: bytes | Callable[[BinaryIO], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -162,14 +218,57 @@ def state_dict_hash(state: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def content_hash(obj: Any) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes and every plain value, in
+    order (dicts keep their insertion order through ``torch.save``/``torch.load``)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)}|".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, list | tuple):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}|".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
 def save(obj: Mapping[str, Any], path: Path) -> None:
-    """Atomically ``torch.save`` a checkpoint dict (stamped with the format and its version)."""
+    """Atomically ``torch.save`` a checkpoint dict, stamped with the format, its version and the sha256 of its
+    content (:func:`content_hash`), which :func:`load` verifies."""
     stamped = {"format": FORMAT, "version": FORMAT_VERSION, **obj}
+    stamped[CHECKSUM_KEY] = content_hash(stamped)
     atomic_write(path, lambda f: torch.save(stamped, f))
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only=True``), with one clear error for any problem."""
+    """Load a checkpoint dict safely (``weights_only=True``), with one clear error for any problem.
+
+    One of our checkpoints (format version 2 on) must match the checksum it carries: a flipped byte in a
+    tensor is refused (:class:`CheckpointError`) instead of resuming on damaged weights.
+    """
+    obj = _load(path)
+    if obj.get("format") == FORMAT and isinstance(obj.get("version"), int) and 2 <= obj["version"] <= FORMAT_VERSION:
+        recorded = obj.pop(CHECKSUM_KEY, None)
+        if recorded != content_hash(obj):
+            raise CheckpointError(f"checkpoint '{short_path(path)}' fails its integrity check (the sha256 of its "
+                                  f"content {'is missing' if recorded is None else 'differs from the recorded one'})"
+                                  ": the file is damaged; use another checkpoint or start a new --out")
+    return obj
+
+
+def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
     try:
@@ -203,7 +302,7 @@ def check_format(obj: Mapping[str, Any], path: Path) -> None:
                               "file instead")
     version = obj.get("version")
     if not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"checkpoint '{path}' has no valid format version ({version!r}); it is damaged")
+        raise CheckpointError(f"checkpoint '{path}' has no valid format version ({short_repr(version)}); it is damaged")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint '{path}' has format version {version}, newer than this "
                               f"distillistic's {FORMAT_VERSION}; upgrade distillistic to read it")

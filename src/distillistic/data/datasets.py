@@ -14,7 +14,7 @@ import re
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,9 @@ def _idx_pair(images_path: Path) -> TensorSource:
     if labels_path is None:
         raise DataError(f"'{images_path}' has no labels file beside it; expected '{stem}-labels-idx1-ubyte[.gz]'")
     images, labels = read_idx(images_path), read_idx(labels_path)
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"'{labels_path}' holds {labels.dtype} labels; labels are whole class indices (IDX type "
+                        "0x08 unsigned byte, or a wider integer)")
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"'{images_path}' (shape {'x'.join(map(str, images.shape))}) and '{labels_path}' (shape "
                         f"{'x'.join(map(str, labels.shape))}) do not match: expected N images of H x W and N labels")
@@ -191,8 +194,24 @@ def read_idx_folder(root: Path) -> RawDataset:
         files += [path, *[q for q in path.parent.iterdir() if q.name.startswith(f"{prefix}-labels")]]
     if set(splits) != {"train", "test"}:
         splits = {"all": _concat([s for s in splits.values() if isinstance(s, TensorSource)])}
-    classes = int(max(int(s.labels.max()) for s in splits.values())) + 1
+    classes = _check_labels(splits, root)
     return RawDataset(splits, tuple(str(c) for c in range(classes)), files=sorted(files))
+
+
+def _check_labels(splits: Mapping[str, TensorSource | FileSource], root: Path) -> int:
+    """The class count of IDX labels, which must be whole numbers 0..K-1, each class with a sample: a stray
+    label (a negative one, or 200 among ten digits) would otherwise grow the model silently."""
+    labels = torch.cat([s.labels for s in splits.values()])
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise DataError(f"the IDX labels in '{root}' include {low}: labels are class indices >= 0; fix the labels file")
+    present = torch.bincount(labels, minlength=high + 1)
+    missing = (present == 0).nonzero().flatten().tolist()
+    if missing:
+        raise DataError(f"the IDX labels in '{root}' run up to {high} but class {missing[0]} has no sample"
+                        f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: a label outside the "
+                        "classes; fix the labels file")
+    return high + 1
 
 
 def _concat(sources: Sequence[TensorSource]) -> TensorSource:
@@ -376,6 +395,13 @@ def _imagefolder(cfg: Config, root: Path) -> RawDataset:
         if len(src) == 0:
             raise DataError(f"no images in the class folders of '{root}' ({name} split); expected files such as "
                             "<class>/<name>.JPEG")
+    first = splits.get("train", splits.get("all"))
+    seen = set(first.labels.tolist()) if first is not None else set()
+    empty = [c for i, c in enumerate(classes) if i not in seen]
+    if empty:  # a class the model would have an output for but never see
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"class folder '{base / empty[0]}' holds no images{more}; add images, remove the folder, or "
+                        "choose the classes with --class-names")
     files = [Path(p) for src in splits.values() for p in src.paths]  # type: ignore[union-attr]
     checksum = folder_checksum(root, files, cfg.data_hash, cache_dir(cfg) / "hashes")
     return RawDataset(splits, tuple(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD, checksum=checksum)

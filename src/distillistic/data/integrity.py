@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,12 +49,25 @@ def check_image_bytes(path: Path, data: bytes) -> None:
         raise DataError(f"image file '{path}' is truncated (its PNG end chunk is missing); remove or replace it")
     from PIL import Image, UnidentifiedImageError
 
-    try:  # reads the header only: the format and the size
-        with Image.open(io.BytesIO(data)) as image:
-            image.size  # noqa: B018
+    try:  # reads the header only: the format, the size and the mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height, mode = *image.size, image.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image file '{path}' declares more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                        "bomb, or an image far too large to train on); remove it or resize it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"image file '{path}' is not an image PIL can read ({type(e).__name__}); remove or replace "
                         "it") from None
+    if mode in WIDE_MODES:
+        raise DataError(f"image file '{path}' has {WIDE_MODES[mode]} pixels (PIL mode {mode}), which 8-bit training "
+                        f"would clip; convert it to 8-bit ({width} x {height}) first")
+
+
+# Pixel modes beyond 8 bits per channel: converting them to RGB clips every value above 255.
+WIDE_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer",
+              "F": "32-bit float"}
 
 
 def _file_digest(path: Path) -> str:

@@ -234,7 +234,7 @@ class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
         try:
             with Image.open(path) as f:
                 img = f.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"image file '{path}' cannot be decoded ({e}); remove or replace it") from None
         s = self.size
         if self.train:

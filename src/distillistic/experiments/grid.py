@@ -22,7 +22,7 @@ from typing import Any
 
 from distillistic import config as config_mod
 from distillistic.config import MACHINE_KEYS, Config
-from distillistic.errors import UserError
+from distillistic.errors import UserError, short_repr
 from distillistic.training import setup
 
 SEED_KEYS = ("seed", "data_seed")
@@ -111,7 +111,7 @@ def _parse_grid(raw: Any, source: str) -> dict[str, list[Any]]:
         key = _key(raw_key, f"{source}: grid")
         if not isinstance(values, list) or not values:
             raise UserError(f"{source}: grid key '{key}' must be a non-empty list of values, e.g. {key}: "
-                            f"[{value_text(values)}], not {values!r}")
+                            f"[{value_text(values)}], not {short_repr(values)}")
         coerced = [_coerced(key, v, f"{source}: grid key '{key}'") for v in values]
         texts = [json.dumps(plain(v)) for v in coerced]
         if len(set(texts)) < len(texts):
@@ -131,7 +131,7 @@ def _parse_variants(raw: Any, source: str, grid: Mapping[str, Any]) -> dict[str,
     for name, settings in raw.items():
         where = f"{source}: variant '{name}'"
         if not isinstance(settings, Mapping):
-            raise UserError(f"{where} must be a mapping of config keys to values, not {settings!r}")
+            raise UserError(f"{where} must be a mapping of config keys to values, not {short_repr(settings)}")
         values = {}
         for raw_key, value in settings.items():
             key = _key(raw_key, where)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from distillistic.errors import UserError
+from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import SEED_KEYS, comparable, value_text
 from distillistic.experiments.results import (
     Group,
@@ -34,6 +34,7 @@ from distillistic.experiments.results import (
     pm,
     varying_keys,
 )
+from distillistic.fileio import atomic_write_text
 
 METRICS = ("top1", "top5", "ece", "nll", "entropy", "brier")
 PERCENT = ("top1", "top5", "ece")  # shown in % in report.md; results.csv keeps fractions
@@ -51,12 +52,13 @@ def _read_run(folder: Path) -> Run:
     try:
         summary = json.loads((folder / "summary.json").read_text())
         config = yaml.safe_load((folder / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError) as e:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         raise ValueError(f"unreadable ({type(e).__name__})") from None
     if not isinstance(summary, dict) or not isinstance(config, dict):
         raise ValueError("summary.json or config.yaml is not a mapping")
     if summary.get("status") != "completed":
-        raise ValueError(f"status {summary.get('status')!r}, not completed")
+        raise ValueError(f"status {short_repr(summary.get('status'))}, not completed")
+    _check_shape(summary, config)
     history = []
     metrics = folder / "metrics.jsonl"
     if metrics.is_file():
@@ -66,6 +68,20 @@ def _read_run(folder: Path) -> Run:
             except ValueError:
                 continue  # a line cut by a crash; the rest is still good
     return Run(folder, config, summary, history)
+
+
+def _check_shape(summary: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse (ValueError) a completed-looking run whose files lack what the report reads."""
+    models = summary.get("models")
+    if not isinstance(models, dict) or not models or not all(isinstance(m, dict) for m in models.values()):
+        raise ValueError("summary.json has no 'models' mapping")
+    for name, entry in models.items():
+        test = entry.get("test")
+        if test is not None and not (isinstance(test, dict) and all(
+                isinstance(test.get(k), int | float) and not isinstance(test.get(k), bool) for k in ("top1", "ece"))):
+            raise ValueError(f"summary.json: the test metrics of {short_repr(name)} are not numbers")
+    if not isinstance(config.get("algo"), str) or not isinstance(config.get("seed", 0), int):
+        raise ValueError("config.yaml has no algorithm or a seed that is not a whole number")
 
 
 def find_runs(dirs: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -96,7 +112,8 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, s
                 subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
     if not runs:
         where = ", ".join(str(d) for d in dirs)
-        why = f" ({len(skipped)} run folders were not completed)" if skipped else ""
+        why = (f" ({len(skipped)} run folders were not completed; '{skipped[0][0]}': {skipped[0][1]})"
+               if skipped else "")
         raise UserError(f"report: no completed run directories (with summary.json) under {where}{why}; "
                         "pass the --out of 'distillistic sweep' or of 'distillistic train'")
     return list(runs.values()), skipped
@@ -342,5 +359,5 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
         old.unlink()  # figures of an earlier report that may no longer apply
     figures = plots.draw_all(groups, teachers, fig_dir)
     write_csv(rows, out / "results.csv")
-    (out / "report.md").write_text(markdown(dirs, groups, rows, teachers, skipped, figures, out))
+    atomic_write_text(out / "report.md", markdown(dirs, groups, rows, teachers, skipped, figures, out))
     return out

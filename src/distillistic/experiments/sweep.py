@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from distillistic import config as config_mod
-from distillistic.errors import UserError
+from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import Cell, Plan, comparable, expand, plain, shard
 from distillistic.training import setup
 from distillistic.training.checkpoint import atomic_write_json, atomic_write_text
@@ -85,7 +85,8 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
             if differ:
                 k = differ[0]
                 more = f"; also {', '.join(differ[1:4])}{' ...' if len(differ) > 4 else ''}" if len(differ) > 1 else ""
-                return "conflict", f"{k}: {have.get(k)!r} in the folder, {want[k]!r} in the sweep{more}"
+                return "conflict", (f"{k}: {short_repr(have.get(k))} in the folder, {short_repr(want[k])} in the "
+                                    f"sweep{more}")
     summary = read_summary(folder)
     if summary.get("status") == "completed":
         return "done", ""

@@ -6,9 +6,12 @@ the user's input (config, data, teacher weights, output directory) fails before 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from distillistic.config import Config
 from distillistic.core.methods import METHODS, Context, student_count
 from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
-from distillistic.errors import TrainingDiverged, UserError
+from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
@@ -158,16 +161,29 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
-    out = Path(cfg.out or "")
-    rundir = RunDir(out, cfg, rt)
-    rundir.check()  # refuse an occupied DIR before any work
-    task, extra = build_task(cfg, rt)
+    rundir = RunDir(Path(cfg.out or ""), cfg, rt)
+    try:
+        return _run_in(rundir, cfg, rt)
+    finally:
+        rundir.unlock()  # the run directory's lock (taken by check or open)
+
+
+def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
+    out = rundir.out
+    rundir.check()  # refuse an occupied DIR (or one another run holds) before any work
+    try:
+        with interrupt_on_sigterm():  # before training: a SIGTERM stops as a Ctrl-C does (exit 130)
+            task, extra = build_task(cfg, rt)
+    except TeacherStopped as e:  # nothing is distilled from a teacher that is not complete
+        rundir.close()
+        return RunResult(out, cfg, {"status": "interrupted", "stage": "teacher", "reason": str(e)})
     info = extra["data"]
+    rundir.data_checksum = info.checksum
     if task.teacher is not None:  # its identity goes into every checkpoint: a resume must use the same one
         rundir.teacher = extra["teachers"].identity
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
-        progress = restore_state(rundir.last_checkpoint, task, rundir.teacher)
+        progress = restore_state(rundir.last_checkpoint, task, rundir.teacher, rundir.data_checksum)
         if progress.epoch < cfg.epochs:
             log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
         else:
@@ -208,8 +224,13 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
             signal.signal(s, handler)
     if not finished:
         return _stopped(task, progress, rundir, checkpointed)
-    fault_point("final")
-    final = final_evaluation(task, rundir)
+    try:
+        with interrupt_on_sigterm(also_sigint=True):
+            fault_point("final")
+            final = final_evaluation(task, rundir)
+    except KeyboardInterrupt:  # every epoch is trained and checkpointed: a resume only evaluates
+        return _stopped(task, progress, rundir, True, "stopped by a signal during the final evaluation; every "
+                        "epoch is trained and checkpointed")
     for signal_ in extra["teachers"].signals if extra["teachers"] is not None else []:
         if signal_.store is not None:
             stats = signal_.store.stats
@@ -221,18 +242,45 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     return RunResult(out, cfg, summary)
 
 
-def _stopped(task: Task, progress: Progress, rundir: RunDir, checkpointed: bool) -> RunResult:
+def _stopped(task: Task, progress: Progress, rundir: RunDir, checkpointed: bool,
+             reason: str | None = None) -> RunResult:
     """Record a run stopped by SIGINT/SIGTERM (summary status ``interrupted``)."""
-    if checkpointed:
-        reason = f"stopped by a signal at epoch {progress.epoch + 1}, step {progress.step}; checkpoint written"
-    elif rundir.has_checkpoint():
-        reason = "stopped by a signal that also ended the data-loading workers; the last checkpoint stays"
-    else:
-        reason = "stopped by a signal before the first checkpoint; start again with --overwrite"
+    if reason is None:
+        reason = _stop_reason(progress, rundir, checkpointed)
     summary = rundir.write_summary(task, progress, status="interrupted", reason=reason)
     rundir.close()
     log.info("%s (%s)", reason, rundir.last_checkpoint)
     return RunResult(rundir.out, task.cfg, summary)
+
+
+def _stop_reason(progress: Progress, rundir: RunDir, checkpointed: bool) -> str:
+    if checkpointed:
+        return f"stopped by a signal at epoch {progress.epoch + 1}, step {progress.step}; checkpoint written"
+    elif rundir.has_checkpoint():
+        return "stopped by a signal that also ended the data-loading workers; the last checkpoint stays"
+    return "stopped by a signal before the first checkpoint; start again with --overwrite"
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm(also_sigint: bool = False) -> Iterator[None]:
+    """While inside, SIGTERM (and SIGINT, which Python already maps) raises KeyboardInterrupt at once: a
+    stage with nothing to checkpoint (setup, the final evaluation) stops cleanly instead of being killed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGTERM, *([signal.SIGINT] if also_sigint else [])]
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:

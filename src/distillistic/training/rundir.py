@@ -26,6 +26,7 @@ with another teacher is refused.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ import torch
 from distillistic import config as config_mod
 from distillistic.config import FIELDS, VOLATILE_KEYS, Config
 from distillistic.data.loader import DataInfo
-from distillistic.errors import CheckpointError, TrainingDiverged, UserError
+from distillistic.errors import CheckpointError, TrainingDiverged, UserError, short_repr
 from distillistic.training.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -106,6 +107,8 @@ class RunDir:
         self._tb: Any = None
         self._wandb: Any = None
         self.manifest: dict[str, Any] = {}
+        self.data_checksum: str | None = None  # the dataset's checksum, saved in last.pt, checked on resume
+        self._lock: Any = None  # the open lock file while this run holds the directory
 
     @property
     def last_checkpoint(self) -> Path:
@@ -121,12 +124,20 @@ class RunDir:
         """Refuse an output path that is a file, or a directory holding another run (unless asked)."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--out '{self.out}' is a file; choose a directory path")
+        if self.out.is_symlink() and not self.out.exists():
+            raise UserError(f"--out '{self.out}' is a symlink to '{os.readlink(self.out)}', which does not exist; "
+                            "create its target or choose another path")
         parent = next(p for p in [self.out, *self.out.absolute().parents] if p.exists())
         if not parent.is_dir():
             raise UserError(f"--out '{self.out}' cannot be created: '{parent}' is a file; choose another path")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UserError(f"--out '{self.out}' cannot be written: no write permission in '{parent}'; "
                             "choose another path")
+        if self.cfg.resume and not self.out.exists():
+            raise UserError(f"--resume: '{self.out}' does not exist; check the path, or drop --resume to start "
+                            "a new run there")
+        if self.out.is_dir():
+            self.lock()
         occupied = self.out.is_dir() and any((self.out / f).exists() for f in RUN_FILES)
         if not occupied:
             return
@@ -139,11 +150,33 @@ class RunDir:
             raise UserError(f"'{self.out}' already holds a run; pass --resume to continue it, --overwrite to "
                             "replace it, or choose another --out")
 
+    def lock(self) -> None:
+        """Hold ``DIR/.lock`` (an fcntl lock, released when the process ends, even killed): a second run on
+        the same directory at the same time is refused, whatever its flags."""
+        if not self.rt.is_main or self._lock is not None:
+            return
+        path = self.out / ".lock"
+        f = path.open("a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"'{self.out}' is in use by another run (it holds {path}); wait for that run to "
+                            "end, or choose another --out") from None
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
     def open(self, info: DataInfo, task: Task, progress: Progress) -> None:
         """Create the directory's files; on resume, rewrite ``metrics.jsonl`` from the checkpoint's history."""
         resumed = progress.global_step > 0
         if not self.rt.is_main:
             return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock()
         if self.cfg.overwrite and not resumed:
             for name in RUN_FILES:
                 path = self.out / name
@@ -279,6 +312,7 @@ class RunDir:
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
               "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),
+              "data_checksum": self.data_checksum,
               "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
              self.last_checkpoint)
 
@@ -315,7 +349,8 @@ def _tv_version() -> str:
     return str(torchvision.__version__)
 
 
-def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None) -> Progress:
+def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
+                  data_checksum: str | None = None) -> Progress:
     """Load ``last.pt`` into the task's models, optimisers, schedules, scaler and RNG; return the progress.
 
     Refuses a checkpoint whose config (apart from :data:`VOLATILE_KEYS`) or teacher differs from
@@ -324,7 +359,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None)
     ckpt = load(path)
     check_format(ckpt, path)
     if ckpt.get("kind") != "last" or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"'{path}' is not a resumable checkpoint (kind {ckpt.get('kind')!r}); "
+        raise CheckpointError(f"'{path}' is not a resumable checkpoint (kind {short_repr(ckpt.get('kind'))}); "
                               "start a new --out")
     saved = ckpt["config"]
     current = task.cfg.to_dict()
@@ -332,9 +367,10 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None)
     differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k, _default(k)) != current[k]]
     if differ:
         k = differ[0]
-        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {saved.get(k)!r} -> "
-                        f"{current[k]!r}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {short_repr(saved.get(k))} -> "
+                        f"{short_repr(current[k])}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
                         "resume with the same settings, or start a new --out")
+    _check_data(ckpt, path, data_checksum)
     saved_teacher = ckpt.get("teacher")
     if (saved_teacher or {}).get("sha256") != (teacher or {}).get("sha256"):
         def show(t: dict[str, Any] | None) -> str:
@@ -360,6 +396,20 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None)
                               "start a new --out") from None
     progress.meters = ckpt.get("meters")
     return progress
+
+
+def _check_data(ckpt: dict[str, Any], path: Path, data_checksum: str | None) -> None:
+    """Refuse to resume on data other than the run started with (checksum in last.pt, else in the manifest)."""
+    saved = ckpt.get("data_checksum")
+    if saved is None:  # a checkpoint from before the checksum was saved in it
+        try:
+            saved = json.loads((path.parent.parent / "manifest.json").read_text())["dataset"]["checksum"]
+        except (OSError, ValueError, KeyError, TypeError):
+            saved = None
+    if saved is not None and data_checksum is not None and saved != data_checksum:
+        raise UserError(f"--resume: the data differs from the run being resumed (the dataset's checksum changed "
+                        f"since it started: {path.parent.parent / 'manifest.json'} has the old one); resume with the "
+                        "same data, or start a new --out")
 
 
 def _default(key: str) -> Any:

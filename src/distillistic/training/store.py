@@ -56,7 +56,7 @@ from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.loader import DataBundle, Loader, split_fingerprint
 from distillistic.data.views import ViewMaker
 from distillistic.errors import UserError
-from distillistic.training.checkpoint import atomic_write, atomic_write_json
+from distillistic.training.checkpoint import atomic_write, atomic_write_json, remove_stale_temporaries
 
 if TYPE_CHECKING:
     from distillistic.training.runtime import Runtime
@@ -164,6 +164,9 @@ class TeacherStore:
         self._plans: dict[str, tuple[int, Tensor]] = {}  # split -> (epoch, the samples it visits)
         self._check_manifest(folder / "manifest.json", entry, "*.safetensors")
         self._check_manifest(self.train_folder / "manifest.json", views, "epoch-*.safetensors")
+        for where in (folder, self.train_folder):  # left by a writer killed before its rename
+            for tmp in remove_stale_temporaries(where):
+                log.info("teacher store: removed %s, an unfinished write of a process that was stopped", tmp)
 
     # --- the TeacherOutputs protocol -------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from torch import nn
 from distillistic.config import FIELDS, Config, cache_dir
 from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
-from distillistic.errors import UserError
+from distillistic.errors import CheckpointError, TeacherStopped, UserError
 from distillistic.models.builders import build_model
 from distillistic.training.checkpoint import load_model_weights
 from distillistic.training.lines import prefixed
@@ -97,9 +97,7 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
         done = [_completed(folder)]
         dist.broadcast_object_list(done, src=0)
         if not done[0]:
-            log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
-            with prefixed("teacher"):
-                train(recipe.replace(out=str(folder)))
+            _train_teacher(recipe, folder, train)
         dist.barrier()
         return folder
     with (folder.parent / f"{folder.name}.lock").open("w") as lock:
@@ -107,14 +105,33 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
         if _completed(folder):
             log.info("teacher: reusing %s", folder)
         else:
-            log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
-            with prefixed("teacher"):
-                train(recipe.replace(out=str(folder)))
+            _train_teacher(recipe, folder, train)
     return folder
 
 
 def _completed(folder: Path) -> bool:
     return read_summary(folder).get("status") == "completed"
+
+
+def _train_teacher(recipe: Config, folder: Path, train: Trainer, restart: bool = False) -> None:
+    """Train the teacher into ``folder``, resuming an earlier interrupted (or killed) training from its
+    ``last.pt``; a teacher that stops, fails or diverges is never used (:class:`TeacherStopped`/UserError)."""
+    resume = not restart and (folder / "checkpoints" / "last.pt").is_file()
+    log.info("teacher: %s %s (%d epochs) in %s", "resuming" if resume else "training", recipe.model,
+             recipe.epochs, folder)
+    try:
+        with prefixed("teacher"):  # its own progress lines, told apart from the student's
+            result = train(recipe.replace(out=str(folder), resume=resume, overwrite=not resume))
+    except CheckpointError as e:
+        if not resume:
+            raise
+        log.warning("teacher: the cached teacher's checkpoint cannot be resumed (%s); training it again", e)
+        return _train_teacher(recipe, folder, train, restart=True)
+    except UserError as e:
+        raise UserError(f"the teacher trained first into '{folder}' did not complete: {e}") from None
+    status = getattr(result, "summary", {}).get("status")
+    if status != "completed":
+        raise TeacherStopped(str(getattr(result, "summary", {}).get("reason") or status), folder)
 
 
 def build_teacher(cfg: Config, info: DataInfo, train: Trainer) -> tuple[nn.Module, str]:
@@ -132,5 +149,13 @@ def build_teacher(cfg: Config, info: DataInfo, train: Trainer) -> tuple[nn.Modul
         return model, source
     path = trained_teacher_dir(cfg, info, train) if source == "train" else Path(source).expanduser()
     model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
-    load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
+    try:
+        load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
+    except CheckpointError as e:
+        if source != "train":
+            raise
+        # A cache: a damaged file is recomputed (with a warning), never used.
+        log.warning("teacher: the cached teacher is damaged (%s); training it again", e)
+        _train_teacher(teacher_recipe(cfg), path, train, restart=True)
+        load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
     return model, str(path)
