@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dml_e": {"algo": "dml_e", "students": 3},
     "tfkd": {"algo": "tfkd"},
     "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
+    "pcl": {"algo": "pcl", "students": 2},
+    "ban": {"algo": "ban", "generations": 2},
+    "baseline_ema": {"algo": "baseline", "ema": 0.9},
 }
 
 

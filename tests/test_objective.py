@@ -38,6 +38,9 @@ FORMULAS = {
     ("dml", (("temperature", 3.0), ("alpha", 0.3), ("alpha_warmup", 0.2), ("divergence", "js"))):
         "L = 0.7·CE(z, y) + 0.3·mean_(j≠i) 3²·JS(softmax(z_j/3) ‖ softmax(z/3)), alpha rising from 0 over the "
         "first 20% of training",
+    ("pcl", ()): "L = CE(z, y) + r(p)·3²·KL(mean_(j≠i) softmax(z'_j/3) ‖ softmax(z/3)), z'_j = EMA(0.999) of "
+                 "student j, r ramping up over 25% of training",
+    ("ban", ()): "L = CE(z, y)",  # generation 1; generation g is kd from generation g - 1 (test_ema_methods.py)
 }
 
 
@@ -137,9 +140,10 @@ def test_registry_refuses_duplicates_and_lists_valid_names() -> None:
 
 def test_methods_declare_their_students_and_temperature() -> None:
     resolved = {a: setup.resolve(Config(algo=a, dataset="synthetic")) for a in METHODS.names()}
-    assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1}
+    assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1,
+                                                           "pcl": 2, "ban": 1}
     assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
-                                                              "dml_e": 1.0, "tfkd": 1.0}
+                                                              "dml_e": 1.0, "tfkd": 1.0, "pcl": 3.0, "ban": 1.0}
     assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
     assert resolved["kd"].teacher == "resnet50"
     assert resolved["dml"].teacher is None

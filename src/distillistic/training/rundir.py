@@ -219,7 +219,7 @@ class RunDir:
 
     def after_epoch(self, task: Task, progress: Progress, rows: list[dict[str, Any]], improved: list[str]) -> None:
         if self.rt.is_main:
-            for s in task.students:
+            for s in [*task.students, *task.members]:
                 if s.name in improved:
                     save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model},
                           "num_classes": task.num_classes, "epoch": progress.epoch,
@@ -260,8 +260,9 @@ class RunDir:
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
                                                    "epoch_images")}
-        save({"kind": "last", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model for s in task.students},
-              "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in task.students},
+        evaluated = [*task.students, *task.members]  # members (EMA copies) too, for export; restored via "terms"
+        save({"kind": "last", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model for s in evaluated},
+              "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in evaluated},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
               "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),

@@ -53,7 +53,7 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
     cfg, final = task.cfg, final or {}
     last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
     models: dict[str, Any] = {}
-    for s in task.students:
+    for s in [*task.students, *task.members]:  # members: EMA copies (student_ema ...)
         mine = final.get(s.name, {})
         models[s.name] = {"test": _metrics(mine.get("test")), "test_last": _metrics(mine.get("test_last")),
                           "val_best": _metrics(progress.best.get(s.name), epoch=True),
