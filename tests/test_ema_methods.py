@@ -23,7 +23,7 @@ from distillistic.core import ema as ema_mod
 from distillistic.core.ema import EmaCopies, TemporalMeanPeers
 from distillistic.core.signals import StepInputs
 from distillistic.training.checkpoint import load, read_safetensors
-from test_resume import assert_identical_runs
+from test_resume import _assert_same_tensors, _rows, _summary, assert_identical_runs
 from test_resume import run_cli as run_process
 
 
@@ -238,3 +238,38 @@ def test_an_interrupted_pcl_run_resumes_to_the_same_weights(tmp_path: Path) -> N
             assert torch.equal(a["terms"][k], b["terms"][k]), k
         else:
             assert a["terms"][k] == b["terms"][k], k
+
+
+BAN_ARGS = ["train", "--algo", "ban", "--generations", "2", "--dataset", "synthetic", "--synthetic-samples", "160",
+            "--image-size", "12", "--model", "mlp", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+            "--threads", "1", "--no-tensorboard", "--no-progress"]
+
+
+def test_an_interrupted_ban_run_resumes_the_generation_it_stopped_in(tmp_path: Path) -> None:
+    """SIGKILL before generation 1's final evaluation, then before generation 2's: --resume finishes both,
+    and every generation ends as in an uninterrupted run (weights bit for bit)."""
+    import signal
+
+    reference = tmp_path / "reference"
+    assert run_process([*BAN_ARGS, "--out", str(reference)]).returncode == 0
+    out = tmp_path / "run"
+    own = [*BAN_ARGS, "--out", str(out)]
+    assert run_process(own, fault="final").returncode == -signal.SIGKILL
+    assert not (out / "gen2").exists()
+    assert run_process([*own, "--resume"], fault="final:2").returncode == -signal.SIGKILL  # gen 1 done, gen 2 killed
+    assert json.loads((out / "gen1" / "summary.json").read_text())["status"] == "completed"
+    done = run_process([*own, "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(reference / "gen1", out / "gen1")
+    ref2, got2 = reference / "gen2", out / "gen2"
+    assert _rows(got2) == _rows(ref2)
+    want2, got2_summary = _summary(ref2), _summary(got2)
+    for summary, folder in ((want2, reference), (got2_summary, out)):  # the teacher is another path, same weights
+        assert summary["models"]["teacher"].pop("source") == str(folder / "gen1")
+    assert got2_summary == want2
+    for name in ("last.pt", "best-student.pt"):
+        a, b = load(ref2 / "checkpoints" / name), load(got2 / "checkpoints" / name)
+        _assert_same_tensors(a["models"], b["models"], name)
+    want, got = (json.loads((p / "summary.json").read_text()) for p in (reference, out))
+    assert got["models"]["ensemble"] == want["models"]["ensemble"]
+    assert [g["status"] for g in got["generations"]] == ["completed", "completed"]
