@@ -216,6 +216,7 @@ PCL_ARGS = ["train", "--algo", "pcl", "--students", "2", "--dataset", "synthetic
             "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_pcl_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """SIGKILL mid-epoch and before the final evaluation; the EMA copies and their schedule resume exactly."""
     import signal
@@ -245,6 +246,7 @@ BAN_ARGS = ["train", "--algo", "ban", "--generations", "2", "--dataset", "synthe
             "--threads", "1", "--no-tensorboard", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_ban_run_resumes_the_generation_it_stopped_in(tmp_path: Path) -> None:
     """SIGKILL before generation 1's final evaluation, then before generation 2's: --resume finishes both,
     and every generation ends as in an uninterrupted run (weights bit for bit)."""
