@@ -275,3 +275,27 @@ def test_an_interrupted_ban_run_resumes_the_generation_it_stopped_in(tmp_path: P
     want, got = (json.loads((p / "summary.json").read_text()) for p in (reference, out))
     assert got["models"]["ensemble"] == want["models"]["ensemble"]
     assert [g["status"] for g in got["generations"]] == ["completed", "completed"]
+
+
+def test_a_stopped_ban_run_says_so_and_prints_the_resume_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM in generation 2: it checkpoints, the run's summary says interrupted, and the hint resumes it."""
+    from distillistic import fileio
+
+    out = tmp_path / "run"
+    args = [*BAN_ARGS, "--out", str(out)]
+    fileio._FAULT_HITS.clear()
+    monkeypatch.setenv("DISTILLISTIC_FAULT", "step:8:TERM")  # 7 steps a generation: step 1 of generation 2
+    rc, _, err = run_cli(args, capsys)
+    monkeypatch.delenv("DISTILLISTIC_FAULT")
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["reason"].startswith("generation 2: stopped by a signal")
+    assert [g["status"] for g in summary["generations"]] == ["completed", "interrupted"]
+    assert any("resume with: " in line and line.endswith("--resume") for line in err), err
+    rc, _, err = run_cli([*args, "--resume"], capsys)
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert {"gen1", "gen2", "ensemble", "student"} <= set(summary["models"])
