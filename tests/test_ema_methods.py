@@ -196,6 +196,13 @@ def test_ban_reports_three_generations_and_their_ensemble(tmp_path: Path) -> Non
     assert ens["n"] == gens[0]["n"]
     assert models["student"] == models["gen3"]
     assert json.loads((out / "summary.json").read_text()) == summary
+    from distillistic.training.export import export_run
+
+    written = export_run(out)
+    assert written == [out / "export" / f"gen{g}" / "student.safetensors" for g in (1, 2, 3)]
+    state, _ = read_safetensors(written[2])
+    saved = load(out / "gen3" / "checkpoints" / "best-student.pt")["models"]["student"]
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
 
 
 def test_ban_with_one_generation_is_the_baseline(tmp_path: Path) -> None:
