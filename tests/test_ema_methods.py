@@ -306,3 +306,36 @@ def test_a_stopped_ban_run_says_so_and_prints_the_resume_command(tmp_path: Path,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert {"gen1", "gen2", "ensemble", "student"} <= set(summary["models"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--algo", "pcl"], ["--algo", "ban", "--generations", "2", "--ema", "0.9"]],
+                         ids=["pcl", "ban-ema"])
+def test_torchrun_two_processes(extra: list[str], tmp_path: Path) -> None:
+    """Under torchrun (Gloo, CPU) the EMA copies and the generations' ensemble are evaluated over the whole
+    held-out splits (every sample once across the ranks), and rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "distillistic", "train", *extra, "--dataset", "synthetic", "--synthetic-samples", "300", "--model", "mlp",
+           "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress", "--no-tensorboard"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    first = out / "gen1" if (out / "gen1").is_dir() else out
+    sizes = json.loads((first / "manifest.json").read_text())["dataset"]["sizes"]
+    assert json.loads((first / "manifest.json").read_text())["world_size"] == 2
+    names = ["student0_ema", "student1_ema"] if extra[1] == "pcl" else ["gen1", "gen2", "ensemble"]
+    for name in names:
+        assert summary["models"][name]["test"]["n"] == sizes["test"], name
+        assert summary["models"][name]["val_best"]["n"] == sizes["val"], name
+    if extra[1] == "ban":
+        gen2 = json.loads((out / "gen2" / "summary.json").read_text())["models"]
+        assert gen2["student_ema"]["test"]["n"] == sizes["test"]
+    assert proc.stdout.count(str(out)) == 1
