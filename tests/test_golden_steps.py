@@ -72,6 +72,15 @@ def test_golden_steps(variant: str, tmp_path: Path) -> None:
                 assert gs[key] == pytest.approx(ws[key], abs=1e-6, rel=0), (variant, step, student, key)
 
 
+def test_every_registered_method_has_golden_steps() -> None:
+    """A newly registered method fails here until its steps are recorded (add it to VARIANTS, then --record)."""
+    from distillistic.core.methods import METHODS
+
+    recorded = json.loads(GOLDEN.read_text())
+    covered = {VARIANTS[name]["algo"] for name in VARIANTS if name in recorded}
+    assert set(METHODS.names()) <= covered, f"no golden steps for {sorted(set(METHODS.names()) - covered)}"
+
+
 if __name__ == "__main__" and "--record" in sys.argv:
     import tempfile
 
@@ -82,3 +91,4 @@ if __name__ == "__main__" and "--record" in sys.argv:
             data[name] = record(name, Path(tmp) / "run")
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+

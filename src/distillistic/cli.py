@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="aggregate run directories: report.md, results.csv and figures")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or run directories (searched recursively)")
     p.add_argument("--out", default=None, help="report directory (default: DIR/report for one DIR)")
+    p = sub.add_parser("reproduce", help="re-measure a thesis claim: its sweep (3 seeds), report and table")
+    p.add_argument("claim", metavar="CLAIM", help="hinton, tfkd-smoothing, dml-instability, cross-quality, ... "
+                   "('distillistic reproduce list' lists them)")
+    p.add_argument("--out", default="runs/reproduce", help="folder for the claims (default: runs/reproduce)")
+    p.add_argument("--data-root", default=None, help="MNIST t10k folder (default: ../shared/datasets/mnist-t10k, "
+                   "else scikit-learn's digits)")
+    p.add_argument("--full", action="store_true",
+                   help="the thesis-scale setting (Fashion-MNIST, 20 epochs; a GPU's work)")
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
     return parser
@@ -180,6 +188,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from distillistic.experiments.reproduce import CLAIMS, reproduce
+
+    if args.claim == "list":
+        for claim in CLAIMS.values():
+            print(f"{claim.name:18s} {claim.question}")
+        return 0
+    print(reproduce(args.claim, args.out, args.data_root, args.full))
+    return 0
+
+
 def one_line(error: BaseException) -> str:
     """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -196,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
     commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,
-                "export": _export}
+                "export": _export, "reproduce": _reproduce}
     try:
         return commands[args.command](args)
     except UserError as e:

@@ -34,6 +34,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_hash": ("content", "listing"),
 }
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
+# String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
+LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
 
 
 def _f(default: Any, help: str) -> Any:
@@ -74,11 +76,18 @@ class Config:
                                    "path, size and mtime) or listing (file names and sizes only)")
     # --- models ------------------------------------------------------------------------------------
     model: str = _f("resnet18", "student architecture")
-    students: int | None = _f(None, "number of students (default: 3 for dml/dml_e, else 1)")
+    students: int | tuple[str, ...] | None = _f(None, "number of students (copies of --model), or a list of their "
+                                                "architectures (a mixed cohort: resnet18,mobilenet_v2,cnn); "
+                                                "default: 3 for dml/dml_e, else 1")
     student_weights: str = _f("random", "student initialisation: random, imagenet or a checkpoint PATH")
     freeze_backbone: bool = _f(False, "train only the classification head of the students")
-    teacher: str | None = _f(None, "teacher architecture (kd; default resnet50)")
-    teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH")
+    teacher: str | None = _f(None, "teacher architecture (kd; default resnet50), or a list of several "
+                                   "(resnet50,resnet34: KD from their mean softened outputs)")
+    teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH; "
+                                       "several teachers: one entry per teacher (train,PATH) or one for all")
+    # --- several teachers (issue 9) -----------------------------------------------------------------
+    teacher_mix: tuple[float, ...] = _f((), "several teachers: weight of each in the mean of their softened "
+                                            "outputs, q = sum_j w_j softmax(t_j/T) (default: equal)")
     teacher_epochs: int | None = _f(None, "epochs when the teacher is trained first (default: --epochs)")
     teacher_init: str = _f("random", "initialisation when the teacher is trained first: random or imagenet")
     teacher_seed: int = _f(0, "model and data seed when the teacher is trained first (shared by every run)")
@@ -178,6 +187,8 @@ def _coerce_to(key: str, value: Any, hint: Any) -> Any:
         if is_none and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:
+            return _coerce_union(key, value, inner)
         return _coerce_to(key, value, inner[0])
     if origin is tuple:
         items = value if isinstance(value, list | tuple) else _split_list(value)
@@ -207,10 +218,43 @@ def _coerce_to(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, value, "a finite number")
         return number
     if hint is str:
+        if key in LIST_STRING_KEYS and isinstance(value, list | tuple) and value:
+            return ",".join(_coerce_to(key, v, str) for v in value)
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(key, value, "a string")
     raise TypeError(f"config key {key} has an unsupported type {hint}")
+
+
+def _coerce_union(key: str, value: Any, hints: list[Any]) -> Any:
+    """The first of ``hints`` that accepts ``value`` (``students``: a count, else a list of architectures).
+
+    A number (or a string that reads as one) is only ever a count, so ``students: 2.5`` is refused as
+    a count rather than taken as a model named "2.5".
+    """
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(value, str):
+        try:
+            float(value)
+            numeric = True
+        except ValueError:
+            pass
+    if numeric and int in hints:
+        return _coerce_to(key, value, int)
+    for hint in hints:
+        try:
+            return _coerce_to(key, value, hint)
+        except ConfigError:
+            continue
+    raise ConfigError(key, value, " or ".join(_describe(h) for h in hints))
+
+
+def _describe(hint: Any) -> str:
+    if hint is int:
+        return "a whole number"
+    if typing.get_origin(hint) is tuple:
+        return "a list of names"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _whole(key: str, value: Any) -> int:
@@ -322,11 +366,12 @@ def validate(cfg: Config) -> None:
         _check(value is None or value in allowed, key, value, f"one of {', '.join(allowed)}")
     for key in ("epochs", "batch_size", "synthetic_samples", "synthetic_classes", "log_every"):
         _check(getattr(cfg, key) > 0, key, getattr(cfg, key), "a whole number > 0")
-    for key in ("students", "eval_batch_size", "image_size", "max_classes", "max_train_samples",
+    for key in ("eval_batch_size", "image_size", "max_classes", "max_train_samples",
                 "student_resolution", "teacher_resolution", "teacher_epochs", "threads"):
         value = getattr(cfg, key)
         _check(value is None or value > 0, key, value, "a whole number > 0 (or unset)")
     _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _validate_cohort_and_teachers(cfg)
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
     _check(0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
     _check(0.0 <= cfg.alpha_warmup < 1.0, "alpha_warmup", cfg.alpha_warmup, "a share of epochs in [0, 1)")
@@ -382,3 +427,41 @@ def model_names(cfg: Config, key: str) -> list[str]:
     if key == "students":
         return list(value) if isinstance(value, tuple) else []
     return split_names(value)
+
+
+def student_archs(cfg: Config, count: int) -> list[str]:
+    """Each of ``count`` students' architecture: the list in ``students``, else ``count`` copies of ``model``."""
+    names = model_names(cfg, "students")
+    return names if names else [cfg.model] * count
+
+
+def teacher_names(count: int) -> list[str]:
+    """The teachers' names in metrics and summaries: ``teacher`` alone, ``teacher0``, ``teacher1``… when several."""
+    return ["teacher"] if count == 1 else [f"teacher{j}" for j in range(count)]
+
+
+def teacher_weights_list(cfg: Config) -> list[str]:
+    """One ``teacher_weights`` entry per teacher (one entry given for several teachers applies to all)."""
+    count = max(1, len(split_names(cfg.teacher)))
+    entries = split_names(cfg.teacher_weights)
+    return entries * count if len(entries) == 1 else entries
+
+
+def _validate_cohort_and_teachers(cfg: Config) -> None:
+    """``students`` (a count > 0 or a non-empty list), and the teacher lists' lengths and mix weights."""
+    if isinstance(cfg.students, tuple):
+        _check(len(cfg.students) > 0, "students", [], "a whole number > 0 or a list of architectures")
+    else:
+        _check(cfg.students is None or cfg.students > 0, "students", cfg.students,
+               "a whole number > 0 (or unset), or a list of architectures")
+    mix = cfg.teacher_mix
+    _check(all(w >= 0 for w in mix) and (not mix or sum(mix) > 0), "teacher_mix", list(mix),
+           "weights >= 0 with a positive sum, one per teacher")
+    teachers = split_names(cfg.teacher)
+    if not teachers:
+        return
+    weights = split_names(cfg.teacher_weights)
+    _check(len(weights) in (1, len(teachers)), "teacher_weights", cfg.teacher_weights,
+           f"one entry for all teachers or one per teacher ({len(teachers)}: {','.join(teachers)})")
+    _check(not mix or len(mix) == len(teachers), "teacher_mix", list(mix),
+           f"one weight per teacher ({len(teachers)}: {','.join(teachers)}), or unset for equal weights")

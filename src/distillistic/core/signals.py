@@ -7,6 +7,9 @@ before they get here, and the virtual teacher is built from labels alone.
 
 * :class:`Teacher` (Hinton et al. 2015): ``q = softmax(t / T)``, ``t`` the frozen teacher's logits
   on *its* view of the batch (the full-resolution view in cross-quality KD).
+* :class:`Teachers` (several frozen teachers, e.g. You et al. 2017, "Learning from Multiple Teacher
+  Networks"): ``q = sum_j w_j softmax(t_j / T)``, the weighted mean of their softened outputs
+  (``w`` sums to 1; equal by default). One teacher always uses :class:`Teacher` itself.
 * :class:`Peers` (Zhang et al. 2018): ``p_j = softmax(z_j / T)`` of the other students;
   ``pairwise`` gives each peer separately (DML), ``mean`` their mean (DML_e).
 * :class:`Virtual` (Yuan et al. 2020, Tf-KD): ``v = p`` on the true class and ``(1 - p) / (K - 1)``
@@ -85,13 +88,14 @@ class Teacher:
     pairwise = False
 
     def __init__(self, model: nn.Module, view_size: int | None, channels: int,
-                 store: TeacherOutputs | None = None, name: str = "kd") -> None:
+                 store: TeacherOutputs | None = None, name: str = "kd", key: str = "teacher") -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
+        self.key = key  # its logits' entry in the step's cache (one per teacher when there are several)
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
-        if "teacher" not in inp.cache:
+        if self.key not in inp.cache:
             stored = self.store.fetch(inp) if self.store is not None else None
             if stored is None:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
@@ -100,8 +104,8 @@ class Teacher:
                     stored = self.model(inp.views.get(self.view_size, self.channels)).float()
                 if self.store is not None:
                     self.store.record(inp, stored)
-            inp.cache["teacher"] = stored
-        return inp.cache["teacher"]
+            inp.cache[self.key] = stored
+        return inp.cache[self.key]
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
         q = torch.softmax(self.logits(inp) / temperature, dim=-1).unsqueeze(0)
@@ -109,6 +113,40 @@ class Teacher:
 
     def describe(self, temperature: float) -> str:
         return _soft("t", temperature)
+
+
+class Teachers:
+    """Several frozen teachers: the weighted mean of their softened predictions, ``sum_j w_j softmax(t_j / T)``.
+
+    Each member is a :class:`Teacher` with its own model, view, store entry and cache key; ``weights``
+    (one per teacher, >= 0, positive sum) are normalised to sum to 1, so the target is a distribution.
+    """
+
+    pairwise = False
+
+    def __init__(self, teachers: list[Teacher], weights: tuple[float, ...] = (), name: str = "kd") -> None:
+        if len(teachers) < 2:
+            raise ValueError("Teachers needs at least 2 teachers; use Teacher for one")
+        raw = list(weights) if weights else [1.0] * len(teachers)
+        if len(raw) != len(teachers) or any(w < 0 for w in raw) or sum(raw) <= 0:
+            raise ValueError(f"Teachers: weights {raw} must be one per teacher, >= 0, with a positive sum")
+        self.teachers, self.name = teachers, name
+        self.weights = [w / sum(raw) for w in raw]
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """One shared target ``[1, B, K]``: ``q = sum_j w_j softmax(t_j / T)`` (float32)."""
+        q: Tensor | None = None
+        for teacher, w in zip(self.teachers, self.weights):
+            p = torch.softmax(teacher.logits(inp) / temperature, dim=-1) * w
+            q = p if q is None else q + p
+        assert q is not None
+        return [q.unsqueeze(0)] * len(inp.logits)
+
+    def describe(self, temperature: float) -> str:
+        n = len(self.teachers)
+        if all(w == self.weights[0] for w in self.weights):
+            return f"mean_(j<{n}) {_soft('t_j', temperature)}"
+        return " + ".join(f"{w:.3g} {_soft(f't_{j}', temperature)}" for j, w in enumerate(self.weights))
 
 
 class Peers:

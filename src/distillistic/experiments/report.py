@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,14 @@ def teacher_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
     """The frozen teachers the runs distilled from (one row per distinct weights), with their test metrics."""
     seen: dict[str, dict[str, Any]] = {}
     for r in runs:
-        t = r.summary.get("models", {}).get("teacher")
-        if t and t.get("test"):
-            source = str(t.get("source"))
-            seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"]})
-            seen[source]["runs"] += 1
+        models = r.summary.get("models", {})
+        # ``teacher``, or ``teacher0``, ``teacher1``… for a run with several teachers
+        for name in [k for k in models if re.fullmatch(r"teacher\d*", k)]:
+            t = models[name]
+            if t and t.get("test"):
+                source = str(t.get("source"))
+                seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"]})
+                seen[source]["runs"] += 1
     return list(seen.values())
 
 

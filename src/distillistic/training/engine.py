@@ -46,6 +46,7 @@ class Member:
     view_size: int | None  # input size; None: the full view
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
+    follows: str | None = None  # a member kept beside a student (its EMA copy): that student's name
 
     @property
     def raw(self) -> nn.Module:
@@ -74,6 +75,7 @@ class Task:
     num_classes: int
     show_progress: bool = False
     per_class: bool = False
+    teachers: list[Member] = field(default_factory=list)  # every frozen teacher (teacher is teachers[0])
     # Models the objective keeps beside the students (EMA copies): evaluated, selected on val, reported and
     # exported like students, never trained by an optimizer nor part of the students' ensemble.
     members: list[Member] = field(default_factory=list)

@@ -7,6 +7,8 @@ config comes from the method (:attr:`Method.generation`), taught by the run dire
 generations (their mean probabilities) are evaluated on val and test, and ``<out>`` gets::
 
     config.yaml    the resolved config of the whole run (algo ban, generations k)
+    manifest.json  the last generation's manifest, with the list of ``generations`` directories
+    metrics.jsonl  the last generation's rows (the born-again student's history)
     summary.json   status; per generation its directory, algo, objective and status; models ``gen1`` ...
                    ``gen<k>`` (each generation's selected student), ``ensemble`` (of the generations) and
                    ``student`` (the last generation: the born-again student)
@@ -17,6 +19,7 @@ generations (their mean probabilities) are evaluated on val and test, and ``<out
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +30,7 @@ from distillistic.config import Config
 from distillistic.core.methods import METHODS
 from distillistic.errors import UserError
 from distillistic.training import setup
-from distillistic.training.checkpoint import atomic_write_json, read_state_dict
+from distillistic.training.checkpoint import atomic_write_json, atomic_write_text, read_state_dict
 from distillistic.training.engine import Member, Task, evaluate
 from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import Runtime
@@ -119,12 +122,18 @@ def train_generations(cfg: Config, rt: Runtime, run_one: RunOne, build: BuildTas
                               "val_best": _keep(scores["val"]["ensemble"] | {"epoch": None})}
         models["student"] = models[f"gen{count}"]  # the born-again student: the last generation
     summary_out = {"status": status, "reason": reason, "algo": cfg.algo, "dataset": cfg.dataset,
-                   "generations": entries, "models": models,
+                   "objective": entries[-1]["objective"] if entries else None, "generations": entries,
+                   "models": models,
                    "epochs_completed": cfg.epochs if status == "completed" else None,
                    "train_seconds": sum(float(read_summary(f).get("train_seconds") or 0.0) for f in folders)}
     summary_out = dict(clean(summary_out))
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         config_mod.save(cfg, out / "config.yaml")
+        if folders:  # the last completed generation's manifest and rows stand for the run's
+            last = folders[-1]
+            manifest = json.loads((last / "manifest.json").read_text())
+            atomic_write_json(out / "manifest.json", manifest | {"generations": [f.name for f in folders]})
+            atomic_write_text(out / "metrics.jsonl", (last / "metrics.jsonl").read_text())
         atomic_write_json(out / "summary.json", summary_out)
     return summary_out

@@ -18,14 +18,13 @@ from torch import nn
 
 from distillistic import config as config_mod
 from distillistic.config import Config
-from distillistic.core.methods import METHODS, Context
-from distillistic.core.signals import Teacher
+from distillistic.core.methods import METHODS, Context, student_count
 from distillistic.data.loader import EpochSampler, Loader, build_data
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model
 from distillistic.training import setup
-from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, state_dict_hash, unwrap
+from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
 from distillistic.training.engine import Member, Progress, Task, evaluate, evaluate_all, fit
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
@@ -63,14 +62,15 @@ def _student_names(n: int) -> list[str]:
 
 
 def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
-    assert cfg.students is not None
+    count = student_count(cfg)
+    assert count is not None
     models = []
-    for i in range(cfg.students):
+    for i, arch in enumerate(config_mod.student_archs(cfg, count)):  # a mixed cohort: each member its own arch
         torch.manual_seed(derived_seed(cfg.seed, "student", i))  # each member its own, reproducible init
-        model = build_model(cfg.model, info.num_classes, info.channels, cfg.student_resolution or info.image_size,
+        model = build_model(arch, info.num_classes, info.channels, cfg.student_resolution or info.image_size,
                             imagenet=cfg.student_weights == "imagenet", freeze_backbone=cfg.freeze_backbone)
         if cfg.student_weights not in ("random", "imagenet"):
-            load_model_weights(model, Path(cfg.student_weights).expanduser(), cfg.model, "student", "--model",
+            load_model_weights(model, Path(cfg.student_weights).expanduser(), arch, "student", "--model",
                                "random, imagenet")
         models.append(model)
     return models
@@ -95,27 +95,22 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     setup.check_for_data(cfg, info.num_classes, info.image_size)
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
-    teacher_member, teacher_source, teacher_sha256 = None, None, None
-    if method.needs_teacher:
-        from distillistic.training.teachers import build_teacher
+    teachers = None
+    if method.needs_teacher:  # one teacher or several, each with its own identity (training/teacher_set.py)
+        from distillistic.training.teacher_set import build_teachers
 
-        teacher_model, teacher_source = build_teacher(cfg, info, train)
-        teacher_model = teacher_model.to(rt.device)
-        teacher_sha256 = state_dict_hash(teacher_model.state_dict())  # its identity: store key, checkpoints
-        channels = MODELS.get(cfg.teacher or "").channels(info.channels)
-        signal_teacher = Teacher(teacher_model, cfg.teacher_resolution, channels)
-        # The teacher is evaluated through its signal, so its evaluation is read from the store too.
-        teacher_member = Member("teacher", teacher_model, cfg.teacher_resolution, channels,
-                                outputs=signal_teacher.logits)
-    else:
-        signal_teacher = None
-    objective = method.objective(cfg, Context(signal_teacher, info.num_classes, cfg.students or 1)).to(rt.device)
-    names = _student_names(cfg.students or 1)
-    channels = MODELS.get(cfg.model).channels(info.channels)
+        teachers = build_teachers(cfg, info, rt, train)
+    n_students = student_count(cfg) or 1
+    objective = method.objective(cfg, Context(teachers.signal if teachers else None, info.num_classes,
+                                              n_students)).to(rt.device)
+    names = _student_names(n_students)
+    archs = config_mod.student_archs(cfg, n_students)
     raw_students = _build_students(cfg, info)
-    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, channels) for n, m in zip(names, raw_students)]
+    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels))
+                for n, m, a in zip(names, raw_students, archs)]
     objective.bind([s.raw for s in students], [(s.view_size, s.channels) for s in students])
-    members = [Member(f"{students[i].name}_{suffix}", model, students[i].view_size, students[i].channels)
+    members = [Member(f"{students[i].name}_{suffix}", model, students[i].view_size, students[i].channels,
+                      follows=students[i].name)
                for i, suffix, model in objective.members()]  # EMA copies: evaluated and exported like students
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
@@ -137,14 +132,15 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                   for i, s in enumerate(students)]
     schedulers = [make_scheduler(cfg, opt, total_steps) for opt in optimizers]
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    task = Task(cfg, rt, students, optimizers, schedulers, objective, teacher_member, loaders,
+    task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
+                loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last), info.num_classes,
-                show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None, members=members)
-    if signal_teacher is not None and teacher_sha256 is not None:
-        from distillistic.training.store import open_store
-
-        signal_teacher.store = open_store(cfg, bundle, signal_teacher, teacher_sha256, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teacher_source, "teacher_sha256": teacher_sha256}
+                show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
+                teachers=teachers.members if teachers else [], members=members)
+    if teachers is not None:
+        teachers.open_stores(bundle, loaders, task.views, rt)
+    return task, {"data": info, "teacher_source": teachers.source if teachers else None,
+                  "teacher_sha256": teachers.sha256 if teachers else None, "teachers": teachers}
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -154,8 +150,7 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
     task, extra = build_task(cfg, rt)
     info = extra["data"]
     if task.teacher is not None:  # its identity goes into every checkpoint: a resume must use the same one
-        rundir.teacher = {"arch": cfg.teacher, "source": extra["teacher_source"],
-                          "sha256": extra["teacher_sha256"]}
+        rundir.teacher = extra["teachers"].identity
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
         progress = restore_state(rundir.last_checkpoint, task, rundir.teacher)
@@ -194,6 +189,11 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
         return _stopped(task, progress, rundir, checkpointed)
     fault_point("final")
     final = final_evaluation(task, rundir)
+    for signal_ in extra["teachers"].signals if extra["teachers"] is not None else []:
+        if signal_.store is not None:
+            stats = signal_.store.stats
+            log.info("teacher store: %d batches read, %d computed, %d files written, %d rebuilt", stats["hits"],
+                     stats["misses"], stats["written"], stats["rebuilt"])
     summary = rundir.write_summary(task, progress, status="completed", final=final,
                                    teacher_source=extra["teacher_source"])
     rundir.close()
@@ -235,7 +235,8 @@ def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:
     if task.teacher is not None:
         splits = ["val", "test"] if has_test else ["val"]
         for split in splits:
-            m = evaluate(task, [task.teacher], split, reliability=split == "test")["teacher"]
-            final.setdefault("teacher", {})["val_best" if split == "val" else "test"] = (
-                m | {"epoch": None} if split == "val" else m)
+            for name, m in evaluate(task, task.teachers or [task.teacher], split,
+                                    reliability=split == "test").items():
+                final.setdefault(name, {})["val_best" if split == "val" else "test"] = (
+                    m | {"epoch": None} if split == "val" else m)
     return final

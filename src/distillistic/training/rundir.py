@@ -221,7 +221,7 @@ class RunDir:
         if self.rt.is_main:
             for s in [*task.students, *task.members]:
                 if s.name in improved:
-                    save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model},
+                    save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: _archs(task)[s.name]},
                           "num_classes": task.num_classes, "epoch": progress.epoch,
                           "models": {s.name: s.raw.state_dict()}}, self.best_path(s.name))
         fault_point("after-best")
@@ -261,7 +261,7 @@ class RunDir:
                                                    "train_seconds", "train_images", "epoch_seconds",
                                                    "epoch_images")}
         evaluated = [*task.students, *task.members]  # members (EMA copies) too, for export; restored via "terms"
-        save({"kind": "last", "config": self.cfg.to_dict(), "arch": {s.name: self.cfg.model for s in evaluated},
+        save({"kind": "last", "config": self.cfg.to_dict(), "arch": _archs(task),
               "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in evaluated},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
@@ -273,7 +273,7 @@ class RunDir:
 
     def write_summary(self, task: Task, progress: Progress, status: str, reason: str | None = None,
                       final: dict[str, dict[str, Any]] | None = None,
-                      teacher_source: str | None = None) -> dict[str, Any]:
+                      teacher_source: str | list[str] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0) and stamp the manifest's end time; return the summary."""
         summary = build_summary(task, progress, status, reason, final, teacher_source)
         if self.rt.is_main:
@@ -288,6 +288,13 @@ class RunDir:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _archs(task: Task) -> dict[str, str]:
+    """Each student's architecture (a mixed cohort lists them in ``students``), and each member's (its student's)."""
+    names = [s.name for s in task.students]
+    archs = dict(zip(names, config_mod.student_archs(task.cfg, len(names))))
+    return archs | {m.name: archs[m.follows or ""] for m in task.members}
 
 
 def _tv_version() -> str:

@@ -28,7 +28,10 @@ Its metadata repeats the full key and a CRC-32 of the tensors: a file that is tr
 of the wrong shape or written for another key is never used; it is reported with a warning,
 recomputed and rewritten. A file is written (to a temporary name, then renamed, under a lock) once
 its epoch's samples are all recorded, so readers only see complete epochs and two processes of a
-sweep may fill the same entry. One process per run (the store is off under ``torchrun``).
+sweep may fill the same entry. Under ``torchrun`` each rank records the samples of its own shard and
+writes a file once they are all there, merged under the lock with what the other ranks wrote: no key
+names the world size, so a later run on any number of processes reads what an earlier one recorded
+(the lock is ``flock``: on several nodes the store folder must be on a file system that honours it).
 """
 
 from __future__ import annotations
@@ -314,9 +317,6 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
     :func:`~distillistic.fileio.state_dict_hash` of its weights), data, transform and data seed;
     None when the store is off."""
     if cfg.teacher_store == "off":
-        return None
-    if rt.world_size > 1:
-        log.info("teacher store: off with %d processes (each would see a different shard)", rt.world_size)
         return None
     root = store_root(cfg)
     if root.exists() and not root.is_dir():

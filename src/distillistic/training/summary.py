@@ -1,6 +1,7 @@
 """``summary.json``: what a run's models scored, built from the engine's progress and final evaluation.
 
-For every model (``student`` or ``student0``…, ``ensemble`` and ``teacher`` where they exist)::
+For every model (``student`` or ``student0``…, ``ensemble`` and ``teacher`` — ``teacher0``, ``teacher1``…
+when several — where they exist; students and teachers also record their ``arch``)::
 
     test       test metrics at the model's best-on-val epoch (the selected model)
     test_last  test metrics at the last epoch
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from distillistic import config as config_mod
 from distillistic.training.engine import Progress, Task
 
 METRICS = ("top1", "top5", "ece", "nll", "brier", "entropy")
@@ -48,16 +50,18 @@ def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
 
 def build_summary(task: Task, progress: Progress, status: str, reason: str | None = None,
                   final: dict[str, dict[str, Any]] | None = None,
-                  teacher_source: str | None = None) -> dict[str, Any]:
+                  teacher_source: str | list[str] | None = None) -> dict[str, Any]:
     """The summary of a run that ended with ``status`` (completed, interrupted, diverged)."""
     cfg, final = task.cfg, final or {}
     last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
     models: dict[str, Any] = {}
-    for s in [*task.students, *task.members]:  # members: EMA copies (student_ema ...)
+    archs = config_mod.student_archs(cfg, len(task.students))
+    archs += [archs[[s.name for s in task.students].index(m.follows or "")] for m in task.members]
+    for s, arch in zip([*task.students, *task.members], archs):  # members: EMA copies (student_ema ...)
         mine = final.get(s.name, {})
         models[s.name] = {"test": _metrics(mine.get("test")), "test_last": _metrics(mine.get("test_last")),
                           "val_best": _metrics(progress.best.get(s.name), epoch=True),
-                          "val_last": _metrics(last_val.get(s.name))}
+                          "val_last": _metrics(last_val.get(s.name)), "arch": arch}
     summary: dict[str, Any] = {"status": status, "reason": reason, "algo": cfg.algo, "dataset": cfg.dataset,
                                "objective": str(task.objective)}
     if len(task.students) > 1:
@@ -69,10 +73,13 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
         summary["best_student"] = task.students[scored.index(max(scored))].name
         summary["cohort_mean"] = {part: _mean([models[s.name][part] for s in task.students])
                                   for part in ("test", "test_last", "val_best", "val_last")}
-    if "teacher" in final:
-        models["teacher"] = {"test": _metrics(final["teacher"].get("test")),
-                             "val_best": _metrics(final["teacher"].get("val_best"), epoch=True),
-                             "source": teacher_source, "arch": cfg.teacher}
+    teachers = config_mod.split_names(cfg.teacher)  # one row each: teacher, or teacher0, teacher1…
+    sources = teacher_source if isinstance(teacher_source, list) else [teacher_source] * len(teachers)
+    for name, arch, source in zip(config_mod.teacher_names(len(teachers)), teachers, sources):
+        if name in final:
+            models[name] = {"test": _metrics(final[name].get("test")),
+                            "val_best": _metrics(final[name].get("val_best"), epoch=True),
+                            "source": source, "arch": arch}
     summary["models"] = models
     summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
                 "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}

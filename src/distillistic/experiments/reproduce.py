@@ -1,0 +1,246 @@
+"""``distillistic reproduce CLAIM``: each thesis claim re-measured by one command, with its table and figures.
+
+A claim is a small sweep (several seeds) on offline data plus the table that answers its question:
+
+* on MNIST t10k when its files are at ``--data-root`` (default ``../shared/datasets/mnist-t10k``), else on
+  scikit-learn's digits, which ship with the package; ``--full`` selects the thesis-scale setting
+  (Fashion-MNIST, 20 epochs; a GPU's work) for the claims that have one;
+* every run lands in ``<out>/<claim>/runs`` (a sweep: re-running the command skips finished cells and resumes
+  interrupted ones), the report with its figures in ``<out>/<claim>/report``, and the claim's own table in
+  ``<out>/<claim>/claim.md``, which is also printed.
+
+The table says in words whether the claim held at this scale; a claim that did not hold is reported as
+such, never hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distillistic.errors import UserError
+from distillistic.experiments.report import find_runs, group_runs, write_report
+from distillistic.experiments.results import Group, Run, mean_std, pm
+from distillistic.experiments.sweep import describe, run_sweep
+from distillistic.fileio import atomic_write_text
+
+log = logging.getLogger("distillistic")
+MNIST_T10K = Path("../shared/datasets/mnist-t10k")
+SEEDS = [0, 1, 2]
+
+Table = Callable[[list[Group]], tuple[list[str], str]]  # groups -> (markdown lines, verdict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    question: str
+    base: Mapping[str, Any]  # sweep keys shared by every cell (on top of the data settings)
+    variants: Mapping[str, Mapping[str, Any]]
+    table: Table
+    grid: Mapping[str, Sequence[Any]] | None = None
+    full: Mapping[str, Any] | None = None  # the thesis-scale overrides (``--full``)
+
+
+def _data(data_root: str | None, full: bool) -> dict[str, Any]:
+    if full:
+        return {"dataset": "fashion-mnist", "epochs": 20, "batch_size": 256}
+    root = Path(data_root) if data_root else MNIST_T10K
+    if (root / "t10k-images-idx3-ubyte.gz").is_file() or (root / "t10k-images-idx3-ubyte").is_file():
+        return {"dataset": "mnist", "data_root": str(root.resolve()), "max_train_samples": 3000}
+    if data_root:
+        raise UserError(f"--data-root '{data_root}' holds no MNIST t10k files (t10k-images-idx3-ubyte.gz); pass "
+                        "the folder that holds them, or leave --data-root out to use scikit-learn's digits")
+    log.info("reproduce: %s not found; using scikit-learn's digits", MNIST_T10K)
+    return {"dataset": "digits"}
+
+
+COMMON = {"progress": False, "tensorboard": False, "data_seed": 0, "teacher_seed": 0, "lr": 3e-3,
+          "batch_size": 128, "optimizer": "adamw", "scheduler": "onecycle"}
+
+
+# --- what each claim's table reads ---------------------------------------------------------------------
+
+
+def _test(run: Run) -> dict[str, Any]:
+    """The run's student test metrics (a cohort: the mean of its students)."""
+    if run.cohort:
+        return dict((run.summary.get("cohort_mean") or {}).get("test") or {})
+    return dict((run.summary["models"].get("student") or {}).get("test") or {})
+
+
+def _confidence_gap(run: Run) -> float | None:
+    """Mean confidence minus accuracy on test (> 0 over-confident, < 0 under-confident), students pooled."""
+    gaps = []
+    for name in run.students:
+        test = run.summary["models"][name].get("test") or {}
+        rel = test.get("reliability")
+        if not rel:
+            continue
+        n = sum(rel["count"])
+        conf = sum(c * f for c, f in zip(rel["count"], rel["confidence"]) if c) / max(n, 1)
+        gaps.append(conf - test["top1"])
+    return statistics.fmean(gaps) if gaps else None
+
+
+def _stat(group: Group, fn: Callable[[Run], float | None], scale: float = 100.0) -> tuple[str, float]:
+    mean, std, _ = mean_std(fn(r) for r in group.runs)
+    return pm(mean, std, scale), mean
+
+
+def _metric(key: str) -> Callable[[Run], float | None]:
+    return lambda run: _test(run).get(key)
+
+
+def _teacher_top1(groups: list[Group]) -> str:
+    values = [((r.summary["models"].get("teacher") or {}).get("test") or {}).get("top1")
+              for g in groups for r in g.runs]
+    mean, std, n = mean_std(values)
+    return pm(mean, std, 100.0) if n else "–"
+
+
+def _header(cols: Sequence[str]) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def _hinton(groups: list[Group]) -> tuple[list[str], str]:
+    lines = _header(["cell", "test top-1 %", "test ECE %", "test NLL", "seeds"])
+    top1 = {}
+    for g in groups:
+        text, top1[g.label] = _stat(g, _metric("top1"))
+        lines.append(f"| {g.label} | {text} | {_stat(g, _metric('ece'))[0]} | "
+                     f"{_stat(g, _metric('nll'), 1.0)[0]} | {g.seeds} |")
+    lines.append(f"\nTeacher test top-1: {_teacher_top1(groups)} %.")
+    kd = next((v for k, v in top1.items() if "kd" in k), math.nan)
+    base = next((v for k, v in top1.items() if "baseline" in k), math.nan)
+    held = kd > base
+    verdict = (f"KD {'beats' if held else 'does not beat'} the student trained alone here "
+               f"({100 * kd:.2f} vs {100 * base:.2f} % mean test top-1).")
+    return lines, verdict
+
+
+def _smoothing(groups: list[Group]) -> tuple[list[str], str]:
+    lines = _header(["cell", "test top-1 %", "test ECE %", "entropy", "confidence − accuracy (pp)",
+                     "signal entropy", "seeds"])
+    gaps = {}
+    for g in groups:
+        gap, gaps[g.label] = _stat(g, _confidence_gap)
+        signal = _stat(g, lambda r: _last_train(r, "tfkd_target_entropy"), 1.0)[0]
+        lines.append(f"| {g.label} | {_stat(g, _metric('top1'))[0]} | {_stat(g, _metric('ece'))[0]} | "
+                     f"{_stat(g, _metric('entropy'), 1.0)[0]} | {gap} | {signal} | {g.seeds} |")
+    smooth = next((v for k, v in gaps.items() if "smooth=true" in k or "smoothed" in k), math.nan)
+    calib = next((v for k, v in gaps.items() if "smooth=false" in k or "calibrated" in k), math.nan)
+    held = smooth < 0 and abs(calib) < abs(smooth)
+    verdict = (f"The smoothed virtual teacher leaves its students {'under' if smooth < 0 else 'over'}-confident "
+               f"({100 * smooth:+.2f} pp) and the calibrated one {'closer to' if held else 'no closer to'} "
+               f"calibration ({100 * calib:+.2f} pp): the claim {'holds' if held else 'does not hold'} here.")
+    return lines, verdict
+
+
+def _last_train(run: Run, key: str, model: str = "student") -> float | None:
+    rows = [r for r in run.history if r.get("split") == "train" and r.get("model", "").startswith(model)
+            and r.get(key) is not None]
+    return rows[-1][key] if rows else None
+
+
+def _oscillation(run: Run) -> float | None:
+    """Mean |change| of the students' val top-1 from one epoch to the next (the thesis's instability)."""
+    series: dict[str, list[float]] = {}
+    for r in run.history:
+        if r.get("split") == "val" and r.get("model", "").startswith("student") and r.get("top1") is not None:
+            series.setdefault(r["model"], []).append(r["top1"])
+    steps = [abs(b - a) for s in series.values() for a, b in itertools.pairwise(s)]
+    return statistics.fmean(steps) if steps else None
+
+
+def _disagreement(run: Run) -> float | None:
+    rows = [r["pairwise_kl"] for r in run.history if r.get("model") == "cohort" and r.get("split") == "train"]
+    return statistics.fmean(rows) if rows else None
+
+
+def _instability(groups: list[Group]) -> tuple[list[str], str]:
+    lines = _header(["cell", "test top-1 %", "val top-1 change per epoch (pp)", "peer disagreement (KL)",
+                     "seeds"])
+    osc = {}
+    for g in groups:
+        text, osc[g.label] = _stat(g, _oscillation)
+        lines.append(f"| {g.label} | {_stat(g, _metric('top1'))[0]} | {text} | "
+                     f"{_stat(g, _disagreement, 1.0)[0]} | {g.seeds} |")
+    dml = next((v for k, v in osc.items() if "dml" in k), math.nan)
+    kd = next((v for k, v in osc.items() if k.endswith("kd") or "=kd" in k), math.nan)
+    held = dml > kd
+    verdict = (f"DML's students move {100 * dml:.2f} pp per epoch on val against KD's {100 * kd:.2f}: DML "
+               f"{'is' if held else 'is not'} the less stable here.")
+    return lines, verdict
+
+
+def _cross_quality(groups: list[Group]) -> tuple[list[str], str]:
+    lines = _header(["cell", "student px", "test top-1 %", "test ECE %", "seeds"])
+    best: dict[Any, tuple[str, float]] = {}
+    for g in sorted(groups, key=lambda g: (g.settings.get("student_resolution") or 0, g.label)):
+        text, mean = _stat(g, _metric("top1"))
+        px = g.settings.get("student_resolution")
+        lines.append(f"| {g.label} | {px} | {text} | {_stat(g, _metric('ece'))[0]} | {g.seeds} |")
+        if px not in best or mean > best[px][1]:
+            best[px] = (str(g.settings.get("algo")), mean)
+    wins = sum(1 for algo, _ in best.values() if algo == "kd")
+    verdict = (f"KD with a full-resolution teacher is the best cell at {wins} of {len(best)} student sizes "
+               f"(best per size: {', '.join(f'{px} px: {a}' for px, (a, _) in sorted(best.items()))}).")
+    return lines, verdict
+
+
+CLAIMS: dict[str, Claim] = {c.name: c for c in (
+    Claim("hinton", "Does a KD student beat the same student trained alone, given a converged teacher?",
+          {"model": "mlp", "teacher": "cnn_wide", "teacher_weights": "train", "teacher_epochs": 10,
+           "epochs": 6, "temperature": 4.0, "alpha": 0.7},
+          {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"}}, _hinton),
+    Claim("tfkd-smoothing", "Does the smoothed virtual teacher make students under-confident, the calibrated "
+          "one not?", {"model": "cnn", "epochs": 6},
+          {"baseline": {"algo": "baseline"}, "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
+           "tfkd_calibrated": {"algo": "tfkd", "virtual_smooth": False}}, _smoothing),
+    Claim("dml-instability", "Is DML less stable than KD (val accuracy oscillation, peer disagreement)?",
+          {"model": "cnn", "epochs": 8, "teacher": "cnn_wide", "teacher_weights": "train", "teacher_epochs": 8},
+          {"kd": {"algo": "kd", "temperature": 4.0}, "dml": {"algo": "dml", "students": 3}}, _instability),
+    Claim("cross-quality", "Does a full-resolution teacher help students that read downscaled images?",
+          {"model": "cnn", "epochs": 5, "teacher": "cnn_wide", "teacher_weights": "train", "teacher_epochs": 5},
+          {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd", "temperature": 4.0},
+           "dml": {"algo": "dml", "students": 2}}, _cross_quality, grid={"student_resolution": [7, 14]}),
+)}
+
+
+def sweep_spec(claim: Claim, data_root: str | None = None, full: bool = False,
+               overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The claim's sweep file as a mapping (written beside its runs as ``sweep.yaml``); ``overrides`` (keys
+    of every cell, e.g. a shorter run in the tests) come last."""
+    data = {"dataset": "digits"} if (overrides or {}).get("dataset") == "digits" else _data(data_root, full)
+    grid: dict[str, list[Any]] = {k: list(v) for k, v in (claim.grid or {}).items()}
+    if data["dataset"] == "digits" and "student_resolution" in grid:
+        grid["student_resolution"] = [4, 6]  # digits are 8 x 8
+    base = {**COMMON, **data, **claim.base, **(claim.full if full and claim.full else {}), **(overrides or {})}
+    return {**base, "variants": {k: dict(v) for k, v in claim.variants.items()}, "grid": {**grid, "seed": SEEDS}}
+
+
+def reproduce(name: str, out: str | Path = "runs/reproduce", data_root: str | None = None,
+              full: bool = False, overrides: Mapping[str, Any] | None = None) -> str:
+    """Run claim ``name``'s sweep, its report and its table; return the table (markdown)."""
+    if name not in CLAIMS:
+        raise UserError(f"unknown claim '{name}'; choose one of: {', '.join(CLAIMS)}")
+    claim = CLAIMS[name]
+    folder = Path(out) / name
+    result = run_sweep(sweep_spec(claim, data_root, full, overrides), folder / "runs")
+    log.info("%s", describe(result))
+    if result.interrupted or result.failures:
+        raise UserError(f"reproduce {name}: {len(result.failures)} run(s) failed or the sweep was stopped; "
+                        f"run the same command again to continue ({folder / 'runs'})")
+    write_report([folder / "runs"], folder / "report")
+    runs, _ = find_runs([folder / "runs"])
+    lines, verdict = claim.table(group_runs(runs))
+    text = "\n".join([f"## {name}", "", claim.question, "", *lines, "", verdict, ""])
+    atomic_write_text(folder / "claim.md", text)
+    return text

@@ -1,0 +1,96 @@
+"""``distillistic reproduce``: the claims' tables read the right numbers and say plainly whether a claim held."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _util import run_cli
+from distillistic.experiments import reproduce as rp
+from distillistic.experiments.results import Group, Run
+
+
+def _run(label_seed: int, top1: float, conf: float, history: list[dict[str, Any]] | None = None,
+         cohort: bool = False, **config: Any) -> Run:
+    test = {"top1": top1, "ece": abs(conf - top1), "nll": 0.3, "entropy": 0.5,
+            "reliability": {"count": [0, 10], "accuracy": [0.0, top1], "confidence": [0.0, conf]}}
+    models = {"student0" if cohort else "student": {"test": test}}
+    summary: dict[str, Any] = {"status": "completed", "models": models}
+    if cohort:
+        summary["cohort_mean"] = {"test": test}
+    return Run(Path("."), {"seed": label_seed, **config}, summary, history or [])
+
+
+def test_smoothing_table_reads_the_confidence_gap_and_its_sign() -> None:
+    smooth = Group({"algo": "tfkd", "virtual_smooth": True},
+                   [_run(s, 0.90, 0.80, algo="tfkd") for s in range(3)], "algo=tfkd, virtual_smooth=true")
+    calib = Group({"algo": "tfkd", "virtual_smooth": False},
+                  [_run(s, 0.90, 0.91, algo="tfkd") for s in range(3)], "algo=tfkd, virtual_smooth=false")
+    lines, verdict = rp._smoothing([smooth, calib])
+    assert "-10.00" in "\n".join(lines)  # confidence 0.80 at accuracy 0.90: 10 pp under-confident
+    assert "under-confident (-10.00 pp)" in verdict
+    assert "the claim holds" in verdict
+    # Swap the two: the smoothed teacher is now the calibrated one, and the verdict says the claim failed.
+    smooth.runs, calib.runs = calib.runs, smooth.runs
+    assert "does not hold" in rp._smoothing([smooth, calib])[1]
+
+
+def test_instability_measures_epoch_to_epoch_changes_and_peer_disagreement() -> None:
+    def history(vals: list[float], kl: float | None) -> list[dict[str, Any]]:
+        rows = [{"split": "val", "model": "student0", "top1": v, "epoch": e} for e, v in enumerate(vals)]
+        if kl is not None:
+            rows.append({"split": "train", "model": "cohort", "pairwise_kl": kl})
+        return rows
+
+    dml = Group({"algo": "dml"}, [_run(0, 0.9, 0.9, history([0.5, 0.7, 0.6], 0.2), cohort=True)], "algo=dml")
+    kd = Group({"algo": "kd"}, [_run(0, 0.9, 0.9, history([0.5, 0.55, 0.6], None))], "algo=kd")
+    assert rp._oscillation(dml.runs[0]) == pytest.approx(0.15)  # (0.2 + 0.1) / 2
+    assert rp._oscillation(kd.runs[0]) == pytest.approx(0.05)
+    _lines, verdict = rp._instability([kd, dml])
+    assert "DML is the less stable" in verdict
+    assert "15.00" in verdict
+    assert "5.00" in verdict
+
+
+def test_hinton_verdict_says_when_kd_does_not_win() -> None:
+    base = Group({"algo": "baseline"}, [_run(s, 0.95, 0.95) for s in range(2)], "algo=baseline")
+    kd = Group({"algo": "kd"}, [_run(s, 0.93, 0.93) for s in range(2)], "algo=kd")
+    assert "does not beat" in rp._hinton([base, kd])[1]
+    kd.runs = [_run(s, 0.97, 0.97) for s in range(2)]
+    assert "beats" in rp._hinton([base, kd])[1]
+    assert "does not" not in rp._hinton([base, kd])[1]
+
+
+def test_every_claim_expands_into_valid_cells() -> None:
+    from distillistic.experiments.grid import expand
+
+    for claim in rp.CLAIMS.values():
+        plan = expand(rp.sweep_spec(claim, overrides={"dataset": "digits"}))
+        axes = math.prod(len(v) for v in (claim.grid or {}).values())
+        assert len(plan.cells) == len(claim.variants) * len(rp.SEEDS) * axes
+
+
+@pytest.mark.slow
+def test_reproduce_runs_a_claim_end_to_end(tmp_path: Path) -> None:
+    text = rp.reproduce("tfkd-smoothing", tmp_path, overrides={"dataset": "digits", "epochs": 1})
+    assert text.startswith("## tfkd-smoothing")
+    assert (tmp_path / "tfkd-smoothing" / "claim.md").read_text() == text
+    assert (tmp_path / "tfkd-smoothing" / "report" / "report.md").is_file()
+    assert text.count("| algo=") == 3
+
+
+def test_cli_lists_claims_and_refuses_unknown_ones(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, out, _ = run_cli(["reproduce", "list"], capsys)
+    assert rc == 0
+    assert all(name in out for name in rp.CLAIMS)
+    rc, _, err = run_cli(["reproduce", "hintn", "--out", str(tmp_path)], capsys)
+    assert rc == 2
+    assert len(err) == 1
+    assert "unknown claim 'hintn'" in err[0]
+    rc, _, err = run_cli(["reproduce", "hinton", "--data-root", str(tmp_path), "--out", str(tmp_path)], capsys)
+    assert rc == 2
+    assert len(err) == 1
+    assert "holds no MNIST t10k files" in err[0]
