@@ -163,6 +163,18 @@ def test_pcl_trains_two_students_on_digits(tmp_path: Path) -> None:
     assert all(r["pcl"] is not None and r["pcl"] > 0 for r in train_rows)
 
 
+def test_ema_copies_of_a_mixed_cohort_take_their_students_architecture(tmp_path: Path) -> None:
+    """Each EMA copy reads its own student's view and is recorded and exported with that student's arch."""
+    from distillistic.training.export import export_run
+
+    out = tmp_path / "run"
+    summary = train(tiny(out, algo="dml", students=("cnn", "mlp"), ema=0.5)).summary
+    assert [summary["models"][n]["arch"] for n in ("student0_ema", "student1_ema")] == ["cnn", "mlp"]
+    export_run(out)
+    assert read_safetensors(out / "export" / "student1_ema.safetensors")[1]["arch"] == "mlp"
+    assert summary["models"]["student1_ema"]["test"]["top1"] > 0.3  # a working mlp copy, not a cnn's weights
+
+
 def test_pcl_refuses_a_single_student_and_ema_flag(tmp_path: Path) -> None:
     from distillistic.errors import UserError
 
@@ -203,6 +215,14 @@ def test_ban_reports_three_generations_and_their_ensemble(tmp_path: Path) -> Non
     state, _ = read_safetensors(written[2])
     saved = load(out / "gen3" / "checkpoints" / "best-student.pt")["models"]["student"]
     assert all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_ban_refuses_a_cohort_before_writing(tmp_path: Path) -> None:
+    from distillistic.errors import UserError
+
+    with pytest.raises(UserError, match="'students' = 2 is not allowed: 1 for ban"):
+        train(tiny(tmp_path / "run", algo="ban", students=2))
+    assert not (tmp_path / "run").exists()
 
 
 def test_ban_with_one_generation_is_the_baseline(tmp_path: Path) -> None:

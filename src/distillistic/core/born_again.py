@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from distillistic.config import FIELDS, Config
 from distillistic.core.objective import Distill, Term
 from distillistic.core.signals import Signal
+from distillistic.errors import ConfigError
 
 BAN_REFERENCE = "Furlanello et al. 2018, Born-Again Neural Networks (ICML)"
 
@@ -38,6 +39,10 @@ def generation_config(cfg: Config, g: int, previous: str | None) -> Config:
     Generation 1 is a ``baseline`` run; generation ``g > 1`` a ``kd`` run whose teacher is the student
     architecture with ``previous``'s best weights, reading the students' view (same input size).
     """
+    students = len(cfg.students) if isinstance(cfg.students, tuple) else cfg.students
+    if students not in (None, 1):
+        raise ConfigError("students", cfg.students, "1 for ban (each generation is one student, taught by the "
+                                                    "last); drop --students")
     common = dict(generations=FIELDS["generations"].default, seed=cfg.seed + g - 1, data_seed=cfg.data_seed,
                   teacher_epochs=None)
     if g == 1 or previous is None:
