@@ -2,7 +2,11 @@
 
 One command, one run (``make bench`` = ``python benchmarks/run.py``)::
 
-    python benchmarks/run.py [--only main,store,scaling,pipeline,options] [--reps 3] [--samples 8000]
+    python benchmarks/run.py [--only main,store,scaling,pipeline,options,cifar] [--reps 3] [--samples 8000]
+
+The ``cifar`` section (issue 13) is resnet32x4 -> resnet8x4 KD (random teacher) on CIFAR-shaped synthetic
+data (3 x 32 x 32, 100 classes, ``--augment cifar``, SGD, batch 64): the same (a) and (b) as below.
+On a GPU its in-memory images live on the device (``data.loader.resident``), so no epoch copies them.
 
 What each number contains (every workload: MNIST t10k carved 0.8 / 0.2 / 0.0 = 8,000 train / 2,000 val,
 28 x 28 grayscale expanded to 3 channels, stock torchvision ResNet stems, per-sample RandAugment,
@@ -236,7 +240,38 @@ def child_memory(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     return {"workload": name, "imports_mb": imports, "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory}
+CIFAR_KD = {"algo": "kd", "model": "resnet8x4", "teacher": "resnet32x4", "teacher_weights": "random"}
+
+
+def cifar_config(samples: int, **overrides: Any) -> Any:
+    """resnet32x4 -> resnet8x4 KD on CIFAR-shaped data: 3 x 32 x 32, 100 classes, crop + flip, SGD, batch 64."""
+    from distillistic import Config
+
+    values: dict[str, Any] = {
+        "dataset": "synthetic", "synthetic_channels": 3, "synthetic_classes": 100, "image_size": 32,
+        "synthetic_samples": samples, "split_fractions": (0.8, 0.2, 0.0), "augment": "cifar", "batch_size": 64,
+        "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4, "scheduler": "multistep", "milestones": (150,),
+        "warmup_fraction": 0.0, "precision": "fp32", "epochs": 1, "progress": False, "teacher_store": "off",
+        **CIFAR_KD,
+    }
+    return Config(**(values | overrides))
+
+
+def child_cifar(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """(a) and (b) of the CIFAR KD benchmark pair, alternating, after a warm-up run."""
+    cfg = cifar_config(job["samples"], **job.get("options", {}))
+    warm_up(cfg, scratch)
+    bound = model_math(cfg)
+    variants: dict[str, Callable[[], dict[str, float]]] = {"a": lambda: end_to_end(cfg, scratch), "b": bound}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for rep in range(job["reps"]):
+        for v in (list(variants) if rep % 2 == 0 else list(reversed(variants))):
+            results[v].append(variants[v]())
+    return {"workload": "cifar kd resnet32x4 -> resnet8x4", **results, "peak_rss_mb": peak_rss_mb()}
+
+
+CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory,
+            "cifar": child_cifar}
 
 
 # --- orchestration -------------------------------------------------------------------------------------
@@ -289,8 +324,10 @@ def report_runs(title: str, rows: list[dict[str, Any]], axis: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="main,store,scaling,pipeline,options",
-                        help="sections (main, store, scaling, pipeline, options) or workloads (kd, dml, tfkd)")
+    parser.add_argument("--only", default="main,store,scaling,pipeline,options,cifar",
+                        help="sections (main, store, scaling, pipeline, options, cifar) or workloads (kd, dml, tfkd)")
+    parser.add_argument("--cifar-samples", type=int, default=2000,
+                        help="CIFAR section: synthetic 32 px images (80%% train, 20%% val)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload")
     parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
     parser.add_argument("--data", default=str(DATASETS), help="folder holding mnist-t10k and imagenet-sample100")
@@ -304,7 +341,7 @@ def main() -> None:
         return
     only = set(args.only.split(","))
     data = Path(args.data)
-    if not (data / "mnist-t10k").is_dir():
+    if not (data / "mnist-t10k").is_dir() and only - {"cifar"}:
         raise SystemExit(f"no mnist-t10k in '{data}'; pass --data")
     started, load = time.perf_counter(), os.getloadavg()
     print(f"# distillistic benchmark: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
@@ -372,6 +409,12 @@ def main() -> None:
             speed = r["images"] / r["train_s"]
             print(f"| {r['label']} | {speed:.0f} | {speed / (base['images'] / base['train_s']):.2f}x | "
                   f"{r['wall_s']:.0f} |")
+    if "cifar" in only:
+        r = spawn({"kind": "cifar", "samples": args.cifar_samples, "reps": args.reps})
+        everything["cifar"] = r
+        print(f"\n## CIFAR KD: resnet32x4 -> resnet8x4, one epoch of {args.cifar_samples} CIFAR-shaped images "
+              "(crop + flip, SGD, batch 64)\n")
+        print("\n".join(report_main([r])), flush=True)
     load = os.getloadavg()
     everything["load_end"] = load
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end {load[0]:.2f} / {load[1]:.2f} / "

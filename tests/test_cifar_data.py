@@ -17,7 +17,6 @@ import pickle
 import pickletools
 import re
 import socket
-import struct
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
@@ -29,40 +28,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _cifar_files import py2_pickle
 from distillistic.data import cifar as cifar_data
 from distillistic.data.cifar import CIFAR, ensure_cifar, read_cifar
 from distillistic.errors import DataError
 
 # --- writers of the original format ---------------------------------------------------------------------
-
-
-def py2_pickle(obj: Any) -> bytes:
-    """``obj`` as Python 2's cPickle wrote it at protocol 2 (bytes as BINSTRING, numpy 1's array globals)."""
-    return b"\x80\x02" + _py2(obj) + b"."
-
-
-def _py2(obj: Any) -> bytes:
-    if obj is None:
-        return b"N"
-    if isinstance(obj, bool):
-        return b"\x88" if obj else b"\x89"
-    if isinstance(obj, int):
-        return b"K" + bytes([obj]) if 0 <= obj < 256 else b"J" + struct.pack("<i", obj)
-    if isinstance(obj, bytes):
-        return b"U" + bytes([len(obj)]) + obj if len(obj) < 256 else b"T" + struct.pack("<i", len(obj)) + obj
-    if isinstance(obj, tuple):
-        return b"(" + b"".join(_py2(x) for x in obj) + b"t"
-    if isinstance(obj, list):
-        return b"](" + b"".join(_py2(x) for x in obj) + b"e"
-    if isinstance(obj, dict):
-        return b"}(" + b"".join(_py2(k) + _py2(v) for k, v in obj.items()) + b"u"
-    if isinstance(obj, np.ndarray):
-        endian, name = obj.dtype.str[0].encode(), obj.dtype.str[1:].encode()
-        dtype = b"cnumpy\ndtype\n" + _py2((name, 0, 1)) + b"R" + _py2((3, endian, None, None, None, -1, -1, 0)) + b"b"
-        state = b"(" + _py2(1) + _py2(tuple(obj.shape)) + dtype + _py2(False) + _py2(obj.tobytes()) + b"t"
-        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2((0,)) + _py2(b"b") + b"\x87R"
-                + state + b"b")
-    raise TypeError(type(obj))
 
 
 def py3_bytes_keys(obj: dict[bytes, Any]) -> bytes:

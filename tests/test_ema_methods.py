@@ -232,7 +232,12 @@ def test_ban_with_one_generation_is_the_baseline(tmp_path: Path) -> None:
 
 
 def test_the_registry_lists_the_new_methods() -> None:
+    from distillistic.config import Config
     from distillistic.core.methods import METHODS
+    from distillistic.training import setup
+
+    pcl, ban = (setup.resolve(Config(algo=a, dataset="synthetic")) for a in ("pcl", "ban"))
+    assert (pcl.students, pcl.temperature, ban.students, ban.temperature) == (2, 3.0, 1, 1.0)
 
     assert METHODS.get("pcl").reference == ema_mod.PCL_REFERENCE
     assert {"pcl", "ban"} <= set(METHODS.names())

@@ -34,6 +34,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pcl": {"algo": "pcl", "students": 2},
     "ban": {"algo": "ban", "generations": 2},
     "baseline_ema": {"algo": "baseline", "ema": 0.9},
+    # logit-based methods (issue 10)
+    "ls": {"algo": "ls"},
+    "dkd": {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"},
+    "dist": {"algo": "dist", "teacher": "cnn", "teacher_weights": "random"},
+    "ctkd": {"algo": "ctkd", "teacher": "cnn", "teacher_weights": "random", "alpha": 0.9},
+    "kdcl": {"algo": "kdcl", "students": 2, "temperature": 2.0},
+    "tfkd_self": {"algo": "tfkd_self", "teacher_weights": "random", "temperature": 4.0},
+    "kd_standardized": {"algo": "kd", "teacher": "cnn", "teacher_weights": "random", "temperature": 2.0,
+                        "logit_standardize": True},
+    "dml_standardized": {"algo": "dml", "students": 2, "temperature": 2.0, "logit_standardize": True},
 }
 
 

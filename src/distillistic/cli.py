@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the thesis-scale setting (Fashion-MNIST, 20 epochs; a GPU's work)")
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
+    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="models: print each model's parameter count for K classes, by family")
+    p.add_argument("--family", default=None, help="models: only this family (torchvision, cifar, small, timm)")
     return parser
 
 
@@ -149,6 +152,11 @@ def _list(args: argparse.Namespace) -> int:
     from distillistic.data.loader import DATASETS
     from distillistic.models.builders import MODELS
 
+    if args.what == "models" and (args.num_classes is not None or args.family is not None):
+        from distillistic.models.listing import model_table
+
+        print("\n".join(model_table(args.num_classes or 1000, args.family)))
+        return 0
     tables: dict[str, Any] = {"algos": METHODS, "datasets": DATASETS, "models": MODELS, "divergences": DIVERGENCES}
     for name, registry in tables.items():
         if args.what in (None, name):

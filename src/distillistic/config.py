@@ -27,9 +27,9 @@ from distillistic.errors import ConfigError, UserError, short_repr
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "sgd"),
-    "scheduler": ("onecycle", "cosine", "constant"),
+    "scheduler": ("onecycle", "cosine", "constant", "multistep"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
-    "augment": ("none", "randaugment"),
+    "augment": ("none", "randaugment", "cifar"),
     "teacher_init": ("random", "imagenet"),
     "data_hash": ("content", "listing"),
 }
@@ -62,7 +62,7 @@ class Config:
         (0.7, 0.1, 0.2), "train/val/test shares when a dataset ships one split only"
     )
     image_size: int | None = _f(None, "input size in pixels (default: the dataset's)")
-    augment: str | None = _f(None, "train augmentation: randaugment or none (default: the dataset's)")
+    augment: str | None = _f(None, "train augmentation: randaugment, cifar (crop+flip), none (default: the dataset's)")
     max_classes: int | None = _f(None, "imagefolder: keep the first K classes")
     class_names: tuple[str, ...] = _f((), "imagefolder: keep these classes (folder names)")
     max_train_samples: int | None = _f(None, "use a stratified subset of this many training samples")
@@ -98,6 +98,18 @@ class Config:
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
     virtual_p: float = _f(0.9, "tfkd: probability of the correct class in the virtual teacher")
     virtual_smooth: bool = _f(False, "tfkd: soften the virtual teacher with softmax(v/T) as the original code")
+    # --- logit-based methods (issue 10): ls, dkd, dist, ctkd, kdcl and logit standardisation ---------
+    label_smoothing: float = _f(0.1, "ls: smoothing eps of the target (1-eps) onehot + eps/K, in [0, 1)")
+    dkd_alpha: float = _f(1.0, "dkd: weight alpha of the target-class term TCKD (Zhao et al. 2022: 1)")
+    dkd_beta: float = _f(8.0, "dkd: weight beta of the non-target-class term NCKD (Zhao et al. 2022: 8)")
+    dkd_warmup: float = _f(20 / 240, "dkd: share of training over which the DKD term rises linearly from 0 "
+                                     "(Zhao et al. 2022: 20 of 240 epochs)")
+    dist_beta: float = _f(2.0, "dist: weight beta of the inter-class relation term (Huang et al. 2022: 2)")
+    dist_gamma: float = _f(2.0, "dist: weight gamma of the intra-class relation term (Huang et al. 2022: 2)")
+    ctkd_ramp: float = _f(10 / 240, "ctkd: share of training over which the reversal strength lambda rises "
+                                    "(cosine) from 0 to 1 (Li et al. 2023: 10 of 240 epochs)")
+    logit_standardize: bool = _f(False, "z-score teacher/peer and student logits per sample before the temperature "
+                                        "(Sun et al. 2024): kd, dkd, dist, ctkd, dml, dml_e, kdcl")
     student_resolution: int | None = _f(None, "cross-quality: students read a downscaled view of this size")
     teacher_resolution: int | None = _f(None, "cross-quality: teacher view size (default: the dataset's)")
     teacher_store: str = _f("auto", "store of frozen-teacher outputs: auto (cache folder), off, or a DIR")
@@ -115,7 +127,11 @@ class Config:
     optimizer: str = _f("adamw", "adamw or sgd")
     weight_decay: float | None = _f(None, "weight decay (default: 0.01 adamw, 1e-4 sgd)")
     momentum: float = _f(0.9, "sgd momentum")
-    scheduler: str = _f("onecycle", "learning-rate schedule: onecycle, cosine, constant")
+    scheduler: str = _f("onecycle", "learning-rate schedule: onecycle, cosine, constant, multistep")
+    # --- ecosystem: step-decay schedule and SGD Nesterov (the published CIFAR/ImageNet KD protocols) --------
+    milestones: tuple[int, ...] = _f((), "multistep: epochs after which the learning rate is multiplied by --gamma")
+    gamma: float = _f(0.1, "multistep: learning-rate factor at each milestone")
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
     warmup_fraction: float = _f(0.1, "share of steps spent warming up the learning rate")
     grad_clip: float | None = _f(None, "clip each student's gradient norm to this value")
     # --- runtime -----------------------------------------------------------------------------------
@@ -387,6 +403,13 @@ def validate(cfg: Config) -> None:
     _check(cfg.weight_decay is None or cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
     _check(0.0 <= cfg.momentum < 1.0, "momentum", cfg.momentum, "a number in [0, 1)")
     _check(0.0 <= cfg.warmup_fraction < 1.0, "warmup_fraction", cfg.warmup_fraction, "a share in [0, 1)")
+    _check(0.0 < cfg.gamma <= 1.0, "gamma", cfg.gamma, "a factor in (0, 1]")
+    _check(all(m > 0 for m in cfg.milestones) and list(cfg.milestones) == sorted(set(cfg.milestones)),
+           "milestones", list(cfg.milestones), "increasing epochs > 0, e.g. 150,180,210")
+    _check((cfg.scheduler == "multistep") == bool(cfg.milestones), "milestones", list(cfg.milestones),
+           "epochs such as 150,180,210 with --scheduler multistep, and only with it")
+    _check(not cfg.nesterov or (cfg.optimizer == "sgd" and cfg.momentum > 0), "nesterov", cfg.nesterov,
+           "false unless --optimizer sgd with --momentum > 0")
     _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
     _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")
@@ -404,6 +427,12 @@ def validate(cfg: Config) -> None:
     _check(0.0 < cfg.pcl_decay < 1.0, "pcl_decay", cfg.pcl_decay, "an EMA decay in (0, 1), e.g. 0.999")
     _check(0.0 <= cfg.pcl_rampup <= 1.0, "pcl_rampup", cfg.pcl_rampup, "a share of training in [0, 1]")
     _check(cfg.generations > 0, "generations", cfg.generations, "a whole number of generations > 0")
+    # logit-based methods (issue 10)
+    _check(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", cfg.label_smoothing, "a number in [0, 1)")
+    for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
+        _check(getattr(cfg, key) >= 0, key, getattr(cfg, key), "a weight >= 0")
+    for key in ("dkd_warmup", "ctkd_ramp"):
+        _check(0.0 <= getattr(cfg, key) < 1.0, key, getattr(cfg, key), "a share of training in [0, 1)")
 
 
 def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:

@@ -34,7 +34,7 @@ from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.logit_losses import ema_update_, mean_teacher_decay, peer_mean_target, sigmoid_rampup
 from distillistic.core.objective import Term
-from distillistic.core.signals import StepInputs
+from distillistic.core.signals import StepInputs, model_view
 from distillistic.errors import UserError
 
 PCL_REFERENCE = ("Wu & Gong 2021, Peer Collaborative Learning for Online Knowledge Distillation (AAAI): "
@@ -57,9 +57,9 @@ class EmaCopies(Term):
         self.updates = 0  # a host int (no device sync to read it); saved through the extra state
         self.copies = nn.ModuleList()
         self._students: list[nn.Module] = []  # a plain list: the students are not submodules of the objective
-        self._views: list[tuple[int | None, int]] = []
+        self._views: list[tuple[Any, ...]] = []  # (size, channels[, norm]) per student
 
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[int | None, int]]) -> None:
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
         """Start every copy as the student it follows (a resume then loads the saved copies over it)."""
         self._students, self._views = list(students), list(views)
         if len(self.copies) == 0:
@@ -89,10 +89,10 @@ class EmaCopies(Term):
     def logits(self, inp: StepInputs) -> Tensor:
         """Every copy's logits ``[M, B, K]`` (float32) on its student's view of the batch, in ``eval()`` mode."""
         out = []
-        for twin, (size, channels) in zip(self.copies, self._views):
+        for twin, (size, channels, *norm) in zip(self.copies, self._views):
             if twin.training:  # a stray .train() must not switch BatchNorm/dropout on
                 twin.eval()
-            out.append(twin(inp.views.get(size, channels)).float())
+            out.append(twin(model_view(inp.views, size, channels, norm[0] if norm else None)).float())
         return torch.stack(out)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
@@ -112,7 +112,7 @@ class TemporalMeanPeers(Term):
         self.means = EmaCopies(decay, suffix="ema", name=f"{name}_mean", warmup=True)
         self._fn = DIVERGENCES.get(divergence)
 
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[int | None, int]]) -> None:
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
         self.means.bind(students, views)
 
     def after_step(self, inp: StepInputs) -> None:

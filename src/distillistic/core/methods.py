@@ -51,7 +51,7 @@ class Method:
     needs_teacher: bool = False
     min_students: int = 1
     default_students: int = 1
-    default_teacher: str | None = None
+    default_teacher: str | Callable[[Config], str] | None = None  # a name, or one derived from the config
     default_temperature: Callable[[Config], float] = field(default=lambda cfg: 1.0)
     composition: Literal["thesis", "sum"] = "thesis"
     data_check: Callable[[Config, int], None] | None = None
@@ -59,6 +59,7 @@ class Method:
     # run directory of generation g - 1 (None for g = 1). Each generation is a run of its own.
     generations: Callable[[Config], int] | None = None
     generation: Callable[[Config, int, str | None], Config] | None = None
+    supervised: Callable[[Config], Term] | None = None  # the term that replaces CE(z, y) (label smoothing)
 
     def check(self, cfg: Config) -> None:
         """Refuse a cohort too small for the method, and another method's parameters set to non-defaults."""
@@ -77,16 +78,18 @@ class Method:
             self.data_check(cfg, num_classes)
 
     def resolve(self, cfg: Config) -> Config:
+        default = self.default_teacher(cfg) if callable(self.default_teacher) else self.default_teacher
         return cfg.replace(
             students=cfg.students or self.default_students,
             temperature=cfg.temperature or self.default_temperature(cfg),
-            teacher=(cfg.teacher or self.default_teacher) if self.needs_teacher else None,
+            teacher=(cfg.teacher or default) if self.needs_teacher else None,
         )
 
     def objective(self, cfg: Config, ctx: Context) -> Objective:
         terms = self.terms(cfg, ctx)
+        ce = self.supervised(cfg) if self.supervised is not None else None
         companions = (EmaCopies(cfg.ema),) if cfg.ema is not None else ()  # --ema: an EMA copy of every student
-        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition,
+        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition, ce=ce,
                          companions=companions)
 
 
@@ -128,25 +131,28 @@ def _baseline(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 
 @method("kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network", family="teacher",
-        needs_teacher=True, default_teacher="resnet50", default_temperature=lambda cfg: 20.0)
+        needs_teacher=True, default_teacher="resnet50", default_temperature=lambda cfg: 20.0,
+        params=("logit_standardize",))
 def _kd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)); several teachers: their mean softmax(t_j/T)"""
     assert ctx.teacher is not None
-    return (Distill("kd", ctx.teacher, cfg.divergence, _t(cfg)),)
+    return (Distill("kd", ctx.teacher, cfg.divergence, _t(cfg), standardize=cfg.logit_standardize),)
 
 
 @method("dml", "Zhang et al. 2018, Deep Mutual Learning (CVPR)", family="cohort", min_students=2,
-        default_students=3)
+        default_students=3, params=("logit_standardize",))
 def _dml(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L_i = (1-a) CE(z_i, y) + a mean_(j≠i) KL(softmax(z_j/T) ‖ softmax(z_i/T)), peers detached"""
-    return (Distill("dml", Peers("pairwise", name="dml"), cfg.divergence, _t(cfg)),)
+    return (Distill("dml", Peers("pairwise", name="dml"), cfg.divergence, _t(cfg),
+                    standardize=cfg.logit_standardize),)
 
 
 @method("dml_e", "DML against the mean of the peers (thesis)", family="cohort", min_students=2,
-        default_students=3)
+        default_students=3, params=("logit_standardize",))
 def _dml_e(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L_i = (1-a) CE(z_i, y) + a KL(mean_(j≠i) softmax(z_j/T) ‖ softmax(z_i/T))"""
-    return (Distill("dml_e", Peers("mean", name="dml_e"), cfg.divergence, _t(cfg)),)
+    return (Distill("dml_e", Peers("mean", name="dml_e"), cfg.divergence, _t(cfg),
+                    standardize=cfg.logit_standardize),)
 
 
 def _virtual_p_check(cfg: Config, num_classes: int) -> None:

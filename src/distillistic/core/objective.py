@@ -21,12 +21,13 @@ Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scala
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
+from distillistic.core.logit_losses import standardize
 from distillistic.core.signals import Signal, StepInputs
 
 Ramp = Callable[[float], float]  # progress in [0, 1] -> factor of the term's weight
@@ -63,14 +64,20 @@ class Term(nn.Module):
     def after_step(self, inp: StepInputs) -> None:
         """Called once after every optimizer step (EMA copies, memory banks, schedules)."""
 
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[int | None, int]]) -> None:
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
         """Called once when the students are built, before a resume loads any state: the plain student
-        modules (unwrapped, on the device) and each one's view ``(size, channels)`` (EMA copies start here)."""
+        modules (unwrapped, on the device) and each one's view ``(size, channels, norm)`` (for
+        :func:`~distillistic.core.signals.model_view`; EMA copies start here)."""
 
     def members(self) -> list[tuple[int, str, nn.Module]]:
         """Models the term keeps that are evaluated, selected on val, reported and exported like students:
         ``(student index, name suffix, model)``, e.g. ``(0, "ema", copy)`` -> ``student0_ema``."""
         return []
+
+    def stats(self, i: int) -> dict[str, float]:
+        """Values of the term's own state for student ``i`` logged with each epoch's training rows (e.g. a
+        learned temperature); read once per epoch, so a host sync here is fine."""
+        return {}
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -90,20 +97,29 @@ class CrossEntropy(Term):
 
 
 class Distill(Term):
-    """``weight * D(signal || student; T)``: a divergence to a signal's target distribution."""
+    """``weight * D(signal || student; T)``: a divergence to a signal's target distribution.
+
+    ``standardize`` (Sun et al. 2024, logit standardisation): the signal's logits and the student's logits ``z``
+    ``[B, K]`` are z-scored per sample before the temperature; the signal must have ``standardized_targets``.
+    """
 
     def __init__(self, name: str, signal: Signal, divergence: str = "kl", temperature: float = 1.0,
-                 weight: float = 1.0, ramp: Ramp = constant) -> None:
+                 weight: float = 1.0, ramp: Ramp = constant, standardize: bool = False) -> None:
         super().__init__(name, weight, distil=True, ramp=ramp)
         self.signal, self.divergence, self.temperature = signal, divergence, temperature
         self._fn = DIVERGENCES.get(divergence)
+        self.standardize = standardize
+        if standardize and not hasattr(signal, "standardized_targets"):
+            raise ValueError(f"the signal of {name} is not made of logits: it cannot be standardised")
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
+        if self.standardize:
+            return self.signal.standardized_targets(inp, self.temperature)  # type: ignore[attr-defined]
         return self.signal.targets(inp, self.temperature)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         assert target is not None
-        return self._fn(target, z, self.temperature)
+        return self._fn(target, standardize(z) if self.standardize else z, self.temperature)
 
     def describe(self) -> str:
         t = f"{self.temperature:g}"
@@ -112,6 +128,8 @@ class Distill(Term):
         core = f"{scale}{d}({self.signal.describe(self.temperature)} ‖ {student})"
         if self.signal.pairwise:
             core = f"mean_(j≠i) {core}"
+        if self.standardize:
+            core = f"{core} on z-scored logits"
         return core if self.weight == 1 else f"{self.weight:g}·{core}"
 
 
@@ -180,7 +198,7 @@ class Objective(nn.Module):
         for t in self._all():
             t.after_step(inp)
 
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[int | None, int]]) -> None:
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
         """Every term's :meth:`Term.bind` (once, when the students are built)."""
         for t in self._all():
             t.bind(students, views)
@@ -189,15 +207,20 @@ class Objective(nn.Module):
         """Every term's extra evaluated models (see :meth:`Term.members`)."""
         return [m for t in self._all() for m in t.members()]
 
+    def stats(self, i: int) -> dict[str, float]:
+        """Every term's :meth:`Term.stats` for student ``i``, merged (logged with the epoch's training rows)."""
+        return {k: v for t in [self.ce, *self.extra] for k, v in t.stats(i).items()}
+
     def __str__(self) -> str:
         if self.composition == "sum":
             parts = [t.describe() if t.weight == 1 else f"{t.weight:g}·{t.describe()}" for t in [self.ce, *self.extra]]
             return "L = " + " + ".join(parts)
+        ce = self.ce.describe()
         if not self.terms:
-            return "L = CE(z, y)"
+            return f"L = {ce}"
         a, rest = f"{self.alpha:g}", f"{1 - self.alpha:g}"
         distil = " + ".join(t.describe() for t in self.extra)
         warm = f", alpha rising from 0 over the first {self.alpha_warmup:.0%} of training" if self.alpha_warmup else ""
         if len(self.terms) > 1:
             distil = f"[{distil}]"
-        return f"L = {rest}·CE(z, y) + {a}·{distil}{warm}"
+        return f"L = {rest}·{ce} + {a}·{distil}{warm}"

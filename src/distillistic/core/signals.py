@@ -18,19 +18,33 @@ before they get here, and the virtual teacher is built from labels alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from distillistic.core.logit_losses import standardize
+
+Transform = Callable[[Tensor], Tensor] | None  # applied to a signal's logits [..., K] before the temperature
+
 
 class Views(Protocol):
     """The batch as models see it (:class:`distillistic.data.views.Views`): one view per input size."""
 
-    def get(self, size: int | None, channels: int) -> Tensor:
-        """The batch ``[B, C, S, S]`` at ``size`` px (None: the full view) with ``channels`` channels."""
+    def get(self, size: int | None, channels: int,
+            norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Tensor:
+        """The batch ``[B, C, S, S]`` at ``size`` px (None: the full view) with ``channels`` channels, normalised
+        with ``norm = (mean, std)`` when given (a model's own statistics), else with the dataset's."""
         ...
+
+
+def model_view(views: Views, size: int | None, channels: int,
+               norm: tuple[tuple[float, ...], tuple[float, ...]] | None) -> Tensor:
+    """A model's view of the batch: ``views.get(size, channels)``, normalised with ``norm`` when the model has
+    its own statistics (a timm model); the plain call otherwise, so any ``Views`` of two arguments still serves."""
+    return views.get(size, channels) if norm is None else views.get(size, channels, norm)
 
 
 @dataclass
@@ -88,10 +102,12 @@ class Teacher:
     pairwise = False
 
     def __init__(self, model: nn.Module, view_size: int | None, channels: int,
-                 store: TeacherOutputs | None = None, name: str = "kd", key: str = "teacher") -> None:
+                 store: TeacherOutputs | None = None, name: str = "kd", key: str = "teacher",
+                 norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
         self.key = key  # its logits' entry in the step's cache (one per teacher when there are several)
+        self.norm = norm  # the (mean, std) the teacher reads its view with; None: the dataset's
 
     def logits(self, inp: StepInputs) -> Tensor:
         """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
@@ -101,14 +117,22 @@ class Teacher:
                 if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
                     self.model.eval()
                 with torch.no_grad():
-                    stored = self.model(inp.views.get(self.view_size, self.channels)).float()
+                    stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm)).float()
                 if self.store is not None:
                     self.store.record(inp, stored)
             inp.cache[self.key] = stored
         return inp.cache[self.key]
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        q = torch.softmax(self.logits(inp) / temperature, dim=-1).unsqueeze(0)
+        return self._targets(inp, temperature, None)
+
+    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """``softmax(zscore(t)/T)`` (logit standardisation, Sun et al. 2024)."""
+        return self._targets(inp, temperature, standardize)
+
+    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
+        t = self.logits(inp)
+        q = torch.softmax((transform(t) if transform else t) / temperature, dim=-1).unsqueeze(0)
         return [q] * len(inp.logits)
 
     def describe(self, temperature: float) -> str:
@@ -135,9 +159,17 @@ class Teachers:
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
         """One shared target ``[1, B, K]``: ``q = sum_j w_j softmax(t_j / T)`` (float32)."""
+        return self._targets(inp, temperature, None)
+
+    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """``sum_j w_j softmax(zscore(t_j) / T)``: each teacher standardised on its own (Sun et al. 2024)."""
+        return self._targets(inp, temperature, standardize)
+
+    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
         q: Tensor | None = None
         for teacher, w in zip(self.teachers, self.weights):
-            p = torch.softmax(teacher.logits(inp) / temperature, dim=-1) * w
+            t = teacher.logits(inp)
+            p = torch.softmax((transform(t) if transform else t) / temperature, dim=-1) * w
             q = p if q is None else q + p
         assert q is not None
         return [q.unsqueeze(0)] * len(inp.logits)
@@ -159,10 +191,18 @@ class Peers:
         self.pairwise = mode == "pairwise"
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        return self._targets(inp, temperature, None)
+
+    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        """The peers' logits z-scored per sample before the temperature (Sun et al. 2024)."""
+        return self._targets(inp, temperature, standardize)
+
+    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
         n = len(inp.logits)
         if n < 2:
             raise ValueError("Peers needs a cohort of at least 2 students")
-        p = torch.softmax(torch.stack([z.detach().float() for z in inp.logits]) / temperature, dim=-1)
+        z = torch.stack([z.detach().float() for z in inp.logits])
+        p = torch.softmax((transform(z) if transform else z) / temperature, dim=-1)
         if self.pairwise:
             return [p[[j for j in range(n) if j != i]] for i in range(n)]
         total = p.sum(dim=0)

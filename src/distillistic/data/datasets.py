@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from distillistic.config import Config, cache_dir
+from distillistic.data.cifar import Variant as Cifar
+from distillistic.data.cifar import cifar_spec, ensure_cifar, read_cifar
 from distillistic.data.integrity import folder_checksum, md5sum
 from distillistic.errors import DataError
 from distillistic.registry import Registry
@@ -267,6 +269,29 @@ def _fashion_mnist(cfg: Config, root: Path) -> RawDataset:
     paths = ensure_files(folder, FASHION_FILES, FASHION_MIRRORS, "Fashion-MNIST")
     return RawDataset({"train": _idx_pair(paths[0]), "test": _idx_pair(paths[2])}, FASHION_CLASSES,
                       mean=(0.2860,), std=(0.3530,), files=paths)
+
+
+# --- CIFAR-10 / CIFAR-100 (the safe reader of distillistic.data.cifar) --------------------------------
+
+
+def _cifar(variant: Cifar) -> Callable[[Config, Path], RawDataset]:
+    def load(cfg: Config, root: Path) -> RawDataset:
+        folder = ensure_cifar(root, variant)
+        spec = cifar_spec(variant)
+        train_x, train_y, names = read_cifar(folder, variant, train=True)
+        test_x, test_y, _ = read_cifar(folder, variant, train=False)
+        splits: dict[str, Source] = {
+            "train": TensorSource(torch.from_numpy(train_x), torch.from_numpy(train_y.astype(np.int64))),
+            "test": TensorSource(torch.from_numpy(test_x), torch.from_numpy(test_y.astype(np.int64)))}
+        return RawDataset(splits, tuple(names), mean=spec.mean, std=spec.std,
+                          files=sorted(folder / name for name in spec.files))
+
+    load.__doc__ = f"{variant}: torchvision's python archive, read without unpickling code (data/cifar.py)."
+    return load
+
+
+for _variant in ("cifar10", "cifar100"):
+    dataset(_variant, "cifar", native_size=32)(_cifar(_variant))
 
 
 # --- scikit-learn digits -------------------------------------------------------------------------------

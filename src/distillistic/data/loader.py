@@ -25,7 +25,7 @@ from distillistic.data.datasets import DATASETS, FileSource, Source, TensorSourc
 from distillistic.data.integrity import file_checksum
 from distillistic.errors import DataError
 
-__all__ = ["DATASETS", "Batch", "DataBundle", "DataInfo", "EpochSampler", "Loader", "build_data",
+__all__ = ["DATASETS", "Batch", "DataBundle", "DataInfo", "EpochSampler", "Loader", "build_data", "resident",
            "split_fingerprint", "stratified_split"]
 
 
@@ -283,6 +283,14 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def resident(source: Source, device: torch.device) -> Source:
+    """An in-memory split moved once to a GPU ``device`` (a CIFAR train split is 150 MB as uint8), so that no
+    epoch copies images from the host; anything else (CPU, image files) is returned unchanged."""
+    if isinstance(source, TensorSource) and device.type == "cuda":
+        return TensorSource(source.images.to(device), source.labels.to(device))
+    return source
+
+
 class Loader:
     """Yields the :class:`Batch` es of one split for an epoch, from any step (for resuming)."""
 
@@ -317,8 +325,10 @@ class Loader:
                 yield Batch(images, labels, index, epoch)
             return
         assert isinstance(self.source, TensorSource)
+        on_host = self.source.images.device.type == "cpu"
         for idx in self.sampler.batches(epoch, start_step):
-            images, labels = self.source.images[idx], self.source.labels[idx]
-            if self.pin:
+            where = idx if on_host else idx.to(self.source.images.device, non_blocking=True)
+            images, labels = self.source.images[where], self.source.labels[where]
+            if self.pin and on_host:
                 images, labels = images.pin_memory(), labels.pin_memory()
             yield Batch(images, labels, idx, epoch)

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillistic.data.augment import BatchRandAugment, SampleKeys
+from distillistic.data.crop_flip import BatchCropFlip
 from distillistic.data.loader import Batch, DataInfo
 from distillistic.errors import DataError
+
+Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
 
 
 class Views:
@@ -29,11 +32,14 @@ class Views:
     never asks, so its view (and, in an evaluation of the teacher alone, the batch itself) is never made.
     """
 
-    def __init__(self, base: Tensor | Callable[[], Tensor], channels_last: bool, size: int | None = None) -> None:
-        """``base``: the full view ``[B, C, S, S]``, or a function making it on first use (then give ``size``)."""
-        self._base, self.channels_last = base, channels_last
+    def __init__(self, base: Tensor | Callable[[], Tensor], channels_last: bool, size: int | None = None,
+                 stats: tuple[Tensor, Tensor] | None = None) -> None:
+        """``base``: the full view ``[B, C, S, S]``, or a function making it on first use (then give ``size``);
+        ``stats``: the (mean, std) ``[1, C, 1, 1]`` it is normalised with, for views a model wants normalised
+        its own way."""
+        self._base, self.channels_last, self.stats = base, channels_last, stats
         self._size = size if size is not None else int(base.shape[-1])  # type: ignore[union-attr]
-        self._cache: dict[tuple[int, int], Tensor] = {}
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
 
     @property
     def base(self) -> Tensor:
@@ -45,9 +51,16 @@ class Views:
     def size(self) -> int:
         return self._size
 
-    def get(self, size: int | None, channels: int) -> Tensor:
-        """The batch at ``size`` px (antialiased downscale of the full view) with ``channels`` channels."""
+    def get(self, size: int | None, channels: int, norm: Norm | None = None) -> Tensor:
+        """The batch at ``size`` px (antialiased downscale of the full view) with ``channels`` channels;
+        with ``norm = (mean, std)`` normalised as ``(x - mean) / std`` instead of with the dataset's statistics
+        (the same crop: ``x = base * std_data + mean_data`` is undone first)."""
         size = size or self.size
+        if norm is not None:
+            key: tuple[Any, ...] = (size, channels, norm)
+            if key not in self._cache:
+                self._cache[key] = renormalise(self.get(size, channels), self.stats, norm)
+            return self._cache[key]
         key = (size, channels)
         if key not in self._cache:
             x = self.base
@@ -63,6 +76,21 @@ class Views:
         return self._cache[key]
 
 
+def renormalise(x: Tensor, stats: tuple[Tensor, Tensor] | None, norm: Norm) -> Tensor:
+    """``x`` ``[B, C, S, S]`` normalised with ``stats`` (mean, std ``[1, C', 1, 1]``, C' = C or 1) -> the same
+    pixels normalised with ``norm``: ``(x * std_d + mean_d - mean) / std``, one affine map per channel."""
+    if stats is None:
+        raise ValueError("these views do not know the statistics they were normalised with")
+    mean = torch.tensor(norm[0], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(norm[1], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    if mean.shape[1] != x.shape[1]:
+        raise DataError(f"a model normalises {mean.shape[1]} channels but its view has {x.shape[1]}")
+    scale = stats[1] / std
+    out = x * scale + (stats[0] - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+        memory_format=torch.channels_last) and x.shape[1] > 1 else out
+
+
 class ViewMaker:
     """uint8 batch -> (augmented) normalised float views on ``device``.
 
@@ -75,8 +103,9 @@ class ViewMaker:
                  channels_last: bool = False, chunk_bytes: int = 1 << 23) -> None:
         self.device, self.data_seed, self.channels_last = device, data_seed, channels_last
         self.chunk_bytes = chunk_bytes
-        self.augment = (BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
-                        else None)
+        self.augment: BatchRandAugment | BatchCropFlip | None = (
+            BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
+            else BatchCropFlip() if augment == "cifar" else None)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
 
@@ -103,7 +132,7 @@ class ViewMaker:
         if not chunk or self.augment is None:
             return
         images = torch.cat([b.images for b in chunk]) if len(chunk) > 1 else chunk[0].images
-        if self.device.type == "cuda" and len(chunk) > 1:
+        if self.device.type == "cuda" and len(chunk) > 1 and images.device.type == "cpu":
             images = images.pin_memory()
         index = torch.cat([b.index for b in chunk])
         assert all(b.epoch == chunk[0].epoch for b in chunk)
@@ -121,5 +150,5 @@ class ViewMaker:
                     x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
             return (x.float() / 255 - self.mean) / self.std
 
-        return Views(make, self.channels_last, size=int(batch.images.shape[-1]))
+        return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
 

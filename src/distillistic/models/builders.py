@@ -20,6 +20,9 @@ import torchvision.models as tvm
 from torch import nn
 
 from distillistic.errors import CheckpointError, UserError
+from distillistic.models import timm_models
+from distillistic.models.cifar import CIFAR_MODELS
+from distillistic.models.timm_models import Norm
 from distillistic.registry import Registry
 
 Builder = Callable[[int, int, int, bool], nn.Module]  # (num_classes, in_channels, image_size, imagenet)
@@ -31,12 +34,46 @@ class ModelSpec:
     build: Builder
     fixed_channels: int | None  # None: takes the dataset's channels
     has_imagenet_weights: bool
+    family: str = "torchvision"  # torchvision, cifar (the CIFAR KD zoo), small, timm
+    norm: Norm | None = None  # the (mean, std) the model reads its input with; None: the dataset's
 
     def channels(self, data_channels: int) -> int:
         return self.fixed_channels or data_channels
 
 
-MODELS: Registry[ModelSpec] = Registry("model")
+class ModelRegistry(Registry[ModelSpec]):
+    """The registered models, plus any timm model as ``timm/NAME`` (looked up in timm when first named)."""
+
+    def get(self, name: str) -> ModelSpec:
+        if name.startswith(timm_models.PREFIX) and name not in self._entries:
+            why = timm_models.problem(name)
+            if why is not None:
+                raise UserError(why)
+            self._entries[name] = ModelSpec(name, _timm_builder(name), 3, True, "timm", timm_models.normalisation(name))
+        return super().get(name)
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and name.startswith(timm_models.PREFIX):
+            return timm_models.problem(name) is None
+        return super().__contains__(name)
+
+    def unknown_message(self, name: str) -> str:
+        if name.startswith(timm_models.PREFIX):
+            return timm_models.problem(name) or ""
+        return super().unknown_message(name) + ", or timm/NAME for a timm model"
+
+    def names(self) -> list[str]:
+        return [n for n in super().names() if not n.startswith(timm_models.PREFIX)]
+
+
+def _timm_builder(name: str) -> Builder:
+    def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
+        return timm_models.build(name, num_classes, in_channels, image_size, pretrained=imagenet)
+
+    return build
+
+
+MODELS: ModelRegistry = ModelRegistry("model")
 
 
 def head_name(model: nn.Module) -> str:
@@ -149,9 +186,32 @@ def _small(factory: Callable[[int, int, int], nn.Module]) -> Builder:
     return build
 
 
-MODELS.add("mlp", ModelSpec("mlp", _small(MLP), None, False))
-MODELS.add("cnn", ModelSpec("cnn", _small(lambda k, c, s: SmallCNN(k, c, s, (32, 64))), None, False))
-MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False))
+MODELS.add("mlp", ModelSpec("mlp", _small(MLP), None, False, "small"))
+MODELS.add("cnn", ModelSpec("cnn", _small(lambda k, c, s: SmallCNN(k, c, s, (32, 64))), None, False, "small"))
+MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False,
+                                  "small"))
+
+
+def _zoo(name: str) -> Builder:
+    def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
+        return CIFAR_MODELS[name](num_classes, in_channels)
+
+    return build
+
+
+for _name in CIFAR_MODELS:  # the CIFAR KD zoo (models/cifar.py): resnet8 ... shufflenetv2
+    MODELS.add(_name, ModelSpec(_name, _zoo(_name), None, False, "cifar"))
+
+
+def parameter_count(name: str, num_classes: int, data_channels: int = 3, image_size: int = 32) -> int:
+    """Parameters of model ``name`` with a ``num_classes`` head, built on the meta device (no memory, no init)."""
+    spec = MODELS.get(name)
+    try:
+        with torch.device("meta"):
+            model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values while building (regnet)
+        model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(name: str, num_classes: int, data_channels: int, image_size: int, imagenet: bool = False,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from distillistic.config import Config
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
 from distillistic.core.objective import Objective
-from distillistic.core.signals import StepInputs
+from distillistic.core.signals import StepInputs, model_view
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
@@ -46,6 +46,7 @@ class Member:
     view_size: int | None  # input size; None: the full view
     channels: int
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # its own input (mean, std); None: the data's
     follows: str | None = None  # a member kept beside a student (its EMA copy): that student's name
 
     @property
@@ -56,7 +57,7 @@ class Member:
         """Logits ``[B, K]`` for an evaluation batch: ``outputs`` if given, else the plain model on its view."""
         if self.outputs is not None:
             return self.outputs(inp)
-        return self.raw(inp.views.get(self.view_size, self.channels))
+        return self.raw(model_view(inp.views, self.view_size, self.channels, self.norm))
 
 
 @dataclass
@@ -169,6 +170,7 @@ class TrainMeters:
                 acc = self.signals[(t, i)] if float(self.signals[(t, i)].sums[0]) else self.signals[(t, 0)]
                 stats = acc.compute()
                 row |= {f"{t}_target_entropy": stats["entropy"], f"{t}_target_ece": stats["ece"]}
+            row |= task.objective.stats(i)  # the terms' own state (e.g. a learned temperature), once per epoch
             rows.append(row)
         if len(names) > 1:
             top1 = torch.tensor([r["top1"] for r in rows])
@@ -184,7 +186,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     labels = batch.labels.to(rt.device, non_blocking=True)
     weights = objective.weights_at(progress)
     with rt.autocast():
-        logits = [s.model(views.get(s.view_size, s.channels)) for s in task.students]
+        logits = [s.model(model_view(views, s.view_size, s.channels, s.norm)) for s in task.students]
         inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
                          progress=progress)
         targets = objective.targets(inp)

@@ -19,7 +19,7 @@ from torch import nn
 from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.methods import METHODS, Context, student_count
-from distillistic.data.loader import EpochSampler, Loader, build_data
+from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model
@@ -106,11 +106,11 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     names = _student_names(n_students)
     archs = config_mod.student_archs(cfg, n_students)
     raw_students = _build_students(cfg, info)
-    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels))
-                for n, m, a in zip(names, raw_students, archs)]
-    objective.bind([s.raw for s in students], [(s.view_size, s.channels) for s in students])
+    students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels),
+                       norm=MODELS.get(a).norm) for n, m, a in zip(names, raw_students, archs)]
+    objective.bind([s.raw for s in students], [(s.view_size, s.channels, s.norm) for s in students])
     members = [Member(f"{students[i].name}_{suffix}", model, students[i].view_size, students[i].channels,
-                      follows=students[i].name)
+                      norm=students[i].norm, follows=students[i].name)
                for i, suffix, model in objective.members()]  # EMA copies: evaluated and exported like students
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
@@ -118,14 +118,14 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     assert cfg.eval_batch_size is not None
     assert cfg.augment is not None
     pin = rt.device.type == "cuda"
-    loaders = {"train": Loader(bundle.splits["train"], EpochSampler(
+    loaders = {"train": Loader(resident(bundle.splits["train"], rt.device), EpochSampler(
         bundle.splits["train"].labels, per_process, cfg.data_seed, True, rt.rank, rt.world_size, imbalance),
         info.image_size, True, cfg.data_seed, cfg.num_workers, pin)}
     for split in ("val", "test"):
         sampler = EpochSampler(bundle.splits[split].labels, max(1, cfg.eval_batch_size // rt.world_size),
                                cfg.data_seed, False, rt.rank, rt.world_size)
-        loaders[split] = Loader(bundle.splits[split], sampler, info.image_size, False, cfg.data_seed,
-                                cfg.num_workers, pin)
+        loaders[split] = Loader(resident(bundle.splits[split], rt.device), sampler, info.image_size, False,
+                                cfg.data_seed, cfg.num_workers, pin)
     total_steps = len(loaders["train"]) * cfg.epochs
     # A term's own parameters (an adapter, a temperature) train with the student they belong to.
     optimizers = [make_optimizer(cfg, [*s.model.parameters(), *objective.student_parameters(i)])

@@ -337,6 +337,8 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
                  "std": views.describe()["std"], "downscale": views.describe()["downscale"]},
         "precision": rt.precision,
     }
+    if teacher.norm is not None:  # a teacher that reads its view normalised its own way (a timm model)
+        entry["view"]["norm"] = [list(teacher.norm[0]), list(teacher.norm[1])]  # type: ignore[index]
     train_views = {"loader": loaders["train"].describe(), "views": views.describe(), "data_seed": cfg.data_seed}
     folder = root / f"{cfg.teacher}-{_digest(entry)}"
     store = TeacherStore(folder, entry, train_views, Codec(info.num_classes), loaders, rt.device)

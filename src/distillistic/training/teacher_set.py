@@ -110,11 +110,12 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
         model, source = teachers_mod.build_teacher(c, info, train)  # looked up at call time (tests patch it)
         model = model.to(rt.device)
         hashes.append(state_dict_hash(model.state_dict()))  # its identity: store key, checkpoints
-        channels = MODELS.get(c.teacher or "").channels(info.channels)
-        signal = (Teacher(model, c.teacher_resolution, channels) if len(configs) == 1
-                  else Teacher(model, c.teacher_resolution, channels, key=name))
+        spec = MODELS.get(c.teacher or "")
+        channels, norm = spec.channels(info.channels), spec.norm  # norm: its own (mean, std), e.g. a timm model's
+        signal = Teacher(model, c.teacher_resolution, channels, key="teacher" if len(configs) == 1 else name,
+                         norm=norm)
         signals.append(signal)
         # The teacher is evaluated through its signal, so its evaluation is read from the store too.
-        members.append(Member(name, model, c.teacher_resolution, channels, outputs=signal.logits))
+        members.append(Member(name, model, c.teacher_resolution, channels, outputs=signal.logits, norm=norm))
         sources.append(source)
     return TeacherSet(configs, signals, members, sources, hashes, cfg.teacher_mix)

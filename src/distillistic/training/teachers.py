@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillistic.config import Config, cache_dir
+from distillistic.config import FIELDS, Config, cache_dir
+from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
 from distillistic.errors import UserError
 from distillistic.models.builders import build_model
@@ -42,11 +43,13 @@ def teacher_recipe(cfg: Config) -> Config:
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
         seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
         teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
-        imbalance_class=None,
+        imbalance_class=None, ema=None,  # a teacher keeps no EMA copy
         # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
-        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share)
+        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
+        # every method's own parameters too (the teacher is a baseline run, which refuses them)
+    ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
@@ -60,11 +63,20 @@ TEACHER_KEYS = (
 )
 
 
+LATER_TEACHER_KEYS = ("milestones", "gamma", "nesterov")
+
+
+def _plain_default(key: str) -> Any:
+    return _DEFAULTS.to_dict()[key]
+
+
 def recipe_key(recipe: Config, info: DataInfo) -> str:
     """A short hash of the teacher's defining keys (:data:`TEACHER_KEYS`) and the data's checksum."""
     settings = recipe.to_dict()
     items: dict[str, Any] = {k: settings[k] for k in TEACHER_KEYS}
     items["data_checksum"] = info.checksum
+    # Later keys join only when set away from their default, so the keys of cached teachers stay the same.
+    items |= {k: settings[k] for k in LATER_TEACHER_KEYS if settings[k] != _plain_default(k)}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
