@@ -89,7 +89,8 @@ def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path
 
     torch.manual_seed(0)
     save_file(build_model("cnn", 10, 1, 12).state_dict(), str(teacher))
-    base = {"teacher_weights": str(teacher), "teacher_store": str(store), "epochs": 1}
+    base = {"teacher_weights": str(teacher), "teacher_store": str(store), "epochs": 1,
+            "allow_weak_teacher": True}  # random weights from a file
     run(tmp_path, "first", **base)
     teacher_calls.clear()
     other = base | {"seed": 3, "temperature": 4.0, "alpha": 0.7, "model": "mlp"}

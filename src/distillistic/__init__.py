@@ -5,10 +5,28 @@ Python API (mirrors ``distillistic train``)::
     from distillistic import Config, train
     result = train(Config(algo="kd", dataset="digits", model="cnn", teacher="cnn_wide", out="runs/kd"))
     result.summary["models"]["student"]["test"]["top1"]
+
+``train``, ``RunResult``, ``register_model`` and ``register_dataset`` are imported on first use, so
+that ``distillistic --help`` does not pay for importing torch.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from distillistic.config import Config
 from distillistic.errors import UserError
-from distillistic.training.run import RunResult, train
 
-__all__ = ["Config", "RunResult", "UserError", "train"]
+if TYPE_CHECKING:
+    from distillistic.training.plugins import register_dataset, register_model
+    from distillistic.training.run import RunResult, train
+
+__all__ = ["Config", "RunResult", "UserError", "register_dataset", "register_model", "train"]
+_LAZY = {"train": "distillistic.training.run", "RunResult": "distillistic.training.run",
+         "register_model": "distillistic.training.plugins", "register_dataset": "distillistic.training.plugins"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'distillistic' has no attribute {name!r}")

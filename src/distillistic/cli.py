@@ -34,27 +34,94 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"distillistic: error: {message} (see '{self.prog} --help')\n")
 
 
+_GROUP_TITLES = {"logging and checkpoints": "output"}
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Config keys by section: the ``# --- name ---`` comments of :class:`Config`'s source, in order, or a
+    field's ``group`` metadata; so a new key lands in its section's group by itself."""
+    import inspect
+    import re
+
+    groups: dict[str, list[str]] = {}
+    current = "other settings"
+    try:
+        lines = inspect.getsource(config_mod.Config).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    section = re.compile(r"^\s*# --- ?(.+?) ?-*$")
+    key = re.compile(r"^    (\w+):")
+    where: dict[str, str] = {}
+    for line in lines:
+        if m := section.match(line):
+            current = m.group(1).split(" (")[0].split(":")[0].strip()
+            current = _GROUP_TITLES.get(current, current)
+        elif (m := key.match(line)) and m.group(1) in config_mod.FIELDS:
+            where[m.group(1)] = current
+    for f in dataclasses.fields(config_mod.Config):
+        groups.setdefault(f.metadata.get("group") or where.get(f.name, "other settings"), []).append(f.name)
+    return groups
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(config_mod.Config)
-    for f in dataclasses.fields(config_mod.Config):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if hints[f.name] is bool or hints[f.name] == (bool | None):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {f.default})")
-    parser.add_argument("--no-teacher-store", dest="teacher_store", action="store_const", const="off",
-                        default=argparse.SUPPRESS, help="compute the teacher live every step")
-    parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key (repeatable)")
+    for title, names in config_groups().items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = config_mod.FIELDS[name]
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            shown = "" if "(default" in help_text else f" (default: {_default_text(f.default)})"
+            if hints[f.name] is bool or hints[f.name] == (bool | None):
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text + shown)
+            else:
+                group.add_argument(flag, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                   help=help_text + shown)
+    group = parser.add_argument_group("shortcuts")
+    group.add_argument("--no-teacher-store", dest="teacher_store", action="store_const", const="off",
+                       default=argparse.SUPPRESS, help="compute the teacher live every step")
+    group.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key (repeatable)")
+
+
+TRAIN_EXAMPLES = """examples:
+  # the offline quick start: KD from a small teacher trained first, on scikit-learn's digits
+  distillistic train --algo kd --dataset digits --model cnn --teacher cnn_wide --epochs 5 --out runs/kd
+  # a config file, one key changed
+  distillistic train configs/x.yaml --set lr=0.01 --out runs/x
+  # your own model and data (docs/custom.md)
+  distillistic train --model my_models:build_net --dataset my_models:load_data --out runs/mine
+  # continue an interrupted run
+  distillistic train configs/x.yaml --out runs/x --resume
+
+Every option is a config key (--batch-size is batch_size); a YAML file can hold any of them."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distillistic")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distillistic", description="Knowledge distillation for image classification.")
+    parser.add_argument("--version", action="version", version=f"distillistic {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train and evaluate one run")
+    p = sub.add_parser("train", help="train and evaluate one run", description=TRAIN_EXAMPLES,
+                       usage="distillistic train [CONFIG] [--KEY VALUE ...] [--set KEY=VALUE ...]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     _add_config_flags(p)
     p = sub.add_parser("demo", help="offline demo on scikit-learn's digits: every algorithm, 3 seeds")
@@ -104,6 +171,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
     overrides |= config_mod.parse_set(args.set_items)
     cfg = config_mod.load(args.config, overrides)
+    if cfg.quiet:
+        logging.getLogger("distillistic").setLevel(logging.WARNING)
     result = train(cfg)
     status = result.summary.get("status")
     if status == "completed" and os.environ.get("RANK", "0") == "0":

@@ -38,10 +38,11 @@ INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch 
 LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, group: str | None = None) -> Any:
+    meta = {"help": help, **({"group": group} if group else {})}  # group: its section of --help if not the comment's
     if isinstance(default, list | tuple):
-        return field(default=tuple(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,14 @@ class Config:
     # --- logging and checkpoints -------------------------------------------------------------------
     log_every: int = _f(50, "steps between progress-bar updates (each costs one host sync)")
     checkpoint_every: int = _f(0, "steps between mid-epoch checkpoints (0: end of each epoch only)")
+    # --- output (issue 15, the first hour: progress lines; plugins and the teacher check have their groups) ---
+    quiet: bool = _f(False, "no progress lines on stderr (warnings and errors still show)")
+    line_every: int = _f(0, "a progress line every N training steps (0: only by --line-seconds)")
+    line_seconds: float = _f(30.0, "a progress line at most every M seconds inside an epoch (0: off)")
+    plugins: tuple[str, ...] = _f((), "Python modules (or .py files) imported before the config is checked; "
+                                      "they register models and datasets (docs/custom.md)", group="models")
+    allow_weak_teacher: bool = _f(False, "distil from a teacher at chance level on val or recorded for other "
+                                         "data", group="distillation")
     progress: bool | None = _f(None, "show progress bars (default: when stderr is a terminal)")
     tensorboard: bool = _f(True, "write TensorBoard events")
     wandb: bool = _f(False, "also log to Weights & Biases (honours WANDB_MODE=offline)")
@@ -163,6 +172,7 @@ _HINTS: dict[str, Any] = typing.get_type_hints(Config)
 # Keys that only steer this process and never change what a run computes.
 VOLATILE_KEYS = frozenset({"out", "progress", "overwrite", "resume", "num_workers", "log_every", "tensorboard",
                            "checkpoint_every", "wandb", "data_hash"})
+VOLATILE_KEYS = VOLATILE_KEYS | {"quiet", "line_every", "line_seconds", "allow_weak_teacher"}  # issue 15
 # Keys that steer the machine, not what a run computes: runs that differ only in these are the same run
 # (a sweep cell, a cached teacher).
 MACHINE_KEYS = VOLATILE_KEYS | {"cache_dir", "data_root", "device", "threads", "teacher_store", "compile"}
@@ -412,6 +422,8 @@ def validate(cfg: Config) -> None:
            "false unless --optimizer sgd with --momentum > 0")
     _check(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", cfg.grad_clip, "a number > 0 (or unset)")
     _check(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "a whole number >= 0")
+    _check(cfg.line_every >= 0, "line_every", cfg.line_every, "a whole number >= 0 (0: off)")
+    _check(cfg.line_seconds >= 0, "line_seconds", cfg.line_seconds, "a number of seconds >= 0 (0: off)")
     _check(cfg.num_workers is None or cfg.num_workers >= 0, "num_workers", cfg.num_workers, "a number >= 0")
     _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device", cfg.device,
            "auto, cpu, cuda, cuda:N or mps")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from distillistic.config import Config
 from distillistic.experiments.report import format_table, summarize_runs
+from distillistic.fileio import atomic_write_json
 from distillistic.training.run import train
 
 DEMO_ALGOS: dict[str, dict[str, object]] = {
@@ -21,13 +22,17 @@ DEMO_ALGOS: dict[str, dict[str, object]] = {
 def run_demo(out: str, seeds: int = 3, epochs: int = 12, algos: list[str] | None = None) -> str:
     """Train each algorithm on ``digits`` with ``seeds`` seeds; return the results table (markdown)."""
     base = Config(dataset="digits", model="cnn", epochs=epochs, batch_size=64, lr=3e-3, progress=False,
-                  tensorboard=False, overwrite=True, cache_dir=str(Path(out) / "cache"))
+                  tensorboard=False, overwrite=True, cache_dir=str(Path(out).resolve() / "cache"))
     runs: dict[str, list[Path]] = {}
+    cells: list[dict[str, object]] = []  # plan.json: 'distillistic report' labels the cells by these names
     for label, settings in DEMO_ALGOS.items():
         if algos and label.split(" ")[0] not in algos and label not in algos:
             continue
         for seed in range(seeds):
             folder = Path(out) / label.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
+            cells.append({"name": f"{folder.parent.name}/{folder.name}", "settings": {"variant": label, "seed": seed}})
+            Path(out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(out) / "plan.json", {"source": "distillistic demo", "cells": cells})
             train(base.replace(seed=seed, out=str(folder), **settings))
             runs.setdefault(label, []).append(folder)
     return format_table(summarize_runs(runs))

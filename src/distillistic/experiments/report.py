@@ -81,9 +81,17 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, s
             if "summary.json" in files or ("config.yaml" in files and "metrics.jsonl" in files):
                 subdirs[:] = []  # a run folder holds no further runs
                 try:
-                    runs.setdefault(folder.resolve(), _read_run(folder))
+                    run = _read_run(folder)
                 except ValueError as e:
-                    skipped.append((folder, str(e)))
+                    if not is_cached_teacher(folder):
+                        skipped.append((folder, str(e)))
+                    continue
+                if is_cached_teacher(folder, run.config) and folder != root:
+                    continue  # a teacher trained first into the cache (a demo's or a sweep's): not a cell
+                variant = variant_name(folder)
+                if variant is not None:
+                    run.config = {**run.config, "variant": variant}
+                runs.setdefault(folder.resolve(), run)
             else:
                 subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
     if not runs:
@@ -92,6 +100,40 @@ def find_runs(dirs: Sequence[str | Path]) -> tuple[list[Run], list[tuple[Path, s
         raise UserError(f"report: no completed run directories (with summary.json) under {where}{why}; "
                         "pass the --out of 'distillistic sweep' or of 'distillistic train'")
     return list(runs.values()), skipped
+
+
+def is_cached_teacher(folder: Path, config: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``folder`` is a teacher trained first into a cache (``<cache_dir>/teachers/<arch>-<hash>``)."""
+    if config is None:
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return False
+    if not isinstance(config, Mapping) or not config.get("out"):
+        return False
+    cache = config.get("cache_dir") or os.environ.get("DISTILLISTIC_CACHE") or "~/.cache/distillistic"
+    teachers = (Path(cache).expanduser() / "teachers").resolve()
+    out = Path(str(config["out"])).expanduser()
+    moved = folder.parent.name == out.parent.name == "teachers" and folder.name == out.name  # relative paths
+    return moved or out.resolve().parent == teachers
+
+
+def variant_name(folder: Path) -> str | None:
+    """The name a sweep (or the demo) gave this run's cell in its ``plan.json`` (``variants:``), or None."""
+    for depth, plan_dir in enumerate([folder.parent, folder.parent.parent]):
+        plan = plan_dir / "plan.json"
+        if not plan.is_file():
+            continue
+        try:
+            cells = json.loads(plan.read_text()).get("cells", [])
+        except (OSError, ValueError, AttributeError):
+            return None
+        name = folder.name if depth == 0 else f"{folder.parent.name}/{folder.name}"
+        for cell in cells if isinstance(cells, list) else []:
+            if isinstance(cell, dict) and cell.get("name") == name:
+                variant = (cell.get("settings") or {}).get("variant")
+                return str(variant) if variant is not None else None
+    return None
 
 
 # --- cells and their labels ----------------------------------------------------------------------------
@@ -183,12 +225,21 @@ def summarize_runs(groups: Mapping[str, Sequence[Path]], part: str = "test") -> 
     """One row per named group of runs (e.g. one algorithm over seeds): mean and std of each metric."""
     rows = []
     for label, runs in groups.items():
-        metrics = [m for m in (student_metrics(read_summary(r), part) for r in runs) if m]
-        row: dict[str, Any] = {"label": label, "n": len(metrics)}
-        for key in METRICS:
-            row[key], row[f"{key}_std"], _ = mean_std([m.get(key) for m in metrics])
-        rows.append(row)
+        summaries = [read_summary(r) for r in runs]
+        cohort = any("cohort_mean" in s for s in summaries)
+        views = [(f"{label} (cohort mean)", student_metrics), (f"{label} (ensemble)", _ensemble)] if cohort else [
+            (label, student_metrics)]
+        for name, pick in views:
+            metrics = [m for m in (pick(s, part) for s in summaries) if m]
+            row: dict[str, Any] = {"label": name, "n": len(metrics)}
+            for key in METRICS:
+                row[key], row[f"{key}_std"], _ = mean_std([m.get(key) for m in metrics])
+            rows.append(row)
     return rows
+
+
+def _ensemble(summary: Mapping[str, Any], part: str = "test") -> dict[str, float] | None:
+    return (summary.get("models", {}).get("ensemble") or {}).get(part)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from distillistic.experiments.grid import value_text
 
 # When several keys tell cells apart equally well, the label names the first of these.
-LABEL_PRIORITY = ("algo", "virtual_smooth", "model", "teacher", "student_resolution", "temperature", "alpha",
+LABEL_PRIORITY = ("variant", "algo", "virtual_smooth", "model", "teacher", "student_resolution", "temperature", "alpha",
                   "students", "divergence", "dataset", "teacher_weights", "epochs", "lr", "batch_size")
 
 
@@ -109,7 +109,8 @@ def minimal_labels(items: Sequence[Mapping[str, Any]]) -> list[str]:
         # key's value: "algo=kd" stays short while "algo=tfkd, virtual_smooth=true" needs its second key.
         peers = [o for o in items if _text(o.get(chosen[0])) == _text(item.get(chosen[0]))]
         keys = [chosen[0], *(k for k in chosen[1:] if len({_text(o.get(k)) for o in peers}) > 1)]
-        labels.append(", ".join(f"{k}={value_text(item.get(k))}" for k in keys))
+        labels.append(", ".join(str(item.get(k)) if k == "variant" else f"{k}={value_text(item.get(k))}"
+                                for k in keys))
     return labels
 
 

@@ -34,6 +34,7 @@ from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
 from distillistic.training.checkpoint import unwrap
+from distillistic.training.lines import prefix
 from distillistic.training.runtime import Runtime
 
 
@@ -218,8 +219,8 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
         meters.load_tensors(progress.meters)
         progress.meters = None
     steps = len(loader)
-    bar = tqdm(total=steps, initial=progress.step, desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
-               disable=not task.show_progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=progress.step, desc=f"{prefix()}epoch {progress.epoch + 1}/{cfg.epochs}",
+               disable=not task.show_progress, leave=True, dynamic_ncols=True)
     start = time.perf_counter() - progress.epoch_seconds
     for batch in task.views.prepare(loader.epoch(progress.epoch, progress.step)):
         train_step(task, batch, (progress.epoch + progress.step / steps) / cfg.epochs, meters)

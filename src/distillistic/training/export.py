@@ -8,6 +8,7 @@ loaded without any pickle. Each file carries, as JSON in its metadata, the stude
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,11 @@ def export_run(run_dir: Path, out: Path | None = None, which: str = "best", over
                               "finished yet" + (" (try --which last)" if which == "best" else ""))
     out = out if out is not None else run_dir / "export"
     planned: list[tuple[Path, dict[str, Tensor], dict[str, Any]]] = []
+    try:  # the inputs the students read: size, channels, normalisation (recorded since issue 15)
+        data = json.loads((run_dir / "manifest.json").read_text()).get("dataset") or {}
+    except (OSError, ValueError, AttributeError):
+        data = {}
+    inputs = {k: data[k] for k in ("image_size", "channels", "mean", "std", "name") if k in data}
     for source in sources:
         ckpt = load(source)
         check_format(ckpt, source)
@@ -48,7 +54,7 @@ def export_run(run_dir: Path, out: Path | None = None, which: str = "best", over
         for name, state in models.items():
             epoch = ckpt["epoch"] if "epoch" in ckpt else (ckpt.get("progress") or {}).get("epoch")
             meta = {"name": name, "arch": arch.get(name), "num_classes": ckpt.get("num_classes"),
-                    "config": ckpt.get("config"), "which": which, "epoch": epoch}
+                    "config": ckpt.get("config"), "which": which, "epoch": epoch, "inputs": inputs}
             planned.append((out / f"{name}.safetensors", state, meta))
     existing = [str(p) for p, _, _ in planned if p.exists()]
     if existing and not overwrite:

@@ -29,6 +29,8 @@ from distillistic.training.engine import Member, Progress, Task, evaluate, evalu
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
+from distillistic.training.talk import Talk, say, start_line
+from distillistic.training.teacher_check import check_teacher
 
 log = logging.getLogger("distillistic")
 
@@ -158,6 +160,11 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
             log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
         else:
             log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
+    show = rt.is_main and not cfg.quiet  # issue 15: a run that talks
+    if show:
+        say("%s", start_line(task, torch.get_num_threads()))
+    if progress.global_step == 0:
+        check_teacher(task, extra["teacher_source"])  # before anything is written
     rundir.open(info, task, progress)
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
@@ -168,7 +175,7 @@ def _run(cfg: Config, rt: Runtime) -> RunResult:
         previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
     checkpointed = True  # whether last.pt holds the state at the stop
     try:
-        finished = fit(task, progress, rundir)
+        finished = fit(task, progress, Talk(rundir, task, progress, show))
     except RuntimeError as e:
         # A SIGTERM sent to the whole process group also ends the data-loading workers, and the loader
         # raises: the step cannot finish, so the run stops at the checkpoint it already has.

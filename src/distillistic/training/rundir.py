@@ -162,7 +162,8 @@ class RunDir:
             "command": sys.argv, "device": str(self.rt.device), "precision": self.rt.precision,
             "world_size": self.rt.world_size, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
             "dataset": {"name": info.dataset, "root": info.root, "checksum": info.checksum, "sizes": info.sizes,
-                        "num_classes": info.num_classes, "image_size": info.image_size},
+                        "num_classes": info.num_classes, "image_size": info.image_size,
+                        "channels": info.channels, "mean": info.mean, "std": info.std},  # to normalise inputs later
             "objective": str(task.objective),
             "start_time": previous.get("start_time", _now()), "end_time": None,
             "resumed_at": [*previous.get("resumed_at", []), *([_now()] if resumed else [])],
@@ -243,6 +244,12 @@ class RunDir:
                                 | {"epoch": row["epoch"]})
         if self._tb is not None:
             self._tb.flush()
+
+    def log_step(self, step: int, values: dict[str, float]) -> None:
+        """Per-step scalars (``train_step/<key>``) at the progress-line interval (issue 15)."""
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"train_step/{key}", value, step)
 
     def save_last(self, task: Task, progress: Progress, meters: TrainMeters | None = None) -> None:
         """Everything needed to continue exactly: models, optimisers, schedules, scaler, RNG, progress.

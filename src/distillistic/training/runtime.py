@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from distillistic.config import Config
 from distillistic.errors import ConfigError
+from distillistic.training.cores import default_threads
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,8 +125,7 @@ def resolve_runtime(cfg: Config) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or default_threads())  # the cores free to this run (issue 15)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

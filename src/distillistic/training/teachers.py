@@ -27,6 +27,7 @@ from distillistic.data.loader import DataInfo
 from distillistic.errors import UserError
 from distillistic.models.builders import build_model
 from distillistic.training.checkpoint import load_model_weights
+from distillistic.training.lines import prefixed
 from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import derived_seed
 
@@ -95,7 +96,8 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
         dist.broadcast_object_list(done, src=0)
         if not done[0]:
             log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
-            train(recipe.replace(out=str(folder)))
+            with prefixed("teacher"):
+                train(recipe.replace(out=str(folder)))
         dist.barrier()
         return folder
     with (folder.parent / f"{folder.name}.lock").open("w") as lock:
@@ -104,7 +106,8 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
             log.info("teacher: reusing %s", folder)
         else:
             log.info("teacher: training %s first (%d epochs) into %s", recipe.model, recipe.epochs, folder)
-            train(recipe.replace(out=str(folder)))
+            with prefixed("teacher"):
+                train(recipe.replace(out=str(folder)))
     return folder
 
 
