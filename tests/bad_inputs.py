@@ -229,6 +229,11 @@ CASES: list[Case] = [
          lambda ws: ws.train("--algo", "tfkd", "--temperature", "0")),
     Case("dml-one-student", "config value", "DML with one student",
          lambda ws: ws.train("--algo", "dml", "--students", "1")),
+    Case("ema-range", "config value", "an EMA decay outside (0, 1)", lambda ws: ws.train("--ema", "1")),
+    Case("ban-zero-generations", "config value", "born-again networks with 0 generations",
+         lambda ws: ws.train("--algo", "ban", "--generations", "0")),
+    Case("pcl-with-ema", "config value", "--ema with pcl, which keeps EMA copies already",
+         lambda ws: ws.train("--algo", "pcl", "--ema", "0.99")),
     Case("virtual-p-low", "config value", "Tf-KD's p not above 1/K (data-dependent)",
          lambda ws: ws.train("--algo", "tfkd", "--virtual-p", "0.05")),
     # logit-based methods (issue 10)

@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dml_e": {"algo": "dml_e", "students": 3},
     "tfkd": {"algo": "tfkd"},
     "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
+    "pcl": {"algo": "pcl", "students": 2},
+    "ban": {"algo": "ban", "generations": 2, "allow_weak_teacher": True},  # 3 steps: generation 2's teacher is weak
+    "baseline_ema": {"algo": "baseline", "ema": 0.9},
     # logit-based methods (issue 10)
     "ls": {"algo": "ls"},
     "dkd": {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"},

@@ -55,6 +55,9 @@ FORMULAS = {
     ("dml", (("temperature", 3.0), ("alpha", 0.3), ("alpha_warmup", 0.2), ("divergence", "js"))):
         "L = 0.7·CE(z, y) + 0.3·mean_(j≠i) 3²·JS(softmax(z_j/3) ‖ softmax(z/3)), alpha rising from 0 over the "
         "first 20% of training",
+    ("pcl", ()): "L = CE(z, y) + r(p)·3²·KL(mean_(j≠i) softmax(z'_j/3) ‖ softmax(z/3)), z'_j = EMA(0.999) of "
+                 "student j, r ramping up over 25% of training",
+    ("ban", ()): "L = CE(z, y)",  # generation 1; generation g is kd from generation g - 1 (test_ema_methods.py)
     # logit-based methods (issue 10)
     ("ls", ()): "L = CE((1-0.1)·onehot(y) + 0.1/K, softmax(z))",
     ("dkd", ()): "L = CE(z, y) + min(p/0.0833, 1)·4²·(1·TCKD + 8·NCKD)(softmax(t/4) ‖ softmax(z/4))",

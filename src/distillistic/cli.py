@@ -184,7 +184,7 @@ def _train(args: argparse.Namespace) -> int:
     elif status == "interrupted" and os.environ.get("RANK", "0") == "0":
         reason = result.summary.get("reason")
         resume = (f"; resume with: {resume_command(args.argv)}"
-                  if (result.out / "checkpoints" / "last.pt").is_file() else "")
+                  if any(result.out.glob("**/checkpoints/last.pt")) else "")  # or a generation's (ban)
         if result.summary.get("stage") == "teacher":  # nothing distilled yet: the same command resumes both
             resume = f"; nothing was distilled from it; resume both with: {resume_command(args.argv, same=True)}"
         print(f"distillistic: {reason}{resume}", file=sys.stderr)

@@ -128,6 +128,12 @@ class Config:
     student_resolution: int | None = _f(None, "cross-quality: students read a downscaled view of this size")
     teacher_resolution: int | None = _f(None, "cross-quality: teacher view size (default: the dataset's)")
     teacher_store: str = _f("auto", "store of frozen-teacher outputs: auto (cache folder), off, or a DIR")
+    # --- EMA copies, PCL temporal mean teachers, born-again generations (issue 10) -------------------
+    ema: float | None = _f(None, "keep an EMA copy of every student with this decay in (0, 1), evaluated, "
+                                 "selected and exported beside it (default: off)")
+    pcl_decay: float = _f(0.999, "pcl: EMA decay of each student's temporal mean teacher, in (0, 1)")
+    pcl_rampup: float = _f(0.25, "pcl: share of training over which the consistency weight ramps up, in [0, 1]")
+    generations: int = _f(3, "ban: born-again generations, each taught by the one before (generation 1: baseline)")
     # --- optimisation ------------------------------------------------------------------------------
     epochs: int = _f(20, "training epochs")
     batch_size: int = _f(128, "global batch size (split across processes)")
@@ -504,6 +510,11 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")
     _check(cfg.student_weights != "train", "student_weights", "train", "imagenet, random or a checkpoint path")
+    # EMA copies, PCL, born-again (issue 10)
+    _check(cfg.ema is None or 0.0 < cfg.ema < 1.0, "ema", cfg.ema, "an EMA decay in (0, 1), e.g. 0.999 (or unset)")
+    _check(0.0 < cfg.pcl_decay < 1.0, "pcl_decay", cfg.pcl_decay, "an EMA decay in (0, 1), e.g. 0.999")
+    _check(0.0 <= cfg.pcl_rampup <= 1.0, "pcl_rampup", cfg.pcl_rampup, "a share of training in [0, 1]")
+    _check(cfg.generations > 0, "generations", cfg.generations, "a whole number of generations > 0")
     # logit-based methods (issue 10)
     _check(0.0 <= cfg.label_smoothing < 1.0, "label_smoothing", cfg.label_smoothing, "a number in [0, 1)")
     for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):

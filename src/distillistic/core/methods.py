@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distillistic.config import FIELDS, Config
+from distillistic.core.ema import EmaCopies
 from distillistic.core.features import FeatureProbe
 from distillistic.core.objective import Distill, Objective, Term
 from distillistic.core.signals import Peers, Signal, Virtual
@@ -56,6 +57,10 @@ class Method:
     default_temperature: Callable[[Config], float] = field(default=lambda cfg: 1.0)
     composition: Literal["thesis", "sum"] = "thesis"
     data_check: Callable[[Config, int], None] | None = None
+    # Trained as generations (born-again): their count, and generation g's config (g = 1, 2, ...) taught by the
+    # run directory of generation g - 1 (None for g = 1). Each generation is a run of its own.
+    generations: Callable[[Config], int] | None = None
+    generation: Callable[[Config, int, str | None], Config] | None = None
     supervised: Callable[[Config], Term] | None = None  # the term that replaces CE(z, y) (label smoothing)
 
     def check(self, cfg: Config) -> None:
@@ -85,7 +90,9 @@ class Method:
     def objective(self, cfg: Config, ctx: Context) -> Objective:
         terms = self.terms(cfg, ctx)
         ce = self.supervised(cfg) if self.supervised is not None else None
-        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition, ce=ce)
+        companions = (EmaCopies(cfg.ema),) if cfg.ema is not None else ()  # --ema: an EMA copy of every student
+        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition, ce=ce,
+                         companions=companions)
 
 
 METHODS: Registry[Method] = Registry("algorithm")
@@ -162,3 +169,10 @@ def _virtual_p_check(cfg: Config, num_classes: int) -> None:
 def _tfkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))"""
     return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence, _t(cfg)),)
+
+
+# --- methods registered by other modules (they do not import this one: no import cycle) ---------------------
+from distillistic.core import born_again, ema  # noqa: E402
+
+for _module in (ema, born_again):
+    _module.register(method)

@@ -20,8 +20,8 @@ Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scala
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,6 +69,16 @@ class Term(nn.Module):
 
     def after_step(self, inp: StepInputs) -> None:
         """Called once after every optimizer step (EMA copies, memory banks, schedules)."""
+
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
+        """Called once when the students are built, before a resume loads any state: the plain student
+        modules (unwrapped, on the device) and each one's view ``(size, channels, norm)`` (for
+        :func:`~distillistic.core.signals.model_view`; EMA copies start here)."""
+
+    def members(self) -> list[tuple[int, str, nn.Module]]:
+        """Models the term keeps that are evaluated, selected on val, reported and exported like students:
+        ``(student index, name suffix, model)``, e.g. ``(0, "ema", copy)`` -> ``student0_ema``."""
+        return []
 
     def stats(self, i: int) -> dict[str, float]:
         """Values of the term's own state for student ``i`` logged with each epoch's training rows (e.g. a
@@ -133,10 +143,13 @@ class Objective(nn.Module):
     """The terms of a method and their composition (see the module docstring)."""
 
     def __init__(self, terms: tuple[Term, ...] = (), alpha: float = 0.0, alpha_warmup: float = 0.0,
-                 composition: Literal["thesis", "sum"] = "thesis", ce: Term | None = None) -> None:
+                 composition: Literal["thesis", "sum"] = "thesis", ce: Term | None = None,
+                 companions: tuple[Term, ...] = ()) -> None:
         super().__init__()
         self.ce = ce if ce is not None else CrossEntropy()
         self.terms = nn.ModuleList(terms)
+        # Terms that teach nothing (no loss, no weight) but keep state beside the students: EMA copies (--ema).
+        self.companions = nn.ModuleList(companions)
         self.alpha = alpha if terms else 0.0
         self.alpha_warmup, self.composition = alpha_warmup, composition
 
@@ -184,9 +197,21 @@ class Objective(nn.Module):
     def student_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for t in [self.ce, *self.extra] for p in t.student_parameters(i)]
 
+    def _all(self) -> list[Term]:
+        return [self.ce, *self.extra, *self.companions]
+
     def after_step(self, inp: StepInputs) -> None:
-        for t in [self.ce, *self.extra]:
+        for t in self._all():
             t.after_step(inp)
+
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
+        """Every term's :meth:`Term.bind` (once, when the students are built)."""
+        for t in self._all():
+            t.bind(students, views)
+
+    def members(self) -> list[tuple[int, str, nn.Module]]:
+        """Every term's extra evaluated models (see :meth:`Term.members`)."""
+        return [m for t in self._all() for m in t.members()]
 
     def stats(self, i: int) -> dict[str, float]:
         """Every term's :meth:`Term.stats` for student ``i``, merged (logged with the epoch's training rows)."""

@@ -51,6 +51,7 @@ class Member:
     outputs: Callable[[StepInputs], Tensor] | None = None  # evaluation logits if not the model's (a stored teacher)
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # its own input (mean, std); None: the data's
     taps: Tapped | None = None  # hooks on the plain model's stages (feature methods), popped after every forward
+    follows: str | None = None  # a member kept beside a student (its EMA copy): that student's name
 
     @property
     def raw(self) -> nn.Module:
@@ -87,6 +88,9 @@ class Task:
     per_class: bool = False
     teachers: list[Member] = field(default_factory=list)  # every frozen teacher (teacher is teachers[0])
     teacher_temperatures: dict[str, float] = field(default_factory=dict)  # --teacher-calibration: T_cal each
+    # Models the objective keeps beside the students (EMA copies): evaluated, selected on val, reported and
+    # exported like students, never trained by an optimizer nor part of the students' ensemble.
+    members: list[Member] = field(default_factory=list)
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:
@@ -293,6 +297,14 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
     return out
 
 
+def evaluate_all(task: Task, split: str, reliability: bool = False) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` of the students (with their ensemble, for a cohort) and of the task's other members."""
+    out = evaluate(task, task.students, split, ensemble=len(task.students) > 1, reliability=reliability)
+    if task.members:
+        out |= evaluate(task, task.members, split, reliability=reliability)
+    return out
+
+
 def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
     """Held-out rows with the same keys as training rows: ``ce`` is the NLL, training-only terms are null."""
     lrs = {s.name: opt.param_groups[0]["lr"] for s, opt in zip(task.students, task.optimizers)}
@@ -312,10 +324,10 @@ def fit(task: Task, progress: Progress, hooks: Hooks) -> bool:
         rows = train_one_epoch(task, progress, hooks)
         if rows is None:
             return False
-        val = evaluate(task, task.students, "val", ensemble=len(task.students) > 1)
+        val = evaluate_all(task, "val")
         rows += val_rows(task, val, task.objective.alpha_at((progress.epoch + 1) / task.cfg.epochs))
         improved = []
-        for s in task.students:
+        for s in [*task.students, *task.members]:
             best = progress.best.get(s.name)
             if best is None or val[s.name]["top1"] > best["top1"]:
                 progress.best[s.name] = val[s.name] | {"epoch": progress.epoch + 1}

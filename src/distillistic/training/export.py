@@ -22,11 +22,16 @@ def export_run(run_dir: Path, out: Path | None = None, which: str = "best", over
     """Write ``<out>/<student>.safetensors`` for every student of ``run_dir``; return the paths written.
 
     ``which="best"`` exports each student's best-on-val weights (``checkpoints/best-<name>.pt``),
-    ``"last"`` the weights of the latest checkpoint (``checkpoints/last.pt``).
+    ``"last"`` the weights of the latest checkpoint (``checkpoints/last.pt``). A run trained as generations
+    (``ban``) exports every generation's students to ``<out>/gen<g>/``.
     """
     if not run_dir.is_dir():
         raise UserError(f"export: '{run_dir}' is not a directory; pass a run directory of 'distillistic train'")
     folder = run_dir / "checkpoints"
+    generations = sorted(p.parent for p in run_dir.glob("gen*/checkpoints"))
+    if not folder.is_dir() and generations:  # a run trained as generations (ban): each one's students
+        base = out if out is not None else run_dir / "export"
+        return [p for g in generations for p in export_run(g, base / g.name, which, overwrite)]
     sources = sorted(folder.glob("best-*.pt")) if which == "best" else [folder / "last.pt"]
     sources = [p for p in sources if p.is_file()]
     if not sources:

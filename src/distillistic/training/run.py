@@ -28,7 +28,7 @@ from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
-from distillistic.training.engine import Member, Progress, Task, evaluate, fit
+from distillistic.training.engine import Member, Progress, Task, evaluate, evaluate_all, fit
 from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.rundir import RunDir, restore_state
@@ -56,6 +56,10 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)
     try:
+        if METHODS.get(cfg.algo).generations is not None:  # born-again: one run directory per generation
+            from distillistic.training.generations import train_generations
+
+            return RunResult(Path(cfg.out), cfg, train_generations(cfg, rt, _run, build_task))
         return _run(cfg, rt)
     finally:
         rt.close()
@@ -118,6 +122,10 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     taps = attach_taps_for(cfg, objective, raw_students, first)
     students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels),
                        norm=MODELS.get(a).norm, taps=tap) for n, m, a, tap in zip(names, raw_students, archs, taps)]
+    objective.bind([s.raw for s in students], [(s.view_size, s.channels, s.norm) for s in students])
+    members = [Member(f"{students[i].name}_{suffix}", model, students[i].view_size, students[i].channels,
+                      norm=students[i].norm, follows=students[i].name)
+               for i, suffix, model in objective.members()]  # EMA copies: evaluated and exported like students
     per_process = cfg.batch_size // rt.world_size
     imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
     assert cfg.data_seed is not None
@@ -143,7 +151,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
-                teachers=teachers.members if teachers else [])
+                teachers=teachers.members if teachers else [], members=members)
     if teachers is not None and cfg.teacher_calibration == "temperature":  # before the stores: T_cal is in their keys
         from distillistic.training.teacher_calibration import calibrate_teachers
 
@@ -284,22 +292,22 @@ def interrupt_on_sigterm(also_sigint: bool = False) -> Iterator[None]:
 
 
 def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:
-    """Test metrics at the last epoch and at each student's best-on-val epoch, and the teacher's."""
+    """Test metrics at the last epoch and at each student's (and member's) best-on-val epoch, and the teacher's."""
     task.rt.barrier()  # rank 0 wrote the best checkpoints every rank reads below
     cohort = len(task.students) > 1
     has_test = len(task.loaders["test"].sampler.labels) > 0
     final: dict[str, dict[str, Any]] = {}
     if has_test:
-        for name, m in evaluate(task, task.students, "test", ensemble=cohort, reliability=True).items():
+        for name, m in evaluate_all(task, "test", reliability=True).items():
             final.setdefault(name, {})["test_last"] = m
-    for s in task.students:  # switch every student to its best-on-val weights
+    for s in [*task.students, *task.members]:  # switch every student (and member) to its best-on-val weights
         state, _ = read_state_dict(rundir.best_path(s.name))
         unwrap(s.model).load_state_dict(state)
     if cohort:
         val = evaluate(task, task.students, "val", ensemble=True)
         final.setdefault("ensemble", {})["val_best"] = val["ensemble"] | {"epoch": None}
     if has_test:
-        for name, m in evaluate(task, task.students, "test", ensemble=cohort, reliability=True).items():
+        for name, m in evaluate_all(task, "test", reliability=True).items():
             final.setdefault(name, {})["test"] = m
     if task.teacher is not None:
         splits = ["val", "test"] if has_test else ["val"]

@@ -260,7 +260,7 @@ class RunDir:
 
     def after_epoch(self, task: Task, progress: Progress, rows: list[dict[str, Any]], improved: list[str]) -> None:
         if self.rt.is_main:
-            for s in task.students:
+            for s in [*task.students, *task.members]:
                 if s.name in improved:
                     save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: _archs(task)[s.name]},
                           "num_classes": task.num_classes, "epoch": progress.epoch,
@@ -307,8 +307,9 @@ class RunDir:
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
                                                    "epoch_images")}
+        evaluated = [*task.students, *task.members]  # members (EMA copies) too, for export; restored via "terms"
         save({"kind": "last", "config": self.cfg.to_dict(), "arch": _archs(task),
-              "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in task.students},
+              "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in evaluated},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
               "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),
@@ -338,9 +339,10 @@ class RunDir:
 
 
 def _archs(task: Task) -> dict[str, str]:
-    """Each student's architecture (a mixed cohort lists them in ``students``)."""
+    """Each student's architecture (a mixed cohort lists them in ``students``), and each member's (its student's)."""
     names = [s.name for s in task.students]
-    return dict(zip(names, config_mod.student_archs(task.cfg, len(names))))
+    archs = dict(zip(names, config_mod.student_archs(task.cfg, len(names))))
+    return archs | {m.name: archs[m.follows or ""] for m in task.members}
 
 
 def _tv_version() -> str:

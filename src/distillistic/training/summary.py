@@ -58,7 +58,8 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
     last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
     models: dict[str, Any] = {}
     archs = config_mod.student_archs(cfg, len(task.students))
-    for s, arch in zip(task.students, archs):
+    archs += [archs[[s.name for s in task.students].index(m.follows or "")] for m in task.members]
+    for s, arch in zip([*task.students, *task.members], archs):  # members: EMA copies (student_ema ...)
         mine = final.get(s.name, {})
         models[s.name] = {"test": _metrics(mine.get("test")), "test_last": _metrics(mine.get("test_last")),
                           "val_best": _metrics(progress.best.get(s.name), epoch=True),

@@ -45,7 +45,7 @@ def teacher_recipe(cfg: Config) -> Config:
         teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
         seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
         teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
-        imbalance_class=None,
+        imbalance_class=None, ema=None,  # a teacher keeps no EMA copy
         # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
         # (a baseline ignores them; a student with another alpha must reuse the same teacher).
         alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
