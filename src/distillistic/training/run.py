@@ -196,12 +196,12 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
             log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
         else:
             log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
-    show = rt.is_main and not cfg.quiet  # issue 15: a run that talks
-    if show:
-        say("%s", start_line(task, torch.get_num_threads()))
     if progress.global_step == 0:
         check_teacher(task, extra["teachers"])  # before anything is written
     rundir.open(info, task, progress)
+    show = rt.is_main and not cfg.quiet  # a run that talks; after open: a failure to write stays one line
+    if show:
+        say("%s", start_line(task, torch.get_num_threads()))
     if extra["teacher_outputs"]:
         rundir.note("teacher_outputs", extra["teacher_outputs"])
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
