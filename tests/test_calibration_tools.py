@@ -253,7 +253,7 @@ def test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_o
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "distillistic", "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1",
+           "distillistic", "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1", "--allow-weak-teacher",
            "--teacher-calibration", "temperature", "--dataset", "synthetic", "--synthetic-samples", "300",
            "--model", "mlp", "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress",
            "--no-tensorboard"]

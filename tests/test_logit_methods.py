@@ -295,11 +295,15 @@ def test_every_new_method_trains_on_digits(variant: str, tmp_path: Path, monkeyp
 def test_the_new_methods_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["list", "algos"], capsys)
     assert code == 0
-    listed = out.split(":", 1)[1].replace(",", " ").split()
-    assert set(NEW) <= set(listed)
+    rows = out.splitlines()
+    listed = {line.split()[0] for line in rows if line and not line.startswith(" ")}
+    assert set(NEW) <= listed
     for name in NEW:
         spec = METHODS.get(name)
         assert spec.reference
+        at = next(i for i, line in enumerate(rows) if line.split()[:1] == [name])
+        assert spec.reference in rows[at]
+        assert rows[at + 1].strip() == spec.formula  # the formula beneath its method
         assert spec.formula.startswith("L")
 
 

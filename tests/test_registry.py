@@ -69,7 +69,7 @@ def _torchrun(tmp_path: Path, args: list[str], script: str | None = None) -> sub
     return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
 
 
-SMALL = ["--dataset", "synthetic", "--synthetic-samples", "200", "--image-size", "8", "--model", "mlp",
+SMALL = ["--dataset", "synthetic", "--synthetic-samples", "200", "--image-size", "8", "--model", "cnn",
          "--epochs", "1", "--batch-size", "32", "--no-progress", "--no-tensorboard", "--threads", "1"]
 
 
@@ -88,7 +88,8 @@ def _flags(spec: Method) -> list[str]:
 @pytest.mark.parametrize("name", _family_representatives())
 def test_every_method_family_runs_under_torchrun(name: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = _torchrun(tmp_path, ["train", *_flags(METHODS.get(name)), *SMALL, "--out", str(out)])
+    # One epoch of random-looking data: a trained-first teacher (ban's generation 1) may still be at chance.
+    proc = _torchrun(tmp_path, ["train", *_flags(METHODS.get(name)), *SMALL, "--allow-weak-teacher", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"

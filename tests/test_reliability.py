@@ -330,7 +330,8 @@ def test_a_signal_while_the_teacher_store_writes(sig: str, tmp_path: Path) -> No
     from distillistic.models.builders import build_model
 
     torch.save(build_model("mlp", 10, 1, 8).state_dict(), teacher)
-    args = ["train", *TINY, "--algo", "kd", "--teacher", "mlp", "--teacher-weights", str(teacher), "--out", str(out)]
+    args = ["train", *TINY, "--algo", "kd", "--teacher", "mlp", "--teacher-weights", str(teacher), "--out", str(out),
+            "--allow-weak-teacher"]
     stopped = run_cli(args, fault=f"mid-write-epoch-0000.safetensors:1:{sig}", cache=cache)
     (entry,) = (cache / "teacher-store").iterdir()
     files = list(entry.rglob("epoch-*.safetensors"))
@@ -354,7 +355,7 @@ def test_a_signal_while_the_teacher_store_writes(sig: str, tmp_path: Path) -> No
 def test_a_damaged_cached_teacher_is_trained_again_with_a_warning(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path / "cache"))
-    args = ["train", *TINY, *KD, "--teacher-epochs", "1"]
+    args = ["train", *TINY, *KD, "--teacher-epochs", "1", "--allow-weak-teacher"]
     code, text = run_argv([*args, "--out", str(tmp_path / "a")])
     assert code == 0, text
     (teacher,) = (tmp_path / "cache" / "teachers").glob("mlp-*[!k]")

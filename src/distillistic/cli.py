@@ -244,6 +244,11 @@ def _list(args: argparse.Namespace) -> int:
 
         print("\n".join(model_table(args.num_classes or 1000, args.family)))
         return 0
+    if args.what == "algos":  # every method with its family, reference and formula
+        for name in METHODS.names():
+            spec = METHODS.get(name)
+            print(f"{name:10s} {spec.family:10s} {spec.reference}\n{'':21s}{spec.formula}")
+        return 0
     tables: dict[str, Any] = {"algos": METHODS, "datasets": DATASETS, "models": MODELS, "divergences": DIVERGENCES}
     for name, registry in tables.items():
         if args.what in (None, name):
