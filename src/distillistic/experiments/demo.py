@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from distillistic.config import Config
-from distillistic.experiments.report import format_table, summarize_runs
+from distillistic.experiments.report import format_table, read_summary, summarize_runs
+from distillistic.experiments.results import mean_std, pm
 from distillistic.fileio import atomic_write_json
 from distillistic.training.run import train
 
@@ -35,4 +36,15 @@ def run_demo(out: str, seeds: int = 3, epochs: int = 12, algos: list[str] | None
             atomic_write_json(Path(out) / "plan.json", {"source": "distillistic demo", "cells": cells})
             train(base.replace(seed=seed, out=str(folder), **settings))
             runs.setdefault(label, []).append(folder)
-    return format_table(summarize_runs(runs))
+    return format_table(summarize_runs(runs)) + _teacher_line(runs)
+
+
+def _teacher_line(runs: dict[str, list[Path]]) -> str:
+    """How strong the teachers were: their test top-1 (a KD student can only gain from a better teacher)."""
+    scores = [((read_summary(r).get("models") or {}).get("teacher") or {}).get("test", {}).get("top1")
+              for label, folders in runs.items() for r in folders]
+    found = [s for s in scores if isinstance(s, float)]
+    if not found:
+        return ""
+    mean, std, n = mean_std(found)
+    return f"\n\nteacher (cnn_wide, trained first on the same data): test top-1 {pm(mean, std, 100)} % over {n} runs"
