@@ -201,6 +201,8 @@ def test_demo_report_has_no_teacher_cell_and_uses_its_names(tmp_path: Path) -> N
     assert "dml (cohort mean)" in table
     assert "dml (ensemble)" in table
     assert (tmp_path / "demo" / "cache" / "teachers").is_dir()  # the teacher was trained into the demo folder
+    teacher = json.loads(next((tmp_path / "demo" / "kd").rglob("summary.json")).read_text())["models"]["teacher"]
+    assert f"test top-1 {100 * teacher['test']['top1']:.2f} %" in table  # the table says how strong it was
     out = write_report([tmp_path / "demo"])
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
