@@ -3,6 +3,7 @@ input normalisation, timm students and teachers trained from the CLI (skipped wi
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -125,10 +126,14 @@ def test_pretrained_timm_weights_offline_is_a_clear_error(monkeypatch: pytest.Mo
     ["--algo", "kd", "--model", "mobilenet_v3_small", "--teacher", "timm/resnet10t",
      "--teacher-weights", "random"],  # a timm teacher, a torchvision student
     ["--algo", "kd", "--model", "timm/vit_tiny_patch16_224", "--teacher", "resnet18", "--teacher-weights", "random"],
-    ["--algo", "dml", "--model", "timm/resnet10t", "--students", "2"],  # a cohort of timm students (not mixed yet)
-], ids=["timm-student", "timm-teacher", "timm-vit-student-torchvision-teacher", "timm-dml-cohort"])
+    ["--algo", "dml", "--model", "timm/resnet10t", "--students", "2"],  # a cohort of timm students
+    ["--algo", "dml", "--students", "timm/resnet10t,mobilenet_v3_small"],  # a mixed cohort: timm + torchvision
+], ids=["timm-student", "timm-teacher", "timm-vit-student-torchvision-teacher", "timm-dml-cohort",
+        "timm-torchvision-mixed-cohort"])
 def test_timm_models_train_from_the_cli(argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, out, err = run_cli(["train", *SYNTH, *argv, "--out", str(tmp_path / "run")], capsys)
     assert rc == 0, err
     assert re.search(r"student\d? top1", out), out
-    assert (tmp_path / "run" / "summary.json").is_file()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    if "," in argv[-1]:  # each member of a mixed cohort is recorded with its own architecture
+        assert [summary["models"][f"student{i}"]["arch"] for i in range(2)] == argv[-1].split(",")
