@@ -68,6 +68,8 @@ def test_every_claim_expands_into_valid_cells() -> None:
     from distillistic.experiments.grid import expand
 
     for claim in rp.CLAIMS.values():
+        if claim.measure is not None:  # measured directly, not by a sweep
+            continue
         plan = expand(rp.sweep_spec(claim, overrides={"dataset": "digits"}))
         axes = math.prod(len(v) for v in (claim.grid or {}).values())
         assert len(plan.cells) == len(claim.variants) * len(rp.SEEDS) * axes
@@ -95,3 +97,15 @@ def test_cli_lists_claims_and_refuses_unknown_ones(capsys: pytest.CaptureFixture
     assert rc == 2
     assert len(err) == 1
     assert "holds no MNIST t10k files" in err[0]
+
+
+@pytest.mark.slow
+def test_dml_identity_claim_agrees_in_float64_and_shows_the_float32_gap(tmp_path: Path) -> None:
+    text = rp.reproduce("dml-equals-dml-e", tmp_path, overrides={"dataset": "digits"})
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r[0][2:]) for r in rows] == [1, 2, 3, 4, 5]
+    exact = [float(r[1]) for r in rows]
+    rounded = [float(r[2].rstrip(" |")) for r in rows]
+    assert max(exact) < 1e-9  # the identity: equal gradients, so equal trajectories up to float64 rounding
+    assert rounded[-1] > 1e-7  # float32 rounding, amplified by five AdamW steps of a ResNet-18
+    assert "is exact" in text
