@@ -62,8 +62,10 @@ def _data(data_root: str | None, full: bool) -> dict[str, Any]:
     return {"dataset": "digits"}
 
 
+# The claims are about teaching signals, not augmentation: plain views and enough steps that the students fit
+# (with RandAugment and 3,000 images, 6 epochs leave every model, the baseline too, far under-confident).
 COMMON = {"progress": False, "tensorboard": False, "data_seed": 0, "teacher_seed": 0, "lr": 3e-3,
-          "batch_size": 128, "optimizer": "adamw", "scheduler": "onecycle"}
+          "batch_size": 64, "optimizer": "adamw", "scheduler": "onecycle", "augment": "none"}
 
 
 # --- what each claim's table reads ---------------------------------------------------------------------
