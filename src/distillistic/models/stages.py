@@ -20,7 +20,7 @@ from torch import nn
 
 from distillistic.errors import UserError
 from distillistic.models.cifar import CIFAR_CLASSIFIER, CIFAR_STAGES
-from distillistic.models.taps import EMBEDDING, Taps, torchvision_stages
+from distillistic.models.taps import EMBEDDING, Taps, eval_forward, torchvision_stages
 
 __all__ = ["EMBEDDING", "attach_taps", "feature_shapes", "stage_map", "stage_names"]
 
@@ -67,13 +67,7 @@ def feature_shapes(arch: str, model: nn.Module, wanted: Sequence[str], channels:
     """
     param = next(model.parameters())
     x = torch.zeros(2, channels, size, size, dtype=param.dtype, device=param.device)
-    modes = {m: m.training for m in model.modules()}
     with attach_taps(arch, model, wanted, role) as taps:
-        try:
-            model.eval()
-            model(x)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        eval_forward(model, x)
         captured = taps.pop()
     return {name: tuple(captured[name].shape) for name in wanted}

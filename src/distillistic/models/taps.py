@@ -109,14 +109,8 @@ def _probe_strides(model: nn.Module, candidates: list[str], size: int = 64) -> d
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     param = next(model.parameters())
     x = torch.zeros(1, first_conv.in_channels, size, size, dtype=param.dtype, device=param.device)
-    modes = {m: m.training for m in model.modules()}
     with Taps(model, {c: c for c in candidates}) as taps, torch.no_grad():
-        try:
-            model.eval()
-            model(x)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        eval_forward(model, x)
         shapes = taps.pop()
     return {c: size // shapes[c].shape[-1] for c in candidates}
 
@@ -148,3 +142,15 @@ def torchvision_stages(arch: str, model: nn.Module) -> tuple[dict[str, str], str
     if family == "cnn":  # the max-pools themselves are not stages: the block before each one is
         last = {s: n for s, n in last.items() if not isinstance(model.get_submodule(n), nn.MaxPool2d)}
     return {f"stride{s}": name for s, name in sorted(last.items())}, _HEADS[family]
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward of ``x`` in eval mode (BatchNorm statistics untouched), every module's mode restored after:
+    the dry run that shapes adapters and finds stages leaves the model as it was."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
