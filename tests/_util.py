@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,26 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         rc = int(e.code) if isinstance(e.code, int) else 1
     captured = capsys.readouterr()
     return rc, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+class LocalMirror:
+    """A local HTTP server on 127.0.0.1 over ``folder`` that counts the requests it answers (download tests)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.requests: list[str] = []
+        mirror = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                mirror.requests.append(self.path)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()

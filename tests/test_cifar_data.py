@@ -9,8 +9,6 @@ Python 3's ``pickle.dump(protocol=2)`` with bytes or str keys are read too. torc
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import os
 import pickle
@@ -18,7 +16,6 @@ import pickletools
 import re
 import socket
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from hashlib import md5 as _md5
@@ -29,6 +26,7 @@ import numpy as np
 import pytest
 
 from _cifar_files import py2_pickle
+from _util import LocalMirror
 from distillistic.data import cifar as cifar_data
 from distillistic.data.cifar import CIFAR, ensure_cifar, read_cifar
 from distillistic.errors import DataError
@@ -275,27 +273,6 @@ def test_damaged_and_missing_files(tmp_path: Path) -> None:
 # --- archives and the local HTTP mirror ----------------------------------------------------------------
 
 
-class _Mirror:
-    """A local HTTP server over ``folder`` that counts the requests it answers (as in test_datasets.py)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.requests: list[str] = []
-        mirror = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                mirror.requests.append(self.path)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                                      functools.partial(Handler, directory=str(folder)))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 def make_archive(tmp_path: Path, variant: str) -> tuple[Path, dict[str, Any]]:
@@ -310,16 +287,16 @@ def make_archive(tmp_path: Path, variant: str) -> tuple[Path, dict[str, Any]]:
 
 
 @pytest.fixture
-def cifar_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_Mirror, dict[str, Any]]]:
+def cifar_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalMirror, dict[str, Any]]]:
     archive, written = make_archive(tmp_path, "cifar10")
     monkeypatch.setitem(CIFAR, "cifar10", replace(CIFAR["cifar10"], md5=_md5(archive.read_bytes()).hexdigest()))
-    mirror = _Mirror(archive.parent)
+    mirror = LocalMirror(archive.parent)
     yield mirror, written
     mirror.close()
 
 
 def test_download_checks_md5_extracts_and_reuses(tmp_path: Path,
-                                                cifar_mirror: tuple[_Mirror, dict[str, Any]]) -> None:
+                                                cifar_mirror: tuple[LocalMirror, dict[str, Any]]) -> None:
     mirror, written = cifar_mirror
     root = tmp_path / "data"
     folder = ensure_cifar(root, "cifar10", [mirror.url])
@@ -341,7 +318,7 @@ def test_download_checks_md5_extracts_and_reuses(tmp_path: Path,
     np.testing.assert_array_equal(read_cifar(root, "cifar10", train=True)[0], images)
 
 
-def test_download_with_wrong_md5_is_refused(tmp_path: Path, cifar_mirror: tuple[_Mirror, dict[str, Any]],
+def test_download_with_wrong_md5_is_refused(tmp_path: Path, cifar_mirror: tuple[LocalMirror, dict[str, Any]],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     mirror, _ = cifar_mirror
     monkeypatch.setitem(CIFAR, "cifar10", replace(CIFAR["cifar10"], md5="0" * 32))
@@ -353,7 +330,7 @@ def test_download_with_wrong_md5_is_refused(tmp_path: Path, cifar_mirror: tuple[
 
 
 def test_present_archive_with_wrong_md5_is_reported_not_replaced(
-        tmp_path: Path, cifar_mirror: tuple[_Mirror, dict[str, Any]]) -> None:
+        tmp_path: Path, cifar_mirror: tuple[LocalMirror, dict[str, Any]]) -> None:
     mirror, _ = cifar_mirror
     root = tmp_path / "data"
     root.mkdir()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _util import balanced_labels, class_images, idx_bytes, md5, write_idx, write_idx_split
+from _util import LocalMirror, balanced_labels, class_images, idx_bytes, md5, write_idx, write_idx_split
 from distillistic.config import Config
 from distillistic.data import datasets
 from distillistic.data.datasets import FileSource, TensorSource, read_idx
@@ -295,45 +292,27 @@ def test_corrupt_jpeg_error_names_the_file(tmp_path: Path) -> None:
 # --- fashion-mnist through a local HTTP mirror -----------------------------------------------------------
 
 
-class _Mirror:
-    """A local HTTP server over ``folder`` that counts the requests it answers."""
 
-    def __init__(self, folder: Path) -> None:
-        self.requests: list[str] = []
-        mirror = self
 
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                mirror.requests.append(self.path)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                                      functools.partial(Handler, directory=str(folder)))
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+Mirrored = tuple[LocalMirror, list[str]]  # the mirror and the file names it serves
 
 
 @pytest.fixture
-def fashion_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[_Mirror, list[str]]]:
+def fashion_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mirrored]:
     """Generated Fashion-MNIST-shaped files served over HTTP; FASHION_FILES/MIRRORS point at them."""
     served = tmp_path / "served"
     files = []
     for prefix, per_class in (("train", 6), ("t10k", 2)):
         write_idx_split(served, prefix, balanced_labels(per_class), gz=True, size=28)
         files += [f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"]
-    mirror = _Mirror(served)
+    mirror = LocalMirror(served)
     monkeypatch.setattr(datasets, "FASHION_FILES", tuple((n, md5((served / n).read_bytes())) for n in files))
     monkeypatch.setattr(datasets, "FASHION_MIRRORS", (mirror.url,))
     yield mirror, files
     mirror.close()
 
 
-def test_fashion_mnist_downloads_checks_and_reuses(tmp_path: Path, fashion_mirror: tuple[_Mirror, list[str]]) -> None:
+def test_fashion_mnist_downloads_checks_and_reuses(tmp_path: Path, fashion_mirror: Mirrored) -> None:
     mirror, files = fashion_mirror
     root = tmp_path / "fm"
     bundle = build(dataset="fashion-mnist", data_root=str(root))
@@ -353,7 +332,7 @@ def test_fashion_mnist_downloads_checks_and_reuses(tmp_path: Path, fashion_mirro
     assert again.info.checksum == bundle.info.checksum
 
 
-def test_fashion_mnist_download_with_wrong_md5(tmp_path: Path, fashion_mirror: tuple[_Mirror, list[str]],
+def test_fashion_mnist_download_with_wrong_md5(tmp_path: Path, fashion_mirror: Mirrored,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     files = list(datasets.FASHION_FILES)
     files[2] = (files[2][0], "0" * 32)
@@ -365,7 +344,7 @@ def test_fashion_mnist_download_with_wrong_md5(tmp_path: Path, fashion_mirror: t
     assert not list(root.glob("*.part"))
 
 
-def test_fashion_mnist_present_file_with_wrong_md5(tmp_path: Path, fashion_mirror: tuple[_Mirror, list[str]]) -> None:
+def test_fashion_mnist_present_file_with_wrong_md5(tmp_path: Path, fashion_mirror: Mirrored) -> None:
     mirror, files = fashion_mirror
     root = tmp_path / "fm"
     root.mkdir()
@@ -397,7 +376,7 @@ def test_download_writes_through_a_temporary_file(tmp_path: Path) -> None:
     served.mkdir()
     payload = bytes(range(256)) * 100
     (served / "blob.bin").write_bytes(payload)
-    mirror = _Mirror(served)
+    mirror = LocalMirror(served)
     try:
         dest = tmp_path / "dl" / "blob.bin"
         datasets.download(mirror.url + "blob.bin", dest, md5(payload))
