@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from _util import run_cli
+from _util import run_cli, tiny
 from distillistic import config as config_mod
 from distillistic import train
 from distillistic.config import Config
@@ -351,3 +351,13 @@ def test_resume_with_another_second_teacher_is_refused(tmp_path: Path, capsys: p
     rc, _, err = run_cli([*args, "--resume"], capsys)
     assert rc == 2
     assert "the teacher differs from the one the run started with (cnn,mlp from" in err[0]
+
+
+def test_a_teacher_path_with_a_comma_is_one_teacher(tmp_path: Path) -> None:
+    """A sweep's run directory (``baseline,seed=0``) is one teacher's weights, not two entries; ban in a sweep
+    passes its generations that way."""
+    first = tmp_path / "sweep" / "baseline,seed=0"
+    train(tiny(first, allow_weak_teacher=True))
+    cfg = tiny(tmp_path / "kd", algo="kd", teacher="cnn", teacher_weights=str(first), allow_weak_teacher=True)
+    assert config_mod.teacher_weights_list(setup.resolve(cfg)) == [str(first)]
+    assert train(cfg).summary["status"] == "completed"

@@ -86,7 +86,8 @@ class Config:
     teacher: str | None = _f(None, "teacher architecture (kd; default resnet50), or a list of several "
                                    "(resnet50,resnet34: KD from their mean softened outputs)")
     teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH; "
-                                       "several teachers: one entry per teacher (train,PATH) or one for all")
+                                       "several teachers: one entry per teacher (train,PATH) or one for all "
+                                       "(one teacher's PATH may hold commas)")
     # --- several teachers (issue 9) -----------------------------------------------------------------
     teacher_mix: tuple[float, ...] = _f((), "several teachers: weight of each in the mean of their softened "
                                             "outputs, q = sum_j w_j softmax(t_j/T) (default: equal)")
@@ -573,8 +574,16 @@ def teacher_names(count: int) -> list[str]:
 def teacher_weights_list(cfg: Config) -> list[str]:
     """One ``teacher_weights`` entry per teacher (one entry given for several teachers applies to all)."""
     count = max(1, len(split_names(cfg.teacher)))
-    entries = split_names(cfg.teacher_weights)
+    entries = _weights_entries(cfg.teacher_weights, count)
     return entries * count if len(entries) == 1 else entries
+
+
+def _weights_entries(value: str | None, teachers: int) -> list[str]:
+    """``teacher_weights`` as entries: one teacher's entry is never split, since a path may hold a comma (a
+    sweep's run directory ``runs/x/baseline,seed=0``); several teachers' entries are separated by commas."""
+    if teachers <= 1:
+        return [value.strip()] if value and value.strip() else []
+    return split_names(value)
 
 
 def _validate_cohort_and_teachers(cfg: Config) -> None:
@@ -590,7 +599,7 @@ def _validate_cohort_and_teachers(cfg: Config) -> None:
     teachers = split_names(cfg.teacher)
     if not teachers:
         return
-    weights = split_names(cfg.teacher_weights)
+    weights = _weights_entries(cfg.teacher_weights, len(teachers))
     _check(len(weights) in (1, len(teachers)), "teacher_weights", cfg.teacher_weights,
            f"one entry for all teachers or one per teacher ({len(teachers)}: {','.join(teachers)})")
     _check(not mix or len(mix) == len(teachers), "teacher_mix", list(mix),
