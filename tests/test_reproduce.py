@@ -47,12 +47,17 @@ def test_instability_measures_epoch_to_epoch_changes_and_peer_disagreement() -> 
 
     dml = Group({"algo": "dml"}, [_run(0, 0.9, 0.9, history([0.5, 0.7, 0.6], 0.2), cohort=True)], "algo=dml")
     kd = Group({"algo": "kd"}, [_run(0, 0.9, 0.9, history([0.5, 0.55, 0.6], None))], "algo=kd")
+    pcl_rows = history([0.5, 0.6, 0.65], 0.1) + [  # the EMA copy's rows do not count: smooth by construction
+        {"split": "val", "model": "student0_ema", "top1": v, "epoch": e} for e, v in enumerate([0.1, 0.9, 0.1])]
+    pcl = Group({"algo": "pcl"}, [_run(0, 0.9, 0.9, pcl_rows, cohort=True)], "algo=pcl")
     assert rp._oscillation(dml.runs[0]) == pytest.approx(0.15)  # (0.2 + 0.1) / 2
     assert rp._oscillation(kd.runs[0]) == pytest.approx(0.05)
-    _lines, verdict = rp._instability([kd, dml])
-    assert "DML is the less stable" in verdict
+    assert rp._oscillation(pcl.runs[0]) == pytest.approx(0.075)
+    _lines, verdict = rp._instability([kd, dml, pcl])
+    assert "DML is less stable than KD" in verdict
     assert "15.00" in verdict
     assert "5.00" in verdict
+    assert "7.50" in verdict and "mean teachers steady the cohort" in verdict
 
 
 def test_hinton_verdict_says_when_kd_does_not_win() -> None:
