@@ -293,16 +293,16 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
           {"model": "mlp", "epochs": 6, "temperature": 4.0, "alpha": 0.7, **TEACHER},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"}}, _hinton),
     Claim("tfkd-smoothing", "Does the smoothed virtual teacher make students under-confident, the calibrated "
-          "one not?", {"model": "cnn", "epochs": 6},
+          "one not?", {"model": "mlp", "epochs": 6},
           {"baseline": {"algo": "baseline"}, "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
            "tfkd_calibrated": {"algo": "tfkd", "virtual_smooth": False}}, _smoothing),
     Claim("dml-instability", "Is DML less stable than KD, and do PCL's temporal mean teachers steady it (val accuracy "
           "oscillation, peer disagreement)?",
-          {"model": "cnn", "epochs": 8, **TEACHER},
+          {"model": "mlp", "epochs": 8, **TEACHER},
           {"kd": {"algo": "kd", "temperature": 4.0}, "dml": {"algo": "dml", "students": 2},
            "pcl": {"algo": "pcl", "students": 2, "pcl_decay": 0.99}}, _instability),
     Claim("cross-quality", "Does a full-resolution teacher help students that read downscaled images?",
-          {"model": "cnn", "epochs": 5, **TEACHER},
+          {"model": "mlp", "epochs": 5, **TEACHER},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd", "temperature": 4.0},
            "dml": {"algo": "dml", "students": 2}}, _cross_quality, grid={"student_resolution": [7, 14]}),
     Claim("calibrated-teacher", "Does a temperature-scaled teacher teach better than the raw one (and how does "
