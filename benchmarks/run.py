@@ -2,21 +2,22 @@
 
 One command, one run (``make bench`` = ``python benchmarks/run.py``)::
 
-    python benchmarks/run.py [--only main,methods,store,scaling,pipeline,options,cifar] [--reps 3]
+    python benchmarks/run.py [--only main,methods,features,store,scaling,pipeline,options,cifar] [--reps 3]
                              [--samples 8000]
 
 Sections: ``main`` (kd, dml, tfkd) and ``methods`` (issue 10: dkd, dist, kdcl, pcl) measure (a) against (b)
-below, each workload in a child process of its own; ``store`` adds the teacher-output store to the kd
-workload; ``scaling``, ``pipeline``, ``options`` and ``cifar`` as their headings say. The ``cifar``
-section (issue 13) is resnet32x4 -> resnet8x4 KD (random teacher) on CIFAR-shaped synthetic data
-(3 x 32 x 32, 100 classes, ``--augment cifar``, SGD, batch 64): the same (a) and (b) as below. On a GPU its
-in-memory images live on the device (``data.loader.resident``), so no epoch copies them.
+below, each workload in a child process of its own; ``features`` (issue 11) measures kd, at, fitnet and crd
+end to end in one child process (below); ``store`` adds the teacher-output store to the kd workload;
+``scaling``, ``pipeline``, ``options`` and ``cifar`` as their headings say. The ``cifar`` section (issue 13)
+is resnet32x4 -> resnet8x4 KD (random teacher) on CIFAR-shaped synthetic data (3 x 32 x 32, 100 classes,
+``--augment cifar``, SGD, batch 64): the same (a) and (b) as below. On a GPU its in-memory images live on
+the device (``data.loader.resident``), so no epoch copies them.
 
 What each number contains (every workload: MNIST t10k carved 0.8 / 0.2 / 0.0 = 8,000 train / 2,000 val,
 28 x 28 grayscale expanded to 3 channels, stock torchvision ResNet stems, per-sample RandAugment,
 batch 256 (31 steps, the ragged tail is dropped: 7,936 images), fp32, 2 threads; each method with its
-own defaults: kdcl and pcl a cohort of 2 resnet18, dkd and dist a resnet50 teacher with random
-weights, run live -- ``--teacher-weights random`` is accepted by the weak-teacher check):
+own defaults: kdcl and pcl a cohort of 2 resnet18, dkd, dist and the feature methods a resnet50 teacher
+with random weights, run live -- ``--teacher-weights random`` is accepted by the weak-teacher check):
 
 * **ours (a)**: ``distillistic.training.run.train`` with ``epochs=1`` -- the real API path, run directory,
   TensorBoard and checkpoints included. Its time is the engine's own clock: the training epoch
@@ -42,6 +43,18 @@ weights, run live -- ``--teacher-weights random`` is accepted by the weak-teache
 Repetitions of (a) and (b) alternate (a b, b a, a b, ...) in one process per workload, after a
 two-step warm-up run, and the medians are reported; peak RSS is that process's ``ru_maxrss``.
 Each workload runs in its own child process, so one workload's memory does not count for another.
+
+**features** (issue 11): resnet50 (random weights, live: feature methods read its stages, which the
+teacher-output store does not hold; the store is off for kd too) -> resnet18, the same data and settings
+as the kd workload, each method with its defaults (at: every spatial stage both share, beta 1000;
+fitnet: stage2, beta 100; crd: 16,384 negatives or the training split - 1, beta 0.8; no added KD term).
+In one child process: a two-step warm-up run of each method, then ``--reps`` end-to-end runs of each, in
+alternating order (kd at fitnet crd, crd fitnet at kd, ...), each run building its own models. Reported
+per method: the median of the engine's training-epoch seconds / steps (ms per step: loading, augmentation,
+the student's forward, the teacher's forward with its taps, the method's terms and adapters, backward,
+step, signals, metrics), its ratio to KD's median (and per repetition, to KD's run of the same
+repetition), the issue's target (at, fitnet <= 1.10x; crd <= 1.25x), the validation seconds apart and
+the run's wall time.
 """
 
 from __future__ import annotations
@@ -74,6 +87,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "pcl": {"algo": "pcl", "model": "resnet18"},
 }
 SECTIONS = {"main": ("kd", "dml", "tfkd"), "methods": ("dkd", "dist", "kdcl", "pcl")}  # (a) against (b)
+FEATURES = ("kd", "at", "fitnet", "crd")  # issue 11: each one's step against KD's, in one process
+FEATURE_TARGETS = {"at": 1.10, "fitnet": 1.10, "crd": 1.25}  # the issue's targets, x KD's step
 
 
 # --- measurements (run inside a child process) ---------------------------------------------------------
@@ -334,9 +349,22 @@ def child_cifar(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def child_features(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """KD and the feature methods end to end in one process: a warm-up run of each, then repetitions in
+    alternating order (kd at fitnet crd, crd fitnet at kd, ...), so that drift of the machine hits all alike."""
+    data = Path(job["data"])
+    cfgs = {m: base_config(data, job["samples"], **KD, algo=m) for m in job["methods"]}
+    for cfg in cfgs.values():
+        warm_up(cfg, scratch)
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in cfgs}
+    for rep in range(job["reps"]):
+        for m in (list(cfgs) if rep % 2 == 0 else list(reversed(cfgs))):
+            results[m].append(end_to_end(cfgs[m], scratch))
+    return {"runs": results, "peak_rss_mb": peak_rss_mb()}
+
 
 CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory,
-            "cifar": child_cifar}
+            "cifar": child_cifar, "features": child_features}
 
 
 # --- orchestration -------------------------------------------------------------------------------------
@@ -381,6 +409,24 @@ def report_main(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ms_per_step(row: dict[str, float]) -> float:
+    return 1000 * row["train_s"] / row["steps"]
+
+
+def report_features(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Per method: the median training ms per step, its ratio to KD's (of the medians, and per repetition)."""
+    kd = runs["kd"]
+    base = statistics.median(ms_per_step(r) for r in kd)
+    lines = ["| method | training ms / step | x KD's step | per repetition x KD | target | val s | run wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        step = statistics.median(ms_per_step(r) for r in rows)
+        paired = " / ".join(f"{ms_per_step(r) / ms_per_step(k):.2f}" for r, k in zip(rows, kd))
+        target = f"<= {FEATURE_TARGETS[name]:.2f}" if name in FEATURE_TARGETS else "-"
+        lines.append(f"| {name} | {step:.1f} | **{step / base:.3f}** | {paired} | {target} | "
+                     f"{med(rows, 'val_s'):.2f} | {med(rows, 'wall_s'):.1f} |")
+    return lines
+
 
 def report_runs(title: str, rows: list[dict[str, Any]], axis: str) -> list[str]:
     lines = [f"| {title} | {axis} | epoch s | val s | ms / training image | img/s |", "|---|---|---|---|---|---|"]
@@ -392,14 +438,16 @@ def report_runs(title: str, rows: list[dict[str, Any]], axis: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="main,methods,store,scaling,pipeline,options,cifar",
+    parser.add_argument("--only", default="main,methods,features,store,scaling,pipeline,options,cifar",
                         help="sections, comma-separated: main (kd, dml, tfkd: a vs b, and one run each in a fresh "
-                             "process for memory), methods (dkd, dist, kdcl, pcl: a vs b), store, scaling, "
-                             "pipeline, options, cifar; or single workloads of main or methods (kd, dml, tfkd, dkd, "
-                             "dist, kdcl, pcl)")
+                             "process for memory), methods (dkd, dist, kdcl, pcl: a vs b), features (kd, at, fitnet, "
+                             "crd end to end in one process: ms per training step and its ratio to kd's, val s "
+                             "apart), store, scaling, pipeline, options, cifar; or single workloads of main or "
+                             "methods (kd, dml, tfkd, dkd, dist, kdcl, pcl)")
     parser.add_argument("--cifar-samples", type=int, default=2000,
                         help="CIFAR section: synthetic 32 px images (80%% train, 20%% val)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload, and of each "
+                        "method's run in the features section")
     parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
     parser.add_argument("--data", default=str(DATASETS), help="folder holding mnist-t10k and imagenet-sample100")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
@@ -440,6 +488,14 @@ def main() -> None:
               "\n|---|---|---|")
         for m in memory:
             print(f"| {m['workload']} | {m['peak_rss_mb']:.0f} | {m['imports_mb']:.0f} |", flush=True)
+    if "features" in only:
+        r = spawn(common | {"kind": "features", "methods": list(FEATURES)})
+        everything["features"] = r
+        steps = r["runs"]["kd"][0]["steps"]
+        print(f"\n## Feature methods against KD (issue 11): resnet50 (random, live) -> resnet18, one epoch of {steps} "
+              f"steps each, {args.reps} repetition(s) alternating in one process (peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB)\n")
+        print("\n".join(report_features(r["runs"])), flush=True)
     if "scaling" in only:
         print("\n## Scaling (one end-to-end epoch each)\n")
         tables = {
