@@ -2,30 +2,59 @@
 
 One command, one run (``make bench`` = ``python benchmarks/run.py``)::
 
-    python benchmarks/run.py [--only main,store,scaling,pipeline,options,cifar] [--reps 3] [--samples 8000]
+    python benchmarks/run.py [--only main,methods,features,store,scaling,pipeline,options,cifar] [--reps 3]
+                             [--samples 8000]
 
-The ``cifar`` section (issue 13) is resnet32x4 -> resnet8x4 KD (random teacher) on CIFAR-shaped synthetic
-data (3 x 32 x 32, 100 classes, ``--augment cifar``, SGD, batch 64): the same (a) and (b) as below.
-On a GPU its in-memory images live on the device (``data.loader.resident``), so no epoch copies them.
+Sections: ``main`` (kd, dml, tfkd) and ``methods`` (issue 10: dkd, dist, kdcl, pcl) measure (a) against (b)
+below, each workload in a child process of its own; ``features`` (issue 11) measures kd, at, fitnet and crd
+end to end in one child process (below); ``store`` adds the teacher-output store to the kd workload;
+``scaling``, ``pipeline``, ``options`` and ``cifar`` as their headings say. The ``cifar`` section (issue 13)
+is resnet32x4 -> resnet8x4 KD (random teacher) on CIFAR-shaped synthetic data (3 x 32 x 32, 100 classes,
+``--augment cifar``, SGD, batch 64): the same (a) and (b) as below. On a GPU its in-memory images live on
+the device (``data.loader.resident``), so no epoch copies them.
 
 What each number contains (every workload: MNIST t10k carved 0.8 / 0.2 / 0.0 = 8,000 train / 2,000 val,
 28 x 28 grayscale expanded to 3 channels, stock torchvision ResNet stems, per-sample RandAugment,
-batch 256 (31 steps, the ragged tail is dropped: 7,936 images), fp32, 2 threads):
+batch 256 (31 steps, the ragged tail is dropped: 7,936 images), fp32, 2 threads; each method with its
+own defaults: kdcl and pcl a cohort of 2 resnet18, dkd, dist and the feature methods a resnet50 teacher
+with random weights, run live -- ``--teacher-weights random`` is accepted by the weak-teacher check):
 
 * **ours (a)**: ``distillistic.training.run.train`` with ``epochs=1`` -- the real API path, run directory,
   TensorBoard and checkpoints included. Its time is the engine's own clock: the training epoch
   (loading, augmentation, every forward/backward/step, signals, metrics) plus the validation pass
-  over 2,000 images. Setup (reading the data, building models, hashing the teacher for the store),
-  the end-of-epoch checkpoint writes and the final evaluation (where the teacher is evaluated once)
-  are *not* in it; they are shown apart as the run's total wall time.
-* **bound (b)**: the same models, built by the same code, on pre-made float tensors: 31 steps of
-  every student's forward, cross-entropy, backward and optimizer step, plus the teacher's forward
-  (KD), then the students' forwards over 2,000 validation images.
+  over 2,000 images: the students' forwards (and the cohort's ensemble), the teacher's forward where
+  there is one (the students' agreement with it), and the forwards of the models kept beside the
+  students (PCL's EMA copies), which the engine evaluates in a second pass. Setup (reading the data,
+  building models, the teacher check, hashing the teacher for the store), the end-of-epoch checkpoint
+  writes and the final evaluation (where the teacher is evaluated once) are *not* in it; they are shown
+  apart as the run's total wall time.
+* **bound (b)**: the same models and optimizers, built by the same code (``run.build_task``), on pre-made
+  float tensors, driven by what the task holds rather than by the algorithm's name: 31 steps of every
+  student's forward, cross-entropy, backward and optimizer step, plus every frozen teacher's forward (kd,
+  dkd, dist), plus, for the models the objective keeps beside the students (``task.members``: PCL's
+  temporal-mean EMA copies, ``--ema``'s), the forward on the batch of each one a term reads (PCL's, under
+  ``no_grad``, ``eval()`` mode) and every copy's update after the optimizer steps (one fused lerp of the
+  parameters, the buffers copied); then the forwards of every model the engine validates (students and
+  members) over 2,000 validation images. Not in (b): the methods' loss arithmetic beyond cross-entropy
+  (KL, DKD, DIST, KDCL's min-logit target: B x K tensors), the teacher's forward on val, metrics. The
+  report lists what (b) ran for each workload.
 * img/s = 7,936 training images / (epoch + validation seconds); ratio = a / b.
 
 Repetitions of (a) and (b) alternate (a b, b a, a b, ...) in one process per workload, after a
 two-step warm-up run, and the medians are reported; peak RSS is that process's ``ru_maxrss``.
-Each section runs in its own child process, so one workload's memory does not count for another.
+Each workload runs in its own child process, so one workload's memory does not count for another.
+
+**features** (issue 11): resnet50 (random weights, live: feature methods read its stages, which the
+teacher-output store does not hold; the store is off for kd too) -> resnet18, the same data and settings
+as the kd workload, each method with its defaults (at: every spatial stage both share, beta 1000;
+fitnet: stage2, beta 100; crd: 16,384 negatives or the training split - 1, beta 0.8; no added KD term).
+In one child process: a two-step warm-up run of each method, then ``--reps`` end-to-end runs of each, in
+alternating order (kd at fitnet crd, crd fitnet at kd, ...), each run building its own models. Reported
+per method: the median of the engine's training-epoch seconds / steps (ms per step: loading, augmentation,
+the student's forward, the teacher's forward with its taps, the method's terms and adapters, backward,
+step, signals, metrics), its ratio to KD's median (and per repetition, to KD's run of the same
+repetition), the issue's target (at, fitnet <= 1.10x; crd <= 1.25x), the validation seconds apart and
+the run's wall time.
 """
 
 from __future__ import annotations
@@ -46,11 +75,20 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
-WORKLOADS = {
-    "kd": {"algo": "kd", "model": "resnet18", "teacher": "resnet50", "teacher_weights": "random"},
+KD = {"model": "resnet18", "teacher": "resnet50", "teacher_weights": "random"}  # a random teacher: fine for speed
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "kd": {"algo": "kd", **KD},
     "dml": {"algo": "dml", "model": "resnet18", "students": 3},
     "tfkd": {"algo": "tfkd", "model": "resnet18"},
+    # issue 10's methods, each with its own defaults (kdcl and pcl: the cohort of 2 they default to)
+    "dkd": {"algo": "dkd", **KD},
+    "dist": {"algo": "dist", **KD},
+    "kdcl": {"algo": "kdcl", "model": "resnet18"},
+    "pcl": {"algo": "pcl", "model": "resnet18"},
 }
+SECTIONS = {"main": ("kd", "dml", "tfkd"), "methods": ("dkd", "dist", "kdcl", "pcl")}  # (a) against (b)
+FEATURES = ("kd", "at", "fitnet", "crd")  # issue 11: each one's step against KD's, in one process
+FEATURE_TARGETS = {"at": 1.10, "fitnet": 1.10, "crd": 1.25}  # the issue's targets, x KD's step
 
 
 # --- measurements (run inside a child process) ---------------------------------------------------------
@@ -78,17 +116,30 @@ def end_to_end(cfg: Any, scratch: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = max(r["epoch"] for r in rows)
     train_row = next(r for r in rows if r["split"] == "train" and r["epoch"] == last)
-    val_row = next(r for r in rows if r["split"] == "val" and r["epoch"] == last)
+    # Validation is one ``evaluate`` call for the students (and their ensemble) and, when the run keeps other
+    # evaluated models (PCL's or --ema's EMA copies), a second one for those: each call's rows share its seconds.
+    val_s = sum({r["seconds"] for r in rows if r["split"] == "val" and r["epoch"] == last and "seconds" in r})
     images = train_row["images_per_second"] * train_row["seconds"]
     shutil.rmtree(out, ignore_errors=True)
-    return {"train_s": train_row["seconds"], "val_s": val_row["seconds"], "wall_s": wall, "images": round(images)}
+    return {"train_s": train_row["seconds"], "val_s": val_s, "wall_s": wall, "images": round(images),
+            "steps": round(images) // cfg.batch_size}
 
 
-def model_math(cfg: Any) -> Callable[[], dict[str, float]]:
-    """The bound: the run's own models and optimizers, on pre-made tensors (built once, timed per call)."""
+def model_math(cfg: Any) -> tuple[Callable[[], dict[str, float]], str]:
+    """The bound: the run's own models and optimizers, on pre-made tensors (built once, timed per call), and
+    what it contains, in words.
+
+    What it runs is read from the task, not from the algorithm's name: every student (forward, cross-entropy,
+    backward, optimizer step); every frozen teacher's forward; the models the objective keeps beside the
+    students (``task.members``: PCL's and ``--ema``'s EMA copies) -- the ones a teaching term reads forwarded on
+    their student's view under ``no_grad`` in ``eval()`` mode, every one updated from its student after the
+    optimizer steps (``θ' ← d·θ' + (1 − d)·θ``, one fused lerp, buffers copied); then every model the engine
+    validates (students and members) over the validation batches.
+    """
     import torch
     import torch.nn.functional as F
 
+    from distillistic.config import student_archs
     from distillistic.training import setup
     from distillistic.training.run import build_task
     from distillistic.training.runtime import resolve_runtime
@@ -101,42 +152,69 @@ def model_math(cfg: Any) -> Callable[[], dict[str, float]]:
     val_sizes = [len(b) for b in task.loaders["val"].sampler.batches(0)]
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
+    teachers = task.teachers or ([task.teacher] if task.teacher is not None else [])
+    by_name = {s.name: s for s in task.students}
+    read = {id(model) for term in task.objective.extra for _, _, model in term.members()}  # a term's targets
+    # (copy, the student it follows, whether a term reads it in training)
+    copies = [(m, by_name[m.follows], id(m.raw) in read) for m in task.members if m.follows is not None]
+    evaluated = [*task.students, *task.members]
 
     def tensor(n: int, size: int | None) -> torch.Tensor:
         s = size or info.image_size
         return torch.randn(n, 3, s, s, generator=g).contiguous(memory_format=fmt)
 
-    x = {m.view_size: tensor(batch, m.view_size) for m in [*task.students, *([task.teacher] if task.teacher else [])]}
+    x = {m.view_size: tensor(batch, m.view_size) for m in [*task.students, *teachers]}
     y = torch.randint(0, k, (batch,), generator=g)
-    val = {m.view_size: [tensor(n, m.view_size) for n in val_sizes] for m in task.students}
+    val = {m.view_size: [tensor(n, m.view_size) for n in val_sizes] for m in evaluated}
+    pairs: list[tuple[list[torch.Tensor], ...]] = [
+        ([*c.raw.parameters()], [p.detach() for p in s.raw.parameters()], [*c.raw.buffers()], [*s.raw.buffers()])
+        for c, s, _ in copies]
+    for ema, src, ema_buffers, src_buffers in pairs:
+        assert len(ema) == len(src), "an EMA copy unlike its student"
+        assert len(ema_buffers) == len(src_buffers), "an EMA copy unlike its student"
+    archs = student_archs(cfg, len(task.students))
+    contains = [f"{len(archs)} x {archs[0]}" if len(set(archs)) == 1 and len(archs) > 1 else " + ".join(archs)]
+    contains += [f"teacher {cfg.teacher} forward (no_grad)"] if teachers else []
+    if copies:
+        forwarded = sum(reads for _, _, reads in copies)
+        contains.append(f"{len(copies)} EMA copies (update{', forward' if forwarded else ''}, val)")
 
     def run() -> dict[str, float]:
         for s in task.students:
             s.model.train()
+        for c, _, _ in copies:
+            c.raw.eval()
         start = time.perf_counter()
         for _ in range(steps):
             with rt.autocast():
                 logits = [s.model(x[s.view_size]) for s in task.students]
-                if task.teacher is not None:
-                    with torch.no_grad():
-                        task.teacher.model(x[task.teacher.view_size])
+                with torch.no_grad():
+                    for t in teachers:
+                        t.model(x[t.view_size])
+                    for c, _, reads in copies:
+                        if reads:
+                            c.raw(x[c.view_size])
                 loss = torch.stack([F.cross_entropy(z.float(), y) for z in logits]).sum()
             for opt in task.optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
             for opt in task.optimizers:
                 opt.step()
+            with torch.no_grad():
+                for ema, src, ema_buffers, src_buffers in pairs:
+                    torch._foreach_lerp_(ema, src, 1.0 - 0.999)
+                    torch._foreach_copy_(ema_buffers, src_buffers)
         mid = time.perf_counter()
         with torch.no_grad(), rt.autocast():
-            for s in task.students:
-                s.raw.eval()
+            for m in evaluated:
+                m.raw.eval()
             for i in range(len(val_sizes)):
-                for s in task.students:
-                    s.raw(val[s.view_size][i])
+                for m in evaluated:
+                    m.raw(val[m.view_size][i])
         end = time.perf_counter()
-        return {"train_s": mid - start, "val_s": end - mid, "images": steps * batch}
+        return {"train_s": mid - start, "val_s": end - mid, "images": steps * batch, "steps": steps}
 
-    return run
+    return run, " + ".join(contains)
 
 
 def warm_up(cfg: Any, scratch: Path) -> None:
@@ -153,9 +231,9 @@ def child_workload(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     name = job["workload"]
     cfg = base_config(Path(job["data"]), job["samples"], **WORKLOADS[name], **job.get("options", {}))
     warm_up(cfg, scratch)
-    bound = model_math(cfg)
+    bound, contains = model_math(cfg)
     variants: dict[str, Callable[[], dict[str, float]]] = {"a": lambda: end_to_end(cfg, scratch), "b": bound}
-    out: dict[str, Any] = {"workload": name}
+    out: dict[str, Any] = {"workload": name, "bound_contains": contains}
     if job.get("store"):
         store_cfg = cfg.replace(teacher_store=str(Path(tempfile.mkdtemp(dir=scratch)) / "store"))
         out["cold"] = [end_to_end(store_cfg, scratch)]  # the first run of a sweep: computes and writes
@@ -261,17 +339,32 @@ def child_cifar(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """(a) and (b) of the CIFAR KD benchmark pair, alternating, after a warm-up run."""
     cfg = cifar_config(job["samples"], **job.get("options", {}))
     warm_up(cfg, scratch)
-    bound = model_math(cfg)
+    bound, contains = model_math(cfg)
     variants: dict[str, Callable[[], dict[str, float]]] = {"a": lambda: end_to_end(cfg, scratch), "b": bound}
     results: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for rep in range(job["reps"]):
         for v in (list(variants) if rep % 2 == 0 else list(reversed(variants))):
             results[v].append(variants[v]())
-    return {"workload": "cifar kd resnet32x4 -> resnet8x4", **results, "peak_rss_mb": peak_rss_mb()}
+    return {"workload": "cifar kd resnet32x4 -> resnet8x4", "bound_contains": contains, **results,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def child_features(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """KD and the feature methods end to end in one process: a warm-up run of each, then repetitions in
+    alternating order (kd at fitnet crd, crd fitnet at kd, ...), so that drift of the machine hits all alike."""
+    data = Path(job["data"])
+    cfgs = {m: base_config(data, job["samples"], **KD, algo=m) for m in job["methods"]}
+    for cfg in cfgs.values():
+        warm_up(cfg, scratch)
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in cfgs}
+    for rep in range(job["reps"]):
+        for m in (list(cfgs) if rep % 2 == 0 else list(reversed(cfgs))):
+            results[m].append(end_to_end(cfgs[m], scratch))
+    return {"runs": results, "peak_rss_mb": peak_rss_mb()}
 
 
 CHILDREN = {"workload": child_workload, "runs": child_runs, "pipeline": child_pipeline, "memory": child_memory,
-            "cifar": child_cifar}
+            "cifar": child_cifar, "features": child_features}
 
 
 # --- orchestration -------------------------------------------------------------------------------------
@@ -311,6 +404,27 @@ def report_main(results: list[dict[str, Any]]) -> list[str]:
                                 ("warm (later runs, reads)", r["warm"])):
                 lines.append(f"| {label} | {rate(rows):.0f} | {rate(rows) / rate(r['a']):.2f}x | "
                              f"{med(rows, 'wall_s'):.1f} |")
+    lines += ["", "bound (b) per step: every student's forward, cross-entropy, backward and optimizer step, plus:"]
+    lines += [f"- {r['workload']}: {r['bound_contains']}" for r in results]
+    return lines
+
+
+def ms_per_step(row: dict[str, float]) -> float:
+    return 1000 * row["train_s"] / row["steps"]
+
+
+def report_features(runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Per method: the median training ms per step, its ratio to KD's (of the medians, and per repetition)."""
+    kd = runs["kd"]
+    base = statistics.median(ms_per_step(r) for r in kd)
+    lines = ["| method | training ms / step | x KD's step | per repetition x KD | target | val s | run wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        step = statistics.median(ms_per_step(r) for r in rows)
+        paired = " / ".join(f"{ms_per_step(r) / ms_per_step(k):.2f}" for r, k in zip(rows, kd))
+        target = f"<= {FEATURE_TARGETS[name]:.2f}" if name in FEATURE_TARGETS else "-"
+        lines.append(f"| {name} | {step:.1f} | **{step / base:.3f}** | {paired} | {target} | "
+                     f"{med(rows, 'val_s'):.2f} | {med(rows, 'wall_s'):.1f} |")
     return lines
 
 
@@ -324,11 +438,16 @@ def report_runs(title: str, rows: list[dict[str, Any]], axis: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="main,store,scaling,pipeline,options,cifar",
-                        help="sections (main, store, scaling, pipeline, options, cifar) or workloads (kd, dml, tfkd)")
+    parser.add_argument("--only", default="main,methods,features,store,scaling,pipeline,options,cifar",
+                        help="sections, comma-separated: main (kd, dml, tfkd: a vs b, and one run each in a fresh "
+                             "process for memory), methods (dkd, dist, kdcl, pcl: a vs b), features (kd, at, fitnet, "
+                             "crd end to end in one process: ms per training step and its ratio to kd's, val s "
+                             "apart), store, scaling, pipeline, options, cifar; or single workloads of main or "
+                             "methods (kd, dml, tfkd, dkd, dist, kdcl, pcl)")
     parser.add_argument("--cifar-samples", type=int, default=2000,
                         help="CIFAR section: synthetic 32 px images (80%% train, 20%% val)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (b) per workload, and of each "
+                        "method's run in the features section")
     parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
     parser.add_argument("--data", default=str(DATASETS), help="folder holding mnist-t10k and imagenet-sample100")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
@@ -349,19 +468,34 @@ def main() -> None:
     print(f"command: python benchmarks/run.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
     everything: dict[str, Any] = {"load_start": load}
     common = {"data": str(data), "samples": args.samples, "reps": args.reps}
-    main_runs = [w for w in WORKLOADS if only & {"main", w} or (w == "kd" and "store" in only)]
-    if main_runs:
+    titles = {"main": "Throughput: ours (a) against the model-math bound (b)",
+              "methods": "Issue 10's methods (DKD, DIST, KDCL, PCL): ours (a) against the model-math bound (b)"}
+    for section, names in SECTIONS.items():
+        workloads = [w for w in names if only & {section, w} or (w == "kd" and "store" in only)]
+        if not workloads:
+            continue
         store = bool(only & {"main", "store"})
-        results = [spawn(common | {"kind": "workload", "workload": w, "store": w == "kd" and store}) for w in main_runs]
-        everything["main"] = results
-        print("\n## Throughput: ours (a) against the model-math bound (b)\n")
+        results = [spawn(common | {"kind": "workload", "workload": w, "store": w == "kd" and store})
+                   for w in workloads]
+        everything[section] = results
+        print(f"\n## {titles[section]}\n")
         print("\n".join(report_main(results)), flush=True)
-        memory = [spawn(common | {"kind": "memory", "workload": w}) for w in main_runs]
+        if section != "main":
+            continue
+        memory = [spawn(common | {"kind": "memory", "workload": w}) for w in workloads]
         everything["memory"] = memory
         print("\n| one run in a fresh process | peak RSS MB | of which imports (torch, torchvision, TensorBoard) |"
               "\n|---|---|---|")
         for m in memory:
             print(f"| {m['workload']} | {m['peak_rss_mb']:.0f} | {m['imports_mb']:.0f} |", flush=True)
+    if "features" in only:
+        r = spawn(common | {"kind": "features", "methods": list(FEATURES)})
+        everything["features"] = r
+        steps = r["runs"]["kd"][0]["steps"]
+        print(f"\n## Feature methods against KD (issue 11): resnet50 (random, live) -> resnet18, one epoch of {steps} "
+              f"steps each, {args.reps} repetition(s) alternating in one process (peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB)\n")
+        print("\n".join(report_features(r["runs"])), flush=True)
     if "scaling" in only:
         print("\n## Scaling (one end-to-end epoch each)\n")
         tables = {
