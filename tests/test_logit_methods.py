@@ -194,7 +194,12 @@ def test_tfkd_self_is_kd_from_the_students_own_architecture() -> None:
     (z,), t, y = _data()
     cfg = setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="cnn"))
     assert (cfg.teacher, cfg.temperature, cfg.students) == ("cnn", 20.0, 1)
-    assert setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="mlp", teacher="cnn")).teacher == "cnn"
+    # another architecture would silently make it KD: refused, naming the fix (a sweep's shared teacher key too)
+    other = setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="mlp", teacher="cnn"))
+    with pytest.raises(UserError, match="own architecture \\('mlp'\\), not by 'cnn'"):
+        setup.check_for_data(other, 10, 8)
+    own = setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="mlp", teacher="mlp"))
+    setup.check_for_data(own, 10, 8)
     out = _run(_objective("tfkd_self", t, temperature=3.0), [z], y)[0]
     assert float(out["tfkd_self"]) == pytest.approx(kd(_np(z), _np(t), 3.0), rel=1e-5)
 

@@ -254,9 +254,16 @@ def _kdcl(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     return (Distill("kdcl", MinLogit(), cfg.divergence, _t(cfg), standardize=cfg.logit_standardize),)
 
 
+def _own_architecture(cfg: Config, num_classes: int) -> None:
+    """Self-training's teacher is the student's own architecture: another one would silently make this KD."""
+    if cfg.teacher != cfg.model:
+        raise UserError(f"tfkd_self is taught by the student's own architecture ('{cfg.model}'), not by "
+                        f"'{cfg.teacher}'; leave --teacher out (or set it to {cfg.model}), or use --algo kd")
+
+
 @method("tfkd_self", "Yuan et al. 2020, Revisiting KD via Label Smoothing Regularization (CVPR): self-training",
         family="self", needs_teacher=True, default_teacher=lambda cfg: cfg.model,
-        default_temperature=lambda cfg: 20.0)
+        default_temperature=lambda cfg: 20.0, data_check=_own_architecture)
 def _tfkd_self(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), t: the student's architecture trained first"""
     assert ctx.teacher is not None
