@@ -248,6 +248,10 @@ CASES: list[Case] = [
                              "--temperature", "4")),
     Case("kdcl-one-student", "config value", "KDCL with one student",
          lambda ws: ws.train("--algo", "kdcl", "--students", "1")),
+    Case("peer-views-no-cohort", "config value", "independent views for a method without a cohort",
+         lambda ws: ws.train("--peer-views", "independent")),
+    Case("peer-views-no-augment", "config value", "independent views of in-memory data without augmentation "
+         "(data-dependent)", lambda ws: ws.train("--algo", "kdcl", "--peer-views", "independent")),
     Case("standardize-no-logits", "config value", "logit standardisation for a method without a logit signal",
          lambda ws: ws.train("--algo", "tfkd", "--logit-standardize")),
     Case("resolution-too-large", "config value", "a student resolution above the input size",

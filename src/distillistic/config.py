@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_init": ("random", "imagenet"),
     "data_hash": ("content", "listing"),
     "teacher_calibration": ("none", "temperature"),
+    "peer_views": ("shared", "independent"),
 }
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
@@ -98,6 +99,9 @@ class Config:
     alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2)")
     temperature: float | None = _f(None, "softmax temperature T (default: 20 for kd and smoothed tfkd, else 1)")
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
+    peer_views: str = _f("shared", "cohort methods (dml, dml_e, kdcl, pcl): shared (every student reads the same "
+                                   "augmented view of a sample) or independent (student m reads its own, keyed by "
+                                   "(data seed, epoch, index, m), as KDCL and PCL train)")
     # --- feature distillation: fitnet, at, rkd, sp, crd (stages: stage1..stageN, embedding) ----------
     feature_weight: float | None = _f(None, "feature methods: weight of the feature term (default: the paper's: "
                                             "fitnet 100, at 1000, rkd 1, sp 3000, crd 0.8)")

@@ -7,8 +7,11 @@ student logits ``z`` ``[B, K]``, frozen teacher logits ``t`` ``[B, K]``, labels 
 sample before the temperature in every method here that has such a signal (dkd, dist, ctkd, kdcl), as
 :class:`~distillistic.core.objective.Distill` does for kd, dml and dml_e.
 
-Deliberately left out: ``--peer-views independent`` for kdcl (each student reading its own augmented view)
-needs per-student views in the loop and the view maker; the cohort shares one augmented view here.
+KDCL's students read differently augmented copies of the same images (Guo et al. 2020, sec. 3.1): with
+``--peer-views independent`` (any cohort method: dml, dml_e, kdcl, pcl) student ``m`` reads its own augmented
+view of each sample, keyed by ``(data_seed, epoch, index, m)`` (:mod:`distillistic.data.views`), and
+:class:`MinLogit`'s target is computed per sample from the logits each student gave on its own view. By
+default (``shared``) the cohort shares one augmented view.
 
 Imported by ``distillistic/core/__init__.py``, so that :data:`METHODS` is complete whoever imports it.
 """
@@ -176,7 +179,8 @@ class CTKDTerm(TeacherLogitTerm):
 
 class MinLogit:
     """KDCL-MinLogit's ensemble target (Guo et al. 2020, sec. 3.2), shared by every member of the cohort:
-    ``softmax(min_m (z^m − z^m_y) / T)`` from the members' detached logits."""
+    ``softmax(min_m (z^m − z^m_y) / T)`` from the members' detached logits (each on its own view of the sample
+    with ``--peer-views independent``)."""
 
     pairwise = False
 

@@ -64,11 +64,17 @@ class Method:
     supervised: Callable[[Config], Term] | None = None  # the term that replaces CE(z, y) (label smoothing)
 
     def check(self, cfg: Config) -> None:
-        """Refuse a cohort too small for the method, and another method's parameters set to non-defaults."""
+        """Refuse a cohort too small for the method, independent views outside a cohort, and another method's
+        parameters set to non-defaults."""
         n = student_count(cfg)
         if n is not None and n < self.min_students:
             raise ConfigError("students", cfg.students,
                               f"at least {self.min_students} for {self.name} (each student learns from its peers)")
+        if cfg.peer_views != "shared" and self.family != "cohort":
+            cohorts = ", ".join(m for m in METHODS if METHODS.get(m).family == "cohort")
+            raise ConfigError("peer_views", cfg.peer_views,
+                              f"shared for algo {self.name}: independent views are for the students of a cohort "
+                              f"learning from each other ({cohorts})")
         for key in sorted(PARAMETERS):
             if key not in self.params and getattr(cfg, key) != FIELDS[key].default:
                 owners = ", ".join(sorted(m for m in METHODS if key in METHODS.get(m).params))
