@@ -225,6 +225,8 @@ CASES: list[Case] = [
     Case("epochs-huge", "config value", "a number beyond 64 bits", lambda ws: ws.train("--epochs", "1e30")),
     Case("alpha-range", "config value", "alpha outside [0, 1]",
          lambda ws: ws.train("--algo", "tfkd", "--alpha", "1.5")),
+    Case("alpha-ignored", "config value", "alpha for a method that weighs its own terms (dkd)",
+         lambda ws: ws.train("--algo", "dkd", "--teacher", "mlp", "--teacher-weights", "random", "--alpha", "0.5")),
     Case("temperature-zero", "config value", "a temperature of 0",
          lambda ws: ws.train("--algo", "tfkd", "--temperature", "0")),
     Case("dml-one-student", "config value", "DML with one student",

@@ -56,6 +56,7 @@ def test_every_method_trains_end_to_end(name: str, tmp_path: Path) -> None:
     assert objective.startswith("L = ")
     for row in train_rows:
         assert torch.isfinite(torch.tensor(row["loss"]))
+        assert (row["alpha"] is None) == (spec.composition == "sum")  # a sum composition has no alpha to log
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

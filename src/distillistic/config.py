@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_calibration": ("none", "temperature"),
     "peer_views": ("shared", "independent"),
 }
+THESIS_ALPHA = 0.5  # alpha when unset, for the methods of the thesis's composition (1 - alpha) CE + alpha * divergence
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
 LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
@@ -95,8 +96,10 @@ class Config:
     teacher_init: str = _f("random", "initialisation when the teacher is trained first: random or imagenet")
     teacher_seed: int = _f(0, "model and data seed when the teacher is trained first (shared by every run)")
     # --- distillation ------------------------------------------------------------------------------
-    alpha: float = _f(0.5, "distillation weight: L = (1-alpha) CE + alpha * divergence")
-    alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2)")
+    alpha: float | None = _f(None, "distillation weight: L = (1-alpha) CE + alpha * divergence (default: 0.5; "
+                                   "methods whose loss is CE plus their own weighted terms, such as dkd, refuse it)")
+    alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2; only with "
+                                  "alpha's methods)")
     temperature: float | None = _f(None, "softmax temperature T (default: 20 for kd and smoothed tfkd, else 1)")
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
     peer_views: str = _f("shared", "cohort methods (dml, dml_e, kdcl, pcl): shared (every student reads the same "
@@ -478,7 +481,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _validate_cohort_and_teachers(cfg)
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
-    _check(0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
+    _check(cfg.alpha is None or 0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
     _check(0.0 <= cfg.alpha_warmup < 1.0, "alpha_warmup", cfg.alpha_warmup, "a share of epochs in [0, 1)")
     _check(cfg.temperature is None or 0.01 <= cfg.temperature <= 1000, "temperature", cfg.temperature,
            "a number in [0.01, 1000] (beyond, softmax(z / T) saturates or is uniform to float precision)")

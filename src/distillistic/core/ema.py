@@ -157,4 +157,4 @@ def _pcl(cfg: Config, ctx: _Context) -> tuple[Term, ...]:
 def register(method: Callable[..., Callable[[Any], Any]]) -> None:
     """Register this module's methods with :func:`distillistic.core.methods.method`."""
     method("pcl", PCL_REFERENCE, family="cohort", params=("pcl_decay", "pcl_rampup"), min_students=2,
-           default_students=2, default_temperature=lambda cfg: 3.0, composition="sum")(_pcl)
+           default_students=2, default_temperature=lambda cfg: 3.0, composition="sum", weights=("pcl_rampup",))(_pcl)

@@ -220,6 +220,7 @@ _TEACHER = {"family": "teacher", "needs_teacher": True, "default_teacher": "resn
 
 
 @method("dkd", "Zhao et al. 2022, Decoupled Knowledge Distillation (CVPR)", composition="sum",
+        weights=("dkd_alpha", "dkd_beta", "dkd_warmup"),
         params=("dkd_alpha", "dkd_beta", "dkd_warmup", "logit_standardize"), default_temperature=lambda cfg: 4.0,
         **_TEACHER)
 def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
@@ -229,7 +230,7 @@ def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 
 @method("dist", "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher (NeurIPS): DIST",
-        composition="sum", params=("dist_beta", "dist_gamma", "logit_standardize"),
+        composition="sum", params=("dist_beta", "dist_gamma", "logit_standardize"), weights=("dist_beta", "dist_gamma"),
         default_temperature=lambda cfg: 4.0, **_TEACHER)
 def _dist(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = CE(z, y) + τ² (β (1 - mean_b pearson_K) + γ (1 - mean_k pearson_B)) of softmax(z/τ), softmax(t/τ)"""

@@ -305,7 +305,7 @@ def evaluate_all(task: Task, split: str, reliability: bool = False) -> dict[str,
     return out
 
 
-def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float | None) -> list[dict[str, Any]]:
     """Held-out rows with the same keys as training rows: ``ce`` is the NLL, training-only terms are null."""
     lrs = {s.name: opt.param_groups[0]["lr"] for s, opt in zip(task.students, task.optimizers)}
     terms = dict.fromkeys([*task.objective.names[2:], "loss"])
