@@ -35,6 +35,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_calibration": ("none", "temperature"),
     "peer_views": ("shared", "independent"),
 }
+# The built-in methods' names, for --help (this module never looks a name up, and the CLI shows its help without
+# importing torch, which the methods' registry needs); tests/test_registry.py checks it against the registry.
+METHOD_NAMES = ("at", "ban", "baseline", "crd", "ctkd", "dist", "dkd", "dml", "dml_e", "fitnet", "kd", "kdcl", "ls",
+                "pcl", "rkd", "sp", "tfkd", "tfkd_self")
 THESIS_ALPHA = 0.5  # alpha when unset, for the methods of the thesis's composition (1 - alpha) CE + alpha * divergence
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
@@ -53,7 +57,8 @@ class Config:
     """Every setting of a run. ``None`` means "the algorithm's or dataset's default"."""
 
     # --- what to run -----------------------------------------------------------------------------
-    algo: str = _f("baseline", "algorithm: baseline, kd, dml, dml_e, tfkd")
+    algo: str = _f("baseline", f"algorithm: {', '.join(METHOD_NAMES)} ('distillistic list algos': each one's "
+                               "paper and formula)")
     out: str | None = _f(None, "run directory to create")
     seed: int = _f(42, "model seed: initialisation of every model")
     data_seed: int | None = _f(None, "data seed: order and augmentation of the samples (default: --seed)")
