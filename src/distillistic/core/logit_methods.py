@@ -255,7 +255,7 @@ def _ctkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 @method("kdcl", "Guo et al. 2020, Online Knowledge Distillation via Collaborative Learning (CVPR): KDCL-MinLogit",
         family="cohort", min_students=2, default_students=2, params=("logit_standardize",))
 def _kdcl(cfg: Config, ctx: Context) -> tuple[Term, ...]:
-    """L_m = (1-a) CE(z_m, y) + a T² KL(softmax(min_j (z_j - z_j,y)/T) ‖ softmax(z_m/T)), target detached"""
+    """L_m = (1-a) CE(z_m, y) + a T² KL(softmax(min_j (z_j - z_j,y)/T) ‖ softmax(z_m/T)), target detached; --peer-views independent: z_j on student j's own augmented view"""  # noqa: E501
     return (Distill("kdcl", MinLogit(), cfg.divergence, _t(cfg), standardize=cfg.logit_standardize),)
 
 
