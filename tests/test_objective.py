@@ -238,3 +238,28 @@ def test_alpha_for_dkd_is_refused_from_a_flag_yaml_set_and_a_sweep(tmp_path: Pat
             "variants": {"kd": {"algo": "kd", "alpha": 0.5}, "dkd": {"algo": "dkd"}}}  # alpha where it is used
     cells = {c.name: c.config for c in expand(spec).cells}
     assert (cells["kd"].alpha, cells["dkd"].alpha) == (0.5, None)
+
+
+def test_a_dkd_run_saved_with_the_old_alpha_still_resumes_and_counts_as_done(tmp_path: Path) -> None:
+    """Before alpha became unset for a sum composition, a dkd run saved alpha 0.5 (unused): it is the same run."""
+    import yaml
+
+    from distillistic.experiments.grid import expand
+    from distillistic.experiments.sweep import cell_state
+    from distillistic.training.checkpoint import load, save
+
+    out = tmp_path / "dkd"
+    settings: dict[str, Any] = {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"}
+    assert train(tiny(out, **settings)).config.alpha is None
+    last = out / "checkpoints" / "last.pt"
+    ckpt = load(last)
+    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.5}}, last)  # as an older version wrote them
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "alpha": 0.5}))
+    assert train(tiny(out, **settings, resume=True)).summary["status"] == "completed"
+    base = {k: v for k, v in tiny(**settings).to_dict().items() if v != Config().to_dict()[k]}
+    (cell,) = expand({**base, "grid": {"seed": [42]}}).cells
+    assert cell_state(cell, out) == ("done", "")
+    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.7}}, last)  # another value is another run
+    with pytest.raises(UserError, match=r"config differs from the run being resumed \(alpha: 0.7 -> None\)"):
+        train(tiny(out, **settings, resume=True))

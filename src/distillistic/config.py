@@ -40,6 +40,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 METHOD_NAMES = ("at", "ban", "baseline", "crd", "ctkd", "dist", "dkd", "dml", "dml_e", "fitnet", "kd", "kdcl", "ls",
                 "pcl", "rkd", "sp", "tfkd", "tfkd_self")
 THESIS_ALPHA = 0.5  # alpha when unset, for the methods of the thesis's composition (1 - alpha) CE + alpha * divergence
+# Keys a resolved config used to fill with a value where it now leaves them unset (alpha of a method that has none):
+# a run saved with that value and a config leaving the key unset are the same run (resume, a sweep's folders).
+FORMERLY_FILLED: dict[str, Any] = {"alpha": THESIS_ALPHA}
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a saved run's value of ``key`` and the current config's describe the same setting."""
+    return saved == current or (current is None and key in FORMERLY_FILLED and saved == FORMERLY_FILLED[key])
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
 LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
