@@ -125,13 +125,3 @@ def test_augment_none_means_no_augmentation(tmp_path: Path) -> None:
     path.write_text("dataset: fashion-mnist\naugment: none\n")
     assert setup.resolve(config_mod.load(path)).augment == "none"
     assert setup.resolve(config_mod.load(None, {"dataset": "mnist"})).augment == "randaugment"
-
-
-def test_a_teacher_weights_path_holding_a_comma_is_one_entry(tmp_path: Path) -> None:
-    """A sweep cell's folder is named 'ban,seed=0': born-again's generation 2 reads generation 1 from there."""
-    folder = tmp_path / "ban,seed=0" / "gen1"
-    cfg = Config(algo="kd", teacher="cnn", teacher_weights=str(folder))
-    assert config_mod.teacher_weights_list(cfg) == [str(tmp_path / "ban"), "seed=0/gen1"]  # no such path: a list
-    folder.mkdir(parents=True)
-    assert config_mod.teacher_weights_list(cfg) == [str(folder)]
-    config_mod.validate(cfg)

@@ -590,18 +590,10 @@ def teacher_names(count: int) -> list[str]:
     return ["teacher"] if count == 1 else [f"teacher{j}" for j in range(count)]
 
 
-def weights_entries(value: str) -> list[str]:
-    """The entries of ``teacher_weights``: comma-separated, except that a whole value naming a path that exists is
-    one entry (a run directory whose name holds a comma, e.g. a sweep cell's ``ban,seed=0/gen1``)."""
-    if "," in value and Path(value.strip()).expanduser().exists():
-        return [value.strip()]
-    return split_names(value)
-
-
 def teacher_weights_list(cfg: Config) -> list[str]:
     """One ``teacher_weights`` entry per teacher (one entry given for several teachers applies to all)."""
     count = max(1, len(split_names(cfg.teacher)))
-    entries = weights_entries(cfg.teacher_weights)
+    entries = split_names(cfg.teacher_weights)
     return entries * count if len(entries) == 1 else entries
 
 
@@ -618,7 +610,7 @@ def _validate_cohort_and_teachers(cfg: Config) -> None:
     teachers = split_names(cfg.teacher)
     if not teachers:
         return
-    weights = weights_entries(cfg.teacher_weights)
+    weights = split_names(cfg.teacher_weights)
     _check(len(weights) in (1, len(teachers)), "teacher_weights", cfg.teacher_weights,
            f"one entry for all teachers or one per teacher ({len(teachers)}: {','.join(teachers)})")
     _check(not mix or len(mix) == len(teachers), "teacher_mix", list(mix),
