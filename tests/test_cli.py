@@ -89,6 +89,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "one dml_e student": (["--algo", "dml_e", "--students", "1"], ["at least 2 for dml_e"]),
     "alpha below 0": (["--algo", "tfkd", "--alpha", "-0.1"], ["'alpha' = -0.1", "[0, 1]"]),
     "alpha above 1": (["--algo", "kd", "--alpha", "1.5"], ["'alpha' = 1.5"]),
+    "alpha for a sum composition": (["--algo", "dist", "--teacher", "mlp", "--teacher-weights", "random", "--alpha",
+                                     "0.5"], ["config key 'alpha' is not used by algo dist", "dist_beta, dist_gamma"]),
     "zero temperature": (["--algo", "kd", "--temperature", "0"], ["'temperature' = 0.0", "a number in [0.01, 1000]"]),
     "negative temperature": (["--algo", "dml", "--temperature", "-2"], ["'temperature' = -2.0"]),
     "virtual p = 1/K": (["--algo", "tfkd", "--virtual-p", "0.1"], ["'virtual_p' = 0.1", "(0.1, 1]", "K = 10"]),

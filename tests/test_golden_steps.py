@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dist": {"algo": "dist", "teacher": "cnn", "teacher_weights": "random"},
     "ctkd": {"algo": "ctkd", "teacher": "cnn", "teacher_weights": "random", "alpha": 0.9},
     "kdcl": {"algo": "kdcl", "students": 2, "temperature": 2.0},
+    "kdcl_independent": {"algo": "kdcl", "students": 2, "temperature": 2.0, "augment": "randaugment",
+                         "peer_views": "independent"},
     "tfkd_self": {"algo": "tfkd_self", "teacher_weights": "random", "temperature": 4.0},
     "kd_standardized": {"algo": "kd", "teacher": "cnn", "teacher_weights": "random", "temperature": 2.0,
                         "logit_standardize": True},

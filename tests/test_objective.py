@@ -181,3 +181,85 @@ def test_methods_declare_their_students_and_temperature() -> None:
     assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
     assert resolved["kd"].teacher == "resnet50"
     assert resolved["dml"].teacher is None
+
+
+# --- alpha where a method ignores it ---------------------------------------------------------------------------
+
+SUM_METHODS = [name for name in METHODS.names() if METHODS.get(name).composition == "sum"]
+
+
+@pytest.mark.parametrize("name", SUM_METHODS)
+def test_alpha_given_to_a_method_that_weighs_its_own_terms_is_refused(name: str) -> None:
+    """A sum composition ignores alpha: given explicitly (even at 0.5, its old default) it is one clear error
+    naming the method and its own weights; unset, the resolved config says so (alpha None, no alpha logged)."""
+    spec = METHODS.get(name)
+    assert spec.weights, f"{name} should name the keys that weigh its terms"
+    for key, value in (("alpha", 0.5), ("alpha", 0.9), ("alpha", 0.0), ("alpha_warmup", 0.2)):
+        with pytest.raises(UserError) as err:
+            setup.resolve(Config(algo=name, dataset="synthetic", **{key: value}))
+        message = str(err.value)
+        assert message.startswith(f"config key '{key}' is not used by algo {name}: "), message
+        assert f"remove {key} and set {', '.join(spec.weights)} instead" in message
+    cfg = setup.resolve(Config(algo=name, dataset="synthetic"))
+    assert cfg.alpha is None
+    assert _objective(name).alpha_at(0.5) is None
+
+
+def test_methods_of_the_thesis_composition_take_alpha_with_its_default() -> None:
+    assert {"kd", "dml", "kdcl", "tfkd", "ctkd"} <= {n for n in METHODS.names() if n not in SUM_METHODS}
+    assert setup.resolve(Config(algo="kd", dataset="synthetic")).alpha == 0.5
+    assert setup.resolve(Config(algo="kd", dataset="synthetic", alpha=0.5)).alpha == 0.5
+    assert setup.resolve(Config(algo="dml", dataset="synthetic", alpha=0.2, alpha_warmup=0.2)).alpha == 0.2
+    assert str(_objective("kd", alpha=0.7)).startswith("L = 0.3·CE(z, y) + 0.7·")
+
+
+def test_alpha_for_dkd_is_refused_from_a_flag_yaml_set_and_a_sweep(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from _util import run_cli
+    from distillistic.experiments.grid import expand
+
+    base = ["train", "--dataset", "digits", "--model", "cnn", "--teacher", "cnn", "--teacher-weights", "random",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    config = tmp_path / "dkd.yaml"
+    config.write_text("algo: dkd\nalpha: 0.5\n")
+    for argv in ([*base, "--algo", "dkd", "--alpha", "0.5"], [*base, str(config)],
+                 [*base, "--algo", "dkd", "--set", "alpha=0.3"]):
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 2, argv
+        assert len(err) == 1, err
+        assert "config key 'alpha' is not used by algo dkd" in err[0]
+        assert "dkd_alpha, dkd_beta, dkd_warmup" in err[0]
+    assert not (tmp_path / "run").exists()
+    spec: dict[str, Any] = {"dataset": "digits", "teacher": "cnn", "alpha": 0.5,
+                            "variants": {"kd": {"algo": "kd"}, "dkd": {"algo": "dkd"}}}
+    with pytest.raises(UserError, match="cell 'dkd': config key 'alpha' is not used by algo dkd"):
+        expand(spec)
+    spec = {"dataset": "digits", "teacher": "cnn",
+            "variants": {"kd": {"algo": "kd", "alpha": 0.5}, "dkd": {"algo": "dkd"}}}  # alpha where it is used
+    cells = {c.name: c.config for c in expand(spec).cells}
+    assert (cells["kd"].alpha, cells["dkd"].alpha) == (0.5, None)
+
+
+def test_a_dkd_run_saved_with_the_old_alpha_still_resumes_and_counts_as_done(tmp_path: Path) -> None:
+    """Before alpha became unset for a sum composition, a dkd run saved alpha 0.5 (unused): it is the same run."""
+    import yaml
+
+    from distillistic.experiments.grid import expand
+    from distillistic.experiments.sweep import cell_state
+    from distillistic.training.checkpoint import load, save
+
+    out = tmp_path / "dkd"
+    settings: dict[str, Any] = {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"}
+    assert train(tiny(out, **settings)).config.alpha is None
+    last = out / "checkpoints" / "last.pt"
+    ckpt = load(last)
+    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.5}}, last)  # as an older version wrote them
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "alpha": 0.5}))
+    assert train(tiny(out, **settings, resume=True)).summary["status"] == "completed"
+    base = {k: v for k, v in tiny(**settings).to_dict().items() if v != Config().to_dict()[k]}
+    (cell,) = expand({**base, "grid": {"seed": [42]}}).cells
+    assert cell_state(cell, out) == ("done", "")
+    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.7}}, last)  # another value is another run
+    with pytest.raises(UserError, match=r"config differs from the run being resumed \(alpha: 0.7 -> None\)"):
+        train(tiny(out, **settings, resume=True))

@@ -56,6 +56,21 @@ def test_every_method_trains_end_to_end(name: str, tmp_path: Path) -> None:
     assert objective.startswith("L = ")
     for row in train_rows:
         assert torch.isfinite(torch.tensor(row["loss"]))
+        assert (row["alpha"] is None) == (spec.composition == "sum")  # a sum composition has no alpha to log
+
+
+def test_train_help_names_every_built_in_method(capsys: pytest.CaptureFixture[str]) -> None:
+    """The config (a torch-free leaf) keeps the methods' names for --help: they must be the registry's."""
+    from _util import run_cli
+    from distillistic.config import METHOD_NAMES
+
+    built_in = [n for n in METHODS.names() if METHODS.get(n).terms.__module__.startswith("distillistic.")]
+    assert list(METHOD_NAMES) == built_in
+    rc, out, _ = run_cli(["train", "--help"], capsys)
+    assert rc == 0
+    algo = " ".join(out.split("--algo ALGO", 1)[1].split("--out OUT", 1)[0].split())
+    listed = algo.removeprefix("algorithm: ").split(" (")[0].split(", ")
+    assert listed == built_in
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -307,3 +307,18 @@ def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
     assert cli.main([*ARGS, "--lr", "0.002", "--out", str(reference), "--resume"]) == 2
     assert "the config differs from the run being resumed (lr: 0.001 -> 0.002)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
+
+
+def test_independent_peer_views_resume_exactly(tmp_path: Path) -> None:
+    """KDCL with each student on its own augmented view (keyed by (data_seed, epoch, index, student)): killed
+    mid-epoch after a checkpoint, then resumed, it ends identical to an uninterrupted run; no RNG state needed."""
+    args = [*ARGS[:2], "kdcl", *ARGS[3:], "--epochs", "2", "--peer-views", "independent"]
+    ref, out = tmp_path / "reference", tmp_path / "run"
+    done = run_cli([*args, "--out", str(ref)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    _killed(run_cli([*args, "--out", str(out)], fault="step:5"))  # two steps after the checkpoint of step 3
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+    done = run_cli([*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_identical_runs(ref, out)
+    assert load(out / "checkpoints" / "last.pt")["config"]["peer_views"] == "independent"

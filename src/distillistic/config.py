@@ -33,7 +33,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_init": ("random", "imagenet"),
     "data_hash": ("content", "listing"),
     "teacher_calibration": ("none", "temperature"),
+    "peer_views": ("shared", "independent"),
 }
+# The built-in methods' names, for --help (this module never looks a name up, and the CLI shows its help without
+# importing torch, which the methods' registry needs); tests/test_registry.py checks it against the registry.
+METHOD_NAMES = ("at", "ban", "baseline", "crd", "ctkd", "dist", "dkd", "dml", "dml_e", "fitnet", "kd", "kdcl", "ls",
+                "pcl", "rkd", "sp", "tfkd", "tfkd_self")
+THESIS_ALPHA = 0.5  # alpha when unset, for the methods of the thesis's composition (1 - alpha) CE + alpha * divergence
+# Keys a resolved config used to fill with a value where it now leaves them unset (alpha of a method that has none):
+# a run saved with that value and a config leaving the key unset are the same run (resume, a sweep's folders).
+FORMERLY_FILLED: dict[str, Any] = {"alpha": THESIS_ALPHA}
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Whether a saved run's value of ``key`` and the current config's describe the same setting."""
+    return saved == current or (current is None and key in FORMERLY_FILLED and saved == FORMERLY_FILLED[key])
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
 LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
@@ -51,7 +65,8 @@ class Config:
     """Every setting of a run. ``None`` means "the algorithm's or dataset's default"."""
 
     # --- what to run -----------------------------------------------------------------------------
-    algo: str = _f("baseline", "algorithm: baseline, kd, dml, dml_e, tfkd")
+    algo: str = _f("baseline", f"algorithm: {', '.join(METHOD_NAMES)} ('distillistic list algos': each one's "
+                               "paper and formula)")
     out: str | None = _f(None, "run directory to create")
     seed: int = _f(42, "model seed: initialisation of every model")
     data_seed: int | None = _f(None, "data seed: order and augmentation of the samples (default: --seed)")
@@ -95,10 +110,15 @@ class Config:
     teacher_init: str = _f("random", "initialisation when the teacher is trained first: random or imagenet")
     teacher_seed: int = _f(0, "model and data seed when the teacher is trained first (shared by every run)")
     # --- distillation ------------------------------------------------------------------------------
-    alpha: float = _f(0.5, "distillation weight: L = (1-alpha) CE + alpha * divergence")
-    alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2)")
+    alpha: float | None = _f(None, "distillation weight: L = (1-alpha) CE + alpha * divergence (default: 0.5; "
+                                   "methods whose loss is CE plus their own weighted terms, such as dkd, refuse it)")
+    alpha_warmup: float = _f(0.0, "share of epochs over which alpha rises linearly from 0 (thesis: 0.2; only with "
+                                  "alpha's methods)")
     temperature: float | None = _f(None, "softmax temperature T (default: 20 for kd and smoothed tfkd, else 1)")
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
+    peer_views: str = _f("shared", "cohort methods (dml, dml_e, kdcl, pcl): shared (every student reads the same "
+                                   "augmented view of a sample) or independent (student m reads its own, keyed by "
+                                   "(data seed, epoch, index, m), as KDCL and PCL train)")
     # --- feature distillation: fitnet, at, rkd, sp, crd (stages: stage1..stageN, embedding) ----------
     feature_weight: float | None = _f(None, "feature methods: weight of the feature term (default: the paper's: "
                                             "fitnet 100, at 1000, rkd 1, sp 3000, crd 0.8)")
@@ -475,7 +495,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _validate_cohort_and_teachers(cfg)
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
-    _check(0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
+    _check(cfg.alpha is None or 0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")
     _check(0.0 <= cfg.alpha_warmup < 1.0, "alpha_warmup", cfg.alpha_warmup, "a share of epochs in [0, 1)")
     _check(cfg.temperature is None or 0.01 <= cfg.temperature <= 1000, "temperature", cfg.temperature,
            "a number in [0.01, 1000] (beyond, softmax(z / T) saturates or is uniform to float precision)")

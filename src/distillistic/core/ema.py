@@ -9,7 +9,8 @@
 * :class:`TemporalMeanPeers` (Wu & Gong 2021, Peer Collaborative Learning for Online KD, AAAI: the temporal
   mean teachers, their decay warmed up as mean teacher's ``min(1 − 1/(n + 1), d)``): student ``i`` learns
   from the mean of the *other* students' EMA predictions, ``q_i = mean_(j≠i) softmax(z'_j / T)`` with
-  ``z'_j`` the logits of student ``j``'s EMA copy on student ``j``'s view of the batch (under ``no_grad``,
+  ``z'_j`` the logits of student ``j``'s EMA copy on student ``j``'s view of the batch (its own augmented view
+  with ``--peer-views independent``, as PCL's peers read differently augmented inputs; under ``no_grad``,
   ``eval()`` mode); the consistency weight ramps up as mean teacher's
   ``exp(−5 (1 − p/p_r)²)`` over the first share ``p_r`` of training::
 
@@ -89,10 +90,10 @@ class EmaCopies(Term):
     def logits(self, inp: StepInputs) -> Tensor:
         """Every copy's logits ``[M, B, K]`` (float32) on its student's view of the batch, in ``eval()`` mode."""
         out = []
-        for twin, (size, channels, *norm) in zip(self.copies, self._views):
+        for i, (twin, (size, channels, *norm)) in enumerate(zip(self.copies, self._views)):
             if twin.training:  # a stray .train() must not switch BatchNorm/dropout on
                 twin.eval()
-            out.append(twin(model_view(inp.views, size, channels, norm[0] if norm else None)).float())
+            out.append(twin(model_view(inp.view_of(i), size, channels, norm[0] if norm else None)).float())
         return torch.stack(out)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
@@ -156,4 +157,4 @@ def _pcl(cfg: Config, ctx: _Context) -> tuple[Term, ...]:
 def register(method: Callable[..., Callable[[Any], Any]]) -> None:
     """Register this module's methods with :func:`distillistic.core.methods.method`."""
     method("pcl", PCL_REFERENCE, family="cohort", params=("pcl_decay", "pcl_rampup"), min_students=2,
-           default_students=2, default_temperature=lambda cfg: 3.0, composition="sum")(_pcl)
+           default_students=2, default_temperature=lambda cfg: 3.0, composition="sum", weights=("pcl_rampup",))(_pcl)

@@ -22,7 +22,7 @@ log = logging.getLogger("distillistic")
 PAPER_WEIGHTS = {"fitnet": 100.0, "at": 1000.0, "rkd": 1.0, "sp": 3000.0, "crd": 0.8}
 COMMON = ("feature_weight", "feature_kd")
 OPTIONS: dict[str, object] = dict(family="teacher", needs_teacher=True, default_teacher="resnet50",
-                                  default_temperature=lambda cfg: 4.0, composition="sum")
+                                  default_temperature=lambda cfg: 4.0, composition="sum", weights=COMMON)
 
 
 def _weight(cfg: Config, name: str) -> float:

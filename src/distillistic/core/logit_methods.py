@@ -7,8 +7,11 @@ student logits ``z`` ``[B, K]``, frozen teacher logits ``t`` ``[B, K]``, labels 
 sample before the temperature in every method here that has such a signal (dkd, dist, ctkd, kdcl), as
 :class:`~distillistic.core.objective.Distill` does for kd, dml and dml_e.
 
-Deliberately left out: ``--peer-views independent`` for kdcl (each student reading its own augmented view)
-needs per-student views in the loop and the view maker; the cohort shares one augmented view here.
+KDCL's students read differently augmented copies of the same images (Guo et al. 2020, sec. 3.1): with
+``--peer-views independent`` (any cohort method: dml, dml_e, kdcl, pcl) student ``m`` reads its own augmented
+view of each sample, keyed by ``(data_seed, epoch, index, m)`` (:mod:`distillistic.data.views`), and
+:class:`MinLogit`'s target is computed per sample from the logits each student gave on its own view. By
+default (``shared``) the cohort shares one augmented view.
 
 Imported by ``distillistic/core/__init__.py``, so that :data:`METHODS` is complete whoever imports it.
 """
@@ -176,7 +179,8 @@ class CTKDTerm(TeacherLogitTerm):
 
 class MinLogit:
     """KDCL-MinLogit's ensemble target (Guo et al. 2020, sec. 3.2), shared by every member of the cohort:
-    ``softmax(min_m (z^m − z^m_y) / T)`` from the members' detached logits."""
+    ``softmax(min_m (z^m − z^m_y) / T)`` from the members' detached logits (each on its own view of the sample
+    with ``--peer-views independent``)."""
 
     pairwise = False
 
@@ -216,6 +220,7 @@ _TEACHER = {"family": "teacher", "needs_teacher": True, "default_teacher": "resn
 
 
 @method("dkd", "Zhao et al. 2022, Decoupled Knowledge Distillation (CVPR)", composition="sum",
+        weights=("dkd_alpha", "dkd_beta", "dkd_warmup"),
         params=("dkd_alpha", "dkd_beta", "dkd_warmup", "logit_standardize"), default_temperature=lambda cfg: 4.0,
         **_TEACHER)
 def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
@@ -225,7 +230,7 @@ def _dkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 
 @method("dist", "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher (NeurIPS): DIST",
-        composition="sum", params=("dist_beta", "dist_gamma", "logit_standardize"),
+        composition="sum", params=("dist_beta", "dist_gamma", "logit_standardize"), weights=("dist_beta", "dist_gamma"),
         default_temperature=lambda cfg: 4.0, **_TEACHER)
 def _dist(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = CE(z, y) + τ² (β (1 - mean_b pearson_K) + γ (1 - mean_k pearson_B)) of softmax(z/τ), softmax(t/τ)"""
@@ -250,7 +255,7 @@ def _ctkd(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 @method("kdcl", "Guo et al. 2020, Online Knowledge Distillation via Collaborative Learning (CVPR): KDCL-MinLogit",
         family="cohort", min_students=2, default_students=2, params=("logit_standardize",))
 def _kdcl(cfg: Config, ctx: Context) -> tuple[Term, ...]:
-    """L_m = (1-a) CE(z_m, y) + a T² KL(softmax(min_j (z_j - z_j,y)/T) ‖ softmax(z_m/T)), target detached"""
+    """L_m = (1-a) CE(z_m, y) + a T² KL(softmax(min_j (z_j - z_j,y)/T) ‖ softmax(z_m/T)), target detached; --peer-views independent: z_j on student j's own augmented view"""  # noqa: E501
     return (Distill("kdcl", MinLogit(), cfg.divergence, _t(cfg), standardize=cfg.logit_standardize),)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from distillistic.config import FIELDS, Config
+from distillistic.config import FIELDS, THESIS_ALPHA, Config
 from distillistic.core.ema import EmaCopies
 from distillistic.core.features import FeatureProbe
 from distillistic.core.objective import Distill, Objective, Term
@@ -56,6 +56,8 @@ class Method:
     default_teacher: str | Callable[[Config], str] | None = None  # a name, or one derived from the config
     default_temperature: Callable[[Config], float] = field(default=lambda cfg: 1.0)
     composition: Literal["thesis", "sum"] = "thesis"
+    # A sum composition: the config keys that set its terms' weights (what to use instead of alpha, which it refuses).
+    weights: tuple[str, ...] = ()
     data_check: Callable[[Config, int], None] | None = None
     # Trained as generations (born-again): their count, and generation g's config (g = 1, 2, ...) taught by the
     # run directory of generation g - 1 (None for g = 1). Each generation is a run of its own.
@@ -64,11 +66,24 @@ class Method:
     supervised: Callable[[Config], Term] | None = None  # the term that replaces CE(z, y) (label smoothing)
 
     def check(self, cfg: Config) -> None:
-        """Refuse a cohort too small for the method, and another method's parameters set to non-defaults."""
+        """Refuse a cohort too small for the method, independent views outside a cohort, alpha given to a method
+        that does not use it, and another method's parameters set to non-defaults."""
         n = student_count(cfg)
         if n is not None and n < self.min_students:
             raise ConfigError("students", cfg.students,
                               f"at least {self.min_students} for {self.name} (each student learns from its peers)")
+        if cfg.peer_views != "shared" and self.family != "cohort":
+            cohorts = ", ".join(m for m in METHODS if METHODS.get(m).family == "cohort")
+            raise ConfigError("peer_views", cfg.peer_views,
+                              f"shared for algo {self.name}: independent views are for the students of a cohort "
+                              f"learning from each other ({cohorts})")
+        if self.composition == "sum":  # alpha would be silently ignored: refuse it when set
+            for key, unset in (("alpha", None), ("alpha_warmup", 0.0)):
+                if getattr(cfg, key) != unset:
+                    instead = f"set {', '.join(self.weights)} instead" if self.weights else "keep its weights"
+                    raise UserError(f"config key '{key}' is not used by algo {self.name}: its loss is CE plus its "
+                                    "own weighted terms, not (1 - alpha) CE + alpha * divergence; remove "
+                                    f"{key} and {instead}")
         for key in sorted(PARAMETERS):
             if key not in self.params and getattr(cfg, key) != FIELDS[key].default:
                 owners = ", ".join(sorted(m for m in METHODS if key in METHODS.get(m).params))
@@ -81,7 +96,9 @@ class Method:
 
     def resolve(self, cfg: Config) -> Config:
         default = self.default_teacher(cfg) if callable(self.default_teacher) else self.default_teacher
+        alpha = cfg.alpha if cfg.alpha is not None else THESIS_ALPHA if self.composition == "thesis" else None
         return cfg.replace(
+            alpha=alpha,  # unset (None) for a sum composition, which has no alpha
             students=cfg.students or self.default_students,
             temperature=cfg.temperature or self.default_temperature(cfg),
             teacher=(cfg.teacher or default) if self.needs_teacher else None,
@@ -91,8 +108,9 @@ class Method:
         terms = self.terms(cfg, ctx)
         ce = self.supervised(cfg) if self.supervised is not None else None
         companions = (EmaCopies(cfg.ema),) if cfg.ema is not None else ()  # --ema: an EMA copy of every student
-        return Objective(terms, cfg.alpha if terms else 0.0, cfg.alpha_warmup, self.composition, ce=ce,
-                         companions=companions)
+        alpha = cfg.alpha if cfg.alpha is not None else THESIS_ALPHA
+        return Objective(terms, alpha if terms and self.composition == "thesis" else 0.0, cfg.alpha_warmup,
+                         self.composition, ce=ce, companions=companions)
 
 
 METHODS: Registry[Method] = Registry("algorithm")
@@ -111,7 +129,7 @@ def method(name: str, reference: str, **options: object) -> Callable[[TermsBuild
     def decorator(fn: TermsBuilder) -> TermsBuilder:
         formula = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         spec = Method(name, fn, reference, formula, **options)  # type: ignore[arg-type]
-        for key in spec.params:
+        for key in (*spec.params, *spec.weights):
             if key not in FIELDS:
                 raise ValueError(f"method {name}: parameter '{key}' is not a config key")
         METHODS.add(name, spec)

@@ -157,9 +157,11 @@ class Objective(nn.Module):
     def extra(self) -> list[Term]:
         return list(self.terms)  # type: ignore[arg-type]
 
-    def alpha_at(self, progress: float) -> float:
-        """alpha after ``progress`` in [0, 1] of training (epochs done / epochs)."""
-        if not self.terms or self.composition != "thesis":
+    def alpha_at(self, progress: float) -> float | None:
+        """alpha after ``progress`` in [0, 1] of training (epochs done / epochs); None for a sum, which has none."""
+        if self.composition != "thesis":
+            return None
+        if not self.terms:
             return self.alpha
         if self.alpha_warmup <= 0:
             return self.alpha
@@ -174,6 +176,7 @@ class Objective(nn.Module):
         if self.composition == "sum":
             return {t.name: t.weight * t.ramp(progress) for t in [self.ce, *self.extra]}
         a = self.alpha_at(progress)
+        assert a is not None
         return {"ce": 1 - a if self.terms else 1.0} | {t.name: a * t.weight * t.ramp(progress) for t in self.extra}
 
     def targets(self, inp: StepInputs) -> dict[str, list[Tensor] | None]:

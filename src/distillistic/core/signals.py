@@ -18,7 +18,7 @@ before they get here, and the virtual teacher is built from labels alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -52,7 +52,7 @@ def model_view(views: Views, size: int | None, channels: int,
 class StepInputs:
     """What a signal may look at during one step (or one evaluation batch)."""
 
-    views: Views
+    views: Views  # the shared view (a teacher's); view 0 when each student reads its own
     labels: Tensor  # int64 [B], on the device
     logits: list[Tensor]  # each student's logits [B, K], detached
     num_classes: int
@@ -62,6 +62,12 @@ class StepInputs:
     progress: float = 0.0  # share of training done, in [0, 1] (schedules, ramps)
     cache: dict[str, Tensor] = field(default_factory=dict)
     features: list[dict[str, Tensor]] = field(default_factory=list)  # per student: tapped maps, with gradient
+    # Per student: the view it read (--peer-views independent: its own augmented view); empty: all read ``views``.
+    student_views: Sequence[Views] = ()
+
+    def view_of(self, i: int) -> Views:
+        """The views student ``i`` reads (and a model following it, such as its EMA copy)."""
+        return self.student_views[i] if self.student_views else self.views
 
 
 class Signal(Protocol):

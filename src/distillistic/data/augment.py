@@ -1,7 +1,9 @@
 """Seeded, batched data augmentation.
 
 Every random choice about sample ``index`` in ``epoch`` is drawn from a counter-based hash of
-``(data_seed, epoch, index, stream)`` instead of a stateful generator. Hence
+``(data_seed, epoch, index, stream)`` instead of a stateful generator (and of ``view`` too for the second and
+later views of a sample, when each student of a cohort reads its own: ``--peer-views independent``; view 0
+is the shared view, bit for bit). Hence
 
 * a view can be regenerated bit-exactly from its key alone (the teacher-output store relies on it),
   whatever the batch it falls in, the number of workers or a resume in the middle of an epoch;
@@ -55,41 +57,48 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def sample_hash(data_seed: int, epoch: int, index: Tensor, stream: int) -> Tensor:
-    """Hash of ``(data_seed, epoch, index, stream)`` in [0, 2**32), one per element of ``index``.
+def _key_hash(data_seed: int, epoch: int, stream: int, view: int) -> int:
+    """The per-batch part of the hash: ``(data_seed, epoch[, view], stream)``; view 0 leaves it as it always was."""
+    h = _mix32_int((_mix32_int(data_seed & _M32) ^ (epoch & _M32)) + _GOLDEN & _M32)
+    if view:
+        h = _mix32_int((h ^ (view & _M32)) + _GOLDEN & _M32)
+    return _mix32_int((h ^ (stream & _M32)) + _GOLDEN & _M32)
+
+
+def sample_hash(data_seed: int, epoch: int, index: Tensor, stream: int, view: int = 0) -> Tensor:
+    """Hash of ``(data_seed, epoch, index, stream)`` (and ``view`` when > 0) in [0, 2**32), one per element of
+    ``index``.
 
     ``index`` is an int64 tensor of sample indices ``[B]``; the result has the same shape and device.
     """
-    h = _mix32_int((_mix32_int(data_seed & _M32) ^ (epoch & _M32)) + _GOLDEN & _M32)
-    h = _mix32_int((h ^ (stream & _M32)) + _GOLDEN & _M32)
-    x = (index.to(torch.int64) & _M32) ^ h
+    x = (index.to(torch.int64) & _M32) ^ _key_hash(data_seed, epoch, stream, view)
     return _mix32(_mix32(x) + _GOLDEN & _M32)
 
 
-def sample_hash_int(data_seed: int, epoch: int, index: int, stream: int) -> int:
+def sample_hash_int(data_seed: int, epoch: int, index: int, stream: int, view: int = 0) -> int:
     """Scalar twin of :func:`sample_hash`, for per-sample work in data-loading workers."""
-    h = _mix32_int((_mix32_int(data_seed & _M32) ^ (epoch & _M32)) + _GOLDEN & _M32)
-    h = _mix32_int((h ^ (stream & _M32)) + _GOLDEN & _M32)
-    x = (index & _M32) ^ h
+    x = (index & _M32) ^ _key_hash(data_seed, epoch, stream, view)
     return _mix32_int(_mix32_int(x) + _GOLDEN & _M32)
 
 
-def uniform_int(data_seed: int, epoch: int, index: int, stream: int) -> float:
+def uniform_int(data_seed: int, epoch: int, index: int, stream: int, view: int = 0) -> float:
     """A uniform float in [0, 1) for one sample (24 bits, exactly representable)."""
-    return (sample_hash_int(data_seed, epoch, index, stream) >> 8) / float(1 << 24)
+    return (sample_hash_int(data_seed, epoch, index, stream, view) >> 8) / float(1 << 24)
 
 
 @dataclass(frozen=True)
 class SampleKeys:
-    """What identifies a batch's views: the data seed, the epoch and each sample's index ``[B]``."""
+    """What identifies a batch's views: the data seed, the epoch, each sample's index ``[B]`` and which view of
+    the samples (0: the shared one; student ``m`` of a cohort with independent views reads view ``m``)."""
 
     data_seed: int
     epoch: int
     index: Tensor  # int64 [B], on the host
+    view: int = 0
 
     def randint(self, stream: int, n: int) -> Tensor:
         """Per-sample integers in [0, n) ``[B]`` (host tensor)."""
-        return sample_hash(self.data_seed, self.epoch, self.index, stream) % n
+        return sample_hash(self.data_seed, self.epoch, self.index, stream, self.view) % n
 
 
 def equalize(img: Tensor) -> Tensor:
@@ -161,8 +170,9 @@ class BatchRandAugment:
 
 
 def crop_box(height: int, width: int, keys: tuple[int, int, int], scale: tuple[float, float] = (0.08, 1.0),
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box ``(top, left, h, w)`` drawn from ``keys = (data_seed, epoch, index)``.
+             ratio: tuple[float, float] = (3 / 4, 4 / 3), view: int = 0) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box ``(top, left, h, w)`` drawn from ``keys = (data_seed, epoch, index)`` (and
+    ``view`` when > 0: another crop of the same sample, see :class:`SampleKeys`).
 
     The algorithm of ``torchvision.transforms.RandomResizedCrop.get_params`` (10 attempts, then a
     central crop), with the counter-based hash in place of the global generator.
@@ -171,7 +181,7 @@ def crop_box(height: int, width: int, keys: tuple[int, int, int], scale: tuple[f
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for attempt in range(10):
-        u = [uniform_int(seed, epoch, index, CROP_STREAM + 4 * attempt + k) for k in range(4)]
+        u = [uniform_int(seed, epoch, index, CROP_STREAM + 4 * attempt + k, view) for k in range(4)]
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         w = round(math.sqrt(target_area * aspect))

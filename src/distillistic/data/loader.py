@@ -202,11 +202,18 @@ class EpochSampler:
 
 @dataclass
 class Batch:
-    images: Tensor  # uint8 [B, C, S, S]
+    images: Tensor  # uint8 [B, C, S, S] (view 0's crop when image files are read with several views)
     labels: Tensor  # int64 [B]
     index: Tensor  # int64 [B], sample indices within the split (host)
     epoch: int
-    augmented: Tensor | None = None  # uint8 [B, C, S, S] on the device, made ahead by ViewMaker.prepare
+    # One uint8 [B, C, S, S] per view on the device, made ahead by ViewMaker.prepare (one view unless each
+    # student of a cohort reads its own: --peer-views independent).
+    augmented: tuple[Tensor, ...] | None = None
+    crops: Tensor | None = None  # uint8 [B, V, C, S, S]: image files read with V > 1 views, each view's own crop
+
+    def source(self, view: int) -> Tensor:
+        """The uint8 images view ``view`` is made from: its own crop (image files, several views), else ``images``."""
+        return self.images if self.crops is None or view == 0 else self.crops[:, view]
 
 
 # How image files become batches (part of the teacher-output store's key; change it when the code changes).
@@ -216,10 +223,15 @@ FILE_TRANSFORM = {"train": "RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))
 
 
 class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
-    """Decodes one image file per ``(epoch, index)`` key: a keyed random crop (train) or centre crop (eval)."""
+    """Decodes one image file per ``(epoch, index)`` key: a keyed random crop (train) or centre crop (eval).
 
-    def __init__(self, source: FileSource, size: int, train: bool, data_seed: int) -> None:
+    With ``views`` > 1 (train) the file is decoded once and cropped once per view, view ``v`` keyed by
+    ``(data_seed, epoch, index, v)``: an item is then ``[V, C, S, S]``, view 0 the crop of a single view.
+    """
+
+    def __init__(self, source: FileSource, size: int, train: bool, data_seed: int, views: int = 1) -> None:
         self.source, self.size, self.train, self.data_seed = source, size, train, data_seed
+        self.views = views if train else 1
 
     def __len__(self) -> int:
         return len(self.source)
@@ -238,8 +250,12 @@ class _FileDataset(torch.utils.data.Dataset[tuple[Tensor, int, int]]):
             raise DataError(f"image file '{path}' cannot be decoded ({e}); remove or replace it") from None
         s = self.size
         if self.train:
-            top, left, h, w = crop_box(img.height, img.width, (self.data_seed, epoch, index))
-            img = img.resize((s, s), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+            crops = []
+            for view in range(self.views):
+                top, left, h, w = crop_box(img.height, img.width, (self.data_seed, epoch, index), view=view)
+                crops.append(pil_to_tensor(img.resize((s, s), Image.Resampling.BILINEAR,
+                                                      box=(left, top, left + w, top + h))))
+            return (crops[0] if self.views == 1 else torch.stack(crops)), int(self.source.labels[index]), index
         else:  # Resize(S * 256 / 224) on the short side, then CenterCrop(S): torchvision's ImageNet eval itself
             img = center_crop(resize(img, round(s * 256 / 224), InterpolationMode.BILINEAR), [s, s])
         return pil_to_tensor(img), int(self.source.labels[index]), index
@@ -295,14 +311,17 @@ class Loader:
     """Yields the :class:`Batch` es of one split for an epoch, from any step (for resuming)."""
 
     def __init__(self, source: Source, sampler: EpochSampler, image_size: int, train: bool, data_seed: int,
-                 workers: int | None = None, pin_memory: bool = False) -> None:
+                 workers: int | None = None, pin_memory: bool = False, views: int = 1) -> None:
+        """``views``: crops per training sample of image files, one per view (``--peer-views independent``: one
+        per student); in-memory data is augmented per view on the device (:mod:`distillistic.data.views`)."""
         self.source, self.sampler, self.pin = source, sampler, pin_memory
+        self.views = views if train and isinstance(source, FileSource) else 1
         self._loader: torch.utils.data.DataLoader[tuple[Tensor, int, int]] | None = None
         if isinstance(source, FileSource):
             self._keys = _KeyedBatchSampler(sampler)
             n = default_workers() if workers is None else workers
             self._loader = torch.utils.data.DataLoader(
-                _FileDataset(source, image_size, train, data_seed), batch_sampler=self._keys,
+                _FileDataset(source, image_size, train, data_seed, self.views), batch_sampler=self._keys,
                 num_workers=n, collate_fn=_collate, pin_memory=pin_memory, persistent_workers=n > 0,
                 prefetch_factor=4 if n > 0 else None, worker_init_fn=_ignore_sigint,
                 # Its own generator: each new iterator draws the workers' base seed, which must not come
@@ -322,7 +341,10 @@ class Loader:
         if self._loader is not None:
             self._keys.epoch, self._keys.start = epoch, start_step
             for images, labels, index in self._loader:
-                yield Batch(images, labels, index, epoch)
+                if self.views > 1:  # [B, V, C, S, S]: every view's own crop
+                    yield Batch(images[:, 0], labels, index, epoch, crops=images)
+                else:
+                    yield Batch(images, labels, index, epoch)
             return
         assert isinstance(self.source, TensorSource)
         on_host = self.source.images.device.type == "cpu"

@@ -5,7 +5,11 @@
 * RandAugment runs batched with per-sample choices keyed by ``(data_seed, epoch, index)``;
 * the cross-quality views come from *the same* augmented crop: the full view for the teacher and an
   antialiased downscale of it for the students (:meth:`Views.get`);
-* grayscale data is expanded to 3 channels for models that take RGB.
+* grayscale data is expanded to 3 channels for models that take RGB;
+* with ``views = V`` > 1 (``--peer-views independent``), each training sample has V augmented views, view
+  ``v`` keyed by ``(data_seed, epoch, index, v)`` (its own crop too for image files, made by the loader):
+  student ``m`` of a cohort reads view ``m`` (:meth:`ViewMaker.for_students`); view 0 is the shared view
+  bit for bit, and what a teacher reads. Evaluation has one view (no augmentation).
 """
 
 from __future__ import annotations
@@ -100,8 +104,12 @@ class ViewMaker:
     """
 
     def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
-                 channels_last: bool = False, chunk_bytes: int = 1 << 23, dtype: torch.dtype = torch.float32) -> None:
-        self.device, self.data_seed, self.channels_last = device, data_seed, channels_last
+                 channels_last: bool = False, chunk_bytes: int = 1 << 23, dtype: torch.dtype = torch.float32,
+                 views: int = 1) -> None:
+        """``views``: training views per sample, 1 (every student reads the same) or one per student."""
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.device, self.data_seed, self.channels_last, self.views = device, data_seed, channels_last, views
         self.dtype = dtype  # float64 in an fp64 run
         self.chunk_bytes = chunk_bytes
         self.augment: BatchRandAugment | BatchCropFlip | None = (
@@ -132,24 +140,43 @@ class ViewMaker:
     def _augment(self, chunk: list[Batch]) -> Iterator[Batch]:
         if not chunk or self.augment is None:
             return
-        images = torch.cat([b.images for b in chunk]) if len(chunk) > 1 else chunk[0].images
-        if self.device.type == "cuda" and len(chunk) > 1 and images.device.type == "cpu":
-            images = images.pin_memory()
         index = torch.cat([b.index for b in chunk])
         assert all(b.epoch == chunk[0].epoch for b in chunk)
-        x = self.augment(images.to(self.device, non_blocking=True), SampleKeys(self.data_seed, chunk[0].epoch, index))
-        for b, augmented in zip(chunk, x.split([len(b.index) for b in chunk])):
-            yield Batch(b.images, b.labels, b.index, b.epoch, augmented=augmented)
+        sizes = [len(b.index) for b in chunk]
+        per_view = []
+        for view in range(self.views):
+            images = torch.cat([b.source(view) for b in chunk]) if len(chunk) > 1 else chunk[0].source(view)
+            if self.device.type == "cuda" and len(chunk) > 1 and images.device.type == "cpu":
+                images = images.pin_memory()
+            x = self.augment(images.to(self.device, non_blocking=True),
+                             SampleKeys(self.data_seed, chunk[0].epoch, index, view))
+            per_view.append(x.split(sizes))
+        for i, b in enumerate(chunk):
+            yield Batch(b.images, b.labels, b.index, b.epoch, augmented=tuple(v[i] for v in per_view), crops=b.crops)
 
     def __call__(self, batch: Batch, train: bool) -> Views:
+        """The batch's views (the shared view, view 0, in training; the plain images in evaluation)."""
+        return self.view(batch, train, 0)
+
+    def view(self, batch: Batch, train: bool, view: int) -> Views:
+        """Training view ``view`` of the batch (view 0 in evaluation, which is not augmented)."""
         def make() -> Tensor:
+            v = view if train else 0
             if train and self.augment is not None and batch.augmented is not None:
-                x = batch.augmented
+                x = batch.augmented[v]
             else:
-                x = batch.images.to(self.device, non_blocking=True)
+                x = batch.source(v).to(self.device, non_blocking=True)
                 if train and self.augment is not None:
-                    x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index))
+                    x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index, v))
             return (x.to(self.dtype) / 255 - self.mean) / self.std
 
         return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
+
+    def for_students(self, batch: Batch, students: int) -> list[Views]:
+        """Each student's training views: one shared object for all (one view), or student ``m`` reads view ``m``."""
+        if self.views == 1:
+            return [self(batch, train=True)] * students
+        if students != self.views:
+            raise ValueError(f"{students} students but {self.views} views per sample")
+        return [self.view(batch, True, m) for m in range(students)]
 

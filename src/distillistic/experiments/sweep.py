@@ -81,7 +81,8 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
         if isinstance(saved, dict):
             want = comparable(setup.resolve(cell.config).to_dict())
             have = comparable(saved)  # a key it lacks is newer than the run: its default applied then
-            differ = sorted((k for k in want if k in have and have[k] != want[k]), key=lambda k: k not in cell.explicit)
+            differ = sorted((k for k in want if k in have and not config_mod.same_setting(k, have[k], want[k])),
+                            key=lambda k: k not in cell.explicit)
             if differ:
                 k = differ[0]
                 more = f"; also {', '.join(differ[1:4])}{' ...' if len(differ) > 4 else ''}" if len(differ) > 1 else ""

@@ -3,7 +3,7 @@
 One step, for any algorithm (DESIGN.md, section 1):
 
 1. the batch becomes views on the device (augmented, normalised, downscaled for the students in
-   cross-quality runs);
+   cross-quality runs; one augmented view per student with ``--peer-views independent``);
 2. every student runs one forward on its view;
 3. each term's teaching signal turns the batch and the students' *detached* logits into targets;
 4. the objective gives each student's loss; one backward over their sum (the students share no
@@ -194,13 +194,13 @@ class TrainMeters:
 def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -> None:
     """One optimisation step of every student on one batch, at ``progress`` in [0, 1] of training."""
     rt, objective = task.rt, task.objective
-    views = task.views(batch, train=True)
+    views = task.views.for_students(batch, len(task.students))  # one shared view, or each student its own
     labels = batch.labels.to(rt.device, non_blocking=True)
     weights = objective.weights_at(progress)
     with rt.autocast():
-        logits = [s.model(model_view(views, s.view_size, s.channels, s.norm)) for s in task.students]
-        inp = StepInputs(views, labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
-                         progress=progress, features=[s.features() for s in task.students])
+        logits = [s.model(model_view(v, s.view_size, s.channels, s.norm)) for s, v in zip(task.students, views)]
+        inp = StepInputs(views[0], labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
+                         progress=progress, features=[s.features() for s in task.students], student_views=views)
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     for opt in task.optimizers:
@@ -305,7 +305,7 @@ def evaluate_all(task: Task, split: str, reliability: bool = False) -> dict[str,
     return out
 
 
-def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float) -> list[dict[str, Any]]:
+def val_rows(task: Task, val: dict[str, dict[str, Any]], alpha: float | None) -> list[dict[str, Any]]:
     """Held-out rows with the same keys as training rows: ``ce`` is the NLL, training-only terms are null."""
     lrs = {s.name: opt.param_groups[0]["lr"] for s, opt in zip(task.students, task.optimizers)}
     terms = dict.fromkeys([*task.objective.names[2:], "loss"])

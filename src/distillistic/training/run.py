@@ -22,6 +22,7 @@ from torch import nn
 from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.methods import METHODS, Context, student_count
+from distillistic.data.datasets import FileSource
 from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
@@ -100,7 +101,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     """Everything the engine needs, from a resolved config; raises :class:`UserError` on bad input."""
     bundle = build_data(cfg)
     info = bundle.info
-    setup.check_for_data(cfg, info.num_classes, info.image_size)
+    setup.check_for_data(cfg, info.num_classes, info.image_size, files=isinstance(bundle.splits["train"], FileSource))
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
     teachers = None
@@ -132,9 +133,10 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     assert cfg.eval_batch_size is not None
     assert cfg.augment is not None
     pin = rt.device.type == "cuda"
+    views = n_students if cfg.peer_views == "independent" else 1  # training views per sample
     loaders = {"train": Loader(resident(bundle.splits["train"], rt.device), EpochSampler(
         bundle.splits["train"].labels, per_process, cfg.data_seed, True, rt.rank, rt.world_size, imbalance),
-        info.image_size, True, cfg.data_seed, cfg.num_workers, pin)}
+        info.image_size, True, cfg.data_seed, cfg.num_workers, pin, views=views)}
     for split in ("val", "test"):
         sampler = EpochSampler(bundle.splits[split].labels, max(1, cfg.eval_batch_size // rt.world_size),
                                cfg.data_seed, False, rt.rank, rt.world_size)
@@ -148,7 +150,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
                 loaders,
-                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype),
+                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype, views=views),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from distillistic import config as config_mod
-from distillistic.config import FIELDS, VOLATILE_KEYS, Config
+from distillistic.config import FIELDS, VOLATILE_KEYS, Config, same_setting
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TrainingDiverged, UserError, short_repr
 from distillistic.training.checkpoint import (
@@ -366,7 +366,8 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
     saved = ckpt["config"]
     current = task.cfg.to_dict()
     # A key this checkpoint predates had its default value then.
-    differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k, _default(k)) != current[k]]
+    differ = [k for k in current
+              if k not in VOLATILE_KEYS and not same_setting(k, saved.get(k, _default(k)), current[k])]
     if differ:
         k = differ[0]
         raise UserError(f"--resume: the config differs from the run being resumed ({k}: {short_repr(saved.get(k))} -> "

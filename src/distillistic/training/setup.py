@@ -12,7 +12,7 @@ from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES
 from distillistic.core.methods import METHODS
 from distillistic.data.datasets import DATASETS
-from distillistic.errors import UserError
+from distillistic.errors import ConfigError, UserError
 from distillistic.models.builders import MODELS
 from distillistic.training.plugins import load_plugins
 
@@ -55,7 +55,12 @@ def resolve(cfg: Config) -> Config:
     return resolved
 
 
-def check_for_data(cfg: Config, num_classes: int, image_size: int) -> None:
-    """The checks that need the dataset: the config's own (sizes, classes), then the method's."""
+def check_for_data(cfg: Config, num_classes: int, image_size: int, files: bool = False) -> None:
+    """The checks that need the dataset: the config's own (sizes, classes), then the method's. ``files``: the
+    training images are files, cropped per sample by the loader (else they are in memory)."""
     config_mod.validate_for_data(cfg, num_classes, image_size)
+    if cfg.peer_views == "independent" and cfg.augment == "none" and not files:
+        raise ConfigError("peer_views", cfg.peer_views, "shared with --augment none on in-memory data (every "
+                                                        "student would read the same view); or choose --augment "
+                                                        "randaugment or cifar")
     METHODS.get(cfg.algo).check_for_data(cfg, num_classes)
