@@ -248,6 +248,8 @@ CASES: list[Case] = [
     Case("ctkd-temperature", "config value", "a fixed temperature for CTKD, whose temperature is learned",
          lambda ws: ws.train("--algo", "ctkd", "--teacher", "mlp", "--teacher-weights", "random",
                              "--temperature", "4")),
+    Case("tfkd-self-other-teacher", "config value", "Tf-KD self-training taught by another architecture "
+         "(data-dependent)", lambda ws: ws.train("--algo", "tfkd_self", "--teacher", "cnn_wide")),
     Case("kdcl-one-student", "config value", "KDCL with one student",
          lambda ws: ws.train("--algo", "kdcl", "--students", "1")),
     Case("peer-views-no-cohort", "config value", "independent views for a method without a cohort",
