@@ -261,3 +261,23 @@ def test_interval_lines_read_the_loss_only_at_their_interval(caplog: pytest.LogC
     assert [line.split(":")[0] for line in lines] == ["epoch 1/1 step 2/6", "epoch 1/1 step 4/6"]
     assert "loss 2.0000" in lines[0]
     assert "loss 6.0000" in lines[1]
+
+
+def test_demo_says_when_its_teacher_is_no_better_than_the_student_alone(tmp_path: Path) -> None:
+    """The demo's last line says how strong the teacher was, and plainly when KD has nothing to add."""
+    from distillistic.experiments.demo import _teacher_line
+
+    def run(name: str, models: dict[str, float]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        summary = {"status": "completed", "models": {m: {"test": {"top1": v}} for m, v in models.items()}}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    base = [run("b0", {"student": 0.99}), run("b1", {"student": 0.97})]
+    kd = [run("k0", {"student": 0.96, "teacher": 0.97}), run("k1", {"student": 0.96, "teacher": 0.98})]
+    line = _teacher_line({"baseline": base, "kd": kd})
+    assert "test top-1 97.50 ± 0.71 % over 2 runs" in line
+    assert "no better than the student trained alone (98.00 %)" in line
+    stronger = [run("k2", {"student": 0.96, "teacher": 0.995})]
+    assert "no better" not in _teacher_line({"baseline": base, "kd": stronger})
