@@ -171,7 +171,8 @@ def _pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def _normalised_distances(e: torch.Tensor) -> torch.Tensor:
     d = _pdist(e)
-    return d / d[d > 0].mean()
+    positive = d > 0  # the mean of the non-zero distances without boolean indexing, which would sync the host
+    return d / ((d * positive).sum() / positive.sum())
 
 
 def _angles(e: torch.Tensor) -> torch.Tensor:
