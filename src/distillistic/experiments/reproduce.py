@@ -279,7 +279,7 @@ def _dml_identity(base: Mapping[str, Any]) -> tuple[list[str], str]:
     settings = {**base, "model": "resnet18", "students": 3, "temperature": 1.0, "device": "cpu", "seed": 0}
     settings.pop("max_train_samples", None)
     exact, rounded = _trajectory_gaps(settings, "fp64", 5), _trajectory_gaps(settings, "fp32", 5)
-    lines = _header(["step", "max |θ_DML − θ_DML_e|, float64", "same, float32"])
+    lines = _header(["step", "‖θ_DML − θ_DML_e‖∞ (largest weight gap), float64", "same, float32"])
     lines += [f"| {i + 1} | {a:.2e} | {b:.2e} |" for i, (a, b) in enumerate(zip(exact, rounded))]
     held = max(exact) < 1e-9
     verdict = (f"In float64 the two trajectories agree to {max(exact):.1e} after 5 steps: the identity "
