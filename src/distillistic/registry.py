@@ -36,9 +36,13 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def unknown_message(self, name: str) -> str:
+        return f"{self.unknown(name)}; choose one of: {', '.join(sorted(self._entries))}"
+
+    def unknown(self, name: str) -> str:
+        """``unknown <kind> 'name'``, with the closest registered name when there is one."""
         close = difflib.get_close_matches(name, self._entries, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown {self.kind} {short_repr(name)}{hint}; choose one of: {', '.join(sorted(self._entries))}"
+        return f"unknown {self.kind} {short_repr(name)}{hint}"
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -9,7 +9,6 @@ choice for 28-32 px inputs.
 
 from __future__ import annotations
 
-import difflib
 import typing
 import urllib.error
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from distillistic.errors import CheckpointError, UserError, short_repr
+from distillistic.errors import CheckpointError, UserError
 from distillistic.models import timm_models
 from distillistic.models.cifar import CIFAR_MODELS
 from distillistic.models.timm_models import Norm
@@ -62,11 +61,9 @@ class ModelRegistry(Registry[ModelSpec]):
         if name.startswith(timm_models.PREFIX):
             return timm_models.problem(name) or ""
         # 40-odd names do not fit one line: the closest name, a few common ones and where the whole list is
-        close = difflib.get_close_matches(name, self._entries, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         common = ("cnn", "mlp", "resnet18", "resnet50", "resnet8x4", "wrn_40_2")
         some = ", ".join(n for n in common if n in self._entries)
-        return (f"unknown model {short_repr(name)}{hint}; choose one of {len(self._entries)} models (e.g. {some}; "
+        return (f"{self.unknown(name)}; choose one of {len(self._entries)} models (e.g. {some}; "
                 "'distillistic list models' prints them all), or timm/NAME for a timm model")
 
     def names(self) -> list[str]:
