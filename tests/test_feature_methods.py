@@ -113,16 +113,13 @@ RESUME_ARGS = ["train", "--dataset", "synthetic", "--synthetic-samples", "160", 
 @pytest.mark.parametrize(("algo", "args"), [("crd", ["--crd-negatives", "40", "--feature-kd", "0.5"]),
                                             ("fitnet", [])])
 def test_a_feature_method_resumes_exactly_after_sigkill(algo: str, args: list[str], tmp_path: Path) -> None:
-    from test_resume import _assert_same_tensors, _killed, assert_identical_runs, run_cli
+    from test_resume import _assert_same_tensors, assert_identical_runs, killed_then_resumed, run_cli
 
     own = [*RESUME_ARGS, "--algo", algo, *args]
     ref, out = tmp_path / "ref", tmp_path / "run"
     done = run_cli([*own, "--out", str(ref)])
     assert done.returncode == 0, done.stderr[-2000:]
-    _killed(run_cli([*own, "--out", str(out)], fault="step:5"))  # two steps after the checkpoint of step 3
-    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
-    done = run_cli([*own, "--out", str(out), "--resume"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    killed_then_resumed(own, out)
     assert_identical_runs(ref, out)
     a, b = load(ref / "checkpoints" / "last.pt"), load(out / "checkpoints" / "last.pt")
     _assert_same_tensors(a["terms"], b["terms"], "terms")  # adapters, memory bank, Z, the generator's state

@@ -309,6 +309,14 @@ def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
 
 
+def killed_then_resumed(args: list[str], out: Path) -> None:
+    """Run ``args`` into ``out``, SIGKILL it at step 5 (two steps after the checkpoint of step 3), resume it."""
+    _killed(run_cli([*args, "--out", str(out)], fault="step:5"))
+    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+    done = run_cli([*args, "--out", str(out), "--resume"])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_independent_peer_views_resume_exactly(tmp_path: Path) -> None:
     """KDCL with each student on its own augmented view (keyed by (data_seed, epoch, index, student)): killed
     mid-epoch after a checkpoint, then resumed, it ends identical to an uninterrupted run; no RNG state needed."""
@@ -316,9 +324,6 @@ def test_independent_peer_views_resume_exactly(tmp_path: Path) -> None:
     ref, out = tmp_path / "reference", tmp_path / "run"
     done = run_cli([*args, "--out", str(ref)])
     assert done.returncode == 0, done.stderr[-2000:]
-    _killed(run_cli([*args, "--out", str(out)], fault="step:5"))  # two steps after the checkpoint of step 3
-    assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
-    done = run_cli([*args, "--out", str(out), "--resume"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    killed_then_resumed(args, out)
     assert_identical_runs(ref, out)
     assert load(out / "checkpoints" / "last.pt")["config"]["peer_views"] == "independent"
