@@ -165,7 +165,7 @@ def test_pcl_trains_two_students_on_digits(tmp_path: Path) -> None:
 
 def test_ema_copies_of_a_mixed_cohort_take_their_students_architecture(tmp_path: Path) -> None:
     """Each EMA copy reads its own student's view and is recorded and exported with that student's arch."""
-    from distillistic.training.export import export_run
+    from distillistic.runs.export import export_run
 
     out = tmp_path / "run"
     summary = train(tiny(out, algo="dml", students=("cnn", "mlp"), ema=0.5)).summary
@@ -208,7 +208,7 @@ def test_ban_reports_three_generations_and_their_ensemble(tmp_path: Path) -> Non
     assert ens["n"] == gens[0]["n"]
     assert models["student"] == models["gen3"]
     assert json.loads((out / "summary.json").read_text()) == summary
-    from distillistic.training.export import export_run
+    from distillistic.runs.export import export_run
 
     written = export_run(out)
     assert written == [out / "export" / f"gen{g}" / "student.safetensors" for g in (1, 2, 3)]

@@ -24,8 +24,8 @@ from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.views import Views
 from distillistic.models.builders import build_model
 from distillistic.models.stages import attach_taps, feature_shapes
+from distillistic.runs.export import export_run
 from distillistic.training.checkpoint import load
-from distillistic.training.export import export_run
 
 STUDENT = {"fitnet": "cnn", "at": "cnn", "sp": "cnn", "rkd": "mlp", "crd": "mlp"}
 NAME = {"fitnet": "fitnet", "at": "at", "sp": "sp", "rkd": "rkd", "crd": "crd"}

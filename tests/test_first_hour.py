@@ -16,8 +16,8 @@ import yaml
 
 from distillistic.cli import build_parser, config_groups
 from distillistic.config import FIELDS
+from distillistic.teachers.check import chance_threshold
 from distillistic.training import cores
-from distillistic.training.teacher_check import chance_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--batch-size", "64", "--lr", "3e-3",
@@ -229,8 +229,8 @@ def test_interval_lines_read_the_loss_only_at_their_interval(caplog: pytest.LogC
     steps since the last line (not of the whole epoch); nothing in between."""
     from types import SimpleNamespace
 
+    from distillistic.runs.talk import Talk
     from distillistic.training.engine import Progress
-    from distillistic.training.talk import Talk
 
     class Inner:
         def __init__(self) -> None:

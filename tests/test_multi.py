@@ -20,9 +20,9 @@ from distillistic.errors import ConfigError, UserError
 from distillistic.experiments.report import teacher_rows, write_report
 from distillistic.experiments.results import Run
 from distillistic.experiments.sweep import run_sweep
+from distillistic.runs.export import export_run
 from distillistic.training import setup
 from distillistic.training.checkpoint import load, read_state_dict
-from distillistic.training.export import export_run
 from distillistic.training.run import build_task
 from distillistic.training.runtime import resolve_runtime
 
@@ -275,8 +275,8 @@ def test_mixed_cohort_from_a_sweep(tmp_path: Path) -> None:
 
 
 def test_each_teacher_has_its_own_config_and_cached_recipe() -> None:
-    from distillistic.training.teacher_set import teacher_configs
-    from distillistic.training.teachers import teacher_recipe
+    from distillistic.teachers.cache import teacher_recipe
+    from distillistic.teachers.roster import teacher_configs
 
     cfg = setup.resolve(Config(**TINY, algo="kd", teacher="cnn,cnn,mlp", teacher_weights="train", teacher_seed=5,
                                teacher_mix=(1, 1, 2)))

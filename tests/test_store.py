@@ -16,9 +16,9 @@ from distillistic.core.signals import StepInputs
 from distillistic.data.datasets import TensorSource
 from distillistic.data.loader import EpochSampler, Loader
 from distillistic.data.views import Views
-from distillistic.training import teachers as teachers_mod
+from distillistic.teachers import cache as teachers_mod
+from distillistic.teachers.store import FULL_MAX_CLASSES, TOP_K, Codec, TeacherStore
 from distillistic.training.checkpoint import load
-from distillistic.training.store import FULL_MAX_CLASSES, TOP_K, Codec, TeacherStore
 
 KD = {"algo": "kd", "dataset": "synthetic", "synthetic_samples": 192, "image_size": 12, "model": "cnn",
       "teacher": "cnn", "teacher_weights": "random", "augment": "randaugment", "epochs": 2, "batch_size": 32,

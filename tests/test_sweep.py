@@ -15,9 +15,9 @@ from distillistic.config import Config
 from distillistic.errors import UserError
 from distillistic.experiments.grid import cell_name, expand, parse_shard, shard
 from distillistic.experiments.sweep import cell_state, run_sweep
+from distillistic.runs.rundir import RunDir
 from distillistic.training import setup
 from distillistic.training.run import RunResult
-from distillistic.training.rundir import RunDir
 
 BASE = {"dataset": "synthetic", "model": "cnn", "epochs": 1, "batch_size": 64, "progress": False,
         "tensorboard": False}

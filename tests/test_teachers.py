@@ -14,7 +14,8 @@ from torch import nn
 from _util import tiny
 from distillistic import train
 from distillistic.models.builders import build_model
-from distillistic.training import engine, teachers
+from distillistic.teachers import cache as teachers
+from distillistic.training import engine
 from distillistic.training import run as run_mod
 
 

@@ -208,7 +208,7 @@ def resume_command(argv: Sequence[str], same: bool = False) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from distillistic.training.export import export_run
+    from distillistic.runs.export import export_run
 
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
         print(path)

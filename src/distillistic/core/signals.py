@@ -84,7 +84,7 @@ class Signal(Protocol):
 
 
 class TeacherOutputs(Protocol):
-    """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.training.store`)."""
+    """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.teachers.store`)."""
 
     def fetch(self, inp: StepInputs) -> Tensor | None:
         """The stored logits ``[B, K]`` of the batch's samples on the device, or None if any is missing."""
@@ -114,7 +114,7 @@ def _soft(symbol: str, t: float) -> str:
 class Teacher:
     """A frozen model's softened predictions on its own view of the batch.
 
-    With a ``store`` (:mod:`distillistic.training.store`) the logits of views seen by an earlier run are read
+    With a ``store`` (:mod:`distillistic.teachers.store`) the logits of views seen by an earlier run are read
     instead of computed: the model does not run and its view of the batch is never made.
     """
 

@@ -31,9 +31,9 @@ import yaml
 from distillistic import config as config_mod
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import Cell, Plan, comparable, expand, plain, shard
+from distillistic.runs.rundir import RUN_FILES, read_summary
 from distillistic.training import setup
 from distillistic.training.checkpoint import atomic_write_json, atomic_write_text
-from distillistic.training.rundir import RUN_FILES, read_summary
 
 log = logging.getLogger("distillistic")
 

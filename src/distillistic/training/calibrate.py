@@ -26,13 +26,13 @@ from distillistic.core.metrics import MetricAccumulator
 from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
 from distillistic.fileio import atomic_write_json
+from distillistic.runs.rundir import read_summary
+from distillistic.runs.summary import clean
 from distillistic.training import setup
 from distillistic.training.checkpoint import read_state_dict, unwrap
 from distillistic.training.engine import Member, Task
 from distillistic.training.run import build_task
-from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import resolve_runtime
-from distillistic.training.summary import clean
 
 REPORTED = ("ece", "ace", "nll", "brier", "top1")
 

@@ -29,12 +29,12 @@ from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.methods import METHODS
 from distillistic.errors import UserError
+from distillistic.runs.rundir import read_summary
+from distillistic.runs.summary import METRICS, clean
 from distillistic.training import setup
 from distillistic.training.checkpoint import atomic_write_json, atomic_write_text, read_state_dict
 from distillistic.training.engine import Member, Task, evaluate
-from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import Runtime
-from distillistic.training.summary import METRICS, clean
 
 log = logging.getLogger("distillistic")
 RunOne = Callable[[Config, Runtime], Any]  # run.py's _run: a resolved config -> RunResult

@@ -1,6 +1,6 @@
 """Progress lines on the ``distillistic`` logger, prefixed inside a nested run (``teacher:``).
 
-A leaf of the training layer (the engine's progress bar and :mod:`distillistic.training.talk` use it).
+A leaf of the training layer (the engine's progress bar and :mod:`distillistic.runs.talk` use it).
 """
 
 from __future__ import annotations

@@ -27,16 +27,16 @@ from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model
+from distillistic.runs.rundir import RunDir, restore_state
+from distillistic.runs.talk import Talk, say, start_line
+from distillistic.teachers.calibration import resolve_virtual_p
+from distillistic.teachers.check import check_teacher
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
 from distillistic.training.engine import Member, Progress, Task, evaluate, evaluate_all, fit
 from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.optim import make_optimizer, make_scheduler
-from distillistic.training.rundir import RunDir, restore_state
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
-from distillistic.training.talk import Talk, say, start_line
-from distillistic.training.teacher_calibration import resolve_virtual_p
-from distillistic.training.teacher_check import check_teacher
 
 log = logging.getLogger("distillistic")
 
@@ -105,8 +105,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
     teachers = None
-    if method.needs_teacher:  # one teacher or several, each with its own identity (training/teacher_set.py)
-        from distillistic.training.teacher_set import build_teachers
+    if method.needs_teacher:  # one teacher or several, each with its own identity (teachers/roster.py)
+        from distillistic.teachers.roster import build_teachers
 
         teachers = build_teachers(cfg, info, rt, train)
     n_students = student_count(cfg) or 1
@@ -155,7 +155,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)
     if teachers is not None and cfg.teacher_calibration == "temperature":  # before the stores: T_cal is in their keys
-        from distillistic.training.teacher_calibration import calibrate_teachers
+        from distillistic.teachers.calibration import calibrate_teachers
 
         task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
                                                        loaders["val"], task.views, info.num_classes, rt)

@@ -1,7 +1,7 @@
 """A run's frozen teachers: one (``--teacher resnet50``) or several (``--teacher resnet50,resnet34``).
 
 Each teacher keeps its own identity: its architecture, its weights (``--teacher-weights``: one entry
-per teacher, or one for all), its cached training (:func:`~distillistic.training.teachers.teacher_recipe`
+per teacher, or one for all), its cached training (:func:`~distillistic.teachers.cache.teacher_recipe`
 of its own per-teacher config), its teacher-output store entry, its evaluation row (``teacher`` alone,
 ``teacher0``, ``teacher1``… when several) and its part of the checkpoint's teacher identity.
 
@@ -26,11 +26,11 @@ from distillistic.data.loader import DataBundle, DataInfo, Loader
 from distillistic.data.views import ViewMaker
 from distillistic.errors import UserError
 from distillistic.models.builders import MODELS
-from distillistic.training import teachers as teachers_mod
+from distillistic.teachers import cache as teachers_mod
+from distillistic.teachers.cache import Trainer
 from distillistic.training.checkpoint import state_dict_hash
 from distillistic.training.engine import Member
 from distillistic.training.runtime import Runtime
-from distillistic.training.teachers import Trainer
 
 
 def teacher_configs(cfg: Config) -> list[Config]:
@@ -90,7 +90,7 @@ class TeacherSet:
 
     def open_stores(self, bundle: DataBundle, loaders: dict[str, Loader], views: ViewMaker, rt: Runtime) -> None:
         """Give every teacher its own teacher-output store entry (keyed by its architecture and weights)."""
-        from distillistic.training.store import open_store
+        from distillistic.teachers.store import open_store
 
         for c, signal, h in zip(self.configs, self.signals, self.sha256s):
             signal.store = open_store(c, bundle, signal, h, loaders, views, rt)

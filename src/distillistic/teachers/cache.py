@@ -26,9 +26,9 @@ from distillistic.core.methods import PARAMETERS
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TeacherStopped, UserError
 from distillistic.models.builders import build_model
+from distillistic.runs.rundir import read_summary
 from distillistic.training.checkpoint import load_model_weights
 from distillistic.training.lines import prefixed
-from distillistic.training.rundir import read_summary
 from distillistic.training.runtime import derived_seed
 
 log = logging.getLogger("distillistic")

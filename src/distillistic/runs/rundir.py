@@ -45,6 +45,7 @@ from distillistic import config as config_mod
 from distillistic.config import FIELDS, VOLATILE_KEYS, Config, same_setting
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TrainingDiverged, UserError, short_repr
+from distillistic.runs.summary import build_summary, clean
 from distillistic.training.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -56,7 +57,6 @@ from distillistic.training.checkpoint import (
 )
 from distillistic.training.engine import Progress, Task, TrainMeters
 from distillistic.training.runtime import Runtime, rng_state, set_rng_state
-from distillistic.training.summary import build_summary, clean
 
 log = logging.getLogger("distillistic")
 RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "checkpoints", "tensorboard", "export",

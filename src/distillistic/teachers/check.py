@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from distillistic.errors import CheckpointError, UserError
+from distillistic.teachers.roster import TeacherSet
 from distillistic.training.checkpoint import read_state_dict
 from distillistic.training.engine import Task, evaluate
 from distillistic.training.lines import say
-from distillistic.training.teacher_set import TeacherSet
 
 
 def chance_threshold(labels: torch.Tensor, num_classes: int) -> tuple[float, float]:

@@ -51,7 +51,7 @@ def epoch_lines(task: Task, rows: list[dict[str, Any]], epoch: int, eta: float) 
 class Talk:
     """The engine's hooks around the run directory's: delegates every call, then talks.
 
-    ``inner`` is the :class:`~distillistic.training.rundir.RunDir` (it writes the files); ``show`` is
+    ``inner`` is the :class:`~distillistic.runs.rundir.RunDir` (it writes the files); ``show`` is
     False on ranks other than 0 and with ``--quiet``.
     """
 

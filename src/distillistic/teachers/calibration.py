@@ -25,9 +25,9 @@ from distillistic.core.signals import StepInputs, Teacher, model_view
 from distillistic.data.loader import Loader, build_data
 from distillistic.data.views import ViewMaker
 from distillistic.errors import ConfigError, UserError
-from distillistic.training.rundir import read_summary
+from distillistic.runs.rundir import read_summary
+from distillistic.teachers.cache import Trainer, trained_teacher_dir
 from distillistic.training.runtime import Runtime
-from distillistic.training.teachers import Trainer, trained_teacher_dir
 
 log = logging.getLogger("distillistic")
 
@@ -69,7 +69,7 @@ def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
     """``cfg`` with ``virtual_p`` = the best val top-1 of the baseline run ``virtual_p_from`` (unchanged if unset).
 
     ``auto``: the baseline of the student's own architecture, trained once with ``train`` and cached as a
-    teacher is (:func:`~distillistic.training.teachers.trained_teacher_dir`: ``teacher_seed``, ``teacher_init``,
+    teacher is (:func:`~distillistic.teachers.cache.trained_teacher_dir`: ``teacher_seed``, ``teacher_init``,
     this run's epochs and recipe)."""
     if cfg.virtual_p_from is None:
         return cfg

@@ -1,0 +1,1 @@
+"""Frozen teachers: their recipe and cache, the output store, calibration and checks."""
