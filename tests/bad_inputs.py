@@ -580,6 +580,16 @@ def _malformed_run(ws: Workspace) -> Path:
 
 CASES += RELIABILITY_CASES
 
+# Third round: self-training of cohorts, derived artefacts, numbers that overflow, the CIFAR reader, ranks.
+ROUND3_CASES: list[Case] = [
+    Case("tfkd-self-mixed-cohort", "config value", "Tf-KD self-training of students of several architectures",
+         lambda ws: ws.train("--algo", "tfkd_self", "--students", "mlp,cnn")),
+    Case("tfkd-self-listed-other-teacher", "config value", "Tf-KD self-training of a listed student (cnn) by "
+         "--model's architecture (data-dependent)",
+         lambda ws: ws.train("--algo", "tfkd_self", "--students", "cnn", "--teacher", "mlp")),
+]
+CASES += ROUND3_CASES
+
 
 def _torch_file(ws: Workspace, name: str, obj: object) -> Path:
     path = ws.tmp / name

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from distillistic.config import Config
+from distillistic.config import Config, student_archs
 from distillistic.core.logit_losses import (
     LearnableTemperature,
     cosine_lambda,
@@ -260,14 +260,20 @@ def _kdcl(cfg: Config, ctx: Context) -> tuple[Term, ...]:
 
 
 def _own_architecture(cfg: Config, num_classes: int) -> None:
-    """Self-training's teacher is the student's own architecture: another one would silently make this KD."""
-    if cfg.teacher != cfg.model:
-        raise UserError(f"tfkd_self is taught by the student's own architecture ('{cfg.model}'), not by "
-                        f"'{cfg.teacher}'; leave --teacher out (or set it to {cfg.model}), or use --algo kd")
+    """Self-training teaches each student by its own architecture: a teacher of another one would silently make
+    this KD, so every student (``--students`` as a list, else ``--model``) must be the teacher's architecture."""
+    archs = sorted(set(student_archs(cfg, 1)))
+    if len(archs) > 1:
+        raise UserError(f"tfkd_self teaches each student by its own architecture, but the students are "
+                        f"{', '.join(archs)} and one run has one teacher; run tfkd_self once per architecture, "
+                        "or use --algo kd")
+    if cfg.teacher != archs[0]:
+        raise UserError(f"tfkd_self is taught by the student's own architecture ('{archs[0]}'), not by "
+                        f"'{cfg.teacher}'; leave --teacher out (or set it to {archs[0]}), or use --algo kd")
 
 
 @method("tfkd_self", "Yuan et al. 2020, Revisiting KD via Label Smoothing Regularization (CVPR): self-training",
-        family="self", needs_teacher=True, default_teacher=lambda cfg: cfg.model,
+        family="self", needs_teacher=True, default_teacher=lambda cfg: student_archs(cfg, 1)[0],
         default_temperature=lambda cfg: 20.0, data_check=_own_architecture)
 def _tfkd_self(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     """L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), t: the student's architecture trained first"""

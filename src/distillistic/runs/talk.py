@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from distillistic.config import Config, student_archs
 from distillistic.training.engine import Hooks, Progress, Task, TrainMeters
 from distillistic.training.lines import prefix, prefixed, say
 
@@ -24,11 +25,18 @@ def duration(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+def students_text(cfg: Config, count: int) -> str:
+    """The students by architecture: ``3 x resnet18``, or ``resnet18, cnn`` for a cohort of several."""
+    archs = student_archs(cfg, count)
+    return f"{count} x {archs[0]}" if len(set(archs)) == 1 else ", ".join(archs)
+
+
 def start_line(task: Task, threads: int) -> str:
     """Device, precision, threads and world size, and what trains on what."""
     cfg, rt = task.cfg, task.rt
     teacher = f", teacher {cfg.teacher}" if task.teacher is not None else ""
-    return (f"start: {cfg.algo} on {cfg.dataset}, {len(task.students)} x {cfg.model}{teacher} | device {rt.device}, "
+    students = students_text(cfg, len(task.students))
+    return (f"start: {cfg.algo} on {cfg.dataset}, {students}{teacher} | device {rt.device}, "
             f"precision {rt.precision}, {threads} threads, world size {rt.world_size} | {cfg.epochs} epochs of "
             f"{len(task.loaders['train'])} steps -> {cfg.out}")
 
