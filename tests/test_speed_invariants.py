@@ -2,14 +2,17 @@
 
 * every training view is a pure function of ``(data seed, epoch, index)``: the same bits whatever the
   batch, the batch size, the chunking of augmentation, the number of workers or a resumed epoch;
-* the loop reads nothing back from the device per step (host reads do not grow with the steps);
+* the loop reads nothing back from the device per step (host reads do not grow with the steps), and makes no
+  tensor from Python data per step (``torch.tensor``, a list as an index);
 * the teacher runs once per step and keeps no activations; a DML cohort keeps one batch of
   activations per student and nothing more.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +20,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import distillistic
 from distillistic.config import Config
+from distillistic.data import views as views_module
 from distillistic.data.augment import BatchRandAugment, SampleKeys
 from distillistic.data.loader import Batch, DataBundle, EpochSampler, Loader, _FileDataset, build_data
-from distillistic.data.views import ViewMaker
+from distillistic.data.views import ViewMaker, renormalise
+from distillistic.models.builders import MODELS
 from distillistic.training import engine, setup
 from distillistic.training.engine import Progress, TrainMeters, train_one_epoch, train_step
 from distillistic.training.run import build_task
@@ -127,21 +133,68 @@ TINY = {"dataset": "synthetic", "image_size": 12, "model": "cnn", "batch_size": 
 READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero", "unique"}
 
 
-class _HostReads(TorchFunctionMode):
-    """Counts reads of floating-point tensors back to Python (on a GPU each is a device sync).
+MADE = {"tensor", "as_tensor"}  # a tensor made from Python numbers: on a GPU, a copy that waits for the host
+INDEXING = {"__getitem__", "__setitem__"}
 
-    Host-side integer keys (sample indices, augmentation choices) are read on purpose and not counted.
+
+def _python_index(index: Any) -> bool:
+    """An index holding a Python list (``x[[0, 2]]``, ``x[:, [1]]``): torch turns it into a tensor on each call."""
+    return isinstance(index, list) or (isinstance(index, tuple) and any(isinstance(i, list) for i in index))
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the steps' round trips to the host (on a GPU each is a device sync or a copy that waits for one).
+
+    ``count``: reads of floating-point tensors back to Python. Host-side integer keys (sample indices,
+    augmentation choices) are read on purpose and not counted.
+    ``made``: tensors made from Python data by code under ``source`` (distillistic's by default):
+    ``torch.tensor``/``torch.as_tensor`` calls and indexing with a Python list (torch copies the list to the
+    device as an index tensor).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source: str = str(Path(distillistic.__file__).parent)) -> None:
         super().__init__()
         self.count = 0
+        self.made = 0
+        self.source = source
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in READS and args and isinstance(args[0], torch.Tensor) \
-                and args[0].is_floating_point():
+        name = getattr(func, "__name__", "")
+        if name in READS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             self.count += 1
+        elif (name in MADE or (name in INDEXING and len(args) > 1 and _python_index(args[1]))) \
+                and sys._getframe(1).f_code.co_filename.startswith(self.source):
+            self.made += 1
         return func(*args, **(kwargs or {}))
+
+
+def test_the_counter_sees_tensors_made_from_python_data() -> None:
+    x = torch.arange(6.0).view(2, 3)
+    with _HostReads(source=__file__) as mode:
+        x[[1, 0]]
+        x[:, [0, 2]]
+        x[[0]] = 1.0
+        torch.tensor([1.0, 2.0])
+        torch.as_tensor([3])
+        x[0, 1:]  # slices and ints make no tensor
+        x[torch.tensor(1)]
+    assert mode.made == 6
+    assert mode.count == 0
+
+
+def test_renormalise_makes_its_statistics_once_per_device_and_dtype() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    stats = (torch.full((1, 3, 1, 1), 0.4), torch.full((1, 3, 1, 1), 0.2))
+    norm = ((0.125, 0.25, 0.375), (0.5, 0.625, 0.75))  # a norm no other test uses: the cache starts cold
+    with _HostReads() as mode:
+        first = renormalise(x, stats, norm)
+        made = mode.made
+        again = renormalise(x, stats, norm)
+    assert made == 2  # mean and std
+    assert mode.made == made
+    assert torch.equal(first, again)
+    mean, std = torch.tensor(norm[0]).view(1, 3, 1, 1), torch.tensor(norm[1]).view(1, 3, 1, 1)
+    assert torch.allclose(first, (x * stats[1] + stats[0] - mean) / std, atol=1e-6)
 
 
 def _task(tmp_path: Path, **overrides: Any) -> engine.Task:
@@ -158,19 +211,34 @@ class _NoHooks:
         return None
 
 
-@pytest.mark.parametrize("algo", ["kd", "dml", "dml_e", "tfkd", "baseline"])
-def test_host_reads_do_not_grow_with_the_number_of_steps(tmp_path: Path, algo: str) -> None:
-    extra = {"teacher": "cnn", "teacher_weights": "random", "teacher_store": str(tmp_path / "s")} \
+@pytest.fixture
+def own_norm_cnn(monkeypatch: pytest.MonkeyPatch) -> str:
+    """``cnn`` reading its input with its own (mean, std), as a timm model does: its views are renormalised."""
+    name = "cnn_own_norm"
+    monkeypatch.setitem(MODELS._entries, name, dataclasses.replace(MODELS.get("cnn"), name=name,
+                                                                   norm=((0.5,), (0.25,))))
+    return name
+
+
+@pytest.mark.parametrize("algo", ["kd", "dml", "dml_e", "tfkd", "baseline", "own_norm"])
+def test_host_reads_do_not_grow_with_the_number_of_steps(tmp_path: Path, algo: str, request: Any) -> None:
+    extra: dict[str, Any] = {"teacher": "cnn", "teacher_weights": "random", "teacher_store": str(tmp_path / "s")} \
         if algo == "kd" else {}
-    reads = []
+    if algo == "own_norm":  # a teacher and two students that read views normalised their own way
+        model = request.getfixturevalue("own_norm_cnn")
+        extra = {"algo": "kd", "model": model, "teacher": model, "teacher_weights": "random", "students": 2}
+    reads, made = [], []
     for samples in (120, 360):  # 5 and 15 steps
-        task = _task(tmp_path, algo=algo, synthetic_samples=samples, **extra)
+        task = _task(tmp_path, **({"algo": algo} | extra), synthetic_samples=samples)
+        views_module._norm_tensors.cache_clear()  # each run makes its statistics once: the same start for both
         with _HostReads() as mode:
             train_one_epoch(task, Progress(), _NoHooks())
             engine.evaluate(task, task.students, "val")
         reads.append(mode.count)
+        made.append(mode.made)
     assert reads[0] > 0  # the end of the epoch reads its statistics once: the counter sees reads
     assert reads[0] == reads[1]
+    assert made[0] == made[1]
 
 
 def _saved_activation_bytes(task: engine.Task) -> int:

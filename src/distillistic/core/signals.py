@@ -235,7 +235,7 @@ class Peers:
         z = torch.stack([at_least_float32(z.detach()) for z in inp.logits])
         p = torch.softmax((transform(z) if transform else z) / temperature, dim=-1)
         if self.pairwise:
-            return [p[[j for j in range(n) if j != i]] for i in range(n)]
+            return [torch.cat((p[:i], p[i + 1:])) for i in range(n)]  # slices: no index tensor made per step
         total = p.sum(dim=0)
         return [((total - p[i]) / (n - 1)).unsqueeze(0) for i in range(n)]
 

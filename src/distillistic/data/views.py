@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -85,14 +86,22 @@ def renormalise(x: Tensor, stats: tuple[Tensor, Tensor] | None, norm: Norm) -> T
     pixels normalised with ``norm``: ``(x * std_d + mean_d - mean) / std``, one affine map per channel."""
     if stats is None:
         raise ValueError("these views do not know the statistics they were normalised with")
-    mean = torch.tensor(norm[0], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(norm[1], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean, std = _norm_tensors(norm, x.device, x.dtype)
     if mean.shape[1] != x.shape[1]:
         raise DataError(f"a model normalises {mean.shape[1]} channels but its view has {x.shape[1]}")
     scale = stats[1] / std
     out = x * scale + (stats[0] - mean) / std
     return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
         memory_format=torch.channels_last) and x.shape[1] > 1 else out
+
+
+@functools.lru_cache(maxsize=64)
+def _norm_tensors(norm: Norm, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``norm``'s (mean, std) as ``[1, C, 1, 1]`` tensors on ``device``, made once (a copy to the device per step
+    would wait for it); read-only: :func:`renormalise` never writes to them."""
+    mean = torch.tensor(norm[0], device=device, dtype=dtype).view(1, -1, 1, 1)
+    std = torch.tensor(norm[1], device=device, dtype=dtype).view(1, -1, 1, 1)
+    return mean, std
 
 
 class ViewMaker:
