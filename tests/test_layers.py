@@ -1,7 +1,8 @@
 """The package's layers: imports flow one way (DESIGN.md, section 7), and no module closes a cycle.
 
     base (errors, registry, fileio) <- config <- core <- data, models <- training (the loop) <- runs
-    <- teachers <- training's assembly (run, generations, calibrate) <- experiments <- cli
+    <- teachers <- training's assembly (run, generations, calibrate), deploy (exports, benchmarks, predictions)
+    <- experiments <- cli
 
 ``training/`` is one room in two floors: the loop (engine, runtime, optim, checkpoint, ...) under the run
 outputs (``runs/``) and the teachers (``teachers/``), and the assembly of a run above both.
@@ -20,7 +21,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "distillistic"
 LAYERS = {"errors": 0, "registry": 0, "fileio": 0, "config": 1, "core": 2, "data": 3, "models": 3,
-          "training": 4, "runs": 5, "teachers": 6, "experiments": 8, "cli": 9, "__main__": 10, "__init__": 10}
+          "training": 4, "runs": 5, "teachers": 6, "deploy": 7, "experiments": 8, "cli": 9, "__main__": 10,
+          "__init__": 10}
 # Modules whose layer is not their package's: the assembly of a run, above the teachers and run outputs.
 MODULE_LAYERS = {"training.run": 7, "training.generations": 7, "training.calibrate": 7}
 

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best",
                    help="best-on-val weights (default) or the last epoch's")
     p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    _add_deploy_flags(p)
     p = sub.add_parser("calibrate", help="temperature-scale a finished run's models (T fitted on val), "
                        "ECE/NLL/Brier before and after on test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of 'distillistic train'")
@@ -207,11 +208,42 @@ def resume_command(argv: Sequence[str], same: bool = False) -> str:
     return shlex.join([*head, *args, "--resume"])
 
 
+def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
+    """``export``'s ONNX flags (the optional extra ``deploy``)."""
+    p.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors",
+                   help="safetensors: weights + metadata (default); onnx: the student with its preprocessing, "
+                        "checked against ONNX Runtime on the test split (needs distillistic[deploy])")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also a static int8 model (ONNX Runtime, QDQ), calibrated on training images")
+    p.add_argument("--calibration-images", type=int, default=512, metavar="N",
+                   help="training images for int8 calibration (default: 512)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency figures (default: 1)")
+    p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency figures")
+
+
 def _export(args: argparse.Namespace) -> int:
     from distillistic.runs.export import export_run
 
+    if args.format == "onnx" or args.quantize:
+        return _export_onnx(args)
+
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
         print(path)
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    if args.format != "onnx":
+        raise UserError("export: --quantize int8 quantizes an ONNX export; add --format onnx")
+    if args.threads < 1:
+        raise UserError(f"export: --threads {args.threads}: pass a whole number >= 1")
+    from distillistic.deploy.pipeline import export_onnx_run
+    from distillistic.deploy.report import export_table
+
+    result = export_onnx_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.quantize,
+                             args.overwrite, args.calibration_images, args.bench, args.threads)
+    print(export_table(result["exported"]))
+    print(f"written: {Path(result['exported'][0]['file']).parent / 'export.json'}" if result["exported"] else "")
     return 0
 
 

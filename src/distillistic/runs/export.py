@@ -18,6 +18,28 @@ from distillistic.errors import CheckpointError, UserError
 from distillistic.training.checkpoint import check_format, load, write_safetensors
 
 
+def run_checkpoints(run_dir: Path, which: str = "best", command: str = "export") -> list[tuple[str, Path]]:
+    """``(folder, checkpoint)`` of every student of ``run_dir``: ``folder`` is ``""``, or ``gen<g>`` for each
+    generation of a run trained as generations (``ban``); refuses a path that is not a run with a finished epoch.
+
+    ``which="best"``: each student's best-on-val weights (``checkpoints/best-<name>.pt``, EMA copies included),
+    ``"last"``: the latest checkpoint (``checkpoints/last.pt``, every model in one file).
+    """
+    if not run_dir.is_dir():
+        raise UserError(f"{command}: '{run_dir}' is not a directory; pass a run directory of 'distillistic train'")
+    folder = run_dir / "checkpoints"
+    generations = sorted(p.parent for p in run_dir.glob("gen*/checkpoints"))
+    if not folder.is_dir() and generations:  # a run trained as generations (ban): each one's students
+        return [(g.name, p) for g in generations for _, p in run_checkpoints(g, which, command)]
+    sources = sorted(folder.glob("best-*.pt")) if which == "best" else [folder / "last.pt"]
+    sources = [p for p in sources if p.is_file()]
+    if not sources:
+        wanted = "checkpoints/best-*.pt" if which == "best" else "checkpoints/last.pt"
+        raise CheckpointError(f"{command}: '{run_dir}' has no {wanted}; it is not a run directory, or no epoch has "
+                              "finished yet" + (" (try --which last)" if which == "best" else ""))
+    return [("", p) for p in sources]
+
+
 def export_run(run_dir: Path, out: Path | None = None, which: str = "best", overwrite: bool = False) -> list[Path]:
     """Write ``<out>/<student>.safetensors`` for every student of ``run_dir``; return the paths written.
 
@@ -25,26 +47,20 @@ def export_run(run_dir: Path, out: Path | None = None, which: str = "best", over
     ``"last"`` the weights of the latest checkpoint (``checkpoints/last.pt``). A run trained as generations
     (``ban``) exports every generation's students to ``<out>/gen<g>/``.
     """
-    if not run_dir.is_dir():
-        raise UserError(f"export: '{run_dir}' is not a directory; pass a run directory of 'distillistic train'")
-    folder = run_dir / "checkpoints"
-    generations = sorted(p.parent for p in run_dir.glob("gen*/checkpoints"))
-    if not folder.is_dir() and generations:  # a run trained as generations (ban): each one's students
+    checkpoints = run_checkpoints(run_dir, which)
+    if checkpoints[0][0]:  # generations: each one's own folder, manifest and students
         base = out if out is not None else run_dir / "export"
-        return [p for g in generations for p in export_run(g, base / g.name, which, overwrite)]
-    sources = sorted(folder.glob("best-*.pt")) if which == "best" else [folder / "last.pt"]
-    sources = [p for p in sources if p.is_file()]
-    if not sources:
-        wanted = "checkpoints/best-*.pt" if which == "best" else "checkpoints/last.pt"
-        raise CheckpointError(f"export: '{run_dir}' has no {wanted}; it is not a run directory, or no epoch has "
-                              "finished yet" + (" (try --which last)" if which == "best" else ""))
+        folders = sorted({f for f, _ in checkpoints})
+        return [p for g in folders for p in export_run(run_dir / g, base / g, which, overwrite)]
+    sources = [p for _, p in checkpoints]
     out = out if out is not None else run_dir / "export"
     planned: list[tuple[Path, dict[str, Tensor], dict[str, Any]]] = []
     try:  # the inputs the students read: size, channels, normalisation (recorded since issue 15)
         data = json.loads((run_dir / "manifest.json").read_text()).get("dataset") or {}
     except (OSError, ValueError, AttributeError):
         data = {}
-    inputs = {k: data[k] for k in ("image_size", "channels", "mean", "std", "name") if k in data}
+    keys = ("image_size", "channels", "mean", "std", "name", "class_names", "source")
+    inputs = {k: data[k] for k in keys if k in data}
     for source in sources:
         ckpt = load(source)
         check_format(ckpt, source)

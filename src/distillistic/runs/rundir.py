@@ -197,7 +197,8 @@ class RunDir:
             "world_size": self.rt.world_size, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
             "dataset": {"name": info.dataset, "root": info.root, "checksum": info.checksum, "sizes": info.sizes,
                         "num_classes": info.num_classes, "image_size": info.image_size,
-                        "channels": info.channels, "mean": info.mean, "std": info.std},  # to normalise inputs later
+                        "channels": info.channels, "mean": info.mean, "std": info.std,  # to normalise inputs later
+                        "class_names": list(info.class_names), "source": task.loaders["test"].describe()["source"]},
             "objective": str(task.objective),
             "start_time": previous.get("start_time", _now()), "end_time": None,
             "resumed_at": [*previous.get("resumed_at", []), *([_now()] if resumed else [])],
@@ -324,6 +325,8 @@ class RunDir:
                       teacher_source: str | list[str] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0) and stamp the manifest's end time; return the summary."""
         summary = build_summary(task, progress, status, reason, final, teacher_source)
+        if self.manifest.get("dataset", {}).get("class_names"):  # what each output of the models means
+            summary["class_names"] = self.manifest["dataset"]["class_names"]
         if self.rt.is_main:
             atomic_write_json(self.out / "summary.json", summary)
             if self.manifest:

@@ -113,7 +113,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
                               "use another file") from None
     meta: dict[str, Any] = {}
     if raw_meta.get("format") == SAFETENSORS_FORMAT:
-        for key in ("arch", "num_classes", "config", "name"):
+        for key in ("arch", "num_classes", "config", "name", "inputs", "epoch", "which"):
             try:
                 meta[key] = json.loads(raw_meta[key]) if key in raw_meta else None
             except ValueError:
