@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from distillistic.training import cores
+
 torch.set_num_threads(1)
+# Every run a test starts (in this process, or a CLI or torchrun child, which inherit the environment) takes one
+# thread: a run's default is every core of the machine, and two xdist workers, each running with all the cores
+# while the other does too, slow each other down several-fold (test_algorithms.py: 131 s -> 29 s on 2 cores).
+os.environ.setdefault(cores.RUNS_ENV, str(cores.available_cores()))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 MNIST_T10K = SHARED / "mnist-t10k"
