@@ -1,4 +1,4 @@
-"""Command line: ``distillistic train | demo | sweep | report | export | calibrate | list``.
+"""Command line: ``distillistic train | demo | sweep | report | export | calibrate | list | bench-model | predict``.
 
 This is the only module that sees ``argparse``. ``train`` flags are generated from the config's
 fields (``--some-key`` is the key ``some_key``), so every flag is a config key and vice versa. Any
@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best-on-val weights (default) or the last epoch's")
     p.add_argument("--overwrite", action="store_true", help="replace files that already exist")
     _add_deploy_flags(p)
+    p = sub.add_parser("bench-model", help="latency (batch 1) and throughput on CPU of exported students")
+    p.add_argument("file", metavar="FILE", help="an .onnx or .safetensors export, an export folder or a run directory")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    p.add_argument("--batch", type=int, default=256, help="batch for the throughput (default: 256)")
+    p = sub.add_parser("predict", help="top-k classes of image files from an exported student")
+    p.add_argument("file", metavar="FILE", help="an .onnx or .safetensors export or a run directory")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders of them")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="classes shown per image (default: 5)")
     p = sub.add_parser("calibrate", help="temperature-scale a finished run's models (T fitted on val), "
                        "ECE/NLL/Brier before and after on test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of 'distillistic train'")
@@ -247,6 +255,20 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_model(args: argparse.Namespace) -> int:
+    from distillistic.deploy.bench_model import bench_model, table
+
+    print(table(bench_model(Path(args.file), args.threads, args.batch)))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from distillistic.deploy.predict import lines, predict
+
+    print("\n".join(lines(predict(Path(args.file), args.images, args.top))))
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from distillistic.training.calibrate import calibrate_run, table
 
@@ -348,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # for the command that resumes an interrupted run
     commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,
                 "export": _export, "reproduce": _reproduce,
-                "calibrate": _calibrate}
+                "calibrate": _calibrate, "bench-model": _bench_model, "predict": _predict}
     try:
         return commands[args.command](args)
     except UserError as e:

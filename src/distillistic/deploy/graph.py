@@ -22,8 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillistic.data.views import renormalise
-
 Norm = tuple[tuple[float, ...], tuple[float, ...]]
 
 
@@ -59,6 +57,9 @@ class Preprocessed(nn.Module):
         self.model, self.inputs, self.class_names = model, inputs, tuple(class_names)
         self.register_buffer("mean", torch.tensor(inputs.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(inputs.std).view(1, -1, 1, 1), persistent=False)
+        norm = inputs.norm or (inputs.mean, inputs.std)  # the model's own statistics (used only with norm)
+        self.register_buffer("norm_mean", torch.tensor(norm[0]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("norm_std", torch.tensor(norm[1]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, K]`` of uint8 (or 0-255 float) images ``[B, C, H, W]``, any ``H`` and ``W``."""
@@ -72,8 +73,9 @@ class Preprocessed(nn.Module):
         wanted = inp.model_channels or inp.channels
         if wanted != inp.channels:
             x = x.expand(-1, wanted, -1, -1)  # grayscale -> RGB
-        if inp.norm is not None:
-            x = renormalise(x, (mean, std), inp.norm)
+        if inp.norm is not None:  # as data.views.renormalise: one affine map per channel, same arithmetic
+            m, sd = self.get_buffer("norm_mean"), self.get_buffer("norm_std")
+            x = x * (std / sd) + (mean - m) / sd
         return self.model(x)
 
     @torch.no_grad()
