@@ -1,21 +1,33 @@
-# `make demo` and `make test` work from a fresh clone: they create .venv and install what they need.
+# `make demo` and `make test` work from a fresh clone: they create .venv and install what they need
+# (`make demo` the package alone, `make test` also the dev tools). `make demo CPU=1` installs PyTorch's
+# CPU-only wheels first (no CUDA libraries).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+BASE   := $(VENV)/.installed
 STAMP  := $(VENV)/.installed-dev
+CPU    ?=
 
 .PHONY: setup demo test lint check bench clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(CPU),$(BIN)/python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/distillistic demo
+	@echo
+	@echo "distillistic is installed in .venv: run 'source .venv/bin/activate' to put it on the PATH for the"
+	@echo "commands above (or call .venv/bin/distillistic)."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -197,7 +197,8 @@ def test_demo_report_has_no_teacher_cell_and_uses_its_names(tmp_path: Path) -> N
     from distillistic.experiments.demo import run_demo
     from distillistic.experiments.report import write_report
 
-    table = run_demo(str(tmp_path / "demo"), seeds=1, epochs=1, algos=["kd", "dml"])
+    small = {"max_train_samples": 300, "teacher": "cnn", "teacher_epochs": 1, "allow_weak_teacher": True}
+    table = run_demo(str(tmp_path / "demo"), seeds=1, epochs=1, algos=["kd", "dml"], settings=small)
     assert "dml (cohort mean)" in table
     assert "dml (ensemble)" in table
     assert (tmp_path / "demo" / "cache" / "teachers").is_dir()  # the teacher was trained into the demo folder

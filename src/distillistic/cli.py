@@ -124,11 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     _add_config_flags(p)
-    p = sub.add_parser("demo", help="offline demo on scikit-learn's digits: every algorithm, 3 seeds")
+    p = sub.add_parser("demo", help="offline demo on the MNIST digits shipped with distillistic: an mlp student "
+                       "alone, KD from a cnn_wide teacher, DML, Tf-KD's two virtual teachers; 3 seeds, report")
     p.add_argument("--out", default="runs/demo", help="directory for the demo's runs (default: runs/demo)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs per run (default: 12)")
-    p.add_argument("--algos", nargs="+", default=None, help="algorithms to run (default: all)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per run (default: 5)")
+    p.add_argument("--algos", nargs="+", default=None,
+                   help="a subset of: baseline kd dml tfkd (default: all five cells)")
+    p.add_argument("--verbose", action="store_true", help="also print every run's own lines (start, epochs)")
     p = sub.add_parser("export", help="write a run's students as .safetensors files (weights + metadata)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'distillistic train'")
     p.add_argument("--out", default=None, help="folder for the files (default: RUN_DIR/export)")
@@ -311,9 +314,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from distillistic.experiments.demo import run_demo
+    from distillistic.experiments.demo import next_steps, run_demo
 
-    print(run_demo(args.out, seeds=args.seeds, epochs=args.epochs, algos=args.algos))
+    print(run_demo(args.out, seeds=args.seeds, epochs=args.epochs, algos=args.algos, verbose=args.verbose))
+    print("\n".join(["", *next_steps(args.out)]))
     return 0
 
 

@@ -223,6 +223,16 @@ def _mnist(cfg: Config, root: Path) -> RawDataset:
     return read_idx_folder(root)
 
 
+SHIPPED_MNIST = Path(__file__).resolve().parent / "mnist_t10k"  # CC BY-SA 3.0: see its README.md
+
+
+@dataset("mnist-t10k", "randaugment", native_size=28)
+def _mnist_t10k(cfg: Config, root: Path) -> RawDataset:
+    """The official MNIST test set shipped in the package (10,000 digits; LeCun, Cortes, Burges; CC BY-SA 3.0),
+    carved 0.7/0.1/0.2 into train/val/test: real data offline, the demo's dataset."""
+    return read_idx_folder(SHIPPED_MNIST)
+
+
 # --- Fashion-MNIST -------------------------------------------------------------------------------------
 
 FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)

@@ -143,7 +143,7 @@ def build_data(cfg: Config) -> DataBundle:
     checksum = file_checksum(raw.files) if raw.files else (raw.checksum or "")
     info = DataInfo(cfg.dataset, num_classes, channels, cfg.image_size, tuple(mean), tuple(std),
                     raw.class_names, {k: len(v) for k, v in splits.items()}, checksum,
-                    str(root) if cfg.dataset not in ("digits", "synthetic") else None)
+                    str(root) if cfg.dataset not in ("digits", "synthetic", "mnist-t10k") else None)
     return DataBundle(info, splits)
 
 
