@@ -8,7 +8,7 @@ BASE   := $(VENV)/.installed
 STAMP  := $(VENV)/.installed-dev
 CPU    ?=
 
-.PHONY: setup demo test lint check bench clean
+.PHONY: setup demo test test-fast lint check bench clean
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ demo: $(BASE)
 	@echo "commands above (or call .venv/bin/distillistic)."
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q --durations=25
+
+# The inner loop: every test marked unit (every module at unit level, every method's golden steps), about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -21,6 +21,17 @@ MNIST_T10K = SHARED / "mnist-t10k"
 IMAGENET_SAMPLE = SHARED / "imagenet-sample100"
 
 
+COSTS = ("e2e", "multiprocess")  # the markers of a test that trains end to end or starts processes
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets a cost marker: ``unit`` unless it is marked ``e2e`` or ``multiprocess`` (a ``slow`` test
+    without either counts as ``e2e``). ``make test-fast`` runs ``-m unit``; see CONTRIBUTING.md, "Tests"."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in COSTS):
+            item.add_marker(pytest.mark.e2e if item.get_closest_marker("slow") else pytest.mark.unit)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own cache folder (trained teachers, stores, downloads)."""

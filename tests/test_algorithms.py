@@ -44,6 +44,7 @@ def _check_metrics(entry: dict[str, Any] | None, k: int) -> None:
     assert 0 <= entry["entropy"] <= math.log(k) + 1e-6
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("dataset", ["synthetic", "digits"])
 @pytest.mark.parametrize("variant", list(ALGOS))
 def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_path: Path) -> None:
@@ -124,6 +125,7 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
     assert (out / "checkpoints" / "last.pt").is_file()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_small_cnn_learns_mnist_t10k(mnist_t10k: Path, tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", dataset="mnist", data_root=str(mnist_t10k), augment="none", epochs=2,
@@ -131,6 +133,7 @@ def test_a_small_cnn_learns_mnist_t10k(mnist_t10k: Path, tmp_path: Path) -> None
     assert result.summary["models"]["student"]["test"]["top1"] >= 0.94  # 0.953 when written
 
 
+@pytest.mark.e2e
 def test_imbalanced_run_reports_per_class_accuracy(tmp_path: Path) -> None:
     from distillistic.data.loader import build_data
 

@@ -47,6 +47,7 @@ def test_the_table_lists_every_case_and_at_least_25() -> None:
     assert len({c.id for c in CASES}) == len(CASES)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gets_one_line_exit_2_and_loses_nothing(case: object, workspace: Workspace) -> None:
     from bad_inputs import Case
@@ -64,6 +65,7 @@ def test_bad_input_gets_one_line_exit_2_and_loses_nothing(case: object, workspac
     assert normalise(lines[0], workspace) == documented_messages()[case.id], REGENERATE
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("case_id", ["resume-malicious", "idx-truncated"])
 def test_in_a_real_process_too(case_id: str, workspace: Workspace) -> None:
@@ -82,6 +84,7 @@ def test_in_a_real_process_too(case_id: str, workspace: Workspace) -> None:
     assert _snapshot(workspace.run) == before
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_image_found_damaged_only_when_decoded_is_named(workers: int, workspace: Workspace,
                                                            capsys: pytest.CaptureFixture[str]) -> None:

@@ -91,6 +91,7 @@ def _summary(run: Path) -> dict[str, Any]:
 # --- held-out calibration metrics --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_summary_calibration_metrics_equal_the_definitions_on_the_runs_own_logits(kd_run: Path) -> None:
     task = _load(kd_run, "cpu")
     assert task.teacher is not None
@@ -118,6 +119,7 @@ def test_summary_calibration_metrics_equal_the_definitions_on_the_runs_own_logit
 # --- distillistic calibrate --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_calibrate_lowers_val_nll_of_an_over_confident_run_and_recovers_the_scale(
         baseline_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plain = calibrate_run(baseline_run, "cpu")["models"]["student"]
@@ -149,6 +151,7 @@ def test_calibrate_lowers_val_nll_of_an_over_confident_run_and_recovers_the_scal
 # --- a temperature-scaled teacher ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_teacher_calibration_fits_the_teachers_temperature_on_val(kd_run: Path, tmp_path: Path,
                                                                    cache: Path) -> None:
     raw_teacher = calibrate_run(kd_run, "cpu")["models"]["teacher"]  # T of the raw teacher, fitted on val
@@ -166,6 +169,7 @@ def test_teacher_calibration_fits_the_teachers_temperature_on_val(kd_run: Path, 
     assert len({p.name for p in (cache / "teacher-store").iterdir()} - before) == 1
 
 
+@pytest.mark.e2e
 def test_several_teachers_each_get_their_own_temperature(tmp_path: Path, cache: Path) -> None:
     summary = train(tiny(tmp_path / "two", algo="kd", teacher="cnn,cnn", teacher_weights="random",
                          cache_dir=str(cache), teacher_calibration="temperature")).summary
@@ -183,6 +187,7 @@ def test_teacher_calibration_without_a_teacher_is_refused() -> None:
 # --- Tf-KD's p from a baseline ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_virtual_p_from_takes_the_baselines_best_val_top1(baseline_run: Path, tmp_path: Path, cache: Path) -> None:
     top1 = _summary(baseline_run)["models"]["student"]["val_best"]["top1"]
     result = train(tiny(tmp_path / "tfkd", algo="tfkd", virtual_p_from=str(baseline_run)))
@@ -221,6 +226,7 @@ def _trajectory(algo: str, steps: int = 5) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.e2e
 def test_fp64_dml_and_dml_e_trajectories_agree_to_1e_9() -> None:
     """DML's gradient mean_j (softmax(z_i/T) - p_j)/T equals DML_e's (softmax(z_i/T) - mean_j p_j)/T exactly; in
     float64 the two trajectories differ only by rounding (float32: ~1e-7 after one step)."""
@@ -242,6 +248,7 @@ def test_fp64_is_refused_off_the_cpu() -> None:
 # --- two processes -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_of_val(tmp_path: Path) -> None:
     """Under torchrun the ACE of the summary is the definition's on the whole test split (gathered, not one

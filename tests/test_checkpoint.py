@@ -199,6 +199,7 @@ def test_class_count_and_architecture_mismatches_are_explained() -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ten.items())
 
 
+@pytest.mark.e2e
 def test_export_writes_safetensors_that_load_back_as_weights(finished_run: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "exported"

@@ -60,6 +60,7 @@ def test_cifar_datasets_read_the_real_format(tmp_path: Path, variant: str) -> No
         assert bundle.info.std == CIFAR100_STD
 
 
+@pytest.mark.e2e
 def test_one_tiny_cifar_epoch_learns(tmp_path: Path) -> None:
     """resnet8 on a learnable CIFAR-10 in the real format, with the crop-flip augmentation, 2 short epochs."""
     root = write_cifar(tmp_path / "c10", "cifar10", per_class=24, test_per_class=10, noise=30)

@@ -86,6 +86,7 @@ def test_parameter_count_and_layout_match_reference(name: str) -> None:
     assert _count(CIFAR_MODELS[name](10)) == n10
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", NAMES)
 def test_train_step_stages_and_classifier(name: str) -> None:
     torch.manual_seed(0)

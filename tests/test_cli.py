@@ -154,6 +154,7 @@ def test_an_occupied_run_directory_is_refused_without_overwrite(world: dict[str,
     assert snapshot(world["run"]) == before
 
 
+@pytest.mark.e2e
 def test_a_file_as_out_is_refused(world: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     target = tmp_path / "a-file"
     target.write_text("keep me")
@@ -195,6 +196,7 @@ def test_a_corrupt_jpeg_in_a_worker_names_the_file(tmp_path: Path, capsys: pytes
     assert "remove or replace it" in err[0]
 
 
+@pytest.mark.e2e
 def test_train_prints_one_summary_line_and_list_shows_registries(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli([*BASE, "--out", str(tmp_path / "run")], capsys)
@@ -209,6 +211,7 @@ def test_train_prints_one_summary_line_and_list_shows_registries(tmp_path: Path,
     assert set(lines) == {"algos", "datasets", "models", "divergences"}
 
 
+@pytest.mark.e2e
 def test_yaml_then_flags_then_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"algo": "tfkd", "dataset": "digits", "model": "mlp", "epochs": 1,
@@ -223,6 +226,7 @@ def test_yaml_then_flags_then_set(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (saved["temperature"], saved["virtual_p"]) == (3.0, 0.7)  # --set overrides both
 
 
+@pytest.mark.multiprocess
 def test_bad_input_in_a_real_process(world: dict[str, Path]) -> None:
     """The console entry point itself: exit code 2, one line on stderr, no traceback, nothing lost."""
     before = snapshot(world["run"])

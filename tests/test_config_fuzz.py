@@ -130,6 +130,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
                                                                          HealthCheck.too_slow])
 
 
+@pytest.mark.e2e
 @FUZZ
 @given(data=mappings, items=set_items)
 def test_yaml_mapping_and_set_overrides_give_a_config_or_a_clean_error(tmp_path: Path, data: dict[str, Any],
@@ -137,6 +138,7 @@ def test_yaml_mapping_and_set_overrides_give_a_config_or_a_clean_error(tmp_path:
     _load(tmp_path, yaml.safe_dump(data, allow_unicode=True), items)
 
 
+@pytest.mark.e2e
 @FUZZ
 @given(data=plausible_mappings, items=st.lists(st.sampled_from(KEYS).flatmap(
     lambda k: _plausible(k).map(lambda v: f"{k}={v}")), max_size=3))
@@ -153,6 +155,7 @@ def test_arbitrary_yaml_text_gives_a_config_or_a_clean_error(tmp_path: Path, tex
     _load(tmp_path, text, [])
 
 
+@pytest.mark.e2e
 @FUZZ
 @given(flags=st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(st.sampled_from(SPECIAL_STRINGS),
                                                                   st.text(max_size=10),

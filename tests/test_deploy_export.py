@@ -103,6 +103,7 @@ def test_without_the_extra_the_export_says_what_to_install(runs: dict[str, Path]
                              "'deploy': pip install 'distillistic[deploy]'"])
 
 
+@pytest.mark.e2e
 @needs_deploy
 def test_onnx_and_int8_exports_of_a_cohort_with_ema_copies(runs: dict[str, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,6 +147,7 @@ def summary_n(run: Path) -> int:
     return int(json.loads((run / "manifest.json").read_text())["dataset"]["sizes"]["test"])
 
 
+@pytest.mark.e2e
 @needs_deploy
 def test_a_graph_with_a_dynamic_batch_and_any_image_size_runs_in_onnx_runtime(runs: dict[str, Path],
                                                                              tmp_path: Path) -> None:
@@ -161,6 +163,7 @@ def test_a_graph_with_a_dynamic_batch_and_any_image_size_runs_in_onnx_runtime(ru
             torch.testing.assert_close(got, module(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.e2e
 @needs_deploy
 def test_a_parity_gap_fails_the_export_naming_the_sample(runs: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
@@ -190,6 +193,7 @@ class _Odd(torch.nn.Module):
         return torch.ops.distillistic_test.odd(x.flatten(1))
 
 
+@pytest.mark.e2e
 @needs_deploy
 def test_an_operator_the_exporter_cannot_translate_is_named(tmp_path: Path) -> None:
     from distillistic.deploy.graph import Inputs

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_two_processes_kd_with_teacher_trained_first(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -36,6 +37,7 @@ def test_torchrun_two_processes_kd_with_teacher_trained_first(tmp_path: Path) ->
     assert len(rows) == len({(r["epoch"], r["model"], r["split"]) for r in rows}) == 2
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_torchrun_two_processes_kdcl_with_independent_peer_views(tmp_path: Path) -> None:
     """Each rank makes its students' own views of its samples from their keys (data_seed, epoch, index, student):

@@ -121,6 +121,7 @@ def test_pcl_ema_decay_warms_up_like_mean_teacher() -> None:
     assert again.updates == 2  # the schedule's position is checkpointed
 
 
+@pytest.mark.e2e
 def test_ema_flag_reports_selects_and_exports_the_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--model", "cnn", "--epochs", "2", "--batch-size", "64", "--lr", "3e-3",
@@ -150,6 +151,7 @@ def test_ema_flag_reports_selects_and_exports_the_copies(tmp_path: Path, capsys:
     assert (out / "export" / "student.safetensors").is_file()
 
 
+@pytest.mark.e2e
 def test_pcl_trains_two_students_on_digits(tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", algo="pcl", students=2, epochs=2))
     summary = result.summary
@@ -163,6 +165,7 @@ def test_pcl_trains_two_students_on_digits(tmp_path: Path) -> None:
     assert all(r["pcl"] is not None and r["pcl"] > 0 for r in train_rows)
 
 
+@pytest.mark.e2e
 def test_ema_copies_of_a_mixed_cohort_take_their_students_architecture(tmp_path: Path) -> None:
     """Each EMA copy reads its own student's view and is recorded and exported with that student's arch."""
     from distillistic.runs.export import export_run
@@ -185,6 +188,7 @@ def test_pcl_refuses_a_single_student_and_ema_flag(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "summary.json").exists()
 
 
+@pytest.mark.e2e
 def test_ban_reports_three_generations_and_their_ensemble(tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary = train(tiny(out, algo="ban", generations=3)).summary
@@ -225,6 +229,7 @@ def test_ban_refuses_a_cohort_before_writing(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_ban_with_one_generation_is_the_baseline(tmp_path: Path) -> None:
     ban = train(tiny(tmp_path / "ban", algo="ban", generations=1)).summary
     base = train(tiny(tmp_path / "base")).summary
@@ -248,6 +253,7 @@ PCL_ARGS = ["train", "--algo", "pcl", "--students", "2", "--dataset", "synthetic
             "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_an_interrupted_pcl_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """SIGKILL mid-epoch and before the final evaluation; the EMA copies and their schedule resume exactly."""
@@ -278,6 +284,7 @@ BAN_ARGS = ["train", "--algo", "ban", "--generations", "2", "--dataset", "synthe
             "--threads", "1", "--no-tensorboard", "--no-progress", "--allow-weak-teacher"]  # mechanics, not accuracy
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_an_interrupted_ban_run_resumes_the_generation_it_stopped_in(tmp_path: Path) -> None:
     """SIGKILL before generation 1's final evaluation, then before generation 2's: --resume finishes both,
@@ -333,6 +340,7 @@ def test_a_stopped_ban_run_says_so_and_prints_the_resume_command(tmp_path: Path,
     assert {"gen1", "gen2", "ensemble", "student"} <= set(summary["models"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--algo", "pcl"], ["--algo", "ban", "--generations", "2", "--ema", "0.9",
                                                        "--allow-weak-teacher"]],

@@ -94,6 +94,7 @@ def _check_run(path: Path, settings: dict[str, Any]) -> None:
         assert summary["models"][name]["test"]["n"] == 200, (path.name, name)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("part", [0, 1])
 def test_every_method_runs_in_a_sweep_from_the_cli(part: int, mnist_t10k: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,6 +117,7 @@ def test_every_method_runs_in_a_sweep_from_the_cli(part: int, mnist_t10k: Path, 
             _check_run(folder, settings)
 
 
+@pytest.mark.e2e
 def test_a_feature_method_with_kd_at_14_px_from_the_api(mnist_t10k: Path, tmp_path: Path) -> None:
     settings = {"algo": "crd", **FEATURE_TEACHER, "feature_kd": 1.0, "crd_negatives": 32, "student_resolution": 14}
     result = train(Config(**(BASE | settings | {"data_root": str(mnist_t10k), "out": str(tmp_path / "run")})))

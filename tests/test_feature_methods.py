@@ -43,6 +43,7 @@ def _train_row(out: Path) -> dict[str, Any]:
     return next(r for r in rows if r["split"] == "train" and r["model"] == "student")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("algo", list(STUDENT))
 def test_method_trains_on_digits(algo: str, variant: str, tmp_path: Path) -> None:
@@ -110,6 +111,7 @@ RESUME_ARGS = ["train", "--dataset", "synthetic", "--synthetic-samples", "160", 
                "--checkpoint-every", "3", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("algo", "args"), [("crd", ["--crd-negatives", "40", "--feature-kd", "0.5"]),
                                             ("fitnet", [])])
 def test_a_feature_method_resumes_exactly_after_sigkill(algo: str, args: list[str], tmp_path: Path) -> None:
@@ -136,6 +138,7 @@ def test_a_feature_method_resumes_exactly_after_sigkill(algo: str, args: list[st
         assert set(load_file(str(path))) == set(a["models"]["student"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(tmp_path: Path) -> None:
     import os
@@ -159,6 +162,7 @@ def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(tmp_path:
     assert int(((norms - 1).abs() < 1e-5).sum()) == trained
 
 
+@pytest.mark.e2e
 def test_from_the_cli_with_a_teacher_trained_first_and_explicit_stages(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The teacher is trained as a baseline (the method's parameters are not its own) and the flags parse."""
@@ -176,6 +180,7 @@ def test_from_the_cli_with_a_teacher_trained_first_and_explicit_stages(tmp_path:
     assert summary["models"]["teacher"]["source"].startswith(str(tmp_path / "cache"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("algo", ["fitnet", "crd"])
 def test_a_cohort_gets_one_adapter_per_student_in_its_own_optimizer(algo: str, tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "run", algo=algo, students=2, teacher="cnn", teacher_weights="random",
@@ -193,6 +198,7 @@ def test_a_cohort_gets_one_adapter_per_student_in_its_own_optimizer(algo: str, t
             len(g["params"]) for g in state["param_groups"][1:]) == student_params + term_params
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("algo", list(STUDENT))
 def test_no_host_reads_per_step_and_one_teacher_forward_per_step(tmp_path: Path, algo: str) -> None:
     from distillistic.training import engine

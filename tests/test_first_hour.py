@@ -35,6 +35,7 @@ def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Completed
     return done
 
 
+@pytest.mark.multiprocess
 def test_kd_run_talks_to_a_file_and_quiet_silences_it(tmp_path: Path) -> None:
     kd = [*TINY, "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "2"]
     done = _cli(["train", *kd, "--out", "kd", "--line-every", "5"], tmp_path)
@@ -128,6 +129,7 @@ register_model("tiny_linear", lambda k, c, s: nn.Sequential(nn.Flatten(), nn.Lin
 '''
 
 
+@pytest.mark.multiprocess
 def test_plugin_model_and_dataset_train_through_cli_and_sweep(tmp_path: Path) -> None:
     (tmp_path / "my_models.py").write_text(PLUGIN)
     args = ["--model", "my_models:build_net", "--dataset", "my_models:load", "--epochs", "3", "--batch-size", "32",
@@ -152,6 +154,7 @@ def test_plugin_model_and_dataset_train_through_cli_and_sweep(tmp_path: Path) ->
     assert labels == ["linear", "mine"]  # the variants' own names label the cells
 
 
+@pytest.mark.multiprocess
 def test_a_bad_plugin_is_one_line(tmp_path: Path) -> None:
     done = _cli(["train", *TINY, "--plugins", "no_such_module_xyz", "--out", "x"], tmp_path)
     assert done.returncode == 2
@@ -160,6 +163,7 @@ def test_a_bad_plugin_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.multiprocess
 def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None:
     from distillistic.models.builders import build_model
 
@@ -177,6 +181,7 @@ def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None
     assert _cli(["train", *kd, "--allow-weak-teacher", "--out", "kd_weak"], tmp_path).returncode == 0
 
 
+@pytest.mark.multiprocess
 def test_teacher_recorded_for_other_data_is_refused(tmp_path: Path) -> None:
     base = [*TINY[:1], "synthetic", *TINY[2:], "--synthetic-classes", "10", "--image-size", "8"]
     assert _cli(["train", *base, "--out", "synth"], tmp_path).returncode == 0
@@ -193,6 +198,7 @@ def test_chance_threshold_is_a_binomial_bound() -> None:
     assert threshold == pytest.approx(0.25 + 3 * (0.25 * 0.75 / 100) ** 0.5)
 
 
+@pytest.mark.e2e
 def test_demo_report_has_no_teacher_cell_and_uses_its_names(tmp_path: Path) -> None:
     from distillistic.experiments.demo import run_demo
     from distillistic.experiments.report import write_report

@@ -245,6 +245,7 @@ def test_logit_standardize_is_refused_without_a_logit_signal(algo: str) -> None:
 # --- training behaviour ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_ls_with_zero_eps_trains_exactly_like_baseline(tmp_path: Path) -> None:
     runs = {a: train(tiny(tmp_path / a, algo=a, epochs=2, **extra))
             for a, extra in (("baseline", {}), ("ls", {"label_smoothing": 0.0}))}
@@ -259,6 +260,7 @@ def test_ls_with_zero_eps_trains_exactly_like_baseline(tmp_path: Path) -> None:
     assert not all(torch.equal(base[k], changed[k]) for k in base)
 
 
+@pytest.mark.e2e
 def test_ctkd_logs_a_temperature_that_moves(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny(out, algo="ctkd", teacher="cnn", teacher_weights="random", epochs=2, ctkd_ramp=0.25))
@@ -283,6 +285,7 @@ E2E: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", list(E2E))
 def test_every_new_method_trains_on_digits(variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path / "cache"))
@@ -312,6 +315,7 @@ def test_the_new_methods_are_listed(capsys: pytest.CaptureFixture[str]) -> None:
         assert spec.formula.startswith("L")
 
 
+@pytest.mark.e2e
 def test_ctkd_temperature_survives_a_kill_and_resume(tmp_path: Path) -> None:
     """θ is in the checkpoint (objective state and the student's optimizer): a run killed mid-epoch and resumed
     ends bit for bit where the uninterrupted one does, logged temperatures included."""

@@ -26,6 +26,7 @@ SYNTH = ["--dataset", "synthetic", "--synthetic-channels", "3", "--image-size", 
          "--epochs", "1", "--batch-size", "32", "--no-progress", "--no-tensorboard", "--num-workers", "0"]
 
 
+@pytest.mark.e2e
 def test_every_zoo_model_is_registered_with_its_pinned_count() -> None:
     for name in CIFAR_MODELS:
         spec = MODELS.get(name)
@@ -120,6 +121,7 @@ def test_pretrained_timm_weights_offline_is_a_clear_error(monkeypatch: pytest.Mo
         build_model("timm/resnet10t", 10, 3, 32, imagenet=True)
 
 
+@pytest.mark.e2e
 @needs_timm
 @pytest.mark.parametrize("argv", [
     ["--model", "timm/resnet10t"],  # a timm student alone

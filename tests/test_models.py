@@ -15,6 +15,7 @@ from distillistic.errors import CheckpointError, UserError
 from distillistic.models.builders import MODELS, build_model, head_name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_builds_for_k_classes(name: str) -> None:
     spec = MODELS.get(name)

@@ -157,6 +157,7 @@ def _check_two_teachers(summary: dict[str, Any], path: Path) -> None:
     assert "mean_(j<2) softmax(t_j/4)" in summary["objective"]
 
 
+@pytest.mark.e2e
 def test_two_teachers_from_the_python_api(tmp_path: Path, mlp_teacher: Path) -> None:
     result = train(Config(**_kd(tmp_path / "run", mlp_teacher)))
     _check_two_teachers(result.summary, mlp_teacher)
@@ -179,6 +180,7 @@ def test_two_teachers_from_the_python_api(tmp_path: Path, mlp_teacher: Path) -> 
     assert again.summary["models"]["student"]["test"] == result.summary["models"]["student"]["test"]
 
 
+@pytest.mark.e2e
 def test_weighted_teachers_change_the_target_and_the_identity_covers_all(tmp_path: Path, mlp_teacher: Path) -> None:
     cfg = setup.resolve(Config(**_kd(tmp_path / "w", mlp_teacher), teacher_mix=(0.7, 0.3)))
     rt = resolve_runtime(cfg)
@@ -198,6 +200,7 @@ def test_weighted_teachers_change_the_target_and_the_identity_covers_all(tmp_pat
     assert extra1["teacher_sha256"] == extra["teachers"].sha256s[1]  # the same weights, the same identity
 
 
+@pytest.mark.e2e
 def test_two_teachers_from_the_cli(tmp_path: Path, mlp_teacher: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     rc, _, err = run_cli(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress",
@@ -218,6 +221,7 @@ def _sweep(tmp_path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
 
 
+@pytest.mark.e2e
 def test_two_teachers_from_a_sweep(tmp_path: Path, mlp_teacher: Path) -> None:
     spec = _kd(None, mlp_teacher) | {"teacher": ["cnn_wide", "mlp"], "teacher_weights": ["train", str(mlp_teacher)],
                                      "grid": {"alpha": [0.5]}}
@@ -249,6 +253,7 @@ def _check_cohort(out: Path, summary: dict[str, Any]) -> None:
     assert archs == {f"student{i}": a for i, a in enumerate(COHORT)}
 
 
+@pytest.mark.e2e
 def test_mixed_cohort_from_the_python_api(tmp_path: Path) -> None:
     out = tmp_path / "dml"
     result = train(Config(**TINY, algo="dml", students=COHORT, out=str(out)))
@@ -256,6 +261,7 @@ def test_mixed_cohort_from_the_python_api(tmp_path: Path) -> None:
     assert config_mod.load(out / "config.yaml").students == COHORT
 
 
+@pytest.mark.e2e
 def test_mixed_cohort_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     rc, _, err = run_cli(["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress",
@@ -265,6 +271,7 @@ def test_mixed_cohort_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
     _check_cohort(out, json.loads((out / "summary.json").read_text()))
 
 
+@pytest.mark.e2e
 def test_mixed_cohort_from_a_sweep(tmp_path: Path) -> None:
     spec = dict(TINY, algo="dml", students=list(COHORT), grid={"seed": [1]})
     (summary,) = _sweep(tmp_path, spec)
@@ -330,6 +337,7 @@ def test_bad_lists_are_refused_by_the_python_api() -> None:
         setup.resolve(Config(**TINY, algo="dml", students=()))
 
 
+@pytest.mark.e2e
 def test_resume_with_another_second_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The checkpoint's teacher identity covers every teacher: new weights for the second alone are refused."""
     from distillistic.models.builders import build_model
@@ -353,6 +361,7 @@ def test_resume_with_another_second_teacher_is_refused(tmp_path: Path, capsys: p
     assert "the teacher differs from the one the run started with (cnn,mlp from" in err[0]
 
 
+@pytest.mark.e2e
 def test_a_teacher_path_with_a_comma_is_one_teacher(tmp_path: Path) -> None:
     """A sweep's run directory (``baseline,seed=0``) is one teacher's weights, not two entries; ban in a sweep
     passes its generations that way."""

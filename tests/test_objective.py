@@ -240,6 +240,7 @@ def test_alpha_for_dkd_is_refused_from_a_flag_yaml_set_and_a_sweep(tmp_path: Pat
     assert (cells["kd"].alpha, cells["dkd"].alpha) == (0.5, None)
 
 
+@pytest.mark.e2e
 def test_a_dkd_run_saved_with_the_old_alpha_still_resumes_and_counts_as_done(tmp_path: Path) -> None:
     """Before alpha became unset for a sum composition, a dkd run saved alpha 0.5 (unused): it is the same run."""
     import yaml

@@ -71,6 +71,7 @@ def _config(out: Path) -> dict[str, object]:
     return dict(yaml.safe_load(found[0].read_text()))
 
 
+@pytest.mark.e2e
 def test_one_cifar_cell_runs_one_epoch_on_2000_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """resnet56 -> resnet20 KD (cell 11; teacher trained first), 2,000 CIFAR-format images, shrunk to 8 px."""
     root = write_cifar(tmp_path / "data", "cifar100", per_class=24, test_per_class=2)
@@ -84,6 +85,7 @@ def test_one_cifar_cell_runs_one_epoch_on_2000_images(tmp_path: Path, capsys: py
     assert (cfg["algo"], cfg["model"], cfg["teacher"], cfg["max_train_samples"]) == ("kd", "resnet20", "resnet56", 2000)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="../shared/datasets/imagenet-sample100 is not present")
 def test_one_imagenet_cell_runs_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The baseline cell (ResNet-18, SGD, multistep) on the 100-image sample at 32 px."""

@@ -42,6 +42,7 @@ def settings(spec: Method) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_trains_end_to_end(name: str, tmp_path: Path) -> None:
     spec = METHODS.get(name)
@@ -99,6 +100,7 @@ def _flags(spec: Method) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in settings(spec).items()]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _family_representatives())
 def test_every_method_family_runs_under_torchrun(name: str, tmp_path: Path) -> None:
@@ -126,6 +128,7 @@ def _probe(tmp_path: Path, args: list[str], fault: str | None = None) -> subproc
                           start_new_session=True)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_term_with_parameters_and_state_trains_resumes_exactly_and_exports_without_them(tmp_path: Path) -> None:
     ref, got = tmp_path / "reference", tmp_path / "resumed"
@@ -175,6 +178,7 @@ def _shapes(tree: Any) -> list[tuple[str, list[int]]]:
     return [(k, list(v.shape)) for k, v in _leaves(tree)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_term_with_parameters_runs_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -187,6 +191,7 @@ def test_a_term_with_parameters_runs_under_torchrun(tmp_path: Path) -> None:
 # --- the teacher-output store under torchrun -----------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_store_filled_under_torchrun_is_read_on_one_process(tmp_path: Path) -> None:
     args = ["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "random", "--data-seed", "5", *SMALL]

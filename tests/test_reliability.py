@@ -110,6 +110,7 @@ def test_resume_on_a_last_pt_with_a_flipped_byte_is_refused(tmp_path: Path) -> N
 # --- resume checks what it resumes; one run per directory ---------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_data_changed_between_a_kill_and_a_resume_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_idx_split(data, "t10k", (np.arange(120) % 10).astype(np.uint8))
@@ -142,6 +143,7 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.multiprocess
 def test_two_trains_on_one_out_at_once_one_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_cli(["train", *TINY, "--out", str(out)], fault="step:1:STOP", wait=False)
@@ -271,6 +273,7 @@ def test_os_errors_anywhere_are_one_line(tmp_path: Path) -> None:
 KD = ["--algo", "kd", "--teacher", "mlp", "--teacher-weights", "train", "--teacher-epochs", "2"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["TERM", "KILL"])
 def test_a_signal_during_a_teacher_trained_first(sig: str, tmp_path: Path) -> None:
@@ -301,6 +304,7 @@ def test_a_signal_during_a_teacher_trained_first(sig: str, tmp_path: Path) -> No
     assert _status(out) == "completed"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["TERM", "KILL"])
 def test_a_signal_during_the_final_evaluation(sig: str, tmp_path: Path) -> None:
@@ -322,6 +326,7 @@ def test_a_signal_during_the_final_evaluation(sig: str, tmp_path: Path) -> None:
     assert _status(out) == "completed"
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["TERM", "KILL"])
 def test_a_signal_while_the_teacher_store_writes(sig: str, tmp_path: Path) -> None:

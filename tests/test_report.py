@@ -161,6 +161,7 @@ def _is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG and image.shape[0] > 200 and image.shape[1] > 200
 
 
+@pytest.mark.e2e
 def test_report_writes_markdown_csv_and_every_figure(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     for seed in (0, 1):

@@ -81,6 +81,7 @@ def test_every_claim_expands_into_valid_cells() -> None:
         assert len(plan.cells) == len(claim.variants) * len(rp.SEEDS) * axes
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_reproduce_runs_a_claim_end_to_end(tmp_path: Path) -> None:
     text = rp.reproduce("tfkd-smoothing", tmp_path, overrides={"dataset": "digits", "epochs": 1})
@@ -105,6 +106,7 @@ def test_cli_lists_claims_and_refuses_unknown_ones(capsys: pytest.CaptureFixture
     assert "holds no MNIST t10k files" in err[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_dml_identity_claim_agrees_in_float64_and_shows_the_float32_gap(tmp_path: Path) -> None:
     text = rp.reproduce("dml-equals-dml-e", tmp_path, overrides={"dataset": "digits"})

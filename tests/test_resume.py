@@ -104,6 +104,7 @@ def _killed(result: subprocess.CompletedProcess[str]) -> None:
     assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
 
 
+@pytest.mark.multiprocess
 def test_sigkill_at_steps_during_checkpoint_writes_and_before_evaluation(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     own = [*ARGS, "--out", str(out)]
@@ -124,6 +125,7 @@ def test_sigkill_at_steps_during_checkpoint_writes_and_before_evaluation(referen
     assert len(json.loads((out / "manifest.json").read_text())["resumed_at"]) == 4
 
 
+@pytest.mark.multiprocess
 def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_cli([*ARGS, "--out", str(out)], fault="step:4:TERM")
@@ -148,6 +150,7 @@ def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, 
     assert_identical_runs(reference, out)
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_the_process_group_with_image_workers_stops_cleanly(tmp_path: Path) -> None:
     """A scheduler's SIGTERM reaches the data-loading workers too: the step finishes, the run checkpoints and
     exits 0, and the resumed run equals an uninterrupted one (file dataset, 2 workers, keyed random crops)."""
@@ -296,6 +299,7 @@ def test_loading_files_leaves_the_global_rng_alone(tmp_path: Path, workers: int)
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.e2e
 def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
         reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     partial = tmp_path / "partial"
@@ -317,6 +321,7 @@ def killed_then_resumed(args: list[str], out: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.multiprocess
 def test_independent_peer_views_resume_exactly(tmp_path: Path) -> None:
     """KDCL with each student on its own augmented view (keyed by (data_seed, epoch, index, student)): killed
     mid-epoch after a checkpoint, then resumed, it ends identical to an uninterrupted run; no RNG state needed."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from distillistic import Config, train
 
 
+@pytest.mark.e2e
 def test_two_epoch_baseline_on_synthetic_learns(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = train(Config(algo="baseline", dataset="synthetic", model="cnn", epochs=2, batch_size=32, lr=3e-3,

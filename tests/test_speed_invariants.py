@@ -50,6 +50,7 @@ def _views_by_index(batches: Any, maker: ViewMaker, chunked: bool) -> dict[int, 
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("channels", [1, 3])
 def test_training_view_depends_only_on_data_seed_epoch_and_index(channels: int) -> None:
     bundle = _bundle(synthetic_channels=channels)
@@ -220,6 +221,7 @@ def own_norm_cnn(monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("algo", ["kd", "dml", "dml_e", "tfkd", "baseline", "own_norm"])
 def test_host_reads_do_not_grow_with_the_number_of_steps(tmp_path: Path, algo: str, request: Any) -> None:
     extra: dict[str, Any] = {"teacher": "cnn", "teacher_weights": "random", "teacher_store": str(tmp_path / "s")} \

@@ -62,6 +62,7 @@ def store_files(root: Path) -> list[Path]:
     return sorted(root.rglob("*.safetensors"))
 
 
+@pytest.mark.e2e
 def test_warm_store_replaces_the_teacher_exactly(tmp_path: Path, teacher_calls: list[int]) -> None:
     store = tmp_path / "store"
     live = run(tmp_path, "live", teacher_store="off")
@@ -80,6 +81,7 @@ def test_warm_store_replaces_the_teacher_exactly(tmp_path: Path, teacher_calls: 
     assert warm["summary"]["models"]["teacher"]["test"] == live["summary"]["models"]["teacher"]["test"]
 
 
+@pytest.mark.e2e
 def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path, teacher_calls: list[int]) -> None:
     store = tmp_path / "store"
     teacher = tmp_path / "teacher.safetensors"  # a teacher from a file: --seed only changes the student
@@ -100,6 +102,7 @@ def test_store_is_shared_by_other_students_seeds_and_temperatures(tmp_path: Path
     same_run(warm, live)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("change", [{"teacher_seed": 5}, {"data_seed": 8}, {"augment": "none"},
                                     {"synthetic_samples": 160}],
                          ids=["other-teacher", "other-data-seed", "other-transform", "other-data"])
@@ -117,6 +120,7 @@ def _entry_files(store: Path) -> dict[str, Path]:
     return {p.name: p for p in store_files(store)}
 
 
+@pytest.mark.e2e
 def test_foreign_file_in_place_is_refused(tmp_path: Path, teacher_calls: list[int],
                                           caplog: pytest.LogCaptureFixture) -> None:
     """A file copied from another entry (another teacher) to where this run looks is not read."""
@@ -151,6 +155,7 @@ def _wrong_shape(p: Path) -> None:
     p.write_bytes(safetensors.torch.save(tensors))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _wrong_shape], ids=["truncated", "corrupt", "shape"])
 def test_damaged_store_is_rebuilt_with_a_warning(tmp_path: Path, teacher_calls: list[int], damage: Any,
                                                  caplog: pytest.LogCaptureFixture) -> None:
@@ -173,6 +178,7 @@ def test_damaged_store_is_rebuilt_with_a_warning(tmp_path: Path, teacher_calls: 
     assert caplog.text == ""
 
 
+@pytest.mark.e2e
 def test_manifest_of_another_entry_empties_the_folder(tmp_path: Path, teacher_calls: list[int],
                                                       caplog: pytest.LogCaptureFixture) -> None:
     store = tmp_path / "store"
@@ -187,6 +193,7 @@ def test_manifest_of_another_entry_empties_the_folder(tmp_path: Path, teacher_ca
     assert json.loads(manifest.read_text())["teacher"]["arch"] == "cnn"
 
 
+@pytest.mark.e2e
 def test_cross_quality_warm_store_never_makes_the_full_view_for_the_teacher(
         tmp_path: Path, teacher_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
     store = tmp_path / "store"
@@ -271,6 +278,7 @@ def test_incomplete_epoch_is_never_written(tmp_path: Path) -> None:
     assert [p.name for p in store_files(tmp_path)] == ["epoch-0000.safetensors"]
 
 
+@pytest.mark.e2e
 def test_store_flags_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["train", "--algo", "kd", "--dataset", "synthetic", "--model", "cnn", "--teacher", "cnn",
             "--teacher-weights", "random", "--epochs", "1", "--batch-size", "64", "--no-progress"]

@@ -237,6 +237,7 @@ def test_fail_fast_and_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 # --- a real sweep, interrupted and continued -----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_interrupted_sweep_continues_with_only_the_missing_work(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -76,6 +76,7 @@ def test_embedding_name_is_reserved() -> None:
         Taps(resnet18(), {"embedding": "layer1"}, embedding="fc")
 
 
+@pytest.mark.e2e
 def test_taps_fire_through_torch_compile_of_the_wrapper() -> None:
     model, x = resnet18(), image(32)
     taps = Taps(model, RESNET_LAYERS, embedding="fc")
@@ -119,6 +120,7 @@ def test_taps_fire_through_distributed_data_parallel(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("arch", "stages", "head"), [
     ("resnet18", {"stride4": "layer1", "stride8": "layer2", "stride16": "layer3", "stride32": "layer4"}, "fc"),
     ("mobilenet_v2", {"stride2": "features.1", "stride4": "features.3", "stride8": "features.6",

@@ -84,6 +84,7 @@ def _capture_views(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return steps
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("algo", ["kd", "dml"])
 def test_cross_quality_teacher_reads_the_full_view_students_the_low_view_of_the_same_crop(
         algo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,6 +134,7 @@ def _teacher_trainings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return trained
 
 
+@pytest.mark.e2e
 def test_a_teacher_trained_once_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trained = _teacher_trainings(monkeypatch)
     cache = tmp_path / "cache"
