@@ -344,7 +344,7 @@ CASES: list[Case] = [
     Case("feature-student-no-stage", "config value", "a feature stage the student (mlp) does not have",
          lambda ws: _feature(ws, "sp", "--sp-stage", "stage2")),
     Case("feature-teacher-no-taps", "config value", "a feature method with a teacher that declares no stages",
-         lambda ws: _feature(ws, "rkd", teacher="densenet121")),
+         lambda ws: _feature(ws, "rkd", "--image-size", "32", teacher="densenet121")),
     # --- output directories ----------------------------------------------------------------------
     Case("out-is-file", "output directory", "--out naming a file",
          lambda ws: ws.train(out=_file(ws, "out.txt"))[:-1]),
@@ -570,6 +570,19 @@ RELIABILITY_CASES: list[Case] = [
 ]
 
 
+@contextlib.contextmanager
+def _memory(size: int) -> Iterator[None]:
+    """A machine with ``size`` bytes of memory, as the model check sees it."""
+    from distillistic.models import builders
+
+    saved = builders.memory_bytes
+    builders.memory_bytes = lambda: size
+    try:
+        yield
+    finally:
+        builders.memory_bytes = saved
+
+
 def _malformed_run(ws: Workspace) -> Path:
     folder = ws.tmp / "runs" / "bad"
     folder.mkdir(parents=True)
@@ -587,6 +600,28 @@ ROUND3_CASES: list[Case] = [
     Case("tfkd-self-listed-other-teacher", "config value", "Tf-KD self-training of a listed student (cnn) by "
          "--model's architecture (data-dependent)",
          lambda ws: ws.train("--algo", "tfkd_self", "--students", "cnn", "--teacher", "mlp")),
+    # numbers that overflow or exhaust
+    Case("teacher-mix-overflow", "config value", "teacher mixing weights whose sum is not finite",
+         lambda ws: ws.train("--algo", "kd", "--teacher", "mlp,cnn", "--teacher-weights", "random",
+                             "--teacher-mix", "1e308,1e308")),
+    Case("weights-overflow", "config value", "a method's loss weights whose sum is not finite (dkd)",
+         lambda ws: ws.train("--algo", "dkd", "--teacher", "mlp", "--teacher-weights", "random", "--dkd-alpha",
+                             "1e308", "--dkd-beta", "1e308")),
+    Case("synthetic-classes-huge", "config value", "more synthetic classes than samples (10**12)",
+         lambda ws: ws.train("--synthetic-classes", "1000000000000")),
+    Case("synthetic-too-large", "config value", "synthetic data of 10**11 images (terabytes)",
+         lambda ws: ws.train("--synthetic-samples", "100000000000")),
+    Case("image-size-huge", "config value", "an image size of 100000 px",
+         lambda ws: ws.train("--image-size", "100000")),
+    Case("model-resolution", "config value", "a student that cannot read the image size (densenet121 at 8 px)",
+         lambda ws: ws.train("--model", "densenet121")),
+    Case("teacher-resolution", "config value", "a teacher that cannot read the image size (vgg8 at 4 px)",
+         lambda ws: ws.train("--image-size", "4", "--algo", "kd", "--teacher", "vgg8", "--teacher-weights",
+                             "random")),
+    Case("model-exceeds-memory", "config value", "a model whose weights exceed the machine's memory (1 MiB here)",
+         lambda ws: ws.train("--model", "resnet18"), patch=lambda: _memory(1 << 20)),
+    Case("list-classes-huge", "flag", "list models for 10**12 classes",
+         lambda ws: ["list", "models", "--num-classes", "1000000000000"]),
 ]
 CASES += ROUND3_CASES
 

@@ -55,3 +55,43 @@ def test_the_start_line_names_a_mixed_cohort(tmp_path: Path) -> None:
     assert code == 0, text
     assert "start: dml on synthetic, mlp, cnn | " in text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+# --- numbers that overflow or exhaust ------------------------------------------------------------------------------
+
+def test_parameter_count_never_allocates_a_head_and_matches_the_real_model() -> None:
+    """regnet is counted by a real build: with a one-class head and the other rows counted (it allocated them
+    all: 10**12 classes tried to allocate 1.7 PB)."""
+    from distillistic.models.builders import build_model, parameter_count
+
+    real = sum(p.numel() for p in build_model("regnet_y_400mf", 37, 3, 32).parameters())
+    assert parameter_count("regnet_y_400mf", 37) == real
+    assert parameter_count("regnet_y_400mf", 10**9) == real + (10**9 - 37) * (440 + 1)  # 440 features + bias
+
+
+def test_a_model_that_cannot_read_the_resolution_is_refused_before_the_run_directory(tmp_path: Path) -> None:
+    from distillistic.models.builders import check_fits
+
+    check_fits("densenet121", 10, 3, 32, "student")  # reads 32 px
+    code, text = _train(tmp_path / "run", "--model", "densenet121")  # 8 px: it crashed at the first step
+    assert code == 2
+    assert text == ("distillistic: error: the student 'densenet121' cannot read 8 px images (its feature maps "
+                    "shrink to nothing); use --image-size (or the student's resolution) of at least 32 px, or "
+                    "choose a model for small images\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_threads_above_the_cores_are_capped_with_one_line(tmp_path: Path) -> None:
+    import torch
+
+    from distillistic.training.cores import available_cores
+
+    cores = available_cores()
+    try:
+        code, text = _train(tmp_path / "run", "--model", "mlp", "--threads", str(cores + 7))
+    finally:
+        torch.set_num_threads(1)
+    assert code == 0, text
+    assert (f"threads: --threads {cores + 7} is more than the {cores} cores this process may use (its affinity "
+            f"and CPU quota); using {cores}") in text.splitlines()
+    assert f"{cores} threads, world size 1" in text

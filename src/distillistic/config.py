@@ -49,6 +49,7 @@ def same_setting(key: str, saved: Any, current: Any) -> bool:
     """Whether a saved run's value of ``key`` and the current config's describe the same setting."""
     return saved == current or (current is None and key in FORMERLY_FILLED and saved == FORMERLY_FILLED[key])
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
+MAX_PIXELS = 8192  # an image side: beyond, one image alone is hundreds of MiB and most models exhaust memory
 # String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
 LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
 
@@ -492,6 +493,9 @@ def validate(cfg: Config) -> None:
                 "student_resolution", "teacher_resolution", "teacher_epochs", "threads"):
         value = getattr(cfg, key)
         _check(value is None or value > 0, key, value, "a whole number > 0 (or unset)")
+    for key in ("image_size", "student_resolution", "teacher_resolution"):
+        value = getattr(cfg, key)
+        _check(value is None or value <= MAX_PIXELS, key, value, f"at most {MAX_PIXELS} px (or unset)")
     _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
     _validate_cohort_and_teachers(cfg)
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
@@ -614,8 +618,8 @@ def _validate_cohort_and_teachers(cfg: Config) -> None:
         _check(cfg.students is None or cfg.students > 0, "students", cfg.students,
                "a whole number > 0 (or unset), or a list of architectures")
     mix = cfg.teacher_mix
-    _check(all(w >= 0 for w in mix) and (not mix or sum(mix) > 0), "teacher_mix", list(mix),
-           "weights >= 0 with a positive sum, one per teacher")
+    _check(all(w >= 0 for w in mix) and (not mix or 0 < sum(mix) < math.inf), "teacher_mix", list(mix),
+           "weights >= 0 with a positive, finite sum, one per teacher")
     teachers = split_names(cfg.teacher)
     if not teachers:
         return

@@ -14,6 +14,7 @@ run of its family and a golden-step check without another line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -84,6 +85,10 @@ class Method:
                     raise UserError(f"config key '{key}' is not used by algo {self.name}: its loss is CE plus its "
                                     "own weighted terms, not (1 - alpha) CE + alpha * divergence; remove "
                                     f"{key} and {instead}")
+        weights = [getattr(cfg, k) for k in self.weights]
+        if not math.isfinite(sum(abs(w) for w in weights if isinstance(w, (int, float)))):
+            raise UserError(f"the weights of algo {self.name} ({', '.join(self.weights)}) sum to more than a float "
+                            "holds; they weigh loss terms: choose values of a few units or hundreds")
         for key in sorted(PARAMETERS):
             if key not in self.params and getattr(cfg, key) != FIELDS[key].default:
                 owners = ", ".join(sorted(m for m in METHODS if key in METHODS.get(m).params))

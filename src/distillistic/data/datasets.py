@@ -27,7 +27,7 @@ from distillistic.config import Config, cache_dir
 from distillistic.data.cifar import Variant as Cifar
 from distillistic.data.cifar import cifar_spec, ensure_cifar, read_cifar
 from distillistic.data.integrity import folder_checksum, md5sum
-from distillistic.errors import DataError
+from distillistic.errors import ConfigError, DataError
 from distillistic.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -341,11 +341,20 @@ def _digits(cfg: Config, root: Path) -> RawDataset:
 # --- synthetic -----------------------------------------------------------------------------------------
 
 
+SYNTHETIC_VALUES = 2**29  # the generator's float noise is 4 bytes a value: 2 GiB at most
+
+
 @dataset("synthetic", "none", fallback_size=16)
 def _synthetic(cfg: Config, root: Path) -> RawDataset:
     """Seeded images: a random template per class plus noise, so that a model can learn them."""
     g = torch.Generator().manual_seed(cfg.split_seed)
     k, n, c, s = cfg.synthetic_classes, cfg.synthetic_samples, cfg.synthetic_channels, cfg.image_size or 16
+    if k > n:
+        raise ConfigError("synthetic_classes", k, f"at most --synthetic-samples ({n}): every class needs a sample")
+    if n * c * s * s > SYNTHETIC_VALUES:
+        raise ConfigError("synthetic_samples", n, f"at most {SYNTHETIC_VALUES:,d} pixel values in all (samples x "
+                                                  f"channels x size², here {n * c * s * s:,d}); lower "
+                                                  "--synthetic-samples or --image-size")
     templates = torch.rand(k, c, s, s, generator=g) * 255
     labels = torch.arange(n) % k
     labels = labels[torch.randperm(n, generator=g)]

@@ -9,6 +9,7 @@ choice for 28-32 px inputs.
 
 from __future__ import annotations
 
+import os
 import typing
 import urllib.error
 from collections.abc import Callable
@@ -208,14 +209,64 @@ for _name in CIFAR_MODELS:  # the CIFAR KD zoo (models/cifar.py): resnet8 ... sh
 
 
 def parameter_count(name: str, num_classes: int, data_channels: int = 3, image_size: int = 32) -> int:
-    """Parameters of model ``name`` with a ``num_classes`` head, built on the meta device (no memory, no init)."""
+    """Parameters of model ``name`` with a ``num_classes`` head, built on the meta device (no memory, no init).
+
+    A builder that reads tensor values while building (regnet) is built for real with a one-class head, and
+    the head's other ``num_classes - 1`` rows are counted: no class count ever allocates its head."""
     spec = MODELS.get(name)
     try:
         with torch.device("meta"):
             model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
-    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values while building (regnet)
-        model = spec.build(num_classes, spec.channels(data_channels), image_size, False)
+    except (NotImplementedError, RuntimeError):
+        model = spec.build(1, spec.channels(data_channels), image_size, False)
+        head = model.get_submodule(head_name(model))
+        assert isinstance(head, nn.Linear)
+        row = head.in_features + (1 if head.bias is not None else 0)
+        return sum(p.numel() for p in model.parameters()) + (num_classes - 1) * row
     return sum(p.numel() for p in model.parameters())
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits(name: str, num_classes: int, data_channels: int, image_size: int, role: str) -> None:
+    """Refuse, before anything is built or written, a model that cannot read ``image_size`` px (its feature maps
+    shrink to nothing) or whose weights alone exceed this machine's memory. ``role``: 'student', 'teacher'."""
+    spec = MODELS.get(name)
+    channels = spec.channels(data_channels)
+    count = parameter_count(name, num_classes, data_channels, image_size)
+    memory = memory_bytes()
+    if memory and 4 * count > memory:
+        raise UserError(f"the {role} '{name}' for {num_classes} classes at {image_size} px has {count:,d} parameters "
+                        f"({_size(4 * count)} in fp32), more than this machine's {_size(memory)}; "
+                        "choose a smaller model, fewer classes or a smaller --image-size")
+    if not _reads(spec, channels, image_size):
+        least = next((s for s in (2 ** i for i in range(1, 11)) if s > image_size and _reads(spec, channels, s)), None)
+        hint = f"use --image-size (or the {role}'s resolution) of at least {least} px" if least else "use another model"
+        raise UserError(f"the {role} '{name}' cannot read {image_size} px images (its feature maps shrink to "
+                        f"nothing); {hint}, or choose a model for small images")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _reads(spec: ModelSpec, channels: int, size: int) -> bool:
+    """Whether a forward of one ``size`` px image runs (on the meta device: shapes only, no memory)."""
+    try:
+        with torch.device("meta"):
+            model = spec.build(2, channels, size, False).eval()
+            model(torch.empty(1, channels, size, size))
+    except NotImplementedError:  # a builder or layer that needs real values: not checkable here, not refused
+        return True
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return "meta" in str(e)
+    return True
 
 
 def build_model(name: str, num_classes: int, data_channels: int, image_size: int, imagenet: bool = False,

@@ -26,7 +26,7 @@ from distillistic.data.datasets import FileSource
 from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
-from distillistic.models.builders import MODELS, build_model
+from distillistic.models.builders import MODELS, build_model, check_fits
 from distillistic.runs.rundir import RunDir, restore_state
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
@@ -85,6 +85,16 @@ def _build_students(cfg: Config, info: Any) -> list[nn.Module]:
     return models
 
 
+def _check_models_fit(cfg: Config, info: Any) -> None:
+    """Every student and teacher reads its input size and fits in memory: refused before anything is built."""
+    count = student_count(cfg) or 1
+    for arch in dict.fromkeys(config_mod.student_archs(cfg, count)):
+        check_fits(arch, info.num_classes, info.channels, cfg.student_resolution or info.image_size, "student")
+    if METHODS.get(cfg.algo).needs_teacher:
+        for arch in dict.fromkeys(config_mod.split_names(cfg.teacher)):
+            check_fits(arch, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size, "teacher")
+
+
 def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     model = model.to(rt.device, rt.dtype)
     if cfg.channels_last:
@@ -102,6 +112,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     bundle = build_data(cfg)
     info = bundle.info
     setup.check_for_data(cfg, info.num_classes, info.image_size, files=isinstance(bundle.splits["train"], FileSource))
+    _check_models_fit(cfg, info)
     method = METHODS.get(cfg.algo)
     seed_everything(cfg.seed)
     teachers = None

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from distillistic.config import Config
 from distillistic.errors import ConfigError
-from distillistic.training.cores import default_threads
+from distillistic.training.cores import available_cores, default_threads
+from distillistic.training.lines import say
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,6 +139,19 @@ def _precision(cfg: Config, device: torch.device) -> str:
     return "fp32"
 
 
+def _threads(cfg: Config, rank: int) -> int:
+    """``threads``, capped (with one line) at the cores this process may use; unset: :func:`default_threads`."""
+    if cfg.threads is None:
+        return default_threads()
+    cores = available_cores()
+    if cfg.threads <= cores:
+        return cfg.threads
+    if rank == 0 and not cfg.quiet:
+        say("threads: --threads %d is more than the %d cores this process may use (its affinity and CPU quota); "
+            "using %d", cfg.threads, cores, cores)
+    return cores
+
+
 def resolve_runtime(cfg: Config) -> Runtime:
     """Resolve device, precision and (under torchrun) the process group for this process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,7 +163,7 @@ def resolve_runtime(cfg: Config) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    torch.set_num_threads(cfg.threads or default_threads())  # the cores free to this run (issue 15)
+    torch.set_num_threads(_threads(cfg, rank))  # the cores free to this run (issue 15)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
