@@ -8,7 +8,7 @@ BASE   := $(VENV)/.installed
 STAMP  := $(VENV)/.installed-dev
 CPU    ?=
 
-.PHONY: setup demo test test-fast lint check bench clean
+.PHONY: setup demo test test-fast golden lint check bench clean
 
 $(BASE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP)
 # The inner loop: every test marked unit (every module at unit level, every method's golden steps), about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m unit
+
+# Record a method's golden steps (tests/golden/steps.json) after adding its variant to tests/test_golden_steps.py:
+# make golden NAME=<variant> (several names separated by spaces; no NAME re-records every variant).
+golden: $(STAMP)
+	$(BIN)/python tests/test_golden_steps.py --record $(NAME)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

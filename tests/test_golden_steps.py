@@ -1,9 +1,10 @@
 """Golden steps: every loss term of every registered method over the first 3 steps, at a fixed seed.
 
-The values in ``golden/steps.json`` were recorded before the core redesign (by running this module as a
-script); the redesign, and every change after it, must reproduce them to 1e-6. A newly registered method
-gets its own entry the first time the script runs (``python tests/test_golden_steps.py --record NAME``),
-so the check covers every method of the registry: a method without a recorded entry fails here.
+The values in ``golden/steps.json`` were recorded before the core redesign, from whole ``train()`` runs; they
+are now checked at step level (``build_task`` and ``train_step``, a fraction of a second per method), and the
+redesign, and every change after it, must reproduce them to 1e-6. A newly registered method gets its own entry
+with ``make golden NAME=<variant>`` (``python tests/test_golden_steps.py --record NAME``; no NAME: every
+variant), so the check covers every method of the registry: a method without a recorded entry fails here.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-
-from distillistic import train
 
 GOLDEN = Path(__file__).with_name("golden") / "steps.json"
 STEPS = 3
@@ -55,23 +54,44 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
-    """The loss dict of each student at each of the first ``STEPS`` steps: ``[step][student]{term: value}``."""
-    from distillistic import Config
-    from distillistic.training.engine import TrainMeters
+    """The loss dict of each student at each of the first ``STEPS`` steps: ``[step][student]{term: value}``.
 
+    Step level: ``build_task`` and ``STEPS`` calls of ``train_step`` on the first batches of epoch 0, at the
+    progress the loop gives them; a born-again method's first generation. The values equal those of the first
+    steps of a whole ``train()`` (which recorded ``golden/steps.json``): nothing between the task's assembly and
+    the first step draws a random number.
+    """
+    from distillistic import Config
+    from distillistic.core.methods import METHODS
+    from distillistic.training import setup
+    from distillistic.training.engine import TrainMeters, train_step
+    from distillistic.training.run import build_task
+    from distillistic.training.runtime import resolve_runtime
+
+    cfg = setup.resolve(Config(**(BASE | VARIANTS[variant] | {"out": str(out)})))
+    method = METHODS.get(cfg.algo)
+    if method.generations is not None:  # generation 1 (generation 2's teacher is generation 1 trained)
+        cfg = method.generation(cfg, 1, None).replace(out=str(out / "generation1"))
+    rt = resolve_runtime(cfg)
     steps: list[list[dict[str, float]]] = []
     original = TrainMeters.update
 
     def spy(self: TrainMeters, logits: Any, labels: Any, outs: list[dict[str, torch.Tensor]], *a: Any) -> None:
-        if len(steps) < STEPS:
-            steps.append([{k: float(v.detach()) for k, v in o.items()} for o in outs])
+        steps.append([{k: float(v.detach()) for k, v in o.items()} for o in outs])
         original(self, logits, labels, outs, *a)
 
     TrainMeters.update = spy  # type: ignore[method-assign]
     try:
-        train(Config(**(BASE | VARIANTS[variant] | {"out": str(out)})))
+        task, _ = build_task(cfg, rt)
+        for student in task.students:
+            student.model.train()
+        meters, loader = TrainMeters(task), task.loaders["train"]
+        batches = task.views.prepare(loader.epoch(0))
+        for step, batch in zip(range(STEPS), batches):
+            train_step(task, batch, step / len(loader) / cfg.epochs, meters)
     finally:
         TrainMeters.update = original  # type: ignore[method-assign]
+        rt.close()
     assert len(steps) == STEPS
     return steps
 
