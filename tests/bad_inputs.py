@@ -89,11 +89,12 @@ class Payload:
 @dataclass(frozen=True)
 class Case:
     id: str
-    kind: str  # config value, flag, config file, data file, checkpoint, output directory, export, calibrate
+    kind: str  # config value, flag, config file, data file, checkpoint, output directory, export, calibrate, predict
     what: str
     argv: Callable[[Workspace], list[str]]
     fashion_offline: bool = False  # point the Fashion-MNIST mirror at a folder that does not exist
     patch: Callable[[], contextlib.AbstractContextManager[object]] | None = None  # e.g. a disk that is full
+    needs: str | None = None  # a module of an optional extra the case runs (skipped without it)
 
 
 def _yaml(ws: Workspace, text: str) -> str:
@@ -624,6 +625,82 @@ ROUND3_CASES: list[Case] = [
          lambda ws: ["list", "models", "--num-classes", "1000000000000"]),
 ]
 CASES += ROUND3_CASES
+
+ODD_MODEL = """import torch
+
+if not hasattr(torch.ops.dtest, "odd"):  # an operator the ONNX exporter has no translation for
+    @torch.library.custom_op("dtest::odd", mutates_args=())
+    def odd(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @odd.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+
+class Odd(torch.nn.Module):
+    def __init__(self, num_classes: int, channels: int, size: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(channels * size * size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.ops.dtest.odd(x.flatten(1)))
+
+
+def build(num_classes: int, channels: int, size: int) -> torch.nn.Module:
+    return Odd(num_classes, channels, size)
+"""
+
+
+def _odd_run(ws: Workspace) -> Path:
+    """A finished run of a model with an operator the ONNX exporter cannot translate."""
+    from distillistic import cli
+
+    (ws.tmp / "odd_model.py").write_text(ODD_MODEL)
+    out = ws.tmp / "odd"
+    args = ws.train(out=out)
+    args[args.index("mlp")] = f"{ws.tmp / 'odd_model.py'}:build"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0
+    return out
+
+
+def _no_epoch(ws: Workspace) -> Path:
+    """A copy of RUN whose checkpoints are gone: no epoch has finished."""
+    copy = ws.tmp / "started"
+    shutil.copytree(ws.run, copy)
+    shutil.rmtree(copy / "checkpoints")
+    return copy
+
+
+# The student as a deliverable: ONNX / int8 exports, predict, bench-model (the optional extra 'deploy').
+DEPLOY_CASES: list[Case] = [
+    Case("onnx-no-epoch", "export", "an ONNX export of a run with no finished epoch",
+         lambda ws: ["export", str(_no_epoch(ws)), "--format", "onnx"], needs="onnxruntime"),
+    Case("onnx-untraceable", "export", "an ONNX export of a model with an operator the exporter cannot translate",
+         lambda ws: ["export", str(_odd_run(ws)), "--format", "onnx", "--out", str(ws.tmp / "e")],
+         needs="onnxruntime"),
+    Case("onnx-exists", "export", "an ONNX export over a file that exists",
+         lambda ws: ["export", str(ws.run), "--format", "onnx", "--out", str(_file(ws, "student.onnx").parent)],
+         needs="onnxruntime"),
+    Case("quantize-no-calibration", "export", "an int8 quantization with no calibration images",
+         lambda ws: ["export", str(ws.run), "--format", "onnx", "--quantize", "int8", "--calibration-images", "0",
+                     "--out", str(ws.tmp / "e")], needs="onnxruntime"),
+    Case("quantize-safetensors", "export", "--quantize int8 of a .safetensors export",
+         lambda ws: ["export", str(ws.run), "--quantize", "int8", "--out", str(ws.tmp / "e")]),
+    Case("predict-corrupt-onnx", "predict", "predict with a corrupt .onnx file",
+         lambda ws: ["predict", str(_file(ws, "student.onnx", b"\x08\x07 not a model")),
+                     str(_file(ws, "x.png"))], needs="onnxruntime"),
+    Case("bench-corrupt-onnx", "predict", "bench-model of a corrupt .onnx file",
+         lambda ws: ["bench-model", str(_file(ws, "student.onnx", b"\x08\x07 not a model"))], needs="onnxruntime"),
+    Case("predict-undecodable", "predict", "predict on an image that cannot be decoded",
+         lambda ws: ["predict", str(ws.run), str(_file(ws, "photo.jpg", b"\xff\xd8\xff\xe0 no JPEG body"))]),
+    Case("predict-no-image", "predict", "predict on a folder without images",
+         lambda ws: ["predict", str(ws.run), str(ws.tmp)]),
+    Case("predict-missing-model", "predict", "predict with a model file that does not exist",
+         lambda ws: ["predict", str(ws.tmp / "student.onnx"), str(_file(ws, "x.png"))]),
+]
+CASES += DEPLOY_CASES
 
 
 def _torch_file(ws: Workspace, name: str, obj: object) -> Path:

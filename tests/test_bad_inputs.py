@@ -7,6 +7,7 @@ copy of a finished run that must stay byte-identical (most cases even pass ``--o
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -53,6 +54,8 @@ def test_bad_input_gets_one_line_exit_2_and_loses_nothing(case: object, workspac
     from bad_inputs import Case
 
     assert isinstance(case, Case)
+    if case.needs is not None and importlib.util.find_spec(case.needs) is None:
+        pytest.skip(f"needs {case.needs}, of the optional extra 'deploy' (pip install '.[deploy]')")
     argv = case.argv(workspace)  # writes the case's files (some replace a file of the run: the setup)
     before = _snapshot(workspace.run)
     code, text = run_argv(argv, case.fashion_offline, case.patch)

@@ -139,3 +139,25 @@ def test_a_torchvision_and_a_timm_student_export_with_parity(model: str, tmp_pat
 
         module = load_student(out)
         assert module(torch.zeros(2, 1, 50, 40, dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_report_shows_exported_students(run: Path, tmp_path: Path) -> None:
+    """``distillistic report`` gains an "Exported students" section from the runs' ``export.json`` (and none
+    without one)."""
+    from distillistic.experiments.report import write_report
+
+    plain = (write_report([run], tmp_path / "r0") / "report.md").read_text()
+    assert "## Exported students" not in plain
+    entry = {"name": "student", "folder": "", "precision": "int8", "file": "x.int8.onnx", "bytes": 2_500_000,
+             "test": {"top1": 0.9425, "ece": 0.0312, "nll": 0.2101},
+             "vs_fp32": {"top1_agreement": 0.995}, "bench": {"latency_ms_median": 0.125, "latency_ms_p90": 0.25,
+                                                             "throughput_images_per_s": 12345.6, "threads": 1}}
+    (run / "export").mkdir(exist_ok=True)
+    (run / "export" / "export.json").write_text(json.dumps({"models": [entry]}))
+    try:
+        text = (write_report([run], tmp_path / "r1") / "report.md").read_text()
+    finally:
+        (run / "export" / "export.json").unlink()
+    assert "## Exported students" in text
+    assert ("| student | int8 | 94.25 % | 3.12 % | 0.2101 | top-1 agrees 99.50 % | 2.500 | 0.125 / 0.250 | 12346 "
+            "| 1 |") in text

@@ -88,8 +88,9 @@ def predict(model: Path, items: Sequence[str], k: int = 5) -> list[tuple[Path, l
     for path in files:
         z = torch.from_numpy(run(read_image(path, inputs))).double()[0]
         p = z.softmax(0)
-        top = p.topk(min(k, len(p)))
-        out.append((path, [(names[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]))
+        # a stable sort: of tied classes (an int8 model's logits can tie) the first comes first, as argmax
+        values, order = torch.sort(p, descending=True, stable=True)
+        out.append((path, [(names[i], float(v)) for v, i in zip(values[:k].tolist(), order[:k].tolist())]))
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from distillistic.deploy.report import markdown_section as export_section
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import SEED_KEYS, comparable, value_text
 from distillistic.experiments.results import (
@@ -326,6 +327,7 @@ def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence
             lines.append(f"| {t['teacher']} | `{t['source']}` | {t['runs']} | {100 * t['top1']:.2f} | "
                          f"{100 * t['ece']:.2f} | {t['nll']:.3f} | {t['entropy']:.3f} |")
         lines.append("")
+    lines += export_section([Path(d) for d in dirs])  # ONNX exports of these runs, when there are some
     lines += ["## Figures", ""]
     for caption, path in figures:
         lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(out).as_posix()})", ""]
