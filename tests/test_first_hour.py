@@ -46,7 +46,10 @@ def test_kd_run_talks_to_a_file_and_quiet_silences_it(tmp_path: Path) -> None:
     for part in ("device cpu", "precision fp32", "threads", "world size 1"):
         assert part in start[0]
     assert any(line.startswith("teacher: start: baseline") for line in lines)  # the nested run, prefixed
-    teacher_epochs = [line for line in lines if line.startswith("teacher: epoch ") and " student: " in line]
+    teacher_epochs = [line for line in lines if line.startswith("teacher: epoch ") and " cnn: " in line]
+    assert not [line for line in lines if line.startswith("teacher:") and "student" in line]  # it says teacher
+    assert any(line.startswith("teacher: ETA ") for line in lines)  # an ETA before its first epoch ends
+    assert any(line.startswith("ETA ") for line in lines)
     assert [line.split()[2] for line in teacher_epochs] == ["1/2", "2/2"]
     student = [line for line in lines if line.startswith("epoch 1/1 student: ")]
     assert len(student) == 1

@@ -286,7 +286,7 @@ def test_a_signal_during_a_teacher_trained_first(sig: str, tmp_path: Path) -> No
     assert (teacher / "checkpoints" / "last.pt").is_file()
     assert _status(teacher) != "completed"
     if sig == "TERM":
-        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert stopped.returncode == 143, stopped.stderr[-2000:]
         last = stopped.stderr.strip().splitlines()[-1]
         assert last.startswith(f"distillistic: the teacher's training (trained first into '{teacher}') stopped by "
                                "a signal at epoch 1, step 3; checkpoint written; nothing was distilled from it; "
@@ -312,7 +312,7 @@ def test_a_signal_during_the_final_evaluation(sig: str, tmp_path: Path) -> None:
     args = ["train", *TINY, "--out", str(out)]
     stopped = run_cli(args, fault=f"final:1:{sig}")
     if sig == "TERM":
-        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert stopped.returncode == 143, stopped.stderr[-2000:]
         assert stopped.stderr.strip().splitlines()[-1].startswith(
             "distillistic: stopped by a signal during the final evaluation; every epoch is trained and "
             "checkpointed; resume with: ")
@@ -341,7 +341,7 @@ def test_a_signal_while_the_teacher_store_writes(sig: str, tmp_path: Path) -> No
     (entry,) = (cache / "teacher-store").iterdir()
     files = list(entry.rglob("epoch-*.safetensors"))
     if sig == "TERM":  # the write completes, the step finishes, the run checkpoints and stops
-        assert stopped.returncode == 0, stopped.stderr[-2000:]
+        assert stopped.returncode == 143, stopped.stderr[-2000:]
         assert "resume with: " in stopped.stderr.strip().splitlines()[-1]
         assert [f.name for f in files] == ["epoch-0000.safetensors"]
     else:

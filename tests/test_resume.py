@@ -129,7 +129,7 @@ def test_sigkill_at_steps_during_checkpoint_writes_and_before_evaluation(referen
 def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_cli([*ARGS, "--out", str(out)], fault="step:4:TERM")
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.returncode == 143, first.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 4  # the step in progress finished
@@ -153,7 +153,7 @@ def test_sigterm_stops_cleanly_and_the_printed_command_resumes(reference: Path, 
 @pytest.mark.multiprocess
 def test_sigterm_to_the_process_group_with_image_workers_stops_cleanly(tmp_path: Path) -> None:
     """A scheduler's SIGTERM reaches the data-loading workers too: the step finishes, the run checkpoints and
-    exits 0, and the resumed run equals an uninterrupted one (file dataset, 2 workers, keyed random crops)."""
+    exits 143, and the resumed run equals an uninterrupted one (file dataset, 2 workers, keyed random crops)."""
     from PIL import Image
 
     rng = torch.Generator().manual_seed(0)
@@ -170,7 +170,7 @@ def test_sigterm_to_the_process_group_with_image_workers_stops_cleanly(tmp_path:
     assert run_cli([*args, "--out", str(reference)]).returncode == 0
     out = tmp_path / "run"
     first = run_cli([*args, "--out", str(out)], fault="step:3:TERM:group")
-    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.returncode == 143, first.stderr[-2000:]
     assert "Traceback" not in first.stderr
     assert load(out / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
     done = run_cli([*args, "--out", str(out), "--resume"])

@@ -181,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from distillistic.runs.rundir import stop_exit_code
     from distillistic.training.run import train
 
+    stop_exit_code(clear=True)
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items", "argv")}
     overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
     overrides |= config_mod.parse_set(args.set_items)
@@ -200,6 +202,8 @@ def _train(args: argparse.Namespace) -> int:
         if result.summary.get("stage") == "teacher":  # nothing distilled yet: the same command resumes both
             resume = f"; nothing was distilled from it; resume both with: {resume_command(args.argv, same=True)}"
         print(f"distillistic: {reason}{resume}", file=sys.stderr)
+    if status == "interrupted":  # after the checkpoint: a script can tell a stopped run from a finished one
+        return stop_exit_code()
     return 0
 
 
@@ -387,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("distillistic: interrupted", file=sys.stderr)
-        return 130
+        rundir = sys.modules.get("distillistic.runs.rundir")  # a run was under way: 143 if SIGTERM stopped it
+        return rundir.stop_exit_code() if rundir is not None else 130
 
 
 if __name__ == "__main__":

@@ -97,12 +97,30 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_STOP_SIGNALS: list[int] = []  # the signals that stopped a run in this process, first first
+
+
+def note_stop_signal(signum: int) -> None:
+    """Record a SIGINT/SIGTERM that stops a run (or the teacher trained first inside it)."""
+    _STOP_SIGNALS.append(signum)
+
+
+def stop_exit_code(clear: bool = False) -> int:
+    """128 + the first signal that stopped a run in this process (130 for Ctrl-C, 143 for SIGTERM); 130 when
+    none was recorded (a KeyboardInterrupt). ``clear`` forgets them (before a new run)."""
+    code = 128 + _STOP_SIGNALS[0] if _STOP_SIGNALS else 130
+    if clear:
+        _STOP_SIGNALS.clear()
+    return code
+
+
 class RunDir:
     """Files of one run; also the engine's :class:`~distillistic.training.engine.Hooks`."""
 
     def __init__(self, out: Path, cfg: Config, rt: Runtime) -> None:
         self.out, self.cfg, self.rt = out, cfg, rt
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the first SIGINT/SIGTERM received: the CLI exits 128 + it
         self.teacher: dict[str, Any] | None = None  # identity of the frozen teacher, saved in last.pt
         self._tb: Any = None
         self._wandb: Any = None
@@ -235,6 +253,8 @@ class RunDir:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True  # first: another handler (e.g. the DataLoader's SIGCHLD) may run inside log
+        self.stop_signal = signum
+        note_stop_signal(signum)
         if hasattr(signal, "SIGCHLD"):
             # A signal sent to the whole group also ends the data-loading workers. PyTorch's SIGCHLD handler
             # would raise at once, in the middle of the step; without it the loader reports their end at the

@@ -46,12 +46,14 @@ def epoch_lines(task: Task, rows: list[dict[str, Any]], epoch: int, eta: float) 
     train = {r["model"]: r for r in rows if r.get("split") == "train"}
     val = {r["model"]: r for r in rows if r.get("split") == "val"}
     lines = []
+    nested = bool(prefix()) and len(task.students) == 1  # the teacher trained first: named by its architecture
     for name in [s.name for s in task.students] + (["ensemble"] if "ensemble" in val else []):
         t, v = train.get(name, {}), val.get(name, {})
+        shown = task.cfg.model if nested else name
         loss = f"loss {t['loss']:.4f} " if isinstance(t.get("loss"), float) else ""
         lr = f" lr {t['lr']:.2e}" if isinstance(t.get("lr"), float) else ""
         speed = f" {t['images_per_second']:.0f} img/s" if isinstance(t.get("images_per_second"), float) else ""
-        lines.append(f"epoch {epoch}/{task.cfg.epochs} {name}: {loss}val top1 {v.get('top1', float('nan')):.4f} "
+        lines.append(f"epoch {epoch}/{task.cfg.epochs} {shown}: {loss}val top1 {v.get('top1', float('nan')):.4f} "
                      f"ece {v.get('ece', float('nan')):.4f}{lr}{speed} ETA {duration(eta)}")
     return lines
 
@@ -70,7 +72,28 @@ class Talk:
         self.first_epoch = progress.epoch
         stats = _store_stats(task)
         self._store = (stats["hits"], stats["misses"]) if stats else (0, 0)
+        self._first: tuple[float, int] | None = None  # (time, global step) after the first, warm-up step
+        self._eta_said = False
         self._mark(progress, None)
+
+    def _early_eta(self, task: Task, progress: Progress, now: float) -> None:
+        """One line with the run's ETA from its first timed steps (the first step, a warm-up, is not timed),
+        after 3 seconds or 20 steps: long before the first epoch ends."""
+        if self._first is None:
+            self._first = (now, progress.global_step)
+            return
+        elapsed, steps = now - self._first[0], progress.global_step - self._first[1]
+        if steps < 1 or (elapsed < 3.0 and steps < 20):
+            return
+        self._eta_said = True
+        per_step = elapsed / steps
+        loaders = task.loaders
+        total = len(loaders["train"]) * task.cfg.epochs
+        # Evaluation (val every epoch, test at the end): a forward is about a third of a training step.
+        evals = task.cfg.epochs * len(loaders["val"]) + 2 * len(loaders["test"])
+        eta = per_step * (total - progress.global_step + evals / 3)
+        say("ETA %s for %d epochs (%.2f s per step over the first %d timed steps)", duration(eta),
+            task.cfg.epochs - progress.epoch, per_step, steps)
 
     def _mark(self, progress: Progress, sums: list[float] | None) -> None:
         self.last_time, self.last_step = time.perf_counter(), progress.step
@@ -81,6 +104,8 @@ class Talk:
         stop = self.inner.after_step(task, progress, meters)
         cfg = task.cfg
         now = time.perf_counter()
+        if self.show and not self._eta_said:
+            self._early_eta(task, progress, now)
         due = (cfg.line_every and progress.step % cfg.line_every == 0) or (
             cfg.line_seconds and now - self.last_time >= cfg.line_seconds)
         if not due or progress.step <= self.last_step:

@@ -27,7 +27,7 @@ from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model, check_fits
-from distillistic.runs.rundir import RunDir, restore_state
+from distillistic.runs.rundir import RunDir, note_stop_signal, restore_state
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
 from distillistic.teachers.check import check_teacher
@@ -293,6 +293,7 @@ def interrupt_on_sigterm(also_sigint: bool = False) -> Iterator[None]:
     previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum: int, frame: Any) -> None:
+        note_stop_signal(signum)
         raise KeyboardInterrupt
 
     for s in signals:
