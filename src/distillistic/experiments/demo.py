@@ -136,7 +136,8 @@ def next_steps(out: str) -> list[str]:
     return [f"report: {report / 'report.md'} (figures in {report / 'figures'})",
             f"runs: {out}/<algorithm>/seed<k> (each with summary.json, metrics.jsonl, checkpoints/)",
             "next:",
-            "  distillistic train --algo kd --dataset mnist-t10k --model mlp --teacher cnn --teacher-epochs 2 "
-            "--max-train-samples 2000 --augment none --epochs 3 --out runs/kd   # one run, about a minute",
+            "  distillistic train --algo kd --dataset mnist-t10k --max-train-samples 2000 --augment none "
+            "--batch-size 64 --lr 3e-3 --model mlp --teacher cnn --teacher-epochs 6 --temperature 4 --epochs 5 "
+            "--out runs/kd   # one run (README: Train)",
             "  distillistic reproduce hinton     # a thesis claim re-measured, with its table and figures",
             "  distillistic list algos           # every method, with its reference and formula"]
