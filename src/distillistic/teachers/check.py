@@ -73,6 +73,19 @@ def check_teacher(task: Task, teachers: TeacherSet | None) -> dict[str, dict[str
             chance)
         if metrics["top1"] <= threshold and weights != "random" and not cfg.allow_weak_teacher:
             raise UserError(f"the teacher {arch} ({source}) is at chance level on val (top1 {metrics['top1']:.4f}, "
-                            f"chance {chance:.4f}): it would teach noise; train it longer (--teacher-epochs), check "
-                            "--teacher-weights, or pass --allow-weak-teacher")
+                            f"chance {chance:.4f}): it would teach noise; {weak_teacher_advice(kind, c)}, or pass "
+                            "--allow-weak-teacher")
     return val
+
+
+def weak_teacher_advice(kind: str, teacher: Any) -> str:
+    """What to do about a weak teacher, by how it was obtained (trained first, ImageNet weights, a file)."""
+    if kind == "train":
+        epochs = getattr(teacher, "teacher_epochs", None) or getattr(teacher, "epochs", None)
+        return (f"train it longer (--teacher-epochs, now {epochs}) or with more optimizer steps "
+                "per epoch (a smaller --batch-size on small data)")
+    if kind == "imagenet":
+        return ("ImageNet weights do not know these classes: fine-tune it first (--teacher-weights train "
+                "--teacher-init imagenet)")
+    return ("it was loaded from a file: train the run it came from longer, or choose a better checkpoint with "
+            "--teacher-weights")

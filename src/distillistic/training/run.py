@@ -35,8 +35,10 @@ from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
 from distillistic.training.engine import Member, Progress, Task, evaluate, evaluate_all, fit
 from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
+from distillistic.training.lines import prefix
 from distillistic.training.optim import make_optimizer, make_scheduler
 from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
+from distillistic.training.small_data import small_data_warnings
 
 log = logging.getLogger("distillistic")
 
@@ -153,6 +155,9 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                                cfg.data_seed, False, rt.rank, rt.world_size)
         loaders[split] = Loader(resident(bundle.splits[split], rt.device), sampler, info.image_size, False,
                                 cfg.data_seed, cfg.num_workers, pin)
+    if rt.is_main and not prefix():  # once per run (not again for the teacher trained first inside it)
+        small_data_warnings(cfg, len(loaders["train"]), len(bundle.splits["train"]), bundle.splits["val"].labels,
+                            info.num_classes, isinstance(bundle.splits["train"], FileSource))
     total_steps = len(loaders["train"]) * cfg.epochs
     # A term's own parameters (an adapter, a temperature) train with the student they belong to.
     optimizers = [make_optimizer(cfg, [*s.model.parameters(), *objective.student_parameters(i)])
