@@ -28,8 +28,8 @@ def small_data_warnings(cfg: Config, steps_per_epoch: int, train_size: int, val_
     fewest = int(counts.min()) if len(counts) else 0
     if fewest < FEW_VAL:
         lines.append(f"warning: a class has {fewest} validation sample{'s' * (fewest != 1)} (--val-fraction, or "
-                     "--split-fractions for one folder carved in three); its val accuracy, and the best-on-val epoch, are noise at this size: "
-                     "raise --val-fraction or add images (docs/small-data.md)")
+                     "--split-fractions for one folder carved in three); its val accuracy, and the best-on-val "
+                     "epoch, are noise at this size: raise --val-fraction or add images (docs/small-data.md)")
     if files and cfg.augment == "randaugment" and train_size < SMALL_FOLDER and cfg.dataset == "imagefolder":
         lines.append(f"warning: {train_size} training images with the default augmentation (RandomResizedCrop + "
                      "RandAugment), which is strong for so few: consider --augment cifar (crop and flip) or "
