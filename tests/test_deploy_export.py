@@ -25,6 +25,7 @@ from distillistic.deploy.students import load_student, run_students
 from distillistic.errors import UserError
 from distillistic.training import setup
 
+pytestmark = pytest.mark.e2e  # every test trains a run or exports one (seconds)
 HAVE_DEPLOY = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
 needs_deploy = pytest.mark.skipif(not HAVE_DEPLOY, reason="the optional extra 'deploy' (onnx, onnxruntime, "
                                                           "onnxscript) is not installed: pip install '.[deploy]'")
@@ -97,10 +98,10 @@ def test_load_student_from_a_run_and_a_safetensors_export(runs: dict[str, Path],
 def test_without_the_extra_the_export_says_what_to_install(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.startswith("onnx") else real(n, *a))
     rc, _, err = run_cli(["export", str(runs["cnn"]), "--format", "onnx"], capsys)
-    assert (rc, err) == (2, ["distillistic: error: export --format onnx needs onnxruntime, the optional extra "
-                             "'deploy': pip install 'distillistic[deploy]'"])
+    assert (rc, err) == (2, ["distillistic: error: export --format onnx needs onnx, onnxruntime, onnxscript, the "
+                             "optional extra 'deploy': pip install 'distillistic[deploy]'"])
 
 
 @pytest.mark.e2e

@@ -18,6 +18,7 @@ from distillistic.data.loader import build_data
 from distillistic.training import setup
 from test_deploy_export import TINY, needs_deploy
 
+pytestmark = pytest.mark.e2e  # every test trains a run or exports one (seconds)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
