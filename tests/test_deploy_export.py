@@ -46,7 +46,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         mp.setenv("DISTILLISTIC_CACHE", str(root / "cache"))
         return {"cnn": _run(root, "cnn", model="cnn"),
                 # a cohort of 2 with an EMA copy of each (PCL), read at 6 px from 8 px data (cross-quality view)
-                "pcl": _run(root, "pcl", algo="pcl", students=2, model="mlp", student_resolution=6)}
+                "pcl": _run(root, "pcl", algo="pcl", students=2, model="mlp", student_resolution=6),
+                "ban": _run(root, "ban", algo="ban", generations=2, model="mlp", allow_weak_teacher=True)}
 
 
 def _test_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -218,3 +219,19 @@ def test_an_operator_the_exporter_cannot_translate_is_named(tmp_path: Path) -> N
     assert "odd" in message
     assert "\n" not in message
     assert not (tmp_path / "odd.onnx").exists()
+
+
+@needs_deploy
+def test_every_generation_of_born_again_networks_exports(runs: dict[str, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = runs["ban"]
+    rc, out, err = run_cli(["export", str(run), "--format", "onnx", "--no-bench"], capsys)
+    assert rc == 0, err
+    assert out.strip().endswith(f"written: {run / 'export' / 'export.json'}")
+    entries = json.loads((run / "export" / "export.json").read_text())["models"]
+    assert [(e["folder"], e["name"]) for e in entries] == [("gen1", "student"), ("gen2", "student")]
+    for e in entries:
+        summary = json.loads((run / e["folder"] / "summary.json").read_text())
+        assert Path(e["file"]) == run / "export" / e["folder"] / "student.onnx"
+        assert e["parity"]["worst_relative_gap"] <= 1e-4
+        assert e["test"]["top1"] == pytest.approx(summary["models"]["student"]["test"]["top1"], abs=1e-9)

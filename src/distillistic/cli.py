@@ -259,7 +259,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     result = export_onnx_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.quantize,
                              args.overwrite, args.calibration_images, args.bench, args.threads)
     print(export_table(result["exported"]))
-    print(f"written: {Path(result['exported'][0]['file']).parent / 'export.json'}" if result["exported"] else "")
+    print(f"written: {result['path']}")
     return 0
 
 

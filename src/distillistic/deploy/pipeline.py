@@ -90,7 +90,7 @@ def export_onnx_run(run_dir: Path, out: Path | None = None, which: str = "best",
     for s in students:
         cfg, bundle = data[s.folder]
         entries += _export_one(s, cfg, bundle, out / s.folder, quantize, calibration_images, bench, threads)
-    return _write_manifest(out, run_dir, which, entries) | {"exported": entries}
+    return _write_manifest(out, run_dir, which, entries) | {"exported": entries, "path": str(out / "export.json")}
 
 
 def _export_one(s: Student, cfg: Config, bundle: DataBundle, out: Path, quantize: str | None, calibration: int,
