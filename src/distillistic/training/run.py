@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.models.builders import MODELS, build_model, check_fits
+from distillistic.runs.result import RunResult, api_voice
 from distillistic.runs.rundir import RunDir, note_stop_signal, restore_state
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
@@ -43,21 +43,18 @@ from distillistic.training.small_data import small_data_warnings
 log = logging.getLogger("distillistic")
 
 
-@dataclass
-class RunResult:
-    out: Path
-    config: Config
-    summary: dict[str, Any]
-
-
 def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
+    api_voice()  # from Python, the same lines as the CLI's (through logging)
     cfg = config_mod.from_mapping(overrides, base=config or Config())
     cfg = setup.resolve(cfg)
     cfg = resolve_virtual_p(cfg, train)  # --virtual-p-from: p from a baseline run, saved in config.yaml
     if not cfg.out:
         raise UserError("no output directory: pass --out DIR")
     rt = resolve_runtime(cfg)
+    level = log.level
+    if cfg.quiet:  # as the CLI's --quiet: only warnings and errors
+        log.setLevel(logging.WARNING)
     try:
         if METHODS.get(cfg.algo).generations is not None:  # born-again: one run directory per generation
             from distillistic.training.generations import train_generations
@@ -65,6 +62,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
             return RunResult(Path(cfg.out), cfg, train_generations(cfg, rt, _run, build_task))
         return _run(cfg, rt)
     finally:
+        log.setLevel(level)
         rt.close()
 
 
