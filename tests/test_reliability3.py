@@ -95,3 +95,45 @@ def test_threads_above_the_cores_are_capped_with_one_line(tmp_path: Path) -> Non
     assert (f"threads: --threads {cores + 7} is more than the {cores} cores this process may use (its affinity "
             f"and CPU quota); using {cores}") in text.splitlines()
     assert f"{cores} threads, world size 1" in text
+
+
+# --- a report survives any malformed summary field -----------------------------------------------------------------
+
+def _paths(value: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of a JSON mapping (its leaves and its inner mappings)."""
+    if not isinstance(value, dict):
+        return [prefix]
+    out = [prefix] if prefix else []
+    for k, v in value.items():
+        out += _paths(v, (*prefix, k))
+    return out
+
+
+def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
+    """Every field of a real cohort run's summary.json replaced by a string, a list, null, a mapping or a boolean:
+    ``report`` still writes its table (the run left out, or the field read as missing), never a traceback."""
+    import shutil
+
+    run = tmp_path / "trained"
+    code, text = _train(run, "--algo", "dml", "--students", "2", "--model", "mlp")
+    assert code == 0, text
+    summary = json.loads((run / "summary.json").read_text())
+    values = ("x", [1], None, {"a": "b"}, True)
+    paths = _paths(summary)
+    for shift in range(len(values)):  # each round: one copy per field, that field malformed; one report of all
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+        shutil.copytree(run, tmp_path / "good")
+        for i, path in enumerate(paths):
+            edited = json.loads(json.dumps(summary))
+            parent = edited
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = values[(i + shift) % len(values)]
+            bad = tmp_path / "runs" / f"bad{i}"
+            shutil.copytree(tmp_path / "good", bad)
+            (bad / "summary.json").write_text(json.dumps(edited))
+        shutil.move(tmp_path / "good", tmp_path / "runs" / "good")
+        code, text = run_argv(["report", str(tmp_path / "runs"), "--out", str(tmp_path / f"report{shift}")])
+        assert code == 0, text
+        assert "Traceback" not in text
+        assert (tmp_path / f"report{shift}" / "report.md").is_file()

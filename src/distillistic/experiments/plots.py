@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-from distillistic.experiments.results import Group, mean_std, minimal_labels, pm, varying_keys
+from distillistic.experiments.results import Group, mapping, mean_std, minimal_labels, number, pm, varying_keys
 
 AXES: dict[str, tuple[str, str]] = {  # key -> (name, unit) on plot axes and facet titles
     "student_resolution": ("student input size", "px"), "teacher_resolution": ("teacher input size", "px"),
@@ -146,6 +146,15 @@ def curves(group: Group, metric: str) -> tuple[list[int], list[float], list[floa
     return epochs, [m for m, _ in stats], [s for _, s in stats]
 
 
+def _bins(rel: Any) -> dict[str, list[float]] | None:
+    """A summary's reliability bins (count, accuracy, confidence: lists of numbers of one length), else None."""
+    rel = mapping(rel)
+    lists = [rel.get(k) for k in ("count", "accuracy", "confidence")]
+    if not all(isinstance(v, list) and all(number(x) for x in v) for v in lists) or len({len(v) for v in lists}) != 1:
+        return None
+    return {k: [float(x) for x in v] for k, v in zip(("count", "accuracy", "confidence"), lists)}
+
+
 def pooled_bins(group: Group) -> tuple[list[int], list[float], list[float]] | None:
     """Reliability bins of the test split pooled over runs and students: counts, accuracy, confidence."""
     counts: list[float] = []
@@ -153,9 +162,9 @@ def pooled_bins(group: Group) -> tuple[list[int], list[float], list[float]] | No
     conf: list[float] = []
     for run in group.runs:
         for name in run.students:
-            rel = ((run.summary["models"][name].get("test") or {}).get("reliability"))
-            if not rel:
-                continue
+            rel = _bins(mapping(mapping(mapping(run.summary.get("models")).get(name)).get("test")).get("reliability"))
+            if rel is None or (counts and len(rel["count"]) != len(counts)):
+                continue  # none, or malformed: left out of the pooled diagram
             if not counts:
                 counts, hits, conf = ([0.0] * len(rel["count"]) for _ in range(3))
             for i, (c, a, p) in enumerate(zip(rel["count"], rel["accuracy"], rel["confidence"])):
@@ -347,8 +356,10 @@ def against_axis(groups: Sequence[Group], axis: str, teacher: dict[str, Any] | N
 
 def _value(run: Any, metric: str) -> float:
     if metric == "train_seconds":
-        return float(run.summary.get("train_seconds", math.nan))
-    return float((run.metrics(run.kinds[0], "test") or {}).get(metric, math.nan))
+        value = run.summary.get("train_seconds")
+    else:
+        value = (run.metrics(run.kinds[0], "test") or {}).get(metric)
+    return float(value) if number(value) else math.nan
 
 
 def draw_all(groups: Sequence[Group], teachers: Sequence[dict[str, Any]], out: Path) -> list[tuple[str, Path]]:

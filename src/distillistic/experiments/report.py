@@ -30,6 +30,7 @@ from distillistic.experiments.results import (
     Run,
     _sort_key,
     _text,
+    mapping,
     mean_std,
     minimal_labels,
     pm,
@@ -210,11 +211,11 @@ def teacher_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
     """The frozen teachers the runs distilled from (one row per distinct weights), with their test metrics."""
     seen: dict[str, dict[str, Any]] = {}
     for r in runs:
-        models = r.summary.get("models", {})
+        models = mapping(r.summary.get("models"))
         # ``teacher``, or ``teacher0``, ``teacher1``… for a run with several teachers
         for name in [k for k in models if re.fullmatch(r"teacher\d*", k)]:
-            t = models[name]
-            if t and t.get("test"):
+            t = mapping(models[name])
+            if mapping(t.get("test")):
                 source = str(t.get("source"))
                 seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"]})
                 seen[source]["runs"] += 1

@@ -13,13 +13,23 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from distillistic.experiments.grid import value_text
 
 # When several keys tell cells apart equally well, the label names the first of these.
 LABEL_PRIORITY = ("variant", "algo", "virtual_smooth", "model", "teacher", "student_resolution", "temperature", "alpha",
                   "students", "divergence", "dataset", "teacher_weights", "epochs", "lr", "batch_size")
+
+
+def mapping(value: Any) -> dict[str, Any]:
+    """``value`` if it is a mapping, else an empty one: a malformed field of a summary reads as missing."""
+    return value if isinstance(value, dict) else {}
+
+
+def number(value: Any) -> TypeGuard[int | float]:
+    """Whether ``value`` is a real number (not a bool, a string or a list from a malformed summary)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -37,7 +47,7 @@ class Run:
 
     @property
     def students(self) -> list[str]:
-        return [m for m in self.summary.get("models", {}) if m.startswith("student")]
+        return [m for m in mapping(self.summary.get("models")) if isinstance(m, str) and m.startswith("student")]
 
     @property
     def kinds(self) -> list[str]:
@@ -46,13 +56,14 @@ class Run:
     def metrics(self, kind: str, part: str) -> dict[str, Any] | None:
         """Test metrics of ``kind`` (student, cohort mean, ensemble) at ``part`` (test, test_last)."""
         if kind == "cohort mean":
-            return (self.summary.get("cohort_mean") or {}).get(part)
+            return mapping(mapping(self.summary.get("cohort_mean")).get(part)) or None
         name = "ensemble" if kind == "ensemble" else "student"
-        return (self.summary.get("models", {}).get(name) or {}).get(part)
+        return mapping(mapping(mapping(self.summary.get("models")).get(name)).get(part)) or None
 
     def best_epoch(self) -> float | None:
-        epochs = [((self.summary["models"][s].get("val_best") or {}).get("epoch")) for s in self.students]
-        present = [e for e in epochs if e is not None]
+        models = mapping(self.summary.get("models"))
+        epochs = [mapping(mapping(models.get(s)).get("val_best")).get("epoch") for s in self.students]
+        present = [float(e) for e in epochs if number(e)]
         return statistics.fmean(present) if present else None
 
 
@@ -116,7 +127,7 @@ def minimal_labels(items: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
     """Mean, sample standard deviation (n - 1; NaN for one value) and n of the finite values."""
-    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
+    kept = [float(v) for v in values if number(v) and math.isfinite(v)]
     if not kept:
         return math.nan, math.nan, 0
     return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else math.nan, len(kept)
