@@ -79,6 +79,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             f = config_mod.FIELDS[name]
             flag = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
+            if f.name == "dataset":  # every registered dataset, from the registry's names (names.json: no torch)
+                from distillistic.names import shipped
+
+                help_text = "dataset: " + ", ".join(shipped()["datasets"])
             shown = "" if "(default" in help_text else f" (default: {_default_text(f.default)})"
             if hints[f.name] is bool or hints[f.name] == (bool | None):
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
@@ -95,7 +99,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 TRAIN_EXAMPLES = """examples:
   # the offline quick start (about a minute on 2 cores): KD from a small teacher trained first, on the shipped digits
-  distillistic train --algo kd --dataset mnist-t10k --max-train-samples 2000 --augment none --batch-size 64 \
+  distillistic train --algo kd --dataset mnist-t10k --max-train-samples 2000 --augment none --batch-size 64 \\
       --lr 3e-3 --model mlp --teacher cnn --teacher-epochs 6 --temperature 4 --epochs 5 --out runs/kd
   # a config file, one key changed
   distillistic train configs/x.yaml --set lr=0.01 --out runs/x
@@ -356,6 +360,11 @@ def _reproduce(args: argparse.Namespace) -> int:
             print(f"{claim.name:18s} {claim.question}")
         return 0
     print(reproduce(args.claim, args.out, args.data_root, args.full))
+    folder = Path(args.out) / args.claim
+    print(f"claim: {folder / 'claim.md'}")
+    if (folder / "report" / "report.md").is_file():
+        print(f"report: {folder / 'report' / 'report.md'} (figures in {folder / 'report' / 'figures'}; runs in "
+              f"{folder / 'runs'})")
     return 0
 
 
