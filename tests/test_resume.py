@@ -33,7 +33,8 @@ from distillistic.training.runtime import rng_state, set_rng_state
 ARGS = ["train", "--algo", "dml", "--students", "2", "--dataset", "synthetic", "--synthetic-samples", "160",
         "--image-size", "12", "--augment", "randaugment", "--model", "mlp", "--epochs", "3", "--batch-size", "16",
         "--checkpoint-every", "3", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
-TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_second", "epoch_seconds"}
+TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_second", "epoch_seconds",
+          "costs", "train_cost"}  # costs: latency and peak memory (train_flops itself is compared)
 SRC = str(Path(distillistic.__file__).resolve().parents[1])
 
 

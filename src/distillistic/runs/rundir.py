@@ -327,7 +327,7 @@ class RunDir:
             return
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
-                                                   "epoch_images")}
+                                                   "epoch_images", "teacher_flops")}
         evaluated = [*task.students, *task.members]  # members (EMA copies) too, for export; restored via "terms"
         save({"kind": "last", "config": self.cfg.to_dict(), "arch": _archs(task),
               "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in evaluated},
@@ -342,9 +342,10 @@ class RunDir:
 
     def write_summary(self, task: Task, progress: Progress, status: str, reason: str | None = None,
                       final: dict[str, dict[str, Any]] | None = None,
-                      teacher_source: str | list[str] | None = None) -> dict[str, Any]:
+                      teacher_source: str | list[str] | None = None,
+                      costs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Write ``summary.json`` (rank 0) and stamp the manifest's end time; return the summary."""
-        summary = build_summary(task, progress, status, reason, final, teacher_source)
+        summary = build_summary(task, progress, status, reason, final, teacher_source, costs)
         if self.manifest.get("dataset", {}).get("class_names"):  # what each output of the models means
             summary["class_names"] = self.manifest["dataset"]["class_names"]
         if self.rt.is_main:

@@ -10,6 +10,13 @@ when several — where they exist; students and teachers also record their ``arc
 
 A cohort adds ``best_student`` (by val top-1) and ``cohort_mean`` (the students' mean of each part).
 Accuracies are fractions in [0, 1]; NaN and inf are written as null.
+
+Costs (:mod:`distillistic.training.costs`), in ``costs`` beside ``models`` (timings differ between two
+runs that train identically): every student and teacher has a ``cost`` (``params``, ``flops``
+and ``macs`` per image at its ``input`` shape; a completed run's students also ``latency_ms`` median and
+p90 at batch 1, ``throughput_images_per_second``, ``threads``, ``device``); ``train_flops`` and
+``train_seconds`` are the method's training cost, with the step's breakdown in ``train_cost``; a teacher
+trained for the run has its own ``training_cost`` (its run's FLOPs and seconds, and how many runs shared it).
 """
 
 from __future__ import annotations
@@ -52,8 +59,10 @@ def _mean(entries: list[dict[str, Any] | None]) -> dict[str, float] | None:
 
 def build_summary(task: Task, progress: Progress, status: str, reason: str | None = None,
                   final: dict[str, dict[str, Any]] | None = None,
-                  teacher_source: str | list[str] | None = None) -> dict[str, Any]:
-    """The summary of a run that ended with ``status`` (completed, interrupted, diverged)."""
+                  teacher_source: str | list[str] | None = None,
+                  costs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The summary of a run that ended with ``status`` (completed, interrupted, diverged); ``costs``: a
+    ``cost`` (and for a teacher a ``training_cost``) per model name."""
     cfg, final = task.cfg, final or {}
     last_val = {r["model"]: r for r in progress.history if r["split"] == "val"}
     models: dict[str, Any] = {}
@@ -86,6 +95,22 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
                 models[name] |= {"calibration": cfg.teacher_calibration,
                                  "calibration_temperature": task.teacher_temperatures[name]}
     summary["models"] = models
+    if costs:
+        summary["costs"] = costs
     summary |= {"epochs_completed": progress.epoch, "train_seconds": progress.train_seconds,
                 "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9)}
+    summary |= train_cost(task, progress)
     return dict(clean(summary))
+
+
+def train_cost(task: Task, progress: Progress) -> dict[str, Any]:
+    """``train_flops`` (the method's training FLOPs so far) and ``train_cost`` (how they add up), if counted."""
+    c = task.costs
+    if c is None:
+        return {}
+    return {"train_flops": c.total(progress), "train_cost": {
+        "flops": c.total(progress), "steps": progress.global_step, "world_size": c.world_size,
+        "step_flops": c.step_flops, "teacher_step_flops": c.teacher_step_flops,
+        "students_step_flops": c.own_step_flops, "teacher_forward_flops": progress.teacher_flops,
+        "seconds": progress.train_seconds, **c.peak, "counted_by": "torch.utils.flop_counter.FlopCounterMode "
+        "(matrix products and convolutions, forward and backward; one step at mid-training, times the steps)"}}

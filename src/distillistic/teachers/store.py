@@ -158,7 +158,8 @@ class TeacherStore:
         self.train_folder = folder / f"train-{_digest(views)}"
         self.samplers = {split: loader.sampler for split, loader in loaders.items()}
         self.device = device
-        self.stats = {"hits": 0, "misses": 0, "written": 0, "rebuilt": 0}  # batches / files
+        # batches / files; train_misses: the training batches the teacher had to compute (training.costs)
+        self.stats = {"hits": 0, "misses": 0, "written": 0, "rebuilt": 0, "train_misses": 0}
         self._stored: dict[str, tuple[int, _Outputs | None]] = {}  # split -> (epoch, what its file holds)
         self._pending: dict[str, tuple[int, _Outputs]] = {}  # split -> (epoch, outputs being recorded)
         self._plans: dict[str, tuple[int, Tensor]] = {}  # split -> (epoch, the samples it visits)
@@ -175,6 +176,7 @@ class TeacherStore:
         stored = self._load(inp.split, self._epoch(inp))
         if stored is None or not bool(stored.covered[inp.index].all()):
             self.stats["misses"] += 1
+            self.stats["train_misses"] += inp.split == "train"
             return None
         self.stats["hits"] += 1
         index = inp.index.to(self.device, non_blocking=True)

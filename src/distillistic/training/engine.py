@@ -91,6 +91,8 @@ class Task:
     # Models the objective keeps beside the students (EMA copies): evaluated, selected on val, reported and
     # exported like students, never trained by an optimizer nor part of the students' ensemble.
     members: list[Member] = field(default_factory=list)
+    # The training step's counted FLOPs (a training.costs.TrainCost), set before the loop; None: not counted.
+    costs: Any = None
 
     @property
     def term_parameters(self) -> list[nn.Parameter]:
@@ -112,6 +114,7 @@ class Progress:
     epoch_seconds: float = 0.0  # of the epoch in progress, before a mid-epoch checkpoint
     epoch_images: int = 0
     meters: list[Tensor] | None = None  # training sums of the epoch in progress (resume)
+    teacher_flops: int = 0  # FLOPs of the teachers' forwards so far (a stored teacher's: where it was computed)
 
 
 class Hooks(Protocol):
@@ -233,6 +236,7 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
     bar = tqdm(total=steps, initial=progress.step, desc=f"{prefix()}epoch {progress.epoch + 1}/{cfg.epochs}",
                disable=not task.show_progress, leave=True, dynamic_ncols=True)
     start = time.perf_counter() - progress.epoch_seconds
+    first = progress.step
     for batch in task.views.prepare(loader.epoch(progress.epoch, progress.step)):
         train_step(task, batch, (progress.epoch + progress.step / steps) / cfg.epochs, meters)
         progress.step += 1
@@ -253,6 +257,10 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
     progress.train_seconds += seconds
     progress.train_images += images
     rows = meters.rows(task, [s.name for s in task.students])
+    if task.costs is not None:  # once per epoch: the counted step's FLOPs times the steps (training.costs)
+        progress.teacher_flops += task.costs.take_teacher_flops(progress.step - first)
+        for row in rows:
+            row["train_flops"] = task.costs.total(progress)
     alpha = task.objective.alpha_at((progress.epoch + 1) / cfg.epochs)
     for row, opt in zip(rows, task.optimizers):
         row |= {"lr": opt.param_groups[0]["lr"], "alpha": alpha}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distillistic import config as config_mod
-from distillistic.config import Config
+from distillistic.config import Config, cache_dir
 from distillistic.core.methods import METHODS, Context, student_count
 from distillistic.data.datasets import FileSource
 from distillistic.data.loader import EpochSampler, Loader, build_data, resident
@@ -31,8 +31,10 @@ from distillistic.runs.rundir import RunDir, note_stop_signal, restore_state
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
 from distillistic.teachers.check import check_teacher
+from distillistic.teachers.costs import teacher_training_cost
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
+from distillistic.training.costs import measure_training, model_costs, peak_memory
 from distillistic.training.engine import Member, Progress, Task, evaluate, evaluate_all, fit
 from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.lines import prefix
@@ -214,6 +216,8 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
             log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
     if progress.global_step == 0:
         check_teacher(task, extra["teachers"])  # before anything is written
+    signals = extra["teachers"].signals if extra["teachers"] is not None else []
+    task.costs = measure_training(task, signals, info.image_size)  # one counted step, state restored
     rundir.open(info, task, progress)
     show = rt.is_main and not cfg.quiet  # a run that talks; after open: a failure to write stays one line
     if show:
@@ -261,9 +265,23 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
             log.info("teacher store: %d batches read, %d computed, %d files written, %d rebuilt", stats["hits"],
                      stats["misses"], stats["written"], stats["rebuilt"])
     summary = rundir.write_summary(task, progress, status="completed", final=final,
-                                   teacher_source=extra["teacher_source"])
+                                   teacher_source=extra["teacher_source"], costs=_costs(task, extra, rundir))
     rundir.close()
     return RunResult(out, cfg, summary)
+
+
+def _costs(task: Task, extra: dict[str, Any], rundir: RunDir) -> dict[str, dict[str, Any]]:
+    """Every model's cost (students timed on rank 0) and each teacher's own training cost."""
+    if task.costs is not None:
+        task.costs.peak = peak_memory(task.rt.device)  # before the timing's own allocations
+    teachers = extra["teachers"]
+    assert task.cfg.eval_batch_size is not None
+    costs = model_costs(task, extra["data"].image_size, teachers.signals if teachers else [],
+                        timed=task.rt.is_main, batch=min(task.cfg.eval_batch_size, 256))
+    for name, source in zip([m.name for m in task.teachers], teachers.sources if teachers else []):
+        if task.rt.is_main:
+            costs[name]["training_cost"] = teacher_training_cost(source, rundir.out, cache_dir(task.cfg))
+    return costs
 
 
 def _stopped(task: Task, progress: Progress, rundir: RunDir, checkpointed: bool,
