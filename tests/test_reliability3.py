@@ -137,3 +137,49 @@ def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
         assert code == 0, text
         assert "Traceback" not in text
         assert (tmp_path / f"report{shift}" / "report.md").is_file()
+
+
+# --- the CIFAR reader ----------------------------------------------------------------------------------------------
+
+class _HugeArray:
+    """Pickles as numpy's ``_reconstruct(ndarray, (10**12,), b'b')``: an uninitialised terabyte array."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import numpy as np
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (10**12,), b"b")
+
+
+def test_cifar_pickles_with_oversized_or_object_arrays_are_refused_before_allocating(tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+    import pytest
+
+    from distillistic.data.cifar import cifar_spec, load_pickle
+    from distillistic.errors import DataError
+
+    spec = cifar_spec("cifar10")
+    good = tmp_path / "good"
+    good.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}, protocol=2))
+    assert load_pickle(good, spec)["data"].shape == (2, 3072)
+    huge = tmp_path / "huge"
+    huge.write_bytes(pickle.dumps({"data": _HugeArray(), "labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match=r"asks to load numpy._reconstruct of \(1000000000000,\)"):
+        load_pickle(huge, spec)
+    objects = tmp_path / "objects"
+    objects.write_bytes(pickle.dumps({"data": np.array([None, 1], dtype=object), "labels": [0]}, protocol=2))
+    with pytest.raises(DataError, match="asks to load numpy arrays of dtype 'object'"):
+        load_pickle(objects, spec)
+
+
+def test_a_mistyped_cifar_data_root_is_never_created(tmp_path: Path) -> None:
+    root = tmp_path / "cifar-typo"
+    code, text = run_argv(["train", "--dataset", "cifar10", "--data-root", str(root), "--model", "mlp", "--epochs",
+                           "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert text == (f"distillistic: error: data folder '{root}' does not exist; check the path, or create it to "
+                    "download CIFAR-10 into it\n")
+    assert not root.exists()
+    assert not (tmp_path / "run").exists()

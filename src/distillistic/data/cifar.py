@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from distillistic.errors import DataError
+from distillistic.errors import DataError, short_repr
 
 Variant = Literal["cifar10", "cifar100"]
 
@@ -137,11 +137,27 @@ def _numpy_reconstruct() -> Callable[..., Any]:
     raise ImportError("numpy has no multiarray._reconstruct")  # pragma: no cover - every numpy has it
 
 
+def _empty_array(cls: object, shape: object, dtype: object) -> Any:
+    """numpy's ``_reconstruct`` as its own pickles call it: an empty ndarray that ``__setstate__`` then fills from
+    the file's bytes. Any other shape would allocate an uninitialised (or oversized) array: refused."""
+    if cls is not np.ndarray or shape != (0,):
+        raise _Refused(f"numpy._reconstruct of {short_repr(shape)}")
+    return _numpy_reconstruct()(cls, shape, dtype)
+
+
+def _plain_dtype(spec: object, align: object = False, copy: object = True) -> np.dtype[Any]:
+    """``numpy.dtype`` for whole numbers and bytes only (the originals' arrays): objects or records refused."""
+    dtype = np.dtype(spec)  # type: ignore[call-overload]
+    if dtype.kind not in "uiSb" or dtype.fields is not None:
+        raise _Refused(f"numpy arrays of dtype {short_repr(str(dtype))}")
+    return dtype
+
+
 _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct(),  # written by numpy 1 (the originals)
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct(),  # written by numpy 2
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,  # written by numpy 1 (the originals)
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,  # written by numpy 2
     ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _plain_dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,

@@ -305,6 +305,9 @@ def _fashion_mnist(cfg: Config, root: Path) -> RawDataset:
 
 def _cifar(variant: Cifar) -> Callable[[Config, Path], RawDataset]:
     def load(cfg: Config, root: Path) -> RawDataset:
+        if cfg.data_root and not root.exists():  # a mistyped --data-root is never created (by a download)
+            raise DataError(f"data folder '{root}' does not exist; check the path, or create it to download "
+                            f"{cifar_spec(variant).title} into it")
         folder = ensure_cifar(root, variant)
         spec = cifar_spec(variant)
         train_x, train_y, names = read_cifar(folder, variant, train=True)
