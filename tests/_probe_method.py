@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from distillistic.config import Config
-from distillistic.core.methods import METHODS, Context, method
 from distillistic.core.objective import Term
-from distillistic.core.signals import StepInputs, Virtual
+from distillistic.core.signals import StepInputs
+from distillistic.methods.registry import METHODS, Context, register_method
+from distillistic.methods.spec import MethodSpec
+from distillistic.methods.tfkd import Virtual
 
 
 class ProbeTerm(Term):
@@ -53,11 +55,16 @@ class ProbeTerm(Term):
         return "[KL(v ‖ softmax(z·e^s)) + (s − m)²]"
 
 
+SPEC = MethodSpec("probe", "test-only: a term with a trainable parameter and an EMA state",
+                  "L = (1-a) CE + a [KL(v ‖ softmax(z e^s)) + (s - m)²], m an EMA of s", family="self")
+
+
+def _probe(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    return (ProbeTerm(ctx.students),)
+
+
 if "probe" not in METHODS:
-    @method("probe", "test-only: a term with a trainable parameter and an EMA state")
-    def _probe(cfg: Config, ctx: Context) -> tuple[Term, ...]:
-        """L = (1-a) CE + a [KL(v ‖ softmax(z e^s)) + (s - m)²], m an EMA of s"""
-        return (ProbeTerm(ctx.students),)
+    register_method(SPEC, _probe)
 
 
 if __name__ == "__main__":

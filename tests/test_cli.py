@@ -15,8 +15,8 @@ from PIL import Image
 
 from _util import balanced_labels, run_cli, snapshot, tiny, write_idx, write_idx_split
 from distillistic import train
-from distillistic.core.methods import METHODS
 from distillistic.data.loader import DATASETS
+from distillistic.methods.registry import METHODS
 from distillistic.models.builders import MODELS, build_model
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -43,8 +43,9 @@ mappings = st.dictionaries(keys, values, max_size=6)
 
 def _plausible(key: str) -> st.SearchStrategy[Any]:
     """Values near the valid range of ``key`` (so that the fuzz also reaches valid configs), and some not."""
-    from distillistic.core import divergences, methods
+    from distillistic.core import divergences
     from distillistic.data import loader as data
+    from distillistic.methods import registry as methods
     from distillistic.models import builders as models
 
     names = {"algo": methods.METHODS, "dataset": data.DATASETS, "model": models.MODELS, "teacher": models.MODELS,

@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from _util import run_cli, tiny
 from distillistic import train
-from distillistic.core import ema as ema_mod
-from distillistic.core.ema import EmaCopies, TemporalMeanPeers
+from distillistic.core.ema import EmaCopies
 from distillistic.core.signals import StepInputs
+from distillistic.methods import pcl as ema_mod
+from distillistic.methods.pcl import TemporalMeanPeers
 from distillistic.training.checkpoint import load, read_safetensors
 from test_resume import _assert_same_tensors, _rows, _summary, assert_identical_runs
 from test_resume import run_cli as run_process
@@ -238,13 +239,13 @@ def test_ban_with_one_generation_is_the_baseline(tmp_path: Path) -> None:
 
 def test_the_registry_lists_the_new_methods() -> None:
     from distillistic.config import Config
-    from distillistic.core.methods import METHODS
+    from distillistic.methods.registry import METHODS
     from distillistic.training import setup
 
     pcl, ban = (setup.resolve(Config(algo=a, dataset="synthetic")) for a in ("pcl", "ban"))
     assert (pcl.students, pcl.temperature, ban.students, ban.temperature) == (2, 3.0, 1, 1.0)
 
-    assert METHODS.get("pcl").reference == ema_mod.PCL_REFERENCE
+    assert METHODS.get("pcl").reference == ema_mod.SPEC.reference
     assert {"pcl", "ban"} <= set(METHODS.names())
 
 

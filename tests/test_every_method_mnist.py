@@ -22,8 +22,8 @@ import yaml
 
 from _util import run_cli
 from distillistic import Config, train
-from distillistic.core.methods import METHODS, Method
 from distillistic.experiments.grid import expand, shard
+from distillistic.methods.registry import METHODS, Method
 
 pytestmark = pytest.mark.slow
 

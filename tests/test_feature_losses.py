@@ -8,20 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from distillistic.core.feature_losses import (
-    ContrastMemory,
-    CRDHead,
-    Embed,
-    at_loss,
-    attention_map,
-    crd_loss,
-    hint_loss,
-    make_regressor,
-    nce_loss,
-    pool_to,
-    rkd_loss,
-    sp_loss,
-)
+from distillistic.core.features import pool_to
+from distillistic.methods.at import at_loss, attention_map
+from distillistic.methods.crd import ContrastMemory, CRDHead, Embed, crd_loss, nce_loss
+from distillistic.methods.fitnet import hint_loss, make_regressor
+from distillistic.methods.rkd import rkd_loss
+from distillistic.methods.sp import sp_loss
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:

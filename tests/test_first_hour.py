@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from distillistic.cli import build_parser, config_groups
+from distillistic.cli import build_parser
 from distillistic.config import FIELDS
+from distillistic.config.keys_help import groups as config_groups
 from distillistic.teachers.check import chance_threshold
 from distillistic.training import cores
 

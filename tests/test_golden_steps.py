@@ -61,8 +61,9 @@ def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
     steps of a whole ``train()`` (which recorded ``golden/steps.json``): nothing between the task's assembly and
     the first step draws a random number.
     """
-    from distillistic import Config
     from distillistic.core.methods import METHODS
+
+    from distillistic import Config
     from distillistic.training import setup
     from distillistic.training.engine import TrainMeters, train_step
     from distillistic.training.run import build_task
@@ -111,7 +112,7 @@ def test_golden_steps(variant: str, tmp_path: Path) -> None:
 
 def test_every_registered_method_has_golden_steps() -> None:
     """A newly registered method fails here until its steps are recorded (add it to VARIANTS, then --record)."""
-    from distillistic.core.methods import METHODS
+    from distillistic.methods.registry import METHODS
 
     recorded = json.loads(GOLDEN.read_text())
     covered = {VARIANTS[name]["algo"] for name in VARIANTS if name in recorded}

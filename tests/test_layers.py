@@ -1,8 +1,8 @@
 """The package's layers: imports flow one way (DESIGN.md, section 7), and no module closes a cycle.
 
-    base (errors, registry, fileio) <- config <- core <- data, models <- training (the loop) <- runs
-    <- teachers <- training's assembly (run, generations, calibrate), deploy (exports, benchmarks, predictions)
-    <- experiments <- cli
+    base (errors, registry, fileio, imports, the methods' specs) <- config <- core <- data, models, methods
+    <- training (the loop) <- runs <- teachers <- training's assembly (run, generations, calibrate), deploy
+    (exports, benchmarks, predictions) <- experiments <- cli
 
 ``training/`` is one room in two floors: the loop (engine, runtime, optim, checkpoint, ...) under the run
 outputs (``runs/``) and the teachers (``teachers/``), and the assembly of a run above both.
@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "distillistic"
-LAYERS = {"errors": 0, "registry": 0, "fileio": 0, "config": 1, "core": 2, "data": 3, "models": 3,
-          "training": 4, "runs": 5, "teachers": 6, "deploy": 7, "experiments": 8, "cli": 9, "__main__": 10,
-          "__init__": 10, "names": 8}  # names: the registries' names for 'list' (reads core, data, models)
+LAYERS = {"errors": 0, "registry": 0, "fileio": 0, "imports": 0, "config": 1, "core": 2, "data": 3, "models": 3,
+          "methods": 3, "training": 4, "runs": 5, "teachers": 6, "deploy": 7, "experiments": 8, "cli": 9,
+          "__main__": 10, "__init__": 10, "names": 8}  # names: the registries' names for 'list' (reads core, data, models)
 # Modules whose layer is not their package's: the assembly of a run, above the teachers and run outputs.
-MODULE_LAYERS = {"training.run": 7, "training.generations": 7, "training.calibrate": 7}
+MODULE_LAYERS = {"training.run": 7, "training.generations": 7, "training.calibrate": 7,
+                 # the methods' specs are plain data that the config reads: below it (no torch, no core)
+                 "methods": 0, "methods.spec": 0, "methods.catalogue": 0}
 
 
 def _module_name(path: Path) -> str:
@@ -45,7 +47,8 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distillistic"):
             modules = {f"{node.module}.{a.name}" for a in node.names}  # "from distillistic.training import setup"
-            modules = {m for m in modules if (PKG.parent / (m.replace(".", "/") + ".py")).is_file()}
+            modules = {m for m in modules if (PKG.parent / (m.replace(".", "/") + ".py")).is_file()
+                       or (PKG.parent / m.replace(".", "/") / "__init__.py").is_file()}
             found |= modules or {node.module}
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; use absolute 'distillistic.' imports")

@@ -10,25 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distillistic.core.logit_losses import (
-    LearnableTemperature,
-    cosine_lambda,
-    dist_loss,
-    dkd_loss,
-    ema_update_,
-    kd_loss,
-    kdcl_min_logit_target,
-    label_smoothing_cross_entropy,
-    label_smoothing_target,
-    linear_warmup,
-    mean_teacher_decay,
-    peer_mean_target,
-    reverse_grad,
-    sigmoid_rampup,
-    soft_cross_entropy,
-    standardize,
-    standardized_kd_loss,
-)
+from distillistic.core.ema import ema_update_, mean_teacher_decay
+from distillistic.core.logits import standardize
+from distillistic.methods.ctkd import LearnableTemperature, cosine_lambda, kd_loss, reverse_grad
+from distillistic.methods.dist import dist_loss
+from distillistic.methods.dkd import dkd_loss, linear_warmup
+from distillistic.methods.kdcl import kdcl_min_logit_target
+from distillistic.methods.ls import label_smoothing_cross_entropy, label_smoothing_target, soft_cross_entropy
+from distillistic.methods.pcl import peer_mean_target, sigmoid_rampup
+
+
+def standardized_kd_loss(z: torch.Tensor, t: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """KD on z-scored logits (the logit-standardisation authors' loss, base temperature 2)."""
+    return kd_loss(standardize(z), standardize(t.detach()), temperature)
 
 # --- independent float64 references --------------------------------------------------------------------------
 

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from _util import run_cli, tiny
 from distillistic import train
 from distillistic.config import Config
-from distillistic.core.methods import METHODS, Context
 from distillistic.core.objective import Objective
 from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.views import Views
 from distillistic.errors import UserError
+from distillistic.methods.registry import METHODS, Context
 from distillistic.training import setup
 from distillistic.training.checkpoint import read_state_dict
 

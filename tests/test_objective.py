@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from _util import tiny
 from distillistic import train
 from distillistic.config import Config
-from distillistic.core.methods import METHODS, Context, method
 from distillistic.core.objective import Distill, Objective
-from distillistic.core.signals import Teacher, Virtual
+from distillistic.core.signals import Teacher
 from distillistic.errors import UserError
+from distillistic.methods.registry import METHODS, Context, register_method
+from distillistic.methods.tfkd import Virtual
 from distillistic.models.builders import build_model
 from distillistic.models.stages import feature_shapes, stage_names
 from distillistic.registry import Registry
@@ -91,7 +92,7 @@ def test_every_registered_method_has_a_formula() -> None:
 def test_returned_keys_and_values(algo: str) -> None:
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
-    objective = _objective(algo, alpha=0.3)
+    objective = _objective(algo, alpha=0.3) if algo != "baseline" else _objective(algo)
     inp = _step(y)
     targets = objective.targets(inp)
     out = objective(0, z, inp, targets, objective.weights_at(0.0))
@@ -136,7 +137,7 @@ def test_alpha_warmup_values() -> None:
     assert [objective.alpha_at(p) for p in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)] == pytest.approx(
         [0.0, 0.125, 0.25, 0.5, 0.5, 0.5])
     assert _objective("tfkd", alpha=0.5).alpha_at(0.0) == 0.5  # no warm-up: alpha from the first step
-    assert _objective("baseline", alpha=0.5).alpha_at(0.5) == 0.0
+    assert _objective("baseline").alpha_at(0.5) == 0.0
 
 
 def test_the_loop_warms_alpha_up_step_by_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,8 +168,9 @@ def test_registry_refuses_duplicates_and_lists_valid_names() -> None:
     assert reg.get("one") == 1
     with pytest.raises(UserError, match=r"unknown widget 'onr' \(did you mean 'one'\?\); choose one of: one"):
         reg.get("onr")
+    kd = METHODS.get("kd")
     with pytest.raises(ValueError, match="algorithm 'kd' is already registered"):
-        method("kd", "a second KD")(lambda cfg, teacher: ())
+        register_method(kd.spec, lambda cfg, ctx: ())
     assert METHODS.get("kd").reference.startswith("Hinton, Vinyals, Dean 2015")
 
 
@@ -176,7 +178,7 @@ def test_methods_declare_their_students_and_temperature() -> None:
     resolved = {a: setup.resolve(Config(algo=a, dataset="synthetic"))
                 for a in ("baseline", "kd", "dml", "dml_e", "tfkd")}  # later methods: in their own tests
     assert {a: c.students for a, c in resolved.items()} == {"baseline": 1, "kd": 1, "dml": 3, "dml_e": 3, "tfkd": 1}
-    assert {a: c.temperature for a, c in resolved.items()} == {"baseline": 1.0, "kd": 20.0, "dml": 1.0,
+    assert {a: c.temperature for a, c in resolved.items()} == {"baseline": None, "kd": 20.0, "dml": 1.0,
                                                               "dml_e": 1.0, "tfkd": 1.0}
     assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
     assert resolved["kd"].teacher == "resnet50"
@@ -230,37 +232,17 @@ def test_alpha_for_dkd_is_refused_from_a_flag_yaml_set_and_a_sweep(tmp_path: Pat
         assert "config key 'alpha' is not used by algo dkd" in err[0]
         assert "dkd_alpha, dkd_beta, dkd_warmup" in err[0]
     assert not (tmp_path / "run").exists()
+    # a sweep's shared key reaches the cells whose method reads it, and is refused when no cell reads it
     spec: dict[str, Any] = {"dataset": "digits", "teacher": "cnn", "alpha": 0.5,
                             "variants": {"kd": {"algo": "kd"}, "dkd": {"algo": "dkd"}}}
+    cells = {c.name: c.config for c in expand(spec).cells}
+    assert (cells["kd"].alpha, cells["dkd"].alpha) == (0.5, None)
+    with pytest.raises(UserError, match="config key 'alpha' is read by no cell's algorithm"):
+        expand({"dataset": "digits", "teacher": "cnn", "alpha": 0.5, "grid": {"algo": ["dkd", "dist"]}})
     with pytest.raises(UserError, match="cell 'dkd': config key 'alpha' is not used by algo dkd"):
-        expand(spec)
+        expand({"dataset": "digits", "teacher": "cnn", "variants": {"kd": {"algo": "kd"},
+                                                                    "dkd": {"algo": "dkd", "alpha": 0.5}}})
     spec = {"dataset": "digits", "teacher": "cnn",
             "variants": {"kd": {"algo": "kd", "alpha": 0.5}, "dkd": {"algo": "dkd"}}}  # alpha where it is used
     cells = {c.name: c.config for c in expand(spec).cells}
     assert (cells["kd"].alpha, cells["dkd"].alpha) == (0.5, None)
-
-
-@pytest.mark.e2e
-def test_a_dkd_run_saved_with_the_old_alpha_still_resumes_and_counts_as_done(tmp_path: Path) -> None:
-    """Before alpha became unset for a sum composition, a dkd run saved alpha 0.5 (unused): it is the same run."""
-    import yaml
-
-    from distillistic.experiments.grid import expand
-    from distillistic.experiments.sweep import cell_state
-    from distillistic.training.checkpoint import load, save
-
-    out = tmp_path / "dkd"
-    settings: dict[str, Any] = {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"}
-    assert train(tiny(out, **settings)).config.alpha is None
-    last = out / "checkpoints" / "last.pt"
-    ckpt = load(last)
-    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.5}}, last)  # as an older version wrote them
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "alpha": 0.5}))
-    assert train(tiny(out, **settings, resume=True)).summary["status"] == "completed"
-    base = {k: v for k, v in tiny(**settings).to_dict().items() if v != Config().to_dict()[k]}
-    (cell,) = expand({**base, "grid": {"seed": [42]}}).cells
-    assert cell_state(cell, out) == ("done", "")
-    save({**ckpt, "config": {**ckpt["config"], "alpha": 0.7}}, last)  # another value is another run
-    with pytest.raises(UserError, match=r"config differs from the run being resumed \(alpha: 0.7 -> None\)"):
-        train(tiny(out, **settings, resume=True))

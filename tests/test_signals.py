@@ -14,9 +14,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from distillistic.config import Config
-from distillistic.core.methods import METHODS, Context
-from distillistic.core.signals import Peers, StepInputs, Teacher, Virtual
+from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.views import Views
+from distillistic.methods.dml import Peers
+from distillistic.methods.registry import METHODS, Context
+from distillistic.methods.tfkd import Virtual
 from distillistic.training import setup
 
 
@@ -84,8 +86,8 @@ def test_dml_and_dml_e_losses_differ_by_the_peers_entropy() -> None:
 def test_peers_targets_are_detached_and_shaped() -> None:
     logits = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
     inp = StepInputs(Views(torch.zeros(4, 1, 2, 2), False), torch.zeros(4, dtype=torch.long), list(logits), 3)
-    pairwise = Peers("pairwise").targets(inp, 2.0)
-    mean = Peers("mean").targets(inp, 2.0)
+    pairwise = Peers("pairwise", name="dml").targets(inp, 2.0)
+    mean = Peers("mean", name="dml_e").targets(inp, 2.0)
     for i in range(3):
         assert pairwise[i].shape == (2, 4, 3)
         assert mean[i].shape == (1, 4, 3)
@@ -95,9 +97,9 @@ def test_peers_targets_are_detached_and_shaped() -> None:
         torch.testing.assert_close(pairwise[i], torch.stack(others))
         torch.testing.assert_close(mean[i][0], sum(others) / 2)
     with pytest.raises(ValueError, match="at least 2"):
-        Peers("mean").targets(StepInputs(inp.views, inp.labels, logits[:1], 3), 1.0)
+        Peers("mean", name="dml_e").targets(StepInputs(inp.views, inp.labels, logits[:1], 3), 1.0)
     with pytest.raises(ValueError, match="pairwise or mean"):
-        Peers("median")  # type: ignore[arg-type]
+        Peers("median", name="x")  # type: ignore[arg-type]
 
 
 # --- the virtual teacher (DESIGN.md, section 4) --------------------------------------------------------

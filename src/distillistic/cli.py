@@ -8,7 +8,6 @@ fields (``--some-key`` is the key ``some_key``), so every flag is a config key a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import shlex
@@ -34,62 +33,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"distillistic: error: {message} (see '{self.prog} --help')\n")
 
 
-_GROUP_TITLES = {"logging and checkpoints": "output"}
-
-
-def config_groups() -> dict[str, list[str]]:
-    """Config keys by section: the ``# --- name ---`` comments of :class:`Config`'s source, in order, or a
-    field's ``group`` metadata; so a new key lands in its section's group by itself."""
-    import inspect
-    import re
-
-    groups: dict[str, list[str]] = {}
-    current = "other settings"
-    try:
-        lines = inspect.getsource(config_mod.Config).splitlines()
-    except (OSError, TypeError):
-        lines = []
-    section = re.compile(r"^\s*# --- ?(.+?) ?-*$")
-    key = re.compile(r"^    (\w+):")
-    where: dict[str, str] = {}
-    for line in lines:
-        if m := section.match(line):
-            current = m.group(1).split(" (")[0].split(":")[0].strip()
-            current = _GROUP_TITLES.get(current, current)
-        elif (m := key.match(line)) and m.group(1) in config_mod.FIELDS:
-            where[m.group(1)] = current
-    for f in dataclasses.fields(config_mod.Config):
-        groups.setdefault(f.metadata.get("group") or where.get(f.name, "other settings"), []).append(f.name)
-    return groups
-
-
 def _default_text(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) if value else "none"
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return "unset" if value is None else str(value)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key, grouped as the fields' metadata (and the methods' specs) say."""
+    from distillistic.config.keys_help import groups, help_text
+
     hints = typing.get_type_hints(config_mod.Config)
-    for title, names in config_groups().items():
+    for title, names in groups().items():
         group = parser.add_argument_group(title)
         for name in names:
-            f = config_mod.FIELDS[name]
-            flag = "--" + f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
-            if f.name == "dataset":  # every registered dataset, from the registry's names (names.json: no torch)
+            param = config_mod.param_of(name)
+            default = param.default if param is not None else config_mod.default_of(name)
+            is_bool = (param.type is bool) if param is not None else hints[name] in (bool, bool | None)
+            text = help_text(name)
+            if name == "dataset":  # every registered dataset, from the registry's names (names.json: no torch)
                 from distillistic.names import shipped
 
-                help_text = "dataset: " + ", ".join(shipped()["datasets"])
-            shown = "" if "(default" in help_text else f" (default: {_default_text(f.default)})"
-            if hints[f.name] is bool or hints[f.name] == (bool | None):
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=argparse.SUPPRESS, help=help_text + shown)
+                text = "dataset: " + ", ".join(shipped()["datasets"])
+            shown = "" if "(default" in text else f" (default: {_default_text(default)})"
+            flag = "--" + name.replace("_", "-")
+            if is_bool:
+                group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=text + shown)
             else:
-                group.add_argument(flag, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                                   help=help_text + shown)
+                group.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=text + shown)
     group = parser.add_argument_group("shortcuts")
     group.add_argument("--no-teacher-store", dest="teacher_store", action="store_const", const="off",
                        default=argparse.SUPPRESS, help="compute the teacher live every step")
@@ -299,7 +275,22 @@ def _summary_line(summary: dict[str, Any], out: Any) -> str:
     return f"{out}: " + "; ".join(parts)
 
 
+def _list_algos() -> None:
+    """Every method: family, reference, formula and its parameters with their defaults (no torch imported)."""
+    from distillistic.methods import catalogue
+
+    for name, spec in catalogue.specs().items():
+        print(f"{name:10s} {spec.family:10s} {spec.reference}\n{'':21s}{spec.formula}")
+        for p in spec.params:
+            print(f"{'':21s}--{p.name.replace('_', '-')} {_default_text(p.default)}: {p.help}"
+                  + (f" [{p.cite}]" if p.cite else ""))
+
+
 def _list(args: argparse.Namespace) -> int:
+    if args.what == "algos":
+        _list_algos()
+        return 0
+    from distillistic.methods import catalogue
     from distillistic.names import shipped  # names.json: no torch, so 'list' answers at once
 
     if args.what == "models" and (args.num_classes is not None or args.family is not None):
@@ -308,13 +299,9 @@ def _list(args: argparse.Namespace) -> int:
         print("\n".join(model_table(args.num_classes or 1000, args.family)))
         return 0
     names = shipped()
-    if args.what == "algos":  # every method with its family, reference and formula
-        for spec in names["algos"]:
-            print(f"{spec['name']:10s} {spec['family']:10s} {spec['reference']}\n{'':21s}{spec['formula']}")
-        return 0
     for kind in ("algos", "datasets", "models", "divergences"):
         if args.what in (None, kind):
-            shown = [a["name"] for a in names[kind]] if kind == "algos" else names[kind]
+            shown = list(catalogue.specs()) if kind == "algos" else names[kind]
             print(f"{kind}: {', '.join(shown)}")
     return 0
 
@@ -376,11 +363,33 @@ def one_line(error: BaseException) -> str:
     return last.removeprefix(prefix)
 
 
+def _import_plugins_named(argv: Sequence[str]) -> None:
+    """Import the modules ``train --plugins A,B`` (or its config file's ``plugins:``) names, before the parser
+    is built: a method they register brings its parameters, which become flags."""
+    if not argv or argv[0] != "train":
+        return
+    modules: list[str] = []
+    for k, arg in enumerate(argv):
+        if arg == "--plugins" and k + 1 < len(argv):
+            modules += config_mod.split_names(argv[k + 1])
+        elif arg.startswith("--plugins="):
+            modules += config_mod.split_names(arg.split("=", 1)[1])
+    config = next((a for a in argv[1:] if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    if config and Path(config).is_file():
+        modules += list(config_mod.coerce("plugins", config_mod.read_yaml(config).get("plugins", ())))
+    config_mod.import_plugins(tuple(modules))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _import_plugins_named(argv)  # a plugin method's parameters are flags of 'train'
+    except UserError as e:
+        print(f"distillistic: error: {one_line(e)}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
     commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,

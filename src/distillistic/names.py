@@ -1,7 +1,7 @@
 """The registered names that ``distillistic list`` prints, without importing torch.
 
-``names.json`` beside this module holds every registry's names and each method's family, reference and formula,
-as the registries give them; ``tests/test_light_commands.py`` fails when it falls out of step, and
+``names.json`` beside this module holds the dataset, model and divergence registries' names (the methods' come
+from their specs, :mod:`distillistic.methods.catalogue`); ``tests/test_light_commands.py`` fails when it falls out of step, and
 ``python -m distillistic.names`` rewrites it. Plugins (``--model pkg:fn``) register at run time and are not in it.
 """
 
@@ -17,13 +17,10 @@ FILE = Path(__file__).resolve().parent / "names.json"
 def live() -> dict[str, Any]:
     """The names from the registries themselves (imports torch and torchvision)."""
     from distillistic.core.divergences import DIVERGENCES
-    from distillistic.core.methods import METHODS
     from distillistic.data.loader import DATASETS
     from distillistic.models.builders import MODELS
 
-    methods = [{"name": n, "family": METHODS.get(n).family, "reference": METHODS.get(n).reference,
-                "formula": METHODS.get(n).formula} for n in METHODS.names()]
-    return {"algos": methods, "datasets": list(DATASETS.names()), "models": list(MODELS.names()),
+    return {"datasets": list(DATASETS.names()), "models": list(MODELS.names()),
             "divergences": list(DIVERGENCES.names())}
 
 

@@ -1,7 +1,1 @@
-"""Pure tensor code: teaching signals, losses, the objective, the methods' registry, metrics."""
-
-# Methods registered outside core/methods.py: imported here (not from methods.py, which would close an import
-# cycle) so that METHODS is complete whoever imports it.
-# Methods registered in modules of their own: importing any part of core registers them into METHODS.
-from distillistic.core import feature_methods as _feature_methods  # noqa: F401
-from distillistic.core import logit_methods  # noqa: F401
+"""Pure tensor code: teaching signals, the objective and its terms, divergences, metrics, calibration."""

@@ -44,6 +44,12 @@ def _prepare(q: Tensor, z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     return q, F.log_softmax(z.to(dtype) / temperature, dim=-1)
 
 
+def _nonnegative(value: Tensor) -> Tensor:
+    """``value`` shown as at least 0 (rounding can make a divergence of near-equal distributions slightly
+    negative) without cutting its gradient: a clamp would zero the gradient exactly where it is needed."""
+    return value + (value.clamp_min(0) - value).detach()
+
+
 def _finish(value: Tensor, z: Tensor) -> Tensor:
     """Back to the run's loss dtype: float32, or float64 in a float64 run (a no-op in the common range)."""
     want = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -55,7 +61,7 @@ def kl(q: Tensor, z: Tensor, temperature: float) -> Tensor:
     """``T^2 * KL(q || softmax(z / T))``, batchmean. ``q``: ``[M, B, K]`` or ``[B, K]``; ``z``: ``[B, K]``."""
     q, logp = _prepare(q, z, temperature)
     per_sample = (torch.xlogy(q, q) - q * logp).sum(dim=-1)  # [M, B]
-    return _finish((temperature**2 * per_sample.mean()).clamp_min(0), z)
+    return _finish(_nonnegative(temperature**2 * per_sample.mean()), z)
 
 
 @DIVERGENCES.register("js")
@@ -66,7 +72,7 @@ def js(q: Tensor, z: Tensor, temperature: float) -> Tensor:
     log_m = torch.log(((p + q) / 2).clamp_min(torch.finfo(q.dtype).tiny))
     kl_qm = (torch.xlogy(q, q) - q * log_m).sum(dim=-1)
     kl_pm = (p * (logp - log_m)).sum(dim=-1)
-    return _finish((temperature**2 * ((kl_qm + kl_pm) / 2).mean()).clamp_min(0), z)
+    return _finish(_nonnegative(temperature**2 * ((kl_qm + kl_pm) / 2).mean()), z)
 
 
 @DIVERGENCES.register("mse")

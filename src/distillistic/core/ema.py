@@ -1,45 +1,59 @@
-"""EMA copies of the students (``--ema DECAY``) and PCL's temporal mean teachers (``pcl``).
+"""EMA copies of the students (``--ema DECAY``): ``θ'_i ← d·θ'_i + (1 − d)·θ_i`` after every optimizer step.
 
-* :class:`EmaCopies` keeps ``θ'_i ← d·θ'_i + (1 − d)·θ_i`` for every student ``i`` after every optimizer step
-  (:func:`~distillistic.core.logit_losses.ema_update_`, buffers copied from the student so that the copy runs
-  in ``eval()`` mode with statistics of the right scale). It teaches nothing: with ``--ema`` it is a companion
-  of the objective, and its copies are evaluated beside the students (``student_ema``, ``student0_ema`` ...),
-  selected on val, reported and exported like them. The copies are submodules, so they are in the
-  objective's state dict and a resume restores them exactly.
-* :class:`TemporalMeanPeers` (Wu & Gong 2021, Peer Collaborative Learning for Online KD, AAAI: the temporal
-  mean teachers, their decay warmed up as mean teacher's ``min(1 − 1/(n + 1), d)``): student ``i`` learns
-  from the mean of the *other* students' EMA predictions, ``q_i = mean_(j≠i) softmax(z'_j / T)`` with
-  ``z'_j`` the logits of student ``j``'s EMA copy on student ``j``'s view of the batch (its own augmented view
-  with ``--peer-views independent``, as PCL's peers read differently augmented inputs; under ``no_grad``,
-  ``eval()`` mode); the consistency weight ramps up as mean teacher's
-  ``exp(−5 (1 − p/p_r)²)`` over the first share ``p_r`` of training::
-
-      L_i = CE(z_i, y) + r(p) · T² · KL(mean_(j≠i) softmax(z'_j / T) ‖ softmax(z_i / T))
-
-  Only the temporal-mean part of PCL is implemented (no multi-branch peer ensemble teacher).
-
-This module imports nothing of :mod:`distillistic.core.methods`; that module calls :func:`register`
-(so the registry has no import cycle).
+A copy teaches nothing: it is a *companion* of the objective (not one of its terms), evaluated beside the student
+it follows (``student_ema``, ``student0_ema`` …), selected on val, reported and exported like it. Buffers are
+copied from the student, so a copy that only ever runs in ``eval()`` mode has statistics of the right scale. The
+copies are submodules, so they are in the objective's state dict and a resume restores them exactly. PCL's
+temporal mean teachers (:mod:`distillistic.methods.pcl`) are such copies.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from distillistic.config import Config
-from distillistic.core.divergences import DIVERGENCES, SYMBOLS
-from distillistic.core.logit_losses import ema_update_, mean_teacher_decay, peer_mean_target, sigmoid_rampup
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs, model_view
-from distillistic.errors import UserError
 
-PCL_REFERENCE = ("Wu & Gong 2021, Peer Collaborative Learning for Online Knowledge Distillation (AAAI): "
-                 "temporal mean teachers")
+
+def mean_teacher_decay(step: int, decay: float) -> float:
+    """``min(1 − 1/(step + 1), decay)``: mean teacher's (and PCL re-implementation's) EMA decay schedule.
+
+    Early on the EMA is then the true average of the weights seen so far (step 0 copies the model).
+    """
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def ema_update_(ema: nn.Module, model: nn.Module, decay: float, copy_buffers: bool = True) -> None:
+    """In place: ``θ' ← d·θ' + (1 − d)·θ`` for every parameter (PCL's temporal mean, Wu & Gong 2021, d = 0.999).
+
+    Call after the optimizer step. With ``copy_buffers`` the buffers (BatchNorm running statistics,
+    ``num_batches_tracked``) are copied from ``model``, so an EMA copy that is only ever run in ``eval()`` mode
+    has statistics of the right scale. Mean teacher's ``update_ema_variables`` and the PCL re-implementation
+    average the parameters only and leave the buffers to the EMA model's own forward passes in ``train()`` mode
+    (their EMA models run in train mode every step): pass ``copy_buffers=False`` to reproduce that.
+    """
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+    ema_params = dict(ema.named_parameters())
+    model_params = dict(model.named_parameters())
+    if ema_params.keys() != model_params.keys():
+        raise ValueError("ema and model have different parameters")
+    names = list(model_params)
+    targets: list[Tensor] = [ema_params[n] for n in names]
+    sources = [model_params[n].detach() for n in names]
+    if targets:
+        # lerp: θ' + (1 − d)(θ − θ') = d·θ' + (1 − d)·θ, one fused kernel per device and dtype
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
+    if copy_buffers:
+        model_buffers = dict(model.named_buffers())
+        for name, buffer in ema.named_buffers():
+            buffer.copy_(model_buffers[name])
 
 
 class EmaCopies(Term):
@@ -101,60 +115,3 @@ class EmaCopies(Term):
 
     def describe(self) -> str:
         return f"θ' ← {self.decay:g}·θ' + {1 - self.decay:.3g}·θ"
-
-
-class TemporalMeanPeers(Term):
-    """PCL's peer mean teacher: ``r(p)·T²·D(mean_(j≠i) softmax(z'_j/T) ‖ softmax(z_i/T))`` (module docstring)."""
-
-    def __init__(self, decay: float, temperature: float, rampup: float, divergence: str = "kl",
-                 name: str = "pcl") -> None:
-        super().__init__(name, weight=1.0, distil=True, ramp=lambda progress: sigmoid_rampup(progress, rampup))
-        self.temperature, self.rampup, self.divergence = temperature, rampup, divergence
-        self.means = EmaCopies(decay, suffix="ema", name=f"{name}_mean", warmup=True)
-        self._fn = DIVERGENCES.get(divergence)
-
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
-        self.means.bind(students, views)
-
-    def after_step(self, inp: StepInputs) -> None:
-        self.means.after_step(inp)
-
-    def members(self) -> list[tuple[int, str, nn.Module]]:
-        return self.means.members()
-
-    def targets(self, inp: StepInputs) -> list[Tensor]:
-        """``q_i = mean_(j≠i) softmax(z'_j / T)``, one ``[1, B, K]`` per student (detached)."""
-        q = peer_mean_target(self.means.logits(inp), self.temperature)
-        return [q[i : i + 1] for i in range(q.shape[0])]
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        assert target is not None
-        return self._fn(target, z, self.temperature)
-
-    def describe(self) -> str:
-        t = f"{self.temperature:g}"
-        d = SYMBOLS.get(self.divergence, self.divergence.upper())
-        scale, peer, me = (f"{t}²·", f"softmax(z'_j/{t})", f"softmax(z/{t})") if self.temperature != 1 else (
-            "", "softmax(z'_j)", "softmax(z)")
-        return (f"r(p)·{scale}{d}(mean_(j≠i) {peer} ‖ {me}), z'_j = EMA({self.means.decay:g}) of student j, "
-                f"r ramping up over {self.rampup:.0%} of training")
-
-
-class _Context(Protocol):
-    num_classes: int
-    students: int
-
-
-def _pcl(cfg: Config, ctx: _Context) -> tuple[Term, ...]:
-    """L_i = CE(z_i, y) + r(p) T² KL(mean_(j≠i) softmax(z'_j/T) ‖ softmax(z_i/T)), z'_j = EMA of student j"""
-    if cfg.ema is not None:
-        raise UserError(f"--ema {cfg.ema:g} with algo pcl: pcl keeps an EMA copy of every student already "
-                        "(its decay is --pcl-decay); drop --ema")
-    assert cfg.temperature is not None, "resolve the config first"
-    return (TemporalMeanPeers(cfg.pcl_decay, cfg.temperature, cfg.pcl_rampup, cfg.divergence),)
-
-
-def register(method: Callable[..., Callable[[Any], Any]]) -> None:
-    """Register this module's methods with :func:`distillistic.core.methods.method`."""
-    method("pcl", PCL_REFERENCE, family="cohort", params=("pcl_decay", "pcl_rampup"), min_students=2,
-           default_students=2, default_temperature=lambda cfg: 3.0, composition="sum", weights=("pcl_rampup",))(_pcl)

@@ -1,4 +1,4 @@
-"""Feature-distillation terms: FitNets, AT, SP, RKD and CRD on the stages a run taps (DESIGN.md section 8).
+"""What every feature-distillation term shares: the stages it reads, the teacher's maps pooled to the student's grid.
 
 A feature term names the stages it reads (``student_stages``, ``teacher_stages``, see
 :mod:`distillistic.models.stages`); the run registers forward hooks for them on the plain models, and each
@@ -15,21 +15,41 @@ student's grid (:func:`match_grid`) before any loss.
 
 from __future__ import annotations
 
-import logging
-import typing
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from distillistic.core import feature_losses as fl
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs
 
-log = logging.getLogger("distillistic")
 Role = Literal["student", "teacher"]
+
+
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is half precision, else unchanged (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def pool_to(ft: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Adaptive average pooling of a map ``[B, C, H, W]`` to ``[B, C, h, w]`` with ``h <= H``, ``w <= W``.
+
+    Cross-resolution KD: the teacher sees the full-resolution image and the student a downscaled view, so the
+    teacher's map is averaged down to the student's grid. A map already of that size is returned as it is
+    (adaptive pooling to the same size is the identity, but skipping it keeps the tensor itself). Pooling
+    cannot enlarge a map: a larger ``size`` is an error rather than a silent duplication of pixels.
+    """
+    if ft.dim() != 4:
+        raise ValueError(f"pool_to expects a [B, C, H, W] map, got shape {tuple(ft.shape)}")
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == tuple(ft.shape[-2:]):
+        return ft
+    if h > ft.shape[-2] or w > ft.shape[-1] or h < 1 or w < 1:
+        raise ValueError(f"cannot pool a {tuple(ft.shape[-2:])} map to {(h, w)}: pooling only shrinks")
+    return F.adaptive_avg_pool2d(ft, (h, w))
 
 
 class FeatureProbe(Protocol):
@@ -62,10 +82,10 @@ def match_grid(ft: Tensor, fs_shape: Sequence[int]) -> Tensor:
     """
     if ft.dim() != 4 or len(fs_shape) != 4:
         return ft
-    return fl.pool_to(ft, (min(ft.shape[-2], int(fs_shape[-2])), min(ft.shape[-1], int(fs_shape[-1]))))
+    return pool_to(ft, (min(ft.shape[-2], int(fs_shape[-2])), min(ft.shape[-1], int(fs_shape[-1]))))
 
 
-def _matched_shape(t: Sequence[int], s: Sequence[int]) -> tuple[int, ...]:
+def matched_shape(t: Sequence[int], s: Sequence[int]) -> tuple[int, ...]:
     """The shape :func:`match_grid` gives a teacher map of shape ``t`` against a student map of shape ``s``."""
     if len(t) != 4 or len(s) != 4:
         return tuple(t)
@@ -91,69 +111,7 @@ class FeatureTerm(Term):
         return ", ".join(s if s == t else f"{s}/{t}" for s, t in zip(self.student_stages, self.teacher_stages))
 
 
-class FitNet(FeatureTerm):
-    """FitNets hint (Romero et al. 2015, eq. 3): ``mean((r_i(F_s) - F_t)^2)`` with a trained regressor per student."""
-
-    def __init__(self, teacher: FeatureTeacher, student_stage: str, teacher_stage: str, weight: float,
-                 student_shapes: Sequence[Sequence[int]], teacher_shape: Sequence[int]) -> None:
-        super().__init__("fitnet", teacher, (student_stage,), (teacher_stage,), weight)
-        self.regressors = nn.ModuleList(fl.make_regressor(s, _matched_shape(teacher_shape, s)) for s in student_shapes)
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        (fs,), (ft,) = self.maps(i, inp)
-        return fl.hint_loss(self.regressors[i](fs), ft)
-
-    def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
-        return self.regressors[i].parameters()
-
-    def describe(self) -> str:
-        return f"MSE(r(F_s), F_t)[{self._pairs()}]"
-
-
-class Attention(FeatureTerm):
-    """Attention transfer (Zagoruyko & Komodakis 2017): ``sum_stages mean (a_s - a_t)^2``, ``a = norm(mean_c F^2)``."""
-
-    def __init__(self, teacher: FeatureTeacher, stages: Sequence[str], weight: float) -> None:
-        super().__init__("at", teacher, stages, stages, weight)
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        fs, ft = self.maps(i, inp)
-        return fl.at_loss(fs, ft, beta=1.0)
-
-    def describe(self) -> str:
-        return f"AT(F_s, F_t)[{self._pairs()}]"
-
-
-class Similarity(FeatureTerm):
-    """Similarity preserving (Tung & Mori 2019): ``||G_s - G_t||_F^2 / B^2`` on one stage's batch Gram matrices."""
-
-    def __init__(self, teacher: FeatureTeacher, student_stage: str, teacher_stage: str, weight: float) -> None:
-        super().__init__("sp", teacher, (student_stage,), (teacher_stage,), weight)
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        (fs,), (ft,) = self.maps(i, inp)
-        return fl.sp_loss(fs, ft)
-
-    def describe(self) -> str:
-        return f"SP(F_s, F_t)[{self._pairs()}]"
-
-
-class Relational(FeatureTerm):
-    """Relational KD (Park et al. 2019): ``w_d·distance + w_a·angle`` on the embeddings."""
-
-    def __init__(self, teacher: FeatureTeacher, weight: float, w_dist: float, w_angle: float) -> None:
-        super().__init__("rkd", teacher, ("embedding",), ("embedding",), weight)
-        self.w_dist, self.w_angle = w_dist, w_angle
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        (fs,), (ft,) = self.maps(i, inp)
-        return fl.rkd_loss(fs, ft, self.w_dist, self.w_angle)["loss"]
-
-    def describe(self) -> str:
-        return f"({self.w_dist:g}·RKD_D + {self.w_angle:g}·RKD_A)(e_s, e_t)"
-
-
-def _all_gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def all_gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """Each tensor concatenated over the DDP ranks (equal batch sizes per rank), or as it is in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensors
@@ -163,62 +121,3 @@ def _all_gathered(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         dist.all_gather(parts, t.contiguous())
         out.append(torch.cat(parts))
     return tuple(out)
-
-
-class Contrastive(FeatureTerm):
-    """CRD (Tian et al. 2020): NCE over ``K`` negatives of a momentum memory bank keyed by the sample's index.
-
-    One :class:`CRDHead` per student (its two embeddings train with the student; its banks and normalisers are
-    buffers). The banks update after the optimizer step with the embeddings of every DDP rank, so that all
-    ranks keep equal banks (RepDistiller updates inside the forward: the same values in one process).
-    Negatives are drawn from a ``torch.Generator`` seeded with ``seed``, whose state is this term's
-    extra state in the checkpoint, so a resumed run draws the same negatives.
-    """
-
-    def __init__(self, teacher: FeatureTeacher, weight: float, dim_s: Sequence[int], dim_t: int, n_data: int,
-                 dim: int, k: int, temperature: float, momentum: float, seed: int) -> None:
-        super().__init__("crd", teacher, ("embedding",), ("embedding",), weight)
-        init = torch.Generator().manual_seed(seed)
-        self.heads = nn.ModuleList(fl.CRDHead(d, dim_t, n_data, dim, k, temperature, momentum, init) for d in dim_s)
-        self.seed, self.k, self.temperature = seed, k, temperature
-        self._generator: torch.Generator | None = None
-        self._pending: Tensor | None = None  # a restored generator state, applied when the generator is made
-        self._updates: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # student -> (idx, v_s, v_t) of this step
-
-    def _draws(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._pending is not None:
-                self._generator.set_state(self._pending)
-                self._pending = None
-        return self._generator
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        """:func:`crd_loss` against the banks as they were before this step; the banks update in :meth:`after_step`."""
-        assert inp.index is not None, "CRD needs the samples' dataset indices"
-        (fs,), (ft,) = self.maps(i, inp)
-        idx = inp.index.to(fs.device, non_blocking=True)
-        head = typing.cast(fl.CRDHead, self.heads[i])
-        v_s, v_t = head.embed_s(fs), head.embed_t(ft.detach())
-        out_s, out_t = head.memory(v_s, v_t, idx, generator=self._draws(fs.device), update=False)
-        self._updates[i] = (idx, v_s.detach(), v_t.detach())
-        return fl.nce_loss(out_s, head.memory.n_data) + fl.nce_loss(out_t, head.memory.n_data)
-
-    def after_step(self, inp: StepInputs) -> None:
-        """The momentum update of every student's banks with this step's embeddings, of every DDP rank."""
-        for i, update in sorted(self._updates.items()):
-            typing.cast(fl.CRDHead, self.heads[i]).memory.update_(*_all_gathered(update))
-        self._updates.clear()
-
-    def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
-        return self.heads[i].parameters()
-
-    def get_extra_state(self) -> Any:
-        state = self._generator.get_state() if self._generator is not None else self._pending
-        return {"generator": state}
-
-    def set_extra_state(self, state: Any) -> None:
-        self._generator, self._pending = None, state.get("generator")
-
-    def describe(self) -> str:
-        return f"CRD(e_s, e_t; K={self.k}, τ={self.temperature:g})"

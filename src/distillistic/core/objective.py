@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
-from distillistic.core.logit_losses import standardize
+from distillistic.core.logits import standardize
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import Signal, StepInputs
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from distillistic.core.logit_losses import standardize
+from distillistic.core.logits import standardize
 from distillistic.core.precision import at_least_float32
 
 Transform = Callable[[Tensor], Tensor] | None  # applied to a signal's logits [..., K] before the temperature
@@ -106,7 +106,7 @@ class Tapped(Protocol):
 _TAP = "teacher."  # cache key prefix of the teacher's tapped maps
 
 
-def _soft(symbol: str, t: float) -> str:
+def soft(symbol: str, t: float) -> str:
     """``softmax(symbol/T)``, or ``softmax(symbol)`` at T = 1."""
     return f"softmax({symbol}/{t:g})" if t != 1 else f"softmax({symbol})"
 
@@ -121,7 +121,7 @@ class Teacher:
     pairwise = False
 
     def __init__(self, model: nn.Module, view_size: int | None, channels: int,
-                 store: TeacherOutputs | None = None, name: str = "kd", key: str = "teacher",
+                 store: TeacherOutputs | None = None, name: str = "teacher", key: str = "teacher",
                  norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
@@ -167,7 +167,7 @@ class Teacher:
         return [q] * len(inp.logits)
 
     def describe(self, temperature: float) -> str:
-        return _soft("t", temperature)
+        return soft("t", temperature)
 
 
 class Teachers:
@@ -179,7 +179,7 @@ class Teachers:
 
     pairwise = False
 
-    def __init__(self, teachers: list[Teacher], weights: tuple[float, ...] = (), name: str = "kd") -> None:
+    def __init__(self, teachers: list[Teacher], weights: tuple[float, ...] = (), name: str = "teachers") -> None:
         if len(teachers) < 2:
             raise ValueError("Teachers needs at least 2 teachers; use Teacher for one")
         raw = list(weights) if weights else [1.0] * len(teachers)
@@ -208,61 +208,5 @@ class Teachers:
     def describe(self, temperature: float) -> str:
         n = len(self.teachers)
         if all(w == self.weights[0] for w in self.weights):
-            return f"mean_(j<{n}) {_soft('t_j', temperature)}"
-        return " + ".join(f"{w:.3g} {_soft(f't_{j}', temperature)}" for j, w in enumerate(self.weights))
-
-
-class Peers:
-    """The other students' softened predictions (detached)."""
-
-    def __init__(self, mode: Literal["pairwise", "mean"], name: str = "dml") -> None:
-        if mode not in ("pairwise", "mean"):
-            raise ValueError(f"Peers mode must be pairwise or mean, not {mode!r}")
-        self.mode, self.name = mode, name
-        self.pairwise = mode == "pairwise"
-
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        return self._targets(inp, temperature, None)
-
-    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """The peers' logits z-scored per sample before the temperature (Sun et al. 2024)."""
-        return self._targets(inp, temperature, standardize)
-
-    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
-        n = len(inp.logits)
-        if n < 2:
-            raise ValueError("Peers needs a cohort of at least 2 students")
-        z = torch.stack([at_least_float32(z.detach()) for z in inp.logits])
-        p = torch.softmax((transform(z) if transform else z) / temperature, dim=-1)
-        if self.pairwise:
-            return [torch.cat((p[:i], p[i + 1:])) for i in range(n)]  # slices: no index tensor made per step
-        total = p.sum(dim=0)
-        return [((total - p[i]) / (n - 1)).unsqueeze(0) for i in range(n)]
-
-    def describe(self, temperature: float) -> str:
-        peer = _soft("z_j", temperature)
-        return peer if self.pairwise else f"mean_(j≠i) {peer}"
-
-
-class Virtual:
-    """Tf-KD's hand-made teacher: ``p`` on the true class, ``(1 - p) / (K - 1)`` on every other."""
-
-    pairwise = False
-
-    def __init__(self, p: float, smooth: bool, name: str = "tfkd") -> None:
-        self.p, self.smooth, self.name = p, smooth, name
-
-    def distribution(self, labels: Tensor, num_classes: int) -> Tensor:
-        """``v`` ``[B, K]``, vectorised over the batch."""
-        v = torch.full((len(labels), num_classes), (1 - self.p) / (num_classes - 1), device=labels.device)
-        return v.scatter_(1, labels[:, None], self.p)
-
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        v = self.distribution(inp.labels, inp.num_classes)
-        if self.smooth:
-            v = torch.softmax(v / temperature, dim=-1)
-        return [v.unsqueeze(0)] * len(inp.logits)
-
-    def describe(self, temperature: float) -> str:
-        v = f"v(p={self.p:g})"
-        return _soft(v, temperature) if self.smooth else v
+            return f"mean_(j<{n}) {soft('t_j', temperature)}"
+        return " + ".join(f"{w:.3g} {soft(f't_{j}', temperature)}" for j, w in enumerate(self.weights))

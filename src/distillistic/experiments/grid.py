@@ -23,6 +23,8 @@ from typing import Any
 from distillistic import config as config_mod
 from distillistic.config import MACHINE_KEYS, Config
 from distillistic.errors import UserError, short_repr
+from distillistic.methods import catalogue
+from distillistic.methods.spec import OPTIONAL_KEYS
 from distillistic.training import setup
 
 SEED_KEYS = ("seed", "data_seed")
@@ -87,8 +89,8 @@ def _key(raw: Any, where: str) -> str:
     key = str(raw).replace("-", "_")
     if key in RESERVED:
         raise UserError(f"{where}: '{key}' is set by the sweep for each cell; remove it (use --out DIR for the sweep)")
-    if key not in config_mod.FIELDS:
-        close = difflib.get_close_matches(key, config_mod.FIELDS, n=1)
+    if not config_mod.is_key(key):
+        close = difflib.get_close_matches(key, config_mod.all_keys(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"{where}: unknown config key '{key}'{hint}; see 'distillistic train --help' for the keys")
     return key
@@ -148,6 +150,8 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
     ``overrides`` (``--set``) replace base keys; they may not name an axis of the grid or a variant.
     """
     base_raw = {k: v for k, v in spec.items() if k not in ("grid", "variants")}
+    if "plugins" in base_raw:  # a method they register brings its parameters (keys of the grid)
+        config_mod.import_plugins(_coerced("plugins", base_raw["plugins"], source))
     grid = _parse_grid(spec.get("grid"), source)
     variants = _parse_variants(spec.get("variants"), source, grid)
     if not grid and not variants:
@@ -171,6 +175,7 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
                 settings = dict(zip(other_axes, values)) | dict(zip(seed_axes, seeds))
                 cells.append(_cell(len(cells), base, variants.get(variant or "", {}), variant, settings, source))
     _check_unique(cells)
+    _check_read(base, cells, source)
     return Plan(base, grid, variants, cells, source)
 
 
@@ -178,12 +183,32 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
           settings: dict[str, Any], source: str) -> Cell:
     name = cell_name(variant, settings)
     try:
+        algo = {**base, **variant_values, **settings}.get("algo", config_mod.default_of("algo"))
+        base = _read_by(algo, base)  # a shared key of the sweep reaches only the cells whose method reads it
         cfg = config_mod.from_mapping({**base, **variant_values, **settings})
         setup.resolve(cfg)
     except UserError as e:
         raise UserError(f"{source}: cell '{name}': {e}") from None
     full = {"variant": variant, **settings} if variant is not None else dict(settings)
     return Cell(index, name, full, _absolute_paths(cfg), frozenset({*base, *variant_values, *settings}))
+
+
+def _read_by(algo: str, base: Mapping[str, Any]) -> dict[str, Any]:
+    """The base keys that method ``algo`` reads (every common key, and the optional ones and parameters it uses)."""
+    spec = catalogue.specs().get(algo)
+    if spec is None:
+        return dict(base)
+    optional = {*OPTIONAL_KEYS, *catalogue.params()}
+    return {k: v for k, v in base.items() if k not in optional or k in spec.keys_read()}
+
+
+def _check_read(base: Mapping[str, Any], cells: Sequence[Cell], source: str) -> None:
+    """Refuse a base key that no cell's method reads (it would be silently ignored by every cell)."""
+    for key in base:
+        if not any(key in c.explicit for c in cells):
+            owners = ", ".join(catalogue.owners(key)) or "no method"
+            raise UserError(f"{source}: config key '{key}' is read by no cell's algorithm (it is read by {owners}); "
+                            "remove it or add a cell that reads it")
 
 
 def _absolute_paths(cfg: Config) -> Config:

@@ -81,7 +81,7 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
         if isinstance(saved, dict):
             want = comparable(setup.resolve(cell.config).to_dict())
             have = comparable(saved)  # a key it lacks is newer than the run: its default applied then
-            differ = sorted((k for k in want if k in have and not config_mod.same_setting(k, have[k], want[k])),
+            differ = sorted((k for k in want if k in have and have[k] != want[k]),
                             key=lambda k: k not in cell.explicit)
             if differ:
                 k = differ[0]

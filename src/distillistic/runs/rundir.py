@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from distillistic import config as config_mod
-from distillistic.config import FIELDS, VOLATILE_KEYS, Config, same_setting
+from distillistic.config import VOLATILE_KEYS, Config
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TrainingDiverged, UserError, short_repr
 from distillistic.runs.summary import build_summary, clean
@@ -389,9 +389,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
                               "start a new --out")
     saved = ckpt["config"]
     current = task.cfg.to_dict()
-    # A key this checkpoint predates had its default value then.
-    differ = [k for k in current
-              if k not in VOLATILE_KEYS and not same_setting(k, saved.get(k, _default(k)), current[k])]
+    differ = [k for k in current if k not in VOLATILE_KEYS and saved.get(k) != current[k]]
     if differ:
         k = differ[0]
         raise UserError(f"--resume: the config differs from the run being resumed ({k}: {short_repr(saved.get(k))} -> "
@@ -426,19 +424,10 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
 
 
 def _check_data(ckpt: dict[str, Any], path: Path, data_checksum: str | None) -> None:
-    """Refuse to resume on data other than the run started with (checksum in last.pt, else in the manifest)."""
+    """Refuse to resume on data other than the run started with (its checksum is in last.pt)."""
     saved = ckpt.get("data_checksum")
-    if saved is None:  # a checkpoint from before the checksum was saved in it
-        try:
-            saved = json.loads((path.parent.parent / "manifest.json").read_text())["dataset"]["checksum"]
-        except (OSError, ValueError, KeyError, TypeError):
-            saved = None
     if saved is not None and data_checksum is not None and saved != data_checksum:
         raise UserError(f"--resume: the data differs from the run being resumed (the dataset's checksum changed "
                         f"since it started: {path.parent.parent / 'manifest.json'} has the old one); resume with the "
                         "same data, or start a new --out")
 
-
-def _default(key: str) -> Any:
-    value = FIELDS[key].default
-    return list(value) if isinstance(value, tuple) else value

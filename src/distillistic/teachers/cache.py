@@ -21,10 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distillistic.config import FIELDS, Config, cache_dir
-from distillistic.core.methods import PARAMETERS
+from distillistic import config as config_mod
+from distillistic.config import Config, cache_dir
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TeacherStopped, UserError
+from distillistic.methods import catalogue
+from distillistic.methods.spec import OPTIONAL_KEYS
 from distillistic.models.builders import build_model
 from distillistic.runs.rundir import read_summary
 from distillistic.training.checkpoint import load_model_weights
@@ -37,22 +39,20 @@ _DEFAULTS = Config()
 
 
 def teacher_recipe(cfg: Config) -> Config:
-    """The baseline config that trains this run's teacher."""
+    """The baseline config that trains this run's teacher.
+
+    Every key a baseline does not read (a teacher, alpha, T, a divergence, every method's parameters) is reset
+    to its default: they are settings of the distillation, not of the teacher, so they never reach its cache key
+    (a student with another alpha reuses the same teacher).
+    """
     assert cfg.teacher is not None
-    cfg = cfg.replace(**{k: getattr(_DEFAULTS, k) for k in PARAMETERS})  # every method's parameters: a baseline's
-    return cfg.replace(
-        algo="baseline", model=cfg.teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
-        teacher=None, teacher_weights="train", epochs=cfg.teacher_epochs or cfg.epochs, teacher_epochs=None,
-        seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
-        teacher_resolution=None, temperature=None, alpha_warmup=0.0, out=None, resume=False, overwrite=True,
-        imbalance_class=None, ema=None,  # a teacher keeps no EMA copy
-        # Settings of the distillation, not of the teacher: reset so that they stay out of the cache key
-        # (a baseline ignores them; a student with another alpha must reuse the same teacher).
-        alpha=_DEFAULTS.alpha, divergence=_DEFAULTS.divergence, virtual_p=_DEFAULTS.virtual_p,
-        virtual_smooth=_DEFAULTS.virtual_smooth, imbalance_share=_DEFAULTS.imbalance_share,
-        teacher_calibration=_DEFAULTS.teacher_calibration,
-        # every method's own parameters too (the teacher is a baseline run, which refuses them)
-    ).replace(**{key: FIELDS[key].default for key in sorted(PARAMETERS)})
+    teacher, epochs = cfg.teacher, cfg.teacher_epochs or cfg.epochs
+    unread = {k: config_mod.default_of(k) for k in (*OPTIONAL_KEYS, *catalogue.params())}
+    return cfg.replace(**unread).replace(
+        algo="baseline", model=teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
+        epochs=epochs, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
+        out=None, resume=False, overwrite=True, imbalance_class=None, ema=None,  # a teacher keeps no EMA copy
+        imbalance_share=config_mod.default_of("imbalance_share"))
 
 
 # The keys that define a trained teacher, and nothing else: a distillation setting (alpha, a method's
@@ -62,15 +62,8 @@ TEACHER_KEYS = (
     "dataset", "split_seed", "val_fraction", "split_fractions", "image_size", "augment", "max_classes",
     "class_names", "max_train_samples", "synthetic_samples", "synthetic_classes", "synthetic_channels",
     "student_resolution", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "scheduler",
-    "warmup_fraction", "grad_clip", "precision", "channels_last", "deterministic",
+    "warmup_fraction", "grad_clip", "precision", "channels_last", "deterministic", "milestones", "gamma", "nesterov",
 )
-
-
-LATER_TEACHER_KEYS = ("milestones", "gamma", "nesterov")
-
-
-def _plain_default(key: str) -> Any:
-    return _DEFAULTS.to_dict()[key]
 
 
 def recipe_key(recipe: Config, info: DataInfo) -> str:
@@ -78,8 +71,6 @@ def recipe_key(recipe: Config, info: DataInfo) -> str:
     settings = recipe.to_dict()
     items: dict[str, Any] = {k: settings[k] for k in TEACHER_KEYS}
     items["data_checksum"] = info.checksum
-    # Later keys join only when set away from their default, so the keys of cached teachers stay the same.
-    items |= {k: settings[k] for k in LATER_TEACHER_KEYS if settings[k] != _plain_default(k)}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 

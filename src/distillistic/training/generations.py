@@ -1,4 +1,4 @@
-"""Methods trained as generations (born-again networks, :mod:`distillistic.core.born_again`).
+"""Methods trained as generations (born-again networks, :mod:`distillistic.methods.ban`).
 
 ``train(cfg)`` with such a method trains generation 1, 2, ... ``k`` one after the other, each a normal run
 (its own config, checkpoints, metrics, summary, resumable by itself) in ``<out>/gen<g>``; generation ``g``'s
@@ -27,8 +27,8 @@ from typing import Any
 
 from distillistic import config as config_mod
 from distillistic.config import Config
-from distillistic.core.methods import METHODS
 from distillistic.errors import UserError
+from distillistic.methods.registry import METHODS
 from distillistic.runs.rundir import read_summary
 from distillistic.runs.summary import METRICS, clean
 from distillistic.training import setup

@@ -30,11 +30,7 @@ See ``docs/custom.md``.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +43,7 @@ from torch import Tensor, nn
 from distillistic.config import Config
 from distillistic.data.datasets import DATASETS, DatasetSpec, RawDataset, Source, TensorSource
 from distillistic.errors import UserError
+from distillistic.imports import import_module_or_file
 from distillistic.models.builders import MODELS, ModelSpec
 
 ModelBuilder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, image_size) -> model
@@ -166,38 +163,9 @@ def raw_dataset(name: str, result: Any) -> RawDataset:
 # --- loading plugins from a config -----------------------------------------------------------------------
 
 
-def _import(module: str, what: str) -> Any:
-    """Import a module name or a ``.py`` file; the current folder is searched too."""
-    try:
-        if module.endswith(".py"):
-            path = Path(module).expanduser().resolve()
-            if not path.is_file():
-                raise UserError(f"{what}: file '{module}' does not exist")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            if spec is None or spec.loader is None:
-                raise UserError(f"{what}: '{module}' cannot be imported as a Python file")
-            loaded = sys.modules.get(path.stem)
-            if loaded is not None and getattr(loaded, "__file__", None) == str(path):
-                return loaded
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = mod
-            spec.loader.exec_module(mod)
-            return mod
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())  # as 'python -m' does: a module beside the config is found
-        return importlib.import_module(module)
-    except UserError:
-        raise
-    except ImportError as e:
-        raise UserError(f"{what}: cannot import '{module}' ({e}); check the name and that it is on PYTHONPATH "
-                        "or in the current folder") from None
-    except Exception as e:  # the user's module raised while it was imported
-        raise UserError(f"{what}: importing '{module}' failed ({type(e).__name__}: {e})") from None
-
-
 def _function(ref: str, key: str) -> Callable[..., Any]:
     module, _, name = ref.partition(":")
-    fn = getattr(_import(module, f"config key '{key}'"), name, None)
+    fn = getattr(import_module_or_file(module, f"config key '{key}'"), name, None)
     if not callable(fn):
         raise UserError(f"config key '{key}': '{module}' has no function '{name}'; name one as module:function")
     return fn
@@ -206,7 +174,7 @@ def _function(ref: str, key: str) -> Callable[..., Any]:
 def load_plugins(cfg: Config) -> None:
     """Import ``cfg.plugins`` and register every ``module:function`` model and dataset name the config uses."""
     for module in cfg.plugins:
-        _import(module, "config key 'plugins'")
+        import_module_or_file(module, "config key 'plugins'")
     names = [("model", n) for key in ("model", "teacher") for n in _names(getattr(cfg, key))]
     for key, name in names:
         if ":" in name and name not in MODELS:

@@ -20,11 +20,11 @@ from torch import nn
 
 from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
-from distillistic.core.methods import METHODS, Context, student_count
 from distillistic.data.datasets import FileSource
 from distillistic.data.loader import EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
+from distillistic.methods.registry import METHODS, Context, student_count
 from distillistic.models.builders import MODELS, build_model, check_fits
 from distillistic.runs.result import RunResult, api_voice
 from distillistic.runs.rundir import RunDir, note_stop_signal, restore_state

@@ -10,9 +10,9 @@ from __future__ import annotations
 from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES
-from distillistic.core.methods import METHODS
 from distillistic.data.datasets import DATASETS
 from distillistic.errors import ConfigError, UserError
+from distillistic.methods.registry import METHODS
 from distillistic.models.builders import MODELS
 from distillistic.training.plugins import load_plugins
 
@@ -30,9 +30,6 @@ def check(cfg: Config) -> None:
             if name not in MODELS:
                 raise UserError(f"config key '{key}': {MODELS.unknown_message(name)}")
     METHODS.get(cfg.algo).check(cfg)
-    if cfg.teacher_calibration != "none" and not METHODS.get(cfg.algo).needs_teacher:
-        raise UserError(f"config key 'teacher_calibration' calibrates a frozen teacher; algo {cfg.algo} has none: "
-                        "remove it or choose an algorithm with a teacher (e.g. kd)")
 
 
 def resolve(cfg: Config) -> Config:
@@ -48,7 +45,6 @@ def resolve(cfg: Config) -> Config:
         augment=cfg.augment or spec.default_augment,
         image_size=cfg.image_size or spec.default_image_size(cfg),
         eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-        teacher_epochs=cfg.teacher_epochs or cfg.epochs,
     )
     resolved = method.resolve(resolved)
     check(resolved)

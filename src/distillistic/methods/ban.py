@@ -12,25 +12,23 @@ The paper's students learn from the teacher's soft labels at ``T = 1`` (the defa
 starts from its own initialisation (model seed ``seed + g − 1``) on the same data order (``data_seed``).
 The training loop (:mod:`distillistic.training.generations`) writes each generation as a run directory
 ``<out>/gen<g>`` and evaluates every generation and their ensemble (probability average) on test.
-
-This module imports nothing of :mod:`distillistic.core.methods`; that module calls :func:`register`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
-
-from distillistic.config import FIELDS, Config
+from distillistic.config import Config, default_of
 from distillistic.core.objective import Distill, Term
-from distillistic.core.signals import Signal
 from distillistic.errors import ConfigError
+from distillistic.methods.registry import Context, register_method
+from distillistic.methods.spec import MethodSpec, Param, at_least, int_range
 
-BAN_REFERENCE = "Furlanello et al. 2018, Born-Again Neural Networks (ICML)"
-
-
-class _Context(Protocol):
-    teacher: Signal | None
+SPEC = MethodSpec(
+    "ban", "Furlanello et al. 2018, Born-Again Neural Networks (ICML)",
+    "generation 1: L = CE(z, y); generation g: L = (1-a) CE(z, y) + a T² KL(softmax(t_(g-1)/T) ‖ softmax(z/T))",
+    family="self", reads=("temperature", "divergence"), generations=True,
+    params=(Param("generations", int, 3, "born-again generations, each taught by the one before (1: baseline)",
+                  cite="Furlanello et al. 2018, table 1 (BAN-1 … BAN-3 and their ensembles)", range=at_least(1),
+                  allowed="a whole number of generations > 0", space=int_range(2, 4)),))
 
 
 def generation_config(cfg: Config, g: int, previous: str | None) -> Config:
@@ -43,23 +41,21 @@ def generation_config(cfg: Config, g: int, previous: str | None) -> Config:
     if students not in (None, 1):
         raise ConfigError("students", cfg.students, "1 for ban (each generation is one student, taught by the "
                                                     "last); drop --students")
-    common = dict(generations=FIELDS["generations"].default, seed=cfg.seed + g - 1, data_seed=cfg.data_seed,
+    common = dict(generations=default_of("generations"), seed=cfg.seed + g - 1, data_seed=cfg.data_seed,
                   teacher_epochs=None)
     if g == 1 or previous is None:
-        return cfg.replace(algo="baseline", teacher=None, **common)
+        # the baseline reads no distillation key: they are reset (generation g > 1 reads them again)
+        return cfg.replace(algo="baseline", teacher=None, alpha=None, alpha_warmup=default_of("alpha_warmup"),
+                           temperature=None, divergence=default_of("divergence"), **common)
     return cfg.replace(algo="kd", teacher=cfg.model, teacher_weights=previous,
                        teacher_resolution=cfg.student_resolution, **common)
 
 
-def _ban(cfg: Config, ctx: _Context) -> tuple[Term, ...]:
-    """generation 1: L = CE(z, y); generation g: L = (1-a) CE(z, y) + a T² KL(softmax(t_(g-1)/T) ‖ softmax(z/T))"""
+def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     if ctx.teacher is None:  # generation 1, or the objective printed without a teacher
         return ()
     assert cfg.temperature is not None, "resolve the config first"
     return (Distill("ban", ctx.teacher, cfg.divergence, cfg.temperature),)
 
 
-def register(method: Callable[..., Callable[[Any], Any]]) -> None:
-    """Register this module's methods with :func:`distillistic.core.methods.method`."""
-    method("ban", BAN_REFERENCE, family="self", params=("generations",), default_temperature=lambda cfg: 1.0,
-           generations=lambda cfg: cfg.generations, generation=generation_config)(_ban)
+register_method(SPEC, terms, generations=lambda cfg: cfg.generations, generation=generation_config)

@@ -1,0 +1,29 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015): the student matches the teacher's softened outputs.
+
+``L = (1 − α)·CE(z, y) + α·T²·KL(softmax(t/T) ‖ softmax(z/T))``; with several teachers (``--teacher a,b``) the
+target is their (weighted, ``--teacher-mix``) mean ``Σ_j w_j softmax(t_j/T)``. ``--divergence`` replaces the KL
+(JS, MSE); ``--logit-standardize`` z-scores ``t`` and ``z`` per sample first (Sun et al. 2024).
+"""
+
+from __future__ import annotations
+
+from distillistic.config import Config
+from distillistic.core.objective import Distill, Term
+from distillistic.methods.registry import Context, register_method
+from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec
+
+SPEC = MethodSpec(
+    "kd", "Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network",
+    "L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)); several teachers: their mean softmax(t_j/T)",
+    family="teacher", needs_teacher=True, default_teacher="resnet50", temperature=20.0,
+    params=(LOGIT_STANDARDIZE,), reads=("temperature", "divergence"),
+    notes="T = 20 and alpha = 0.5: the thesis's setting (Hinton et al. give no single T)")
+
+
+def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    assert ctx.teacher is not None, "resolve the config first"
+    assert cfg.temperature is not None, "resolve the config first"
+    return (Distill("kd", ctx.teacher, cfg.divergence, cfg.temperature, standardize=cfg.logit_standardize),)
+
+
+register_method(SPEC, terms)

@@ -1,0 +1,106 @@
+"""Teacher-free KD (Yuan et al. 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization).
+
+* ``tfkd`` (the virtual teacher, Tf-KD_reg): ``L = (1 − α)·CE(z, y) + α·KL(v ‖ softmax(z))`` with ``v`` = ``p`` on
+  the true class and ``(1 − p)/(K − 1)`` elsewhere; ``--virtual-smooth`` softens it to ``softmax(v/T)``
+  (T = 20) as the original code's target. ``--virtual-p-from RUN|auto`` takes ``p`` from a baseline's val top-1.
+* ``tfkd_self`` (self-training, Tf-KD_self): KD from the student's own architecture trained first, ``T = 20``.
+  Each student of a cohort is taught by its own architecture, so a cohort of several architectures is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distillistic.config import Config, student_archs
+from distillistic.core.objective import Distill, Term
+from distillistic.core.signals import StepInputs, soft
+from distillistic.errors import ConfigError, UserError
+from distillistic.methods.registry import Context, register_method, student_count
+from distillistic.methods.spec import Interval, MethodSpec, Param, choice, uniform
+
+_PAPER = "Yuan et al. 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization (CVPR)"
+SPEC = MethodSpec(
+    "tfkd", f"{_PAPER}: virtual teacher",
+    "L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))",
+    family="self", reads=("temperature", "divergence"),
+    params=(
+        Param("virtual_p", float, 0.9, "probability of the correct class in the virtual teacher, in (1/K, 1]",
+              cite="Yuan et al. 2020, sec. 4 (a = 0.9 in their Tf-KD_reg runs)", space=uniform(0.5, 0.99),
+              range=Interval(0.0, 1.0, open_low=True), allowed="a probability in (1/K, 1]"),
+        Param("virtual_smooth", bool, False, "soften the virtual teacher with softmax(v/T) as the original code",
+              cite="yuanli2333/Teacher-free-Knowledge-Distillation, my_loss_function.py: loss_kd_regularization",
+              space=choice(False, True)),
+        Param("virtual_p_from", str, None, "take --virtual-p from a baseline RUN_DIR's best val top-1, or auto: "
+              "from the student's baseline, trained once and cached", optional=True),
+    ))
+SPEC_SELF = MethodSpec(
+    "tfkd_self", f"{_PAPER}: self-training",
+    "L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), t: the student's architecture trained first",
+    family="self", needs_teacher=True, temperature=20.0, reads=("temperature", "divergence"))
+
+
+class Virtual:
+    """Tf-KD's hand-made teacher: ``p`` on the true class, ``(1 - p) / (K - 1)`` on every other."""
+
+    pairwise = False
+
+    def __init__(self, p: float, smooth: bool, name: str = "tfkd") -> None:
+        self.p, self.smooth, self.name = p, smooth, name
+
+    def distribution(self, labels: Tensor, num_classes: int) -> Tensor:
+        """``v`` ``[B, K]``, vectorised over the batch."""
+        v = torch.full((len(labels), num_classes), (1 - self.p) / (num_classes - 1), device=labels.device)
+        return v.scatter_(1, labels[:, None], self.p)
+
+    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+        v = self.distribution(inp.labels, inp.num_classes)
+        if self.smooth:
+            v = torch.softmax(v / temperature, dim=-1)
+        return [v.unsqueeze(0)] * len(inp.logits)
+
+    def describe(self, temperature: float) -> str:
+        v = f"v(p={self.p:g})"
+        return soft(v, temperature) if self.smooth else v
+
+
+def _virtual_p_check(cfg: Config, num_classes: int) -> None:
+    if not 1.0 / num_classes < cfg.virtual_p <= 1.0:
+        raise ConfigError("virtual_p", cfg.virtual_p,
+                          f"a probability in (1/K, 1] = ({1.0 / num_classes:.4g}, 1] for K = {num_classes} classes")
+
+
+def terms_virtual(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    assert cfg.temperature is not None, "resolve the config first"
+    return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence,
+                    cfg.temperature),)
+
+
+def own_architecture(cfg: Config) -> str:
+    """The architecture the students share (a self-trained cohort of several architectures is refused)."""
+    archs = sorted(set(student_archs(cfg, student_count(cfg) or 1)))
+    if len(archs) > 1:
+        raise UserError(f"tfkd_self teaches each student by its own architecture, but the students are "
+                        f"{', '.join(archs)} and one run has one teacher; run tfkd_self once per architecture, "
+                        "or use --algo kd")
+    return archs[0]
+
+
+def _own_teacher(cfg: Config) -> None:
+    """Self-training's teacher is the students' own architecture: another one would silently make this KD."""
+    own = own_architecture(cfg)
+    if cfg.teacher is not None and cfg.teacher != own:
+        raise UserError(f"tfkd_self is taught by the student's own architecture ('{own}'), not by '{cfg.teacher}'; "
+                        f"leave --teacher out (or set it to {own}), or use --algo kd")
+
+
+def terms_self(cfg: Config, ctx: Context) -> tuple[Term, ...]:
+    assert ctx.teacher is not None, "resolve the config first"
+    assert cfg.temperature is not None, "resolve the config first"
+    return (Distill("tfkd_self", ctx.teacher, cfg.divergence, cfg.temperature),)
+
+
+register_method(SPEC, terms_virtual, data_check=_virtual_p_check,
+                temperature=lambda cfg: 20.0 if cfg.virtual_smooth else 1.0)
+register_method(SPEC_SELF, terms_self, check_config=_own_teacher,
+                resolve_teacher=lambda cfg: own_architecture(cfg))
