@@ -61,7 +61,7 @@ def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
     steps of a whole ``train()`` (which recorded ``golden/steps.json``): nothing between the task's assembly and
     the first step draws a random number.
     """
-    from distillistic.core.methods import METHODS
+    from distillistic.methods.registry import METHODS
 
     from distillistic import Config
     from distillistic.training import setup

@@ -85,10 +85,12 @@ def test_a_plugin_method_with_a_parameter_runs_from_the_cli_yaml_and_a_sweep(tmp
     assert "sharp_p: 0.95" in (tmp_path / "cli" / "config.yaml").read_text()
     bad = run("train", "--plugins", "sharp_method", "--algo", "sharp", "--sharp-p", "0.05", *common, "--out", "bad")
     assert bad.returncode == 2
-    assert "sharp_p" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "sharp_p" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     other = run("train", "--plugins", "sharp_method", "--algo", "baseline", "--sharp-p", "0.9", *common,
                 "--out", "other")
-    assert other.returncode == 2 and "read by sharp" in other.stderr
+    assert other.returncode == 2
+    assert "read by sharp" in other.stderr
     (tmp_path / "run.yaml").write_text("plugins: [sharp_method]\nalgo: sharp\nsharp_p: 0.7\n")
     out = run("train", "run.yaml", *common, "--out", "yaml")
     assert out.returncode == 0, out.stderr
@@ -98,6 +100,7 @@ def test_a_plugin_method_with_a_parameter_runs_from_the_cli_yaml_and_a_sweep(tmp
                                          "device: cpu\ntensorboard: false\ngrid: {sharp_p: [0.6, 0.9]}\n")
     out = run("sweep", "sweep.yaml", "--out", "sweep")
     assert out.returncode == 0, out.stderr
-    assert "SHARP_P=0.6" in out.stdout and "SHARP_P=0.9" in out.stdout
+    assert "SHARP_P=0.6" in out.stdout
+    assert "SHARP_P=0.9" in out.stdout
     assert {p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and "sharp_p" in p.name} == {
         "sharp_p=0.6", "sharp_p=0.9"}
