@@ -2,7 +2,8 @@
 
 ``names.json`` beside this module holds the dataset, model and divergence registries' names (the methods' come
 from their specs, :mod:`distillistic.methods.catalogue`); ``tests/test_light_commands.py`` fails when it falls
-out of step, and ``python -m distillistic.names`` rewrites it. Plugins (``--model pkg:fn``) register at run time and are not in it.
+out of step, and ``python -m distillistic.names`` rewrites it. Plugins (``--model pkg:fn``) register at run
+time and are not in it.
 """
 
 from __future__ import annotations
