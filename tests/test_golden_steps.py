@@ -61,9 +61,8 @@ def record(variant: str, out: Path) -> list[list[dict[str, float]]]:
     steps of a whole ``train()`` (which recorded ``golden/steps.json``): nothing between the task's assembly and
     the first step draws a random number.
     """
-    from distillistic.methods.registry import METHODS
-
     from distillistic import Config
+    from distillistic.methods.registry import METHODS
     from distillistic.training import setup
     from distillistic.training.engine import TrainMeters, train_step
     from distillistic.training.run import build_task
