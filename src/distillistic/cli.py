@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "ECE/NLL/Brier before and after on test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of 'distillistic train'")
     p.add_argument("--device", default=None, help="device to evaluate on (default: the run's --device)")
+    _add_experiment_commands(sub)
+    return parser
+
+
+def _add_experiment_commands(sub: Any) -> None:
+    """``sweep``, ``report``, ``reproduce`` and ``list``."""
     p = sub.add_parser("sweep", help="run every cell of a sweep config (grid/variants), each in its own run dir")
     p.add_argument("config", help="sweep YAML: base config keys, grid: {key: [values]}, optional variants:")
     p.add_argument("--out", required=True, help="sweep directory (cells go to DIR/<name>; re-run to continue)")
@@ -158,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
                    help="models: print each model's parameter count for K classes, by family")
     p.add_argument("--family", default=None, help="models: only this family (torchvision, cifar, small, timm)")
-    return parser
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -86,6 +86,8 @@ class Signal(Protocol):
 class TeacherOutputs(Protocol):
     """Where a frozen teacher's logits may already be stored (see :mod:`distillistic.teachers.store`)."""
 
+    stats: dict[str, int]  # batches read, computed, files written, rebuilt
+
     def fetch(self, inp: StepInputs) -> Tensor | None:
         """The stored logits ``[B, K]`` of the batch's samples on the device, or None if any is missing."""
         ...

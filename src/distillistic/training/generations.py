@@ -38,7 +38,7 @@ from distillistic.training.runtime import Runtime
 
 log = logging.getLogger("distillistic")
 RunOne = Callable[[Config, Runtime], Any]  # run.py's _run: a resolved config -> RunResult
-BuildTask = Callable[[Config, Runtime], tuple[Task, dict[str, Any]]]
+BuildTask = Callable[[Config, Runtime], tuple[Task, Any]]
 
 
 def _check_out(out: Path, cfg: Config) -> None:

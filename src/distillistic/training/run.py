@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
 from distillistic.data.datasets import FileSource
-from distillistic.data.loader import EpochSampler, Loader, build_data, resident
+from distillistic.data.loader import DataInfo, EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.methods.registry import METHODS, Context, student_count
@@ -32,6 +33,7 @@ from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
 from distillistic.teachers.check import check_teacher
 from distillistic.teachers.costs import teacher_training_cost
+from distillistic.teachers.roster import TeacherSet
 from distillistic.training import setup
 from distillistic.training.checkpoint import fault_point, load_model_weights, read_state_dict, unwrap
 from distillistic.training.costs import measure_training, model_costs, peak_memory
@@ -109,7 +111,54 @@ def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     return model
 
 
-def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
+@dataclass(frozen=True)
+class Assembly:
+    """What building a task found besides the task: the data's facts and the frozen teachers (if any)."""
+
+    data: DataInfo
+    teachers: TeacherSet | None = None
+    teacher_outputs: str | None = None  # why the teacher store is off, when it is
+
+    @property
+    def teacher_source(self) -> str | list[str] | None:
+        return self.teachers.source if self.teachers else None
+
+
+def _loaders(cfg: Config, rt: Runtime, bundle: Any, views: int) -> dict[str, Loader]:
+    """The train loader (seeded epoch order, ``views`` augmented views per sample) and the val/test loaders."""
+    assert cfg.data_seed is not None
+    assert cfg.eval_batch_size is not None
+    info, pin = bundle.info, rt.device.type == "cuda"
+    imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
+    train_split = bundle.splits["train"]
+    loaders = {"train": Loader(resident(train_split, rt.device), EpochSampler(
+        train_split.labels, cfg.batch_size // rt.world_size, cfg.data_seed, True, rt.rank, rt.world_size, imbalance),
+        info.image_size, True, cfg.data_seed, cfg.num_workers, pin, views=views)}
+    for split in ("val", "test"):
+        sampler = EpochSampler(bundle.splits[split].labels, max(1, cfg.eval_batch_size // rt.world_size),
+                               cfg.data_seed, False, rt.rank, rt.world_size)
+        loaders[split] = Loader(resident(bundle.splits[split], rt.device), sampler, info.image_size, False,
+                                cfg.data_seed, cfg.num_workers, pin)
+    return loaders
+
+
+def _prepare_teachers(task: Task, teachers: TeacherSet, bundle: Any) -> str | None:
+    """Calibrate the teachers (before the stores: T_cal is in their keys) and open their output stores; the
+    reason the store is off when the teacher must run live (tapped by a feature method)."""
+    cfg, rt = task.cfg, task.rt
+    if cfg.teacher_calibration == "temperature":
+        from distillistic.teachers.calibration import calibrate_teachers
+
+        task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
+                                                       task.loaders["val"], task.views, bundle.info.num_classes, rt)
+    if any(s.taps is not None for s in teachers.signals):
+        log.info("teacher store: off (%s)", TEACHER_LIVE)
+        return TEACHER_LIVE
+    teachers.open_stores(bundle, task.loaders, task.views, rt)
+    return None
+
+
+def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     """Everything the engine needs, from a resolved config; raises :class:`UserError` on bad input."""
     bundle = build_data(cfg)
     info = bundle.info
@@ -140,21 +189,10 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
     members = [Member(f"{students[i].name}_{suffix}", model, students[i].view_size, students[i].channels,
                       norm=students[i].norm, follows=students[i].name)
                for i, suffix, model in objective.members()]  # EMA copies: evaluated and exported like students
-    per_process = cfg.batch_size // rt.world_size
-    imbalance = (cfg.imbalance_class, cfg.imbalance_share) if cfg.imbalance_class is not None else None
     assert cfg.data_seed is not None
-    assert cfg.eval_batch_size is not None
     assert cfg.augment is not None
-    pin = rt.device.type == "cuda"
     views = n_students if cfg.peer_views == "independent" else 1  # training views per sample
-    loaders = {"train": Loader(resident(bundle.splits["train"], rt.device), EpochSampler(
-        bundle.splits["train"].labels, per_process, cfg.data_seed, True, rt.rank, rt.world_size, imbalance),
-        info.image_size, True, cfg.data_seed, cfg.num_workers, pin, views=views)}
-    for split in ("val", "test"):
-        sampler = EpochSampler(bundle.splits[split].labels, max(1, cfg.eval_batch_size // rt.world_size),
-                               cfg.data_seed, False, rt.rank, rt.world_size)
-        loaders[split] = Loader(resident(bundle.splits[split], rt.device), sampler, info.image_size, False,
-                                cfg.data_seed, cfg.num_workers, pin)
+    loaders = _loaders(cfg, rt, bundle, views)
     if rt.is_main and not prefix():  # once per run (not again for the teacher trained first inside it)
         small_data_warnings(cfg, len(loaders["train"]), len(bundle.splits["train"]), bundle.splits["val"].labels,
                             info.num_classes, isinstance(bundle.splits["train"], FileSource))
@@ -170,20 +208,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, dict[str, Any]]:
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)
-    if teachers is not None and cfg.teacher_calibration == "temperature":  # before the stores: T_cal is in their keys
-        from distillistic.teachers.calibration import calibrate_teachers
-
-        task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
-                                                       loaders["val"], task.views, info.num_classes, rt)
-    outputs = None
-    if teachers is not None and any(s.taps is not None for s in teachers.signals):
-        log.info("teacher store: off (%s)", TEACHER_LIVE)  # feature methods: the tapped teacher runs live
-        outputs = TEACHER_LIVE
-    elif teachers is not None:
-        teachers.open_stores(bundle, loaders, task.views, rt)
-    return task, {"data": info, "teacher_source": teachers.source if teachers else None,
-                  "teacher_sha256": teachers.sha256 if teachers else None, "teachers": teachers,
-                  "teacher_outputs": outputs}
+    outputs = _prepare_teachers(task, teachers, bundle) if teachers is not None else None
+    return task, Assembly(info, teachers, outputs)
 
 
 def _run(cfg: Config, rt: Runtime) -> RunResult:
@@ -203,10 +229,11 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
     except TeacherStopped as e:  # nothing is distilled from a teacher that is not complete
         rundir.close()
         return RunResult(out, cfg, {"status": "interrupted", "stage": "teacher", "reason": str(e)})
-    info = extra["data"]
+    info = extra.data
     rundir.data_checksum = info.checksum
     if task.teacher is not None:  # its identity goes into every checkpoint: a resume must use the same one
-        rundir.teacher = extra["teachers"].identity
+        assert extra.teachers is not None
+        rundir.teacher = extra.teachers.identity
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
         progress = restore_state(rundir.last_checkpoint, task, rundir.teacher, rundir.data_checksum)
@@ -215,31 +242,54 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
         else:
             log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
     if progress.global_step == 0:
-        check_teacher(task, extra["teachers"])  # before anything is written
-    signals = extra["teachers"].signals if extra["teachers"] is not None else []
+        check_teacher(task, extra.teachers)  # before anything is written
+    signals = extra.teachers.signals if extra.teachers is not None else []
     task.costs = measure_training(task, signals, info.image_size)  # one counted step, state restored
     rundir.open(info, task, progress)
     show = rt.is_main and not cfg.quiet  # a run that talks; after open: a failure to write stays one line
     if show:
         say("%s", start_line(task, torch.get_num_threads()))
-    if extra["teacher_outputs"]:
-        rundir.note("teacher_outputs", extra["teacher_outputs"])
+    if extra.teacher_outputs:
+        rundir.note("teacher_outputs", extra.teacher_outputs)
     log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
+    finished, checkpointed = _fit(task, progress, rundir, show)
+    if not finished:
+        return _stopped(task, progress, rundir, checkpointed)
+    try:
+        with interrupt_on_sigterm(also_sigint=True):
+            fault_point("final")
+            final = final_evaluation(task, rundir)
+    except KeyboardInterrupt:  # every epoch is trained and checkpointed: a resume only evaluates
+        return _stopped(task, progress, rundir, True, "stopped by a signal during the final evaluation; every "
+                        "epoch is trained and checkpointed")
+    for signal_ in extra.teachers.signals if extra.teachers is not None else []:
+        if signal_.store is not None:
+            stats = signal_.store.stats
+            log.info("teacher store: %d batches read, %d computed, %d files written, %d rebuilt", stats["hits"],
+                     stats["misses"], stats["written"], stats["rebuilt"])
+    summary = rundir.write_summary(task, progress, status="completed", final=final,
+                                   teacher_source=extra.teacher_source, costs=_costs(task, extra, rundir))
+    rundir.close()
+    return RunResult(out, cfg, summary)
+
+
+def _fit(task: Task, progress: Progress, rundir: RunDir, show: bool) -> tuple[bool, bool]:
+    """Train to the end or to a stop request (SIGINT/SIGTERM, handled by the run directory): ``(finished,
+    checkpointed)``, the latter whether last.pt holds the state at the stop."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, rundir.request_stop)
     if hasattr(signal, "SIGCHLD"):  # request_stop may replace it; restored below
         previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
-    checkpointed = True  # whether last.pt holds the state at the stop
     try:
-        finished = fit(task, progress, Talk(rundir, task, progress, show))
+        return fit(task, progress, Talk(rundir, task, progress, show)), True
     except RuntimeError as e:
         # A SIGTERM sent to the whole process group also ends the data-loading workers, and the loader
         # raises: the step cannot finish, so the run stops at the checkpoint it already has.
         if not (rundir.stop_requested and "DataLoader worker" in str(e)):
             raise
-        finished, checkpointed = False, False
+        return False, False
     except TrainingDiverged as e:
         rundir.write_summary(task, progress, status="diverged", reason=str(e))
         rundir.close()
@@ -250,33 +300,15 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if not finished:
-        return _stopped(task, progress, rundir, checkpointed)
-    try:
-        with interrupt_on_sigterm(also_sigint=True):
-            fault_point("final")
-            final = final_evaluation(task, rundir)
-    except KeyboardInterrupt:  # every epoch is trained and checkpointed: a resume only evaluates
-        return _stopped(task, progress, rundir, True, "stopped by a signal during the final evaluation; every "
-                        "epoch is trained and checkpointed")
-    for signal_ in extra["teachers"].signals if extra["teachers"] is not None else []:
-        if signal_.store is not None:
-            stats = signal_.store.stats
-            log.info("teacher store: %d batches read, %d computed, %d files written, %d rebuilt", stats["hits"],
-                     stats["misses"], stats["written"], stats["rebuilt"])
-    summary = rundir.write_summary(task, progress, status="completed", final=final,
-                                   teacher_source=extra["teacher_source"], costs=_costs(task, extra, rundir))
-    rundir.close()
-    return RunResult(out, cfg, summary)
 
 
-def _costs(task: Task, extra: dict[str, Any], rundir: RunDir) -> dict[str, dict[str, Any]]:
+def _costs(task: Task, extra: Assembly, rundir: RunDir) -> dict[str, dict[str, Any]]:
     """Every model's cost (students timed on rank 0) and each teacher's own training cost."""
     if task.costs is not None:
         task.costs.peak = peak_memory(task.rt.device)  # before the timing's own allocations
-    teachers = extra["teachers"]
+    teachers = extra.teachers
     assert task.cfg.eval_batch_size is not None
-    costs = model_costs(task, extra["data"].image_size, teachers.signals if teachers else [],
+    costs = model_costs(task, extra.data.image_size, teachers.signals if teachers else [],
                         timed=task.rt.is_main, batch=min(task.cfg.eval_batch_size, 256))
     for name, source in zip([m.name for m in task.teachers], teachers.sources if teachers else []):
         if task.rt.is_main:
