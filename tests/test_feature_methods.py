@@ -19,9 +19,10 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from _util import tiny
 from distillistic import train
-from distillistic.core.features import FitNet, match_grid
+from distillistic.core.features import match_grid
 from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.views import Views
+from distillistic.methods.fitnet import FitNet
 from distillistic.models.builders import build_model
 from distillistic.models.stages import attach_taps, feature_shapes
 from distillistic.runs.export import export_run

@@ -190,14 +190,14 @@ def test_weighted_teachers_change_the_target_and_the_identity_covers_all(tmp_pat
     assert signal.weights == pytest.approx([0.7, 0.3])
     assert [m.name for m in task.teachers] == ["teacher0", "teacher1"]
     assert task.teacher is task.teachers[0]
-    assert extra["teachers"].identity["sha256"] == extra["teacher_sha256"]
+    assert extra.teachers.identity["sha256"] == extra.teachers.sha256
     one = setup.resolve(Config(**TINY, algo="kd", model="cnn", teacher="mlp", teacher_weights=str(mlp_teacher),
                                out=str(tmp_path / "one")))
     task1, extra1 = build_task(one, resolve_runtime(one))
     assert type(task1.objective.extra[0].signal) is Teacher  # type: ignore[attr-defined]
     assert [m.name for m in task1.teachers] == ["teacher"]
-    assert set(extra1["teachers"].identity) == {"arch", "source", "sha256"}  # the single-teacher identity as before
-    assert extra1["teacher_sha256"] == extra["teachers"].sha256s[1]  # the same weights, the same identity
+    assert set(extra1.teachers.identity) == {"arch", "source", "sha256"}  # the single-teacher identity as before
+    assert extra1.teachers.sha256 == extra.teachers.sha256s[1]  # the same weights, the same identity
 
 
 @pytest.mark.e2e

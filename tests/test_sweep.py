@@ -28,8 +28,11 @@ def test_grid_is_the_product_of_its_axes_seed_major() -> None:
     assert len(plan.cells) == 2 * 2 * 3
     assert [c.index for c in plan.cells] == list(range(12))
     # every combination exactly once, seeds outermost: the first four cells are one complete comparison
-    combos = {(c.config.algo, c.config.alpha, c.config.seed) for c in plan.cells}
+    combos = {(c.settings["algo"], c.settings["alpha"], c.config.seed) for c in plan.cells}
     assert len(combos) == 12
+    # an axis crossed with a method that does not read it reaches only the cells that do
+    assert {c.config.alpha for c in plan.cells if c.config.algo == "baseline"} == {None}
+    assert {c.config.alpha for c in plan.cells if c.config.algo == "tfkd"} == {0.3, 0.7}
     assert [c.config.seed for c in plan.cells] == [0] * 4 + [1] * 4 + [2] * 4
     assert plan.cells[0].name == "algo=baseline,alpha=0.3,seed=0"
     assert plan.cells[5].name == "algo=baseline,alpha=0.7,seed=1"
@@ -206,7 +209,7 @@ def test_failed_cells_are_reported_and_the_sweep_goes_on(tmp_path: Path, monkeyp
     assert "RuntimeError" in (out / "seed=2" / "error.txt").read_text()  # the traceback is kept
     plan = json.loads((out / "plan.json").read_text())
     assert [c["name"] for c in plan["cells"]] == ["seed=0", "seed=1", "seed=2", "seed=3"]
-    assert plan["cells"][0]["config"]["temperature"] == 1.0  # resolved configs
+    assert plan["cells"][0]["config"]["eval_batch_size"] is not None  # resolved configs
     assert yaml.safe_load((out / "sweep.yaml").read_text())["grid"] == {"seed": [0, 1, 2, 3]}
     # again: the completed cells are skipped, only the failed ones are tried
     calls.clear()

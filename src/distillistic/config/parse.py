@@ -46,7 +46,7 @@ def _coerce_param(key: str, value: Any, param: Param) -> Any:
     coerced = _coerce_to(key, value, hint | None if param.optional else hint)
     problem = param.check(coerced)
     if problem is not None:
-        raise ConfigError(key, value, problem)
+        raise ConfigError(key, coerced, problem)
     return coerced
 
 

@@ -184,13 +184,15 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
     name = cell_name(variant, settings)
     try:
         algo = {**base, **variant_values, **settings}.get("algo", config_mod.default_of("algo"))
-        base = _read_by(algo, base)  # a shared key of the sweep reaches only the cells whose method reads it
-        cfg = config_mod.from_mapping({**base, **variant_values, **settings})
+        # a shared key of the sweep (or an axis crossed with several methods) reaches only the cells that read it
+        config_mod.validate(config_mod.from_mapping({**base, **variant_values, **settings}))  # every value, read or not
+        base, read = _read_by(algo, base), _read_by(algo, settings)
+        cfg = config_mod.from_mapping({**base, **variant_values, **read})
         setup.resolve(cfg)
     except UserError as e:
         raise UserError(f"{source}: cell '{name}': {e}") from None
     full = {"variant": variant, **settings} if variant is not None else dict(settings)
-    return Cell(index, name, full, _absolute_paths(cfg), frozenset({*base, *variant_values, *settings}))
+    return Cell(index, name, full, _absolute_paths(cfg), frozenset({*base, *variant_values, *read}))
 
 
 def _read_by(algo: str, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,8 +206,8 @@ def _read_by(algo: str, base: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_read(base: Mapping[str, Any], cells: Sequence[Cell], source: str) -> None:
     """Refuse a base key that no cell's method reads (it would be silently ignored by every cell)."""
-    for key in base:
-        if not any(key in c.explicit for c in cells):
+    for key, value in base.items():
+        if value != config_mod.default_of(key) and not any(key in c.explicit for c in cells):
             owners = ", ".join(catalogue.owners(key)) or "no method"
             raise UserError(f"{source}: config key '{key}' is read by no cell's algorithm (it is read by {owners}); "
                             "remove it or add a cell that reads it")

@@ -162,7 +162,7 @@ class MethodSpec:
 
 # Common keys that only some methods read: set away from their defaults for another method, they are refused.
 TEACHER_KEYS = ("teacher", "teacher_weights", "teacher_mix", "teacher_epochs", "teacher_init", "teacher_seed",
-                "teacher_resolution", "teacher_store", "teacher_calibration", "allow_weak_teacher")
+                "teacher_resolution", "teacher_calibration")
 DISTILL_KEYS = ("alpha", "alpha_warmup", "temperature", "divergence")
 OPTIONAL_KEYS = (*TEACHER_KEYS, *DISTILL_KEYS, "peer_views")
 
