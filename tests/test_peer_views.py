@@ -141,7 +141,7 @@ def test_evaluation_reads_one_unaugmented_view() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--peer-views", "both"], "'peer_views' = 'both' is not allowed: one of shared, independent"),
     (["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "random", "--peer-views", "independent"],
-     "shared for algo kd: independent views are for the students of a cohort"),
+     "config key 'peer_views' is not read by algo kd (it is read by dml, dml_e, kdcl, pcl)"),
     (["--algo", "dml", "--peer-views", "independent"], "shared with --augment none on in-memory data"),
 ])
 def test_bad_peer_views_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path,

@@ -17,8 +17,10 @@ SMALL_FOLDER = 2000  # training images below which RandomResizedCrop + RandAugme
 
 def small_data_warnings(cfg: Config, steps_per_epoch: int, train_size: int, val_labels: torch.Tensor,
                         num_classes: int, files: bool) -> list[str]:
-    """The warnings that apply (each one line), also logged."""
-    lines = []
+    """The warnings that apply (each one line), also logged; none when resuming (they were said at the start)."""
+    lines: list[str] = []
+    if cfg.resume:
+        return lines
     if steps_per_epoch < FEW_STEPS:
         lines.append(f"warning: {train_size} training samples at --batch-size {cfg.batch_size} make "
                      f"{steps_per_epoch} optimizer step{'s' * (steps_per_epoch != 1)} per epoch; a model barely "
