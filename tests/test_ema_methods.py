@@ -304,10 +304,16 @@ def test_an_interrupted_ban_run_resumes_the_generation_it_stopped_in(tmp_path: P
     assert done.returncode == 0, done.stderr[-2000:]
     assert_identical_runs(reference / "gen1", out / "gen1")
     ref2, got2 = reference / "gen2", out / "gen2"
-    assert _rows(got2) == _rows(ref2)
+    # train_flops counts the teacher's forwards that ran: the resumed generation reads from the store the killed
+    # one filled, so it ran fewer (what it cost, not a difference in what it computed)
+    def computed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "train_flops"} for r in rows]
+
+    assert computed(_rows(got2)) == computed(_rows(ref2))
     want2, got2_summary = _summary(ref2), _summary(got2)
     for summary, folder in ((want2, reference), (got2_summary, out)):  # the teacher is another path, same weights
         assert summary["models"]["teacher"].pop("source") == str(folder / "gen1")
+        summary.pop("train_flops", None)  # the teacher's forwards that ran (above)
     assert got2_summary == want2
     for name in ("last.pt", "best-student.pt"):
         a, b = load(ref2 / "checkpoints" / name), load(got2 / "checkpoints" / name)
@@ -328,7 +334,7 @@ def test_a_stopped_ban_run_says_so_and_prints_the_resume_command(tmp_path: Path,
     monkeypatch.setenv("DISTILLISTIC_FAULT", "step:8:TERM")  # 7 steps a generation: step 1 of generation 2
     rc, _, err = run_cli(args, capsys)
     monkeypatch.delenv("DISTILLISTIC_FAULT")
-    assert rc == 0
+    assert rc == 143  # stopped by SIGTERM, after its checkpoint
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert summary["reason"].startswith("generation 2: stopped by a signal")

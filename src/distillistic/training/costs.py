@@ -180,9 +180,18 @@ def student_cost(model: nn.Module, shape: tuple[int, int, int], batch: int, chan
                  timed: bool = True) -> dict[str, Any]:
     """A student's parameters, FLOPs and MACs per image at ``shape``, and (``timed``) its latency and throughput."""
     cost: dict[str, Any] = forward_cost(model, shape, channels_last) | {"input": list(shape)}
-    if timed:
-        cost |= speed(model, shape, batch, channels_last=channels_last)
+    if timed:  # timed without the taps of a feature method (their hooks would capture every timing call)
+        cost |= speed(_without_hooks(model), shape, batch, channels_last=channels_last)
     return cost
+
+
+def _without_hooks(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with no forward hooks (the served model has none)."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        module._forward_hooks.clear()
+        module._forward_pre_hooks.clear()
+    return twin
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
