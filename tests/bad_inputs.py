@@ -851,14 +851,15 @@ Everything above is refused before the run directory is touched. Some problems c
   good checkpoint is …`; `summary.json` gets `"status": "diverged"` and the reason, and no
   checkpoint with non-finite weights is ever written.
 * **Signals.** SIGINT (Ctrl-C) and SIGTERM to the main process finish the current step, write
-  `checkpoints/last.pt` and exit 0, printing the exact command that resumes; a second signal stops at
-  once (exit 130) and the previous checkpoint stays. Data-loading workers ignore Ctrl-C. A SIGTERM
+  `checkpoints/last.pt` and exit 130 (Ctrl-C) or 143 (SIGTERM), 128 + the signal as shells report it, so a
+  script can tell an interrupted run from a finished one (exit 0), printing the exact command that resumes;
+  a second signal stops at once (exit 130) and the previous checkpoint stays. Data-loading workers ignore Ctrl-C. A SIGTERM
   sent to every process of the group (as batch schedulers do) also ends an image-folder run's
   workers: the step in progress still finishes and checkpoints; if the main process was waiting
-  for a batch instead, the run stops at its last checkpoint (exit 0; resume as usual).
+  for a batch instead, the run stops at its last checkpoint (exit 143; resume as usual).
 * **Signals outside training.** While a teacher is trained first (`--teacher-weights train`), SIGINT or
   SIGTERM stops the teacher's training as above (its `last.pt` is written into the cache): the
-  distillation never starts on it and the run exits 0 with `distillistic: the teacher's training
+  distillation never starts on it and the run exits 130 / 143 with `distillistic: the teacher's training
   (trained first into 'DIR') stopped by a signal …; nothing was distilled from it; resume both with:
   <the same command>`; that command resumes the teacher from its `last.pt` (also after a SIGKILL),
   then distils. A teacher whose training fails or diverges is never used either (exit 2). During the
