@@ -85,7 +85,7 @@ def _state(task: object) -> list[torch.Tensor]:
 
 def test_counted_step_changes_nothing_and_adds_up() -> None:
     task, extra, _ = _task("baseline")
-    size = extra["data"].image_size  # type: ignore[index]
+    size = extra.data.image_size
     before, rng = _state(task), rng_state()
     cost = measure_training(task, [], size)  # type: ignore[arg-type]
     after = _state(task)
@@ -103,7 +103,8 @@ def test_counted_step_changes_nothing_and_adds_up() -> None:
 def test_kd_step_is_the_baseline_step_plus_the_teachers_forward() -> None:
     base, _, _ = _task("baseline")
     kd, extra, _ = _task("kd", teacher="cnn_wide", teacher_weights="random")
-    signals, size = extra["teachers"].signals, extra["data"].image_size  # type: ignore[index]
+    assert extra.teachers is not None
+    signals, size = extra.teachers.signals, extra.data.image_size
     cost = measure_training(kd, signals, size)  # type: ignore[arg-type]
     teacher = forward_cost(signals[0].model, (signals[0].channels, size, size))["flops"]
     assert cost.teacher_step_flops == [teacher * 16]

@@ -34,7 +34,9 @@ ARGS = ["train", "--algo", "dml", "--students", "2", "--dataset", "synthetic", "
         "--image-size", "12", "--augment", "randaugment", "--model", "mlp", "--epochs", "3", "--batch-size", "16",
         "--checkpoint-every", "3", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
 TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_second", "epoch_seconds",
-          "costs", "train_cost"}  # costs: latency and peak memory (train_flops itself is compared)
+          "costs", "train_cost", "train_flops", "teacher_flops"}
+# costs: latency and peak memory; train_flops counts the teacher forwards that ran, and a resumed run reads from the
+# store the killed one filled the outputs it would have computed (tests/test_costs.py checks the counts themselves)
 SRC = str(Path(distillistic.__file__).resolve().parents[1])
 
 
