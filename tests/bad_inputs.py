@@ -853,8 +853,8 @@ Everything above is refused before the run directory is touched. Some problems c
 * **Signals.** SIGINT (Ctrl-C) and SIGTERM to the main process finish the current step, write
   `checkpoints/last.pt` and exit 130 (Ctrl-C) or 143 (SIGTERM), 128 + the signal as shells report it, so a
   script can tell an interrupted run from a finished one (exit 0), printing the exact command that resumes;
-  a second signal stops at once (exit 130) and the previous checkpoint stays. Data-loading workers ignore Ctrl-C. A SIGTERM
-  sent to every process of the group (as batch schedulers do) also ends an image-folder run's
+  a second signal stops at once (exit 130) and the previous checkpoint stays. Data-loading workers ignore Ctrl-C.
+  A SIGTERM sent to every process of the group (as batch schedulers do) also ends an image-folder run's
   workers: the step in progress still finishes and checkpoints; if the main process was waiting
   for a batch instead, the run stops at its last checkpoint (exit 143; resume as usual).
 * **Signals outside training.** While a teacher is trained first (`--teacher-weights train`), SIGINT or
