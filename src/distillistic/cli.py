@@ -280,34 +280,10 @@ def _summary_line(summary: dict[str, Any], out: Any) -> str:
     return f"{out}: " + "; ".join(parts)
 
 
-def _list_algos() -> None:
-    """Every method: family, reference, formula and its parameters with their defaults (no torch imported)."""
-    from distillistic.methods import catalogue
-
-    for name, spec in catalogue.specs().items():
-        print(f"{name:10s} {spec.family:10s} {spec.reference}\n{'':21s}{spec.formula}")
-        for p in spec.params:
-            print(f"{'':21s}--{p.name.replace('_', '-')} {_default_text(p.default)}: {p.help}"
-                  + (f" [{p.cite}]" if p.cite else ""))
-
-
 def _list(args: argparse.Namespace) -> int:
-    if args.what == "algos":
-        _list_algos()
-        return 0
-    from distillistic.methods import catalogue
-    from distillistic.names import shipped  # names.json: no torch, so 'list' answers at once
+    from distillistic.names import print_list  # no torch: 'list' answers at once
 
-    if args.what == "models" and (args.num_classes is not None or args.family is not None):
-        from distillistic.models.listing import model_table
-
-        print("\n".join(model_table(args.num_classes or 1000, args.family)))
-        return 0
-    names = shipped()
-    for kind in ("algos", "datasets", "models", "divergences"):
-        if args.what in (None, kind):
-            shown = list(catalogue.specs()) if kind == "algos" else names[kind]
-            print(f"{kind}: {', '.join(shown)}")
+    print_list(args.what, args.num_classes, args.family)
     return 0
 
 

@@ -21,7 +21,11 @@ def live() -> dict[str, Any]:
     from distillistic.data.loader import DATASETS
     from distillistic.models.builders import MODELS
 
-    return {"datasets": list(DATASETS.names()), "models": list(MODELS.names()),
+    # a model or dataset named module:function is a plugin registered at run time, not a built-in name
+    def builtin(names: list[str]) -> list[str]:
+        return [n for n in names if ":" not in n]
+
+    return {"datasets": builtin(DATASETS.names()), "models": builtin(MODELS.names()),
             "divergences": list(DIVERGENCES.names())}
 
 
@@ -33,6 +37,39 @@ def shipped() -> dict[str, Any]:
 def write() -> None:
     """Rewrite ``names.json`` from the registries."""
     FILE.write_text(json.dumps(live(), indent=1, ensure_ascii=False) + "\n")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_list(what: str | None, num_classes: int | None = None, family: str | None = None) -> None:
+    """``distillistic list [what]``: the registries' names; ``algos`` with each method's paper, formula and
+    parameters (from the specs); ``models --num-classes K`` with each model's parameter count."""
+    from distillistic.methods import catalogue
+
+    if what == "algos":
+        for name, spec in catalogue.specs().items():
+            print(f"{name:10s} {spec.family:10s} {spec.reference}\n{'':21s}{spec.formula}")
+            for p in spec.params:
+                default = _shown(p.default)
+                cite = f" [{p.cite}]" if p.cite else ""
+                print(f"{'':21s}--{p.name.replace('_', '-')} {default}: {p.help}{cite}")
+        return
+    if what == "models" and (num_classes is not None or family is not None):
+        from distillistic.models.listing import model_table
+
+        print("\n".join(model_table(num_classes or 1000, family)))
+        return
+    names = shipped()
+    for kind in ("algos", "datasets", "models", "divergences"):
+        if what in (None, kind):
+            shown = list(catalogue.specs()) if kind == "algos" else names[kind]
+            print(f"{kind}: {', '.join(shown)}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.methods.registry import METHODS, Context, student_count
 from distillistic.models.builders import MODELS, build_model, check_fits
 from distillistic.runs.result import RunResult, api_voice
-from distillistic.runs.rundir import RunDir, note_stop_signal, restore_state
+from distillistic.runs.resume import restore_state
+from distillistic.runs.rundir import RunDir, note_stop_signal
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
 from distillistic.teachers.check import check_teacher
