@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 from distillistic import config as config_mod
 from distillistic.errors import UserError
+from distillistic.names import default_text
 
 log = logging.getLogger("distillistic")
 
@@ -31,16 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints usage too)
         self.exit(2, f"distillistic: error: {message} (see '{self.prog} --help')\n")
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) if value else "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "unset" if value is None else str(value)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +50,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 from distillistic.names import shipped
 
                 text = "dataset: " + ", ".join(shipped()["datasets"])
-            shown = "" if "(default" in text else f" (default: {_default_text(default)})"
+            shown = "" if "(default" in text else f" (default: {default_text(default)})"
             flag = "--" + name.replace("_", "-")
             if is_bool:
                 group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,

@@ -39,12 +39,15 @@ def write() -> None:
     FILE.write_text(json.dumps(live(), indent=1, ensure_ascii=False) + "\n")
 
 
-def _shown(value: Any) -> str:
-    if value is None:
-        return "unset"
+def default_text(value: Any) -> str:
+    """A default as ``--help`` and ``list algos`` show it: unset, on/off, a list, a number to 4 digits."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) if value else "none"
     if isinstance(value, bool):
         return "on" if value else "off"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "unset" if value is None else str(value)
 
 
 def print_list(what: str | None, num_classes: int | None = None, family: str | None = None) -> None:
@@ -56,7 +59,7 @@ def print_list(what: str | None, num_classes: int | None = None, family: str | N
         for name, spec in catalogue.specs().items():
             print(f"{name:10s} {spec.family:10s} {spec.reference}\n{'':21s}{spec.formula}")
             for p in spec.params:
-                default = _shown(p.default)
+                default = default_text(p.default)
                 cite = f" [{p.cite}]" if p.cite else ""
                 print(f"{'':21s}--{p.name.replace('_', '-')} {default}: {p.help}{cite}")
         return

@@ -81,9 +81,8 @@ class Method:
             raise ConfigError("students", cfg.students, f"at least {self.spec.min_students} for {self.name} "
                                                         "(each student learns from its peers)")
         reads = self.spec.keys_read()
-        values = cfg.to_dict()
         for key in (*OPTIONAL_KEYS, *catalogue.params()):
-            if key not in reads and values[key] != _plain(config_mod.default_of(key)):
+            if key not in reads and getattr(cfg, key) != config_mod.default_of(key):
                 raise UserError(_not_read(key, self.spec))
         weights = [getattr(cfg, k) for k in self.spec.weights]
         if not math.isfinite(sum(abs(w) for w in weights if isinstance(w, int | float))):
@@ -119,10 +118,6 @@ class Method:
         thesis = self.spec.composition == "thesis"
         return Objective(terms, alpha if terms and thesis else 0.0, cfg.alpha_warmup, self.spec.composition, ce=ce,
                          companions=companions)
-
-
-def _plain(value: object) -> object:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _not_read(key: str, spec: MethodSpec) -> str:
