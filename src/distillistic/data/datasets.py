@@ -2,79 +2,38 @@
 
 Each registered dataset turns a config into a :class:`RawDataset`: its splits as sources of uint8
 images (in memory for small datasets, file paths for image folders), class names, normalisation
-statistics and the files it read (for the manifest's checksum). Splitting, sampling, loading and
-augmentation are in :mod:`distillistic.data.loader`.
+statistics and the files it read (for the manifest's checksum). The types are in
+:mod:`distillistic.data.sources` and the IDX reader in :mod:`distillistic.data.idx` (both re-exported here).
+Splitting, sampling, loading and augmentation are in :mod:`distillistic.data.loader`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import re
 import urllib.error
 import urllib.request
-import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from distillistic.config import Config, cache_dir
 from distillistic.data.cifar import Variant as Cifar
 from distillistic.data.cifar import cifar_spec, ensure_cifar, read_cifar
+from distillistic.data.idx import idx_pair, read_idx, read_idx_folder
 from distillistic.data.integrity import folder_checksum, md5sum
+from distillistic.data.sources import FileSource, RawDataset, Source, TensorSource
 from distillistic.errors import ConfigError, DataError
 from distillistic.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-@dataclass
-class TensorSource:
-    """Images held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: Tensor) -> TensorSource:
-        return TensorSource(self.images[index], self.labels[index])
-
-
-@dataclass
-class FileSource:
-    """Images decoded from files on demand: ``paths[i]`` has label ``labels[i]``."""
-
-    paths: list[str]
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: Tensor) -> FileSource:
-        return FileSource([self.paths[i] for i in index.tolist()], self.labels[index])
-
-
-Source = TensorSource | FileSource
-
-
-@dataclass
-class RawDataset:
-    """What a reader returns: ``splits`` holds ``train`` and ``test``, or a single ``all``."""
-
-    splits: dict[str, Source]
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...] | None = None  # None: computed from the training split
-    std: tuple[float, ...] | None = None
-    files: list[Path] = field(default_factory=list)
-    checksum: str | None = None  # for data without files (bundled arrays, synthetic)
+__all__ = ["DATASETS", "FASHION_CLASSES", "FASHION_FILES", "FASHION_MIRRORS", "IMAGENET_MEAN", "IMAGENET_STD",
+           "DatasetSpec", "FileSource", "RawDataset", "Source", "TensorSource", "data_root", "dataset", "download",
+           "ensure_files", "read_idx", "read_idx_folder"]
 
 
 @dataclass(frozen=True)
@@ -106,116 +65,6 @@ def dataset(name: str, augment: str, native_size: int | None = None,
 
 def data_root(cfg: Config) -> Path:
     return Path(cfg.data_root).expanduser() if cfg.data_root else cache_dir(cfg) / "data" / cfg.dataset
-
-
-# --- IDX (MNIST, Fashion-MNIST) ------------------------------------------------------------------------
-
-_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_IMAGES = re.compile(r"^(?P<prefix>.+)-images[.-]idx3-ubyte(?P<gz>\.gz)?$")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (raw or gzip'd) into an array, with a clear error if damaged."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"'{path}' is not a readable gzip file ({e}); it is corrupt or truncated, "
-                        "download it again") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"'{path}' is not an IDX file (bad magic number); replace it with the original file")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise DataError(f"'{path}' is truncated inside its header; download it again")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(data) - header < expected:
-        raise DataError(f"'{path}' is truncated: its header promises {expected} bytes of data but it holds "
-                        f"{len(data) - header}; download it again")
-    return np.frombuffer(data, dtype=dtype, count=int(np.prod(dims)), offset=header).reshape(dims)
-
-
-def _idx_pair(images_path: Path) -> TensorSource:
-    m = _IDX_IMAGES.match(images_path.name)
-    assert m is not None
-    stem = m.group("prefix")
-    candidates = [images_path.with_name(f"{stem}-labels{sep}idx1-ubyte{gz}")
-                  for sep in ("-", ".") for gz in (".gz", "")]
-    labels_path = next((p for p in candidates if p.is_file()), None)
-    if labels_path is None:
-        raise DataError(f"'{images_path}' has no labels file beside it; expected '{stem}-labels-idx1-ubyte[.gz]'")
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if labels.dtype.kind not in "iu":
-        raise DataError(f"'{labels_path}' holds {labels.dtype} labels; labels are whole class indices (IDX type "
-                        "0x08 unsigned byte, or a wider integer)")
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"'{images_path}' (shape {'x'.join(map(str, images.shape))}) and '{labels_path}' (shape "
-                        f"{'x'.join(map(str, labels.shape))}) do not match: expected N images of H x W and N labels")
-    tensor = torch.from_numpy(images.astype(np.uint8, copy=True)).unsqueeze(1)
-    return TensorSource(tensor, torch.from_numpy(labels.astype(np.int64)))
-
-
-def _split_name(prefix: str) -> str:
-    prefix = prefix.lower()
-    if prefix.startswith(("train",)):
-        return "train"
-    if prefix.startswith(("t10k", "test", "val")):
-        return "test"
-    return prefix
-
-
-def read_idx_folder(root: Path) -> RawDataset:
-    """All ``*-images-idx3-ubyte[.gz]`` files of a folder (or its torchvision ``*/raw`` subfolder)."""
-    if not root.is_dir():
-        raise DataError(f"data folder '{root}' does not exist; pass --data-root pointing at the IDX files")
-    folders = [root, *sorted(p for p in root.glob("*/raw") if p.is_dir())]
-    for folder in folders:
-        images = sorted(p for p in folder.iterdir() if _IDX_IMAGES.match(p.name))
-        # Prefer the gzip'd copy when a file is there both ways.
-        chosen: dict[str, Path] = {}
-        for p in images:
-            prefix = _IDX_IMAGES.match(p.name).group("prefix")  # type: ignore[union-attr]
-            if prefix not in chosen or p.suffix == ".gz":
-                chosen[prefix] = p
-        if chosen:
-            break
-    else:
-        raise DataError(f"no IDX files in '{root}': expected '<split>-images-idx3-ubyte[.gz]' with "
-                        "'<split>-labels-idx1-ubyte[.gz]' beside it")
-    splits: dict[str, Source] = {}
-    files: list[Path] = []
-    for prefix, path in sorted(chosen.items()):
-        splits[_split_name(prefix)] = _idx_pair(path)
-        files += [path, *[q for q in path.parent.iterdir() if q.name.startswith(f"{prefix}-labels")]]
-    if set(splits) != {"train", "test"}:
-        splits = {"all": _concat([s for s in splits.values() if isinstance(s, TensorSource)])}
-    classes = _check_labels(splits, root)
-    return RawDataset(splits, tuple(str(c) for c in range(classes)), files=sorted(files))
-
-
-def _check_labels(splits: Mapping[str, TensorSource | FileSource], root: Path) -> int:
-    """The class count of IDX labels, which must be whole numbers 0..K-1, each class with a sample: a stray
-    label (a negative one, or 200 among ten digits) would otherwise grow the model silently."""
-    labels = torch.cat([s.labels for s in splits.values()])
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0:
-        raise DataError(f"the IDX labels in '{root}' include {low}: labels are class indices >= 0; fix the labels file")
-    present = torch.bincount(labels, minlength=high + 1)
-    missing = (present == 0).nonzero().flatten().tolist()
-    if missing:
-        raise DataError(f"the IDX labels in '{root}' run up to {high} but class {missing[0]} has no sample"
-                        f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: a label outside the "
-                        "classes; fix the labels file")
-    return high + 1
-
-
-def _concat(sources: Sequence[TensorSource]) -> TensorSource:
-    return TensorSource(torch.cat([s.images for s in sources]), torch.cat([s.labels for s in sources]))
 
 
 @dataset("mnist", "randaugment", native_size=28)
@@ -296,7 +145,7 @@ def _fashion_mnist(cfg: Config, root: Path) -> RawDataset:
     sub = root / "FashionMNIST" / "raw"  # torchvision's layout, if the user already has it
     folder = sub if not (root / FASHION_FILES[0][0]).exists() and sub.is_dir() else root
     paths = ensure_files(folder, FASHION_FILES, FASHION_MIRRORS, "Fashion-MNIST")
-    return RawDataset({"train": _idx_pair(paths[0]), "test": _idx_pair(paths[2])}, FASHION_CLASSES,
+    return RawDataset({"train": idx_pair(paths[0]), "test": idx_pair(paths[2])}, FASHION_CLASSES,
                       mean=(0.2860,), std=(0.3530,), files=paths)
 
 
