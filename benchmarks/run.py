@@ -47,13 +47,14 @@ Each workload runs in its own child process, so one workload's memory does not c
 **features** (issue 11): resnet50 (random weights, live: feature methods read its stages, which the
 teacher-output store does not hold; the store is off for kd too) -> resnet18, the same data and settings
 as the kd workload, each method with its defaults (at: every spatial stage both share, beta 1000;
-fitnet: stage2, beta 100; crd: 16,384 negatives or the training split - 1, beta 0.8; no added KD term).
+fitnet: stage2, beta 100; crd: 16,384 negatives or the training split - 1, beta 0.8; no added KD term;
+crd-shared: crd with one draw of negatives for the whole batch, ``--crd-shared-negatives``).
 In one child process: a two-step warm-up run of each method, then ``--reps`` end-to-end runs of each, in
 alternating order (kd at fitnet crd, crd fitnet at kd, ...), each run building its own models. Reported
 per method: the median of the engine's training-epoch seconds / steps (ms per step: loading, augmentation,
 the student's forward, the teacher's forward with its taps, the method's terms and adapters, backward,
 step, signals, metrics), its ratio to KD's median (and per repetition, to KD's run of the same
-repetition), the issue's target (at, fitnet <= 1.10x; crd <= 1.25x), the validation seconds apart and
+repetition), the issue's target (at, fitnet <= 1.10x; crd, crd-shared <= 1.25x), the validation seconds apart and
 the run's wall time.
 """
 
@@ -87,8 +88,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "pcl": {"algo": "pcl", "model": "resnet18"},
 }
 SECTIONS = {"main": ("kd", "dml", "tfkd"), "methods": ("dkd", "dist", "kdcl", "pcl")}  # (a) against (b)
-FEATURES = ("kd", "at", "fitnet", "crd")  # issue 11: each one's step against KD's, in one process
-FEATURE_TARGETS = {"at": 1.10, "fitnet": 1.10, "crd": 1.25}  # the issue's targets, x KD's step
+FEATURES = ("kd", "at", "fitnet", "crd", "crd-shared")  # issue 11: each one's step against KD's, in one process
+FEATURE_TARGETS = {"at": 1.10, "fitnet": 1.10, "crd": 1.25, "crd-shared": 1.25}  # the issue's targets, x KD's step
+FEATURE_OPTIONS = {"crd-shared": {"algo": "crd", "crd_shared_negatives": True}}  # variants of a method
 
 
 # --- measurements (run inside a child process) ---------------------------------------------------------
@@ -353,7 +355,8 @@ def child_features(job: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """KD and the feature methods end to end in one process: a warm-up run of each, then repetitions in
     alternating order (kd at fitnet crd, crd fitnet at kd, ...), so that drift of the machine hits all alike."""
     data = Path(job["data"])
-    cfgs = {m: base_config(data, job["samples"], **KD, algo=m) for m in job["methods"]}
+    cfgs = {m: base_config(data, job["samples"], **(KD | {"algo": m} | FEATURE_OPTIONS.get(m, {})))
+            for m in job["methods"]}
     for cfg in cfgs.values():
         warm_up(cfg, scratch)
     results: dict[str, list[dict[str, float]]] = {m: [] for m in cfgs}
@@ -450,6 +453,9 @@ def main() -> None:
                         "method's run in the features section")
     parser.add_argument("--samples", type=int, default=8000, help="training images of the main workloads")
     parser.add_argument("--data", default=str(DATASETS), help="folder holding mnist-t10k and imagenet-sample100")
+    parser.add_argument("--features", default=",".join(FEATURES),
+                        help="features section: the methods to run, kd first (crd-shared: crd with "
+                             "--crd-shared-negatives)")
     parser.add_argument("--json", help="also write every measurement to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -489,7 +495,7 @@ def main() -> None:
         for m in memory:
             print(f"| {m['workload']} | {m['peak_rss_mb']:.0f} | {m['imports_mb']:.0f} |", flush=True)
     if "features" in only:
-        r = spawn(common | {"kind": "features", "methods": list(FEATURES)})
+        r = spawn(common | {"kind": "features", "methods": args.features.split(",")})
         everything["features"] = r
         steps = r["runs"]["kd"][0]["steps"]
         print(f"\n## Feature methods against KD (issue 11): resnet50 (random, live) -> resnet18, one epoch of {steps} "

@@ -3,12 +3,15 @@
 ``L = CE(z, y) + β·[NCE(g_s(e_s); bank_t) + NCE(g_t(e_t); bank_s)]`` with ``K`` negatives drawn from momentum
 memory banks keyed by the sample's index, τ = 0.07, β = 0.8 [+ ``feature_kd``·T²·KL]. Reference:
 HobbitLong/RepDistiller, ``crd/criterion.py`` and ``crd/memory.py``.
+
+``--crd-shared-negatives`` departs from the paper: one draw of ``K`` negatives serves the whole batch (as MoCo's
+queue does) instead of ``K`` per sample, so the scores are one ``[B, dim] x [dim, K]`` product instead of a
+gather of ``B·(K+1)`` bank rows; each sample's loss is the paper's NCE over those ``K``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,9 +22,9 @@ from torch import Tensor, nn
 
 from distillistic.config import Config
 from distillistic.core.features import FeatureTeacher, FeatureTerm, all_gathered
-from distillistic.core.features import full_precision as _full
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs
+from distillistic.methods.crd_memory import ContrastMemory
 from distillistic.methods.features import parts, weight, with_kd
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import (
@@ -33,6 +36,7 @@ from distillistic.methods.spec import (
     Param,
     above,
     at_least,
+    choice,
     int_range,
     log_uniform,
     uniform,
@@ -53,7 +57,11 @@ SPEC = MethodSpec(
             Param("crd_momentum", float, 0.5, "momentum of the memory bank's update", cite=f"{_CRD}: --nce_m 0.5",
                   range=Interval(0.0, 1.0, open_high=True), space=uniform(0.0, 0.9)),
             Param("crd_dim", int, 128, "dimension of the embedding heads", cite=f"{_CRD}: --feat_dim 128",
-                  range=at_least(1), allowed="a whole number > 0")),
+                  range=at_least(1), allowed="a whole number > 0"),
+            Param("crd_shared_negatives", bool, False, "one draw of negatives for the whole batch (faster; a "
+                  "deviation from the paper's per-sample negatives)",
+                  cite="Tian et al. 2020, sec. 3.4 and crd/memory.py draw K per sample; shared: He et al. 2020 "
+                       "(MoCo)", space=choice(False, True))),
     **FEATURE)
 
 class Embed(nn.Module):
@@ -70,92 +78,6 @@ class Embed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[B, dim_in]`` or any ``[B, ...]`` with ``dim_in`` elements per sample -> ``[B, dim_out]``."""
         return F.normalize(self.linear(x.flatten(1)), dim=1)
-
-
-class ContrastMemory(nn.Module):
-    """Two memory banks ``[n_data, dim]`` (student and teacher embeddings), keyed by the sample's dataset index.
-
-    Buffers, so that ``state_dict()`` holds them: ``memory_s``, ``memory_t`` (uniform in ``+-1/sqrt(dim/3)`` at
-    the start, as the reference) and ``z`` = ``[Z_s, Z_t]``, the NCE normalisation constants, ``-1`` until the
-    first forward sets them to ``mean(exp(<v, m>/T)) * n_data`` of that batch (reference ``params[2:4]``).
-    Restoring ``state_dict()`` and the generator's state restores the next loss exactly.
-
-    The bank update (:meth:`update_`) runs inside :meth:`forward`, after this batch was scored against the
-    old banks, as RepDistiller's ``ContrastMemory.forward``; ``update=False`` defers it to the caller, who
-    must then call ``update_`` once per step (e.g. with the embeddings all-gathered across DDP ranks, since
-    each rank otherwise writes only its own samples).
-    """
-
-    memory_s: torch.Tensor
-    memory_t: torch.Tensor
-    z: torch.Tensor
-
-    def __init__(self, dim: int, n_data: int, k: int = 16384, temperature: float = 0.07, momentum: float = 0.5,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        if n_data < 1 or k < 1 or temperature <= 0 or not 0 <= momentum < 1:
-            raise ValueError(f"ContrastMemory: bad n_data={n_data}, k={k}, temperature={temperature} or "
-                             f"momentum={momentum}")
-        self.n_data, self.k, self.temperature, self.momentum = n_data, k, temperature, momentum
-        stdv = 1.0 / math.sqrt(dim / 3)
-        for name in ("memory_s", "memory_t"):
-            self.register_buffer(name, torch.rand(n_data, dim, generator=generator) * (2 * stdv) - stdv)
-        self.register_buffer("z", torch.full((2,), -1.0))
-
-    def sample(self, idx: torch.Tensor, generator: torch.Generator | None = None,
-               labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Indices ``[B, K + 1]``: column 0 the positive ``idx``, then ``K`` negatives.
-
-        Without ``labels``: uniform over the dataset with replacement (the reference's ``AliasMethod`` with
-        uniform weights, which may also draw the positive). With ``labels`` ``[n_data]`` (every sample's class):
-        negatives from other classes only, without replacement when there are enough, as RepDistiller's
-        ``CIFAR100InstanceSample(mode="exact")`` that its CRD runs use. Drawn on the generator's device.
-        """
-        device = generator.device if generator is not None else self.memory_s.device
-        b = idx.shape[0]
-        if labels is None:
-            neg = torch.randint(0, self.n_data, (b, self.k), generator=generator, device=device)
-        else:
-            labels = labels.to(device)
-            allowed = (labels.unsqueeze(0) != labels[idx.to(device)].unsqueeze(1)).float()  # [B, n_data]
-            replace = bool((allowed.sum(1) < self.k).any())
-            neg = torch.multinomial(allowed, self.k, replacement=replace, generator=generator)
-        return torch.cat([idx.to(device).view(-1, 1), neg], dim=1).to(self.memory_s.device)
-
-    def forward(self, v_s: torch.Tensor, v_t: torch.Tensor, idx: torch.Tensor,
-                contrast_idx: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores ``P(i | v) = exp(<m_i, v> / T) / Z`` for the ``K + 1`` sampled indices, ``([B, K+1], [B, K+1])``.
-
-        ``out_s``: the student embedding ``v_s`` ``[B, dim]`` against the teacher bank; ``out_t``: the teacher
-        embedding against the student bank (reference ``out_v1``, ``out_v2``). Computed in float32 at least,
-        outside autocast: ``exp(1 / 0.07) = 1.6e6`` overflows fp16.
-        """
-        if contrast_idx is None:
-            contrast_idx = self.sample(idx, generator)
-        with torch.autocast(device_type=v_s.device.type, enabled=False):
-            outs = []
-            for bank, v in ((self.memory_t, v_s), (self.memory_s, v_t)):
-                w = bank[contrast_idx].to(_full(v).dtype)  # [B, K+1, dim], no grad: a buffer
-                outs.append(torch.exp(torch.bmm(w, _full(v).unsqueeze(2)).squeeze(2) / self.temperature))
-            with torch.no_grad():  # Z from the first batch, without a host sync: where(unset, estimate, Z)
-                estimate = torch.stack([o.mean() for o in outs]).to(self.z.dtype) * self.n_data
-                self.z.copy_(torch.where(self.z < 0, estimate, self.z))
-            out_s, out_t = (o / self.z[i].to(o.dtype) for i, o in enumerate(outs))
-        if update:
-            self.update_(idx, v_s, v_t)
-        return out_s, out_t
-
-    @torch.no_grad()
-    def update_(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
-        """``m_i <- normalize(momentum * m_i + (1 - momentum) * v)`` for both banks at the rows ``idx`` ``[B]``.
-
-        As the reference, repeated indices in one batch make ``index_copy_`` keep one of the rows (which one is
-        unspecified on CUDA); the dataset sampler gives each index once per epoch.
-        """
-        for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-            pos = bank.index_select(0, idx) * self.momentum + v.detach().to(bank.dtype) * (1 - self.momentum)
-            bank.index_copy_(0, idx, pos / pos.pow(2).sum(1, keepdim=True).sqrt())
 
 
 def nce_loss(x: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -193,10 +115,11 @@ class CRDHead(nn.Module):
     """
 
     def __init__(self, dim_s: int, dim_t: int, n_data: int, dim: int = 128, k: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, generator: torch.Generator | None = None) -> None:
+                 temperature: float = 0.07, momentum: float = 0.5, generator: torch.Generator | None = None,
+                 shared: bool = False) -> None:
         super().__init__()
         self.embed_s, self.embed_t = Embed(dim_s, dim), Embed(dim_t, dim)
-        self.memory = ContrastMemory(dim, n_data, k, temperature, momentum, generator)
+        self.memory = ContrastMemory(dim, n_data, k, temperature, momentum, generator, shared)
 
     def forward(self, fs: torch.Tensor, ft: torch.Tensor, idx: torch.Tensor,
                 contrast_idx: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -216,11 +139,12 @@ class Contrastive(FeatureTerm):
     """
 
     def __init__(self, teacher: FeatureTeacher, weight: float, dim_s: Sequence[int], dim_t: int, n_data: int,
-                 dim: int, k: int, temperature: float, momentum: float, seed: int) -> None:
+                 dim: int, k: int, temperature: float, momentum: float, seed: int, shared: bool = False) -> None:
         super().__init__("crd", teacher, ("embedding",), ("embedding",), weight)
         init = torch.Generator().manual_seed(seed)
-        self.heads = nn.ModuleList(CRDHead(d, dim_t, n_data, dim, k, temperature, momentum, init) for d in dim_s)
-        self.seed, self.k, self.temperature = seed, k, temperature
+        self.heads = nn.ModuleList(CRDHead(d, dim_t, n_data, dim, k, temperature, momentum, init, shared)
+                                   for d in dim_s)
+        self.seed, self.k, self.temperature, self.shared = seed, k, temperature, shared
         self._generator: torch.Generator | None = None
         self._pending: Tensor | None = None  # a restored generator state, applied when the generator is made
         self._updates: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # student -> (idx, v_s, v_t) of this step
@@ -261,7 +185,7 @@ class Contrastive(FeatureTerm):
         self._generator, self._pending = None, state.get("generator")
 
     def describe(self) -> str:
-        return f"CRD(e_s, e_t; K={self.k}, τ={self.temperature:g})"
+        return f"CRD(e_s, e_t; K={self.k}{' shared' if self.shared else ''}, τ={self.temperature:g})"
 
 
 def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
@@ -273,7 +197,7 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
         log.info("crd: %d negatives instead of %d (the training split holds %d samples)", k, cfg.crd_negatives,
                  probe.n_data)
     term = Contrastive(teacher, weight(cfg, WEIGHT), dim_s, dim_t, probe.n_data, cfg.crd_dim, k,
-                       cfg.crd_temperature, cfg.crd_momentum, cfg.seed)
+                       cfg.crd_temperature, cfg.crd_momentum, cfg.seed, cfg.crd_shared_negatives)
     return with_kd(cfg, ctx, term)
 
 
