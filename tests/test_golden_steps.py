@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sp": {"algo": "sp", "teacher": "cnn", "teacher_weights": "random"},
     "rkd": {"algo": "rkd", "teacher": "cnn", "teacher_weights": "random"},
     "crd": {"algo": "crd", "teacher": "cnn", "teacher_weights": "random", "crd_negatives": 64},
+    "reviewkd": {"algo": "reviewkd", "teacher": "cnn", "teacher_weights": "random"},
 }
 
 

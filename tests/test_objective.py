@@ -76,6 +76,7 @@ FORMULAS = {
     ("sp", ()): "L = CE(z, y) + 3000·SP(F_s, F_t)[stage2]",
     ("rkd", ()): "L = CE(z, y) + (25·RKD_D + 50·RKD_A)(e_s, e_t)",
     ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
+    ("reviewkd", ()): "L = CE(z, y) + 5·min(p/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
 }
 
 
