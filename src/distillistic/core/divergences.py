@@ -27,17 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillistic.core.precision import PRECISE_ABOVE_T as PRECISE_ABOVE_T
+from distillistic.core.precision import loss_dtype
 from distillistic.registry import Registry
 
 Divergence = Callable[[Tensor, Tensor, float], Tensor]
 DIVERGENCES: Registry[Divergence] = Registry("divergence")
 SYMBOLS = {"kl": "KL", "js": "JS", "mse": "MSE"}
-PRECISE_ABOVE_T = 20.0  # the largest temperature in common use (KD's default); above it, float64
 
 
 def _prepare(q: Tensor, z: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     # float32 whatever the autocast; float64 in a float64 run, and above PRECISE_ABOVE_T (see the docstring).
-    dtype = torch.float64 if temperature > PRECISE_ABOVE_T or z.dtype == torch.float64 else torch.float32
+    dtype = loss_dtype(z, temperature)
     q = q.detach().to(dtype)
     if q.dim() == 2:
         q = q.unsqueeze(0)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from distillistic.core.objective import Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, model_view
 
 
@@ -102,12 +103,14 @@ class EmaCopies(Term):
 
     @torch.no_grad()
     def logits(self, inp: StepInputs) -> Tensor:
-        """Every copy's logits ``[M, B, K]`` (float32) on its student's view of the batch, in ``eval()`` mode."""
+        """Every copy's logits ``[M, B, K]`` (float32; float64 in an fp64 run) on its student's view of the
+        batch, in ``eval()`` mode."""
         out = []
         for i, (twin, (size, channels, *norm)) in enumerate(zip(self.copies, self._views)):
             if twin.training:  # a stray .train() must not switch BatchNorm/dropout on
                 twin.eval()
-            out.append(twin(model_view(inp.view_of(i), size, channels, norm[0] if norm else None)).float())
+            view = model_view(inp.view_of(i), size, channels, norm[0] if norm else None)
+            out.append(at_least_float32(twin(view)))
         return torch.stack(out)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from distillistic.core.logits import standardize
 from distillistic.core.objective import Ramp, Term, constant
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import Signal, StepInputs
 from distillistic.errors import UserError
 
@@ -45,7 +46,7 @@ class TeacherLogitTerm(Term):
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
         t = self.teacher.logits(inp)
-        q = torch.softmax((standardize(t) if self.standardize else t.float()) / self.temperature, dim=-1)
+        q = torch.softmax((standardize(t) if self.standardize else at_least_float32(t)) / self.temperature, dim=-1)
         return [q.unsqueeze(0)] * len(inp.logits)
 
     def _suffix(self) -> str:

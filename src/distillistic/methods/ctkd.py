@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from distillistic.config import Config
 from distillistic.core.logits import kl_batchmean, standardize
 from distillistic.core.objective import Term
+from distillistic.core.precision import at_least_float32, loss_dtype
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
@@ -36,16 +37,21 @@ SPEC = MethodSpec(
     notes="the temperature is learned: --temperature is refused")
 
 
-def kd_loss(z: Tensor, t: Tensor, temperature: float | Tensor) -> Tensor:
+def kd_loss(z: Tensor, t: Tensor, temperature: float | Tensor, t_max: float | None = None) -> Tensor:
     """Hinton KD: ``T² · KL(softmax(t/T) ‖ softmax(z/T))``, batchmean. ``z``, ``t``: ``[B, K]`` → scalar.
 
     ``temperature`` may be a tensor with a graph (CTKD's learnable temperature): the teacher's logits are
     detached but the loss stays differentiable in ``T`` through both distributions, as in CTKD's DistillKL.
+    Computed in float64 in an fp64 run and, as :mod:`~distillistic.core.divergences`, above ``PRECISE_ABOVE_T``:
+    for a tensor ``T`` the bound ``t_max`` decides (reading ``T`` would sync the device every step).
     """
-    temp = temperature.float() if isinstance(temperature, Tensor) else temperature
-    log_q = F.log_softmax(t.detach().float() / temp, dim=-1)
-    log_p = F.log_softmax(z.float() / temp, dim=-1)
-    return temp**2 * kl_batchmean(log_q.exp(), log_q, log_p)
+    bound = t_max if t_max is not None else (float(temperature) if not isinstance(temperature, Tensor) else 1.0)
+    dtype = loss_dtype(z, bound)
+    temp = temperature.to(dtype) if isinstance(temperature, Tensor) else temperature
+    log_q = F.log_softmax(t.detach().to(dtype) / temp, dim=-1)
+    log_p = F.log_softmax(z.to(dtype) / temp, dim=-1)
+    loss = temp**2 * kl_batchmean(log_q.exp(), log_q, log_p)
+    return loss.to(at_least_float32(z).dtype)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -99,8 +105,8 @@ class LearnableTemperature(nn.Module):
         self.theta = nn.Parameter(torch.tensor(float(init)))
 
     def forward(self, lam: float) -> Tensor:
-        """The temperature, a 0-d float32 tensor whose gradient reaches θ multiplied by ``−lam``."""
-        return self.t_min + self.t_range * torch.sigmoid(reverse_grad(self.theta.float(), lam))
+        """The temperature, a 0-d float32 (fp64 run: float64) tensor whose gradient reaches θ multiplied by ``−lam``."""
+        return self.t_min + self.t_range * torch.sigmoid(reverse_grad(at_least_float32(self.theta), lam))
 
 
 class CTKDTerm(TeacherLogitTerm):
@@ -116,6 +122,7 @@ class CTKDTerm(TeacherLogitTerm):
         super().__init__("ctkd", teacher, 1.0, standardize)
         self.ramp_share = ramp
         self.temperatures = nn.ModuleList(LearnableTemperature() for _ in range(students))
+        self.t_max = 1.0 + 20.0  # the largest temperature T = 1 + 20·sigmoid(θ) reaches (float64 above 20)
 
     def current(self, i: int) -> Tensor:
         """Student ``i``'s temperature, a detached 0-d tensor."""
@@ -123,13 +130,13 @@ class CTKDTerm(TeacherLogitTerm):
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
         t = self.teacher.logits(inp)
-        t = standardize(t) if self.standardize else t.float()
+        t = standardize(t) if self.standardize else at_least_float32(t)
         return [torch.softmax(t / self.current(i), dim=-1).unsqueeze(0) for i in range(len(inp.logits))]
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         temperature = self.temperatures[i](cosine_lambda(inp.progress, 1.0, 0.0, self.ramp_share))
         zs, ts = self.pair(z, inp)
-        return kd_loss(zs, ts, temperature)
+        return kd_loss(zs, ts, temperature, t_max=self.t_max)
 
     def student_parameters(self, i: int) -> Iterator[nn.Parameter]:
         return self.temperatures[i].parameters()

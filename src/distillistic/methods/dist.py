@@ -12,6 +12,7 @@ from torch import Tensor
 
 from distillistic.config import Config
 from distillistic.core.objective import Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
@@ -52,8 +53,8 @@ def dist_loss(z: Tensor, t: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: 
     τ = 1 (``resnet_dist.yaml``), CIFAR-100 with τ = 4 (``dist_cifar.yaml``, ``kd: dist_t4``). The intra term
     needs the whole batch (B ≥ 2); it is not a per-sample loss.
     """
-    y_s = F.softmax(z.float() / tau, dim=1)
-    y_t = F.softmax(t.detach().float() / tau, dim=1)
+    y_s = F.softmax(at_least_float32(z) / tau, dim=1)
+    y_t = F.softmax(at_least_float32(t.detach()) / tau, dim=1)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()
     intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
     return {"inter": inter, "intra": intra, "loss": tau**2 * (beta * inter + gamma * intra)}

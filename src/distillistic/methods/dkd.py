@@ -17,6 +17,7 @@ from torch import Tensor
 from distillistic.config import Config
 from distillistic.core.logits import kl_batchmean
 from distillistic.core.objective import Term
+from distillistic.core.precision import loss_dtype
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
@@ -66,8 +67,9 @@ def dkd_loss(z: Tensor, t: Tensor, y: Tensor, alpha: float = 1.0, beta: float = 
     which is ``−inf`` (and the KL NaN) once ``1 − p_y`` underflows; here the binary log-probabilities are
     ``log_softmax([z_y, logsumexp_{k≠y} z_k] / T)``, exact and finite.
     """
-    zt_s, zn_s = _split_target(z.float() / temperature, y)
-    zt_t, zn_t = _split_target(t.detach().float() / temperature, y)
+    dtype = loss_dtype(z, temperature)  # float64 in an fp64 run and above PRECISE_ABOVE_T
+    zt_s, zn_s = _split_target(z.to(dtype) / temperature, y)
+    zt_t, zn_t = _split_target(t.detach().to(dtype) / temperature, y)
     log_b_s = F.log_softmax(torch.cat([zt_s, torch.logsumexp(zn_s, dim=1, keepdim=True)], dim=1), dim=1)
     log_b_t = F.log_softmax(torch.cat([zt_t, torch.logsumexp(zn_t, dim=1, keepdim=True)], dim=1), dim=1)
     tckd = kl_batchmean(log_b_t.exp(), log_b_t, log_b_s)

@@ -17,6 +17,7 @@ from torch import Tensor
 from distillistic.config import Config
 from distillistic.core.logits import standardize
 from distillistic.core.objective import Distill, Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, Transform
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec
@@ -36,7 +37,7 @@ def kdcl_min_logit_target(logits: Sequence[Tensor] | Tensor, y: Tensor, temperat
     most from the true class. ``logits``: ``M`` tensors ``[B, K]`` or one ``[M, B, K]`` → detached ``[B, K]``.
     """
     stacked = torch.stack(list(logits)) if not isinstance(logits, Tensor) else logits
-    stacked = stacked.detach().float()
+    stacked = at_least_float32(stacked.detach())
     index = y.long().view(1, -1, 1).expand(stacked.shape[0], -1, 1)
     relative = stacked - stacked.gather(2, index)
     return F.softmax(relative.amin(dim=0) / temperature, dim=-1)
@@ -62,7 +63,7 @@ class MinLogit:
     def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
         if len(inp.logits) < 2:
             raise ValueError("KDCL needs a cohort of at least 2 students")
-        z = torch.stack([z.detach().float() for z in inp.logits])
+        z = torch.stack([at_least_float32(z.detach()) for z in inp.logits])
         q = kdcl_min_logit_target(transform(z) if transform else z, inp.labels, temperature)
         return [q.unsqueeze(0)] * len(inp.logits)
 

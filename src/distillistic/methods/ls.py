@@ -6,11 +6,13 @@ bit (PyTorch's plain cross-entropy path).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from distillistic.config import Config
 from distillistic.core.objective import Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import Interval, MethodSpec, Param, uniform
@@ -23,18 +25,18 @@ SPEC = MethodSpec(
                   space=uniform(0.0, 0.3)),))
 
 
-def label_smoothing_target(y: Tensor, num_classes: int, eps: float) -> Tensor:
-    """``(1 − ε)·onehot(y) + ε/K`` as float32 ``[B, K]`` (Szegedy et al. 2016; PyTorch's convention)."""
+def label_smoothing_target(y: Tensor, num_classes: int, eps: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(1 − ε)·onehot(y) + ε/K`` as ``dtype`` ``[B, K]`` (Szegedy et al. 2016; PyTorch's convention)."""
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label smoothing eps must lie in [0, 1], got {eps}")
-    onehot = F.one_hot(y.long(), num_classes).float()
+    onehot = F.one_hot(y.long(), num_classes).to(dtype)
     return onehot * (1.0 - eps) + eps / num_classes
 
 
 def soft_cross_entropy(z: Tensor, q: Tensor) -> Tensor:
     """``(1/B) Σ_b −Σ_k q_bk log softmax(z_b)_k`` for a detached target distribution ``q`` ``[B, K]``."""
     # F.cross_entropy with probability targets computes exactly this sum, fused (one log_softmax, no copy).
-    return F.cross_entropy(z.float(), q.detach().float())
+    return F.cross_entropy(at_least_float32(z), q.detach().to(at_least_float32(z).dtype))
 
 
 def label_smoothing_cross_entropy(z: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -47,7 +49,7 @@ def label_smoothing_cross_entropy(z: Tensor, y: Tensor, eps: float) -> Tensor:
     """
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label smoothing eps must lie in [0, 1], got {eps}")
-    return F.cross_entropy(z.float(), y.long(), label_smoothing=eps)
+    return F.cross_entropy(at_least_float32(z), y.long(), label_smoothing=eps)
 
 
 class LabelSmoothingCE(Term):

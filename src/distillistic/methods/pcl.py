@@ -26,6 +26,7 @@ from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.ema import EmaCopies
 from distillistic.core.objective import Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
 from distillistic.methods.registry import Context, register_method
@@ -66,7 +67,7 @@ def peer_mean_target(ema_logits: Tensor, temperature: float) -> Tensor:
     sums (DESIGN.md, section 3); the loss values differ by the peers' entropies. Each row is averaged from its
     own ``M − 1`` terms rather than ``(Σ_j p_j − p_i)/(M − 1)``, which cancels catastrophically on small entries.
     """
-    probs = F.softmax(ema_logits.detach().float() / temperature, dim=-1)
+    probs = F.softmax(at_least_float32(ema_logits.detach()) / temperature, dim=-1)
     m = probs.shape[0]
     if m < 2:
         raise ValueError("a peer mean needs at least two members")

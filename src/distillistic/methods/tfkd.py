@@ -14,6 +14,7 @@ from torch import Tensor
 
 from distillistic.config import Config, student_archs
 from distillistic.core.objective import Distill, Term
+from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, soft
 from distillistic.errors import ConfigError, UserError
 from distillistic.methods.registry import Context, register_method, student_count
@@ -48,13 +49,14 @@ class Virtual:
     def __init__(self, p: float, smooth: bool, name: str = "tfkd") -> None:
         self.p, self.smooth, self.name = p, smooth, name
 
-    def distribution(self, labels: Tensor, num_classes: int) -> Tensor:
-        """``v`` ``[B, K]``, vectorised over the batch."""
-        v = torch.full((len(labels), num_classes), (1 - self.p) / (num_classes - 1), device=labels.device)
+    def distribution(self, labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``v`` ``[B, K]`` in ``dtype``, vectorised over the batch."""
+        v = torch.full((len(labels), num_classes), (1 - self.p) / (num_classes - 1), device=labels.device,
+                       dtype=dtype)
         return v.scatter_(1, labels[:, None], self.p)
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        v = self.distribution(inp.labels, inp.num_classes)
+        v = self.distribution(inp.labels, inp.num_classes, at_least_float32(inp.logits[0]).dtype)
         if self.smooth:
             v = torch.softmax(v / temperature, dim=-1)
         return [v.unsqueeze(0)] * len(inp.logits)
