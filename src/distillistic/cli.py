@@ -142,6 +142,11 @@ def _add_experiment_commands(sub: Any) -> None:
     p = sub.add_parser("report", help="aggregate run directories: report.md, results.csv and figures")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or run directories (searched recursively)")
     p.add_argument("--out", default=None, help="report directory (default: DIR/report for one DIR)")
+    p.add_argument("--x", default="train_flops",
+                   choices=("params", "flops", "latency", "train_flops", "train_seconds"),
+                   help="the cost of the Pareto figure and mark (default: train_flops, a teacher's training included)")
+    p.add_argument("--reference", default=None, metavar="NAME",
+                   help="the cell each other is compared with, paired by seed (default: the baseline, if any)")
     p = sub.add_parser("reproduce", help="re-measure a thesis claim: its sweep (3 seeds), report and table")
     p.add_argument("claim", metavar="CLAIM", help="hinton, tfkd-smoothing, dml-instability, cross-quality, ... "
                    "('distillistic reproduce list' lists them)")
@@ -306,7 +311,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from distillistic.experiments.report import write_report
 
-    out = write_report(args.dirs, args.out)
+    out = write_report(args.dirs, args.out, args.x, args.reference)
     print(f"report: {out / 'report.md'}")
     return 0
 

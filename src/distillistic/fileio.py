@@ -23,14 +23,15 @@ import os
 import pickle
 import re
 import signal
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch itself is imported where a tensor is read or written: a report never needs it
+    from torch import Tensor
 
 from distillistic.errors import CheckpointError, UserError, short_repr
 
@@ -210,6 +211,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def state_dict_hash(state: Mapping[str, Tensor]) -> str:
     """sha256 over a state dict's names, dtypes, shapes and bytes: the identity of a set of weights."""
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
@@ -227,7 +230,8 @@ def content_hash(obj: Any) -> str:
 
 
 def _feed(h: Any, obj: Any) -> None:
-    if isinstance(obj, Tensor):
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -247,6 +251,8 @@ def _feed(h: Any, obj: Any) -> None:
 def save(obj: Mapping[str, Any], path: Path) -> None:
     """Atomically ``torch.save`` a checkpoint dict, stamped with the format, its version and the sha256 of its
     content (:func:`content_hash`), which :func:`load` verifies."""
+    import torch
+
     stamped = {"format": FORMAT, "version": FORMAT_VERSION, **obj}
     stamped[CHECKSUM_KEY] = content_hash(stamped)
     atomic_write(path, lambda f: torch.save(stamped, f))
@@ -269,6 +275,8 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    import torch
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check the path")
     try:

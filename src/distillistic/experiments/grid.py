@@ -25,7 +25,6 @@ from distillistic.config import MACHINE_KEYS, Config
 from distillistic.errors import UserError, short_repr
 from distillistic.methods import catalogue
 from distillistic.methods.spec import OPTIONAL_KEYS
-from distillistic.training import setup
 
 SEED_KEYS = ("seed", "data_seed")
 
@@ -181,6 +180,8 @@ def expand(spec: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, 
 
 def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any], variant: str | None,
           settings: dict[str, Any], source: str) -> Cell:
+    from distillistic.training import setup  # torch: only when a sweep is planned, never for a report
+
     name = cell_name(variant, settings)
     try:
         algo = {**base, **variant_values, **settings}.get("algo", config_mod.default_of("algo"))

@@ -24,6 +24,8 @@ import yaml
 
 from distillistic.deploy.report import markdown_section as export_section
 from distillistic.errors import UserError, short_repr
+from distillistic.experiments.comparison import comparison_section, cost_columns, entries, pareto_caption
+from distillistic.experiments.cost_view import AXES, DEFAULT_AXIS
 from distillistic.experiments.grid import SEED_KEYS, comparable, value_text
 from distillistic.experiments.results import (
     Group,
@@ -198,8 +200,10 @@ def cell_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
             row["best_epoch_mean"] = mean_std(r.best_epoch() for r in runs)[0]
             for key, name in (("train_seconds", "train_seconds"), ("train_images_per_second", "images_per_second")):
                 row[f"{name}_mean"], row[f"{name}_std"], _ = mean_std(r.summary.get(key) for r in runs)
-            row["runs"] = ";".join(str(r.path) for r in runs)
             rows.append(row)
+    for row, entry in zip(rows, entries(groups)):  # the same cells and kinds, in the same order
+        row |= cost_columns(entry)
+        row["runs"] = ";".join(str(r.path) for r in entry.runs)
     return rows
 
 
@@ -305,7 +309,7 @@ def _cells_table(rows: Sequence[Mapping[str, Any]], part: str, cost: bool) -> li
 
 def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence[Mapping[str, Any]],
              teachers: Sequence[Mapping[str, Any]], skipped: Sequence[tuple[Path, str]],
-             figures: Sequence[tuple[str, Path]], out: Path) -> str:
+             figures: Sequence[tuple[str, Path]], out: Path, comparison: Sequence[str] = ()) -> str:
     """The text of ``report.md``."""
     n_runs = sum(len(g.runs) for g in groups)
     lines = ["# Results", "",
@@ -321,6 +325,8 @@ def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence
               ", ".join(f"`{k}={value_text(v)}`" for k, v in shared.items()), "", "</details>", ""]
     for part, title in PARTS.items():
         lines += [f"## Test metrics at the {title}", "", *_cells_table(rows, part, cost=part == "test"), ""]
+        if part == "test":
+            lines += comparison
     if teachers:
         lines += ["## Teachers", "", "| teacher | weights | runs | top-1 (%) | ECE (%) | NLL | entropy (nats) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -336,12 +342,16 @@ def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence
     return "\n".join(lines)
 
 
-def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
+def write_report(dirs: Sequence[str | Path], out: str | Path | None = None, axis: str = DEFAULT_AXIS,
+                 reference: str | None = None) -> Path:
     """Aggregate the runs under ``dirs`` into ``out`` (default ``DIR/report``); return ``out``.
 
-    Writes ``report.md``, ``results.csv`` and ``figures/*.png`` (regenerated each time).
+    Writes ``report.md``, ``results.csv`` and ``figures/*.png`` (regenerated each time), with the Pareto
+    figure against the cost ``axis`` and paired differences to the cell named ``reference`` (default: the
+    baseline, where there is one; a name given that no cell has is refused).
     """
     from distillistic.experiments import plots
+    from distillistic.experiments.pareto_plot import pareto_figure
 
     if not dirs:
         raise UserError("report: pass at least one sweep or run directory")
@@ -352,8 +362,14 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"report: --out '{out}' is a file; choose a directory")
+    if axis not in AXES:
+        raise UserError(f"report: --x must be one of {', '.join(AXES)}, not {short_repr(axis)}")
     runs, skipped = find_runs(dirs)
     groups = group_runs(runs)
+    if reference is not None and not any(reference in (g.settings.get("variant"), g.label, g.settings.get("algo"))
+                                         for g in groups):
+        raise UserError(f"report: --reference {short_repr(reference)} names no cell; choose a variant, label or "
+                        f"algorithm of: {', '.join(g.label for g in groups)}")
     rows = cell_rows(groups)
     teachers = teacher_rows(runs)
     fig_dir = out / "figures"
@@ -361,6 +377,9 @@ def write_report(dirs: Sequence[str | Path], out: str | Path | None = None) -> P
     for old in fig_dir.glob("*.png"):
         old.unlink()  # figures of an earlier report that may no longer apply
     figures = plots.draw_all(groups, teachers, fig_dir)
+    front = pareto_figure(entries(groups), axis, fig_dir / f"pareto-{axis}.png")
+    figures += [(pareto_caption(axis), front)] if front is not None else []
     write_csv(rows, out / "results.csv")
-    atomic_write_text(out / "report.md", markdown(dirs, groups, rows, teachers, skipped, figures, out))
+    comparison = comparison_section(groups, axis, reference or "baseline")
+    atomic_write_text(out / "report.md", markdown(dirs, groups, rows, teachers, skipped, figures, out, comparison))
     return out
