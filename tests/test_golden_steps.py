@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rkd": {"algo": "rkd", "teacher": "cnn", "teacher_weights": "random"},
     "crd": {"algo": "crd", "teacher": "cnn", "teacher_weights": "random", "crd_negatives": 64},
     "reviewkd": {"algo": "reviewkd", "teacher": "cnn", "teacher_weights": "random"},
+    "nkd": {"algo": "nkd", "teacher": "cnn", "teacher_weights": "random"},
 }
 
 

@@ -77,6 +77,8 @@ FORMULAS = {
     ("rkd", ()): "L = CE(z, y) + (25·RKD_D + 50·RKD_A)(e_s, e_t)",
     ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
     ("reviewkd", ()): "L = CE(z, y) + 5·min(p/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
+    ("nkd", ()): "L = CE(z, y) + [−q_y·log p_y − 3.5·3²·Σ_(k≠y) q̂_k·log p̂_k](q = softmax(t), p = softmax(z); q̂, p̂ "
+                 "at T = 3 over k ≠ y)",
 }
 
 
