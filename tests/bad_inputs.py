@@ -703,6 +703,26 @@ DEPLOY_CASES: list[Case] = [
 CASES += DEPLOY_CASES
 
 
+def _tune(ws: Workspace, *args: str) -> list[str]:
+    """``tune`` on the tiny synthetic data, its --out the finished run (which must stay byte-identical)."""
+    return ["tune", *TINY, "--out", str(ws.run), *args]
+
+
+# An equal tuning budget (the optional extra 'tune'): refused before a study is opened or a trial runs.
+TUNE_CASES: list[Case] = [
+    Case("tune-zero-trials", "tune", "a tuning budget of 0 trials",
+         lambda ws: _tune(ws, "--algo", "kd", "--trials", "0")),
+    Case("tune-unknown-algo", "tune", "an unknown method to tune",
+         lambda ws: _tune(ws, "--algo", "kd,kdd", "--trials", "4")),
+    Case("tune-nothing-to-tune", "tune", "a method left with nothing to tune (baseline, its lr and decay fixed)",
+         lambda ws: _tune(ws, "--algo", "baseline", "--trials", "4", "--lr", "0.01", "--weight-decay", "0")),
+    Case("tune-storage", "tune", "a --storage database that cannot be opened",
+         lambda ws: _tune(ws, "--algo", "kd", "--trials", "4", "--storage", f"sqlite:///{ws.tmp}/no/such/t.db"),
+         needs="optuna"),
+]
+CASES += TUNE_CASES
+
+
 def _torch_file(ws: Workspace, name: str, obj: object) -> Path:
     path = ws.tmp / name
     torch.save(obj, path)

@@ -1,4 +1,4 @@
-"""Command line: ``distillistic train | demo | sweep | report | export | calibrate | list | bench-model | predict``.
+"""Command line: ``distillistic train | demo | sweep | tune | report | export | calibrate | list | ...``.
 
 This is the only module that sees ``argparse``. ``train`` flags are generated from the config's
 fields (``--some-key`` is the key ``some_key``), so every flag is a config key and vice versa. Any
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_experiment_commands(sub: Any) -> None:
-    """``sweep``, ``report``, ``reproduce`` and ``list``."""
+    """``sweep``, ``tune``, ``report``, ``reproduce`` and ``list``."""
     p = sub.add_parser("sweep", help="run every cell of a sweep config (grid/variants), each in its own run dir")
     p.add_argument("config", help="sweep YAML: base config keys, grid: {key: [values]}, optional variants:")
     p.add_argument("--out", required=True, help="sweep directory (cells go to DIR/<name>; re-run to continue)")
@@ -155,6 +155,16 @@ def _add_experiment_commands(sub: Any) -> None:
                    "else scikit-learn's digits)")
     p.add_argument("--full", action="store_true",
                    help="the thesis-scale setting (Fashion-MNIST, 20 epochs; a GPU's work)")
+    p = sub.add_parser("tune", help="tune each method of --algo A,B,... with the same budget (Optuna, on val), then "
+                       "re-train each best config on the same seeds", usage="distillistic tune [CONFIG] --algo A,B,... "
+                       "--trials N --out DIR [--storage URL] [--objective M] [--seeds S] [--KEY VALUE ...]")
+    p.add_argument("config", nargs="?", help="YAML config file (its keys, and the flags, are fixed, not tuned)")
+    p.add_argument("--trials", type=int, required=True, help="trials for every method (its tuning budget)")
+    p.add_argument("--storage", help="an Optuna database URL that workers share (default: sqlite DIR/tune.db)")
+    p.add_argument("--objective", default="top1", help="on val: top1 (maximised), nll or ece (default: top1)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds re-training each best config (default: 3; 0: none)")
+    p.add_argument("--tune-epochs", type=int, help="epochs of a trial (default: --epochs)")
+    _add_config_flags(p)
     p = sub.add_parser("list", help="list registered algorithms, datasets and models")
     p.add_argument("what", nargs="?", choices=("algos", "datasets", "models", "divergences"))
     p.add_argument("--num-classes", type=int, default=None, metavar="K",
@@ -167,10 +177,7 @@ def _train(args: argparse.Namespace) -> int:
     from distillistic.training.run import train
 
     stop_exit_code(clear=True)
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items", "argv")}
-    overrides = {k: config_mod.coerce(k, v) for k, v in values.items()}
-    overrides |= config_mod.parse_set(args.set_items)
-    cfg = config_mod.load(args.config, overrides)
+    cfg = config_mod.load(args.config, _given(args))
     if cfg.quiet:
         logging.getLogger("distillistic").setLevel(logging.WARNING)
     result = train(cfg)
@@ -187,6 +194,20 @@ def _train(args: argparse.Namespace) -> int:
     if status == "interrupted":  # after the checkpoint: a script can tell a stopped run from a finished one
         return stop_exit_code()
     return 0
+
+
+def _given(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The config keys the flags and ``--set`` give, coerced to their types."""
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "set_items", "argv", *skip)}
+    return {k: config_mod.coerce(k, v) for k, v in values.items()} | config_mod.parse_set(args.set_items)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from distillistic.experiments.tune import TUNE_OPTIONS, tune_command
+
+    text, code = tune_command(args.config, _given(args, TUNE_OPTIONS), {k: getattr(args, k) for k in TUNE_OPTIONS})
+    print(text)
+    return code
 
 
 def resume_command(argv: Sequence[str], same: bool = False) -> str:
@@ -343,7 +364,7 @@ def one_line(error: BaseException) -> str:
 def _import_plugins_named(argv: Sequence[str]) -> None:
     """Import the modules ``train --plugins A,B`` (or its config file's ``plugins:``) names, before the parser
     is built: a method they register brings its parameters, which become flags."""
-    if not argv or argv[0] != "train":
+    if not argv or argv[0] not in ("train", "tune"):
         return
     modules: list[str] = []
     for k, arg in enumerate(argv):
@@ -370,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # for the command that resumes an interrupted run
     commands = {"train": _train, "demo": _demo, "sweep": _sweep, "report": _report, "list": _list,
-                "export": _export, "reproduce": _reproduce,
+                "export": _export, "reproduce": _reproduce, "tune": _tune,
                 "calibrate": _calibrate, "bench-model": _bench_model, "predict": _predict}
     try:
         return commands[args.command](args)

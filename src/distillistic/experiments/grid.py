@@ -187,7 +187,7 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
         algo = {**base, **variant_values, **settings}.get("algo", config_mod.default_of("algo"))
         # a shared key of the sweep (or an axis crossed with several methods) reaches only the cells that read it
         config_mod.validate(config_mod.from_mapping({**base, **variant_values, **settings}))  # every value, read or not
-        base, read = _read_by(algo, base), _read_by(algo, settings)
+        base, read = read_by(algo, base), read_by(algo, settings)
         cfg = config_mod.from_mapping({**base, **variant_values, **read})
         setup.resolve(cfg)
     except UserError as e:
@@ -196,7 +196,7 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
     return Cell(index, name, full, _absolute_paths(cfg), frozenset({*base, *variant_values, *read}))
 
 
-def _read_by(algo: str, base: Mapping[str, Any]) -> dict[str, Any]:
+def read_by(algo: str, base: Mapping[str, Any]) -> dict[str, Any]:
     """The base keys that method ``algo`` reads (every common key, and the optional ones and parameters it uses)."""
     spec = catalogue.specs().get(algo)
     if spec is None:

@@ -37,6 +37,7 @@ from distillistic.data.views import ViewMaker
 from distillistic.errors import TrainingDiverged
 from distillistic.training.checkpoint import unwrap
 from distillistic.training.lines import prefix
+from distillistic.training.listeners import notify_epoch
 from distillistic.training.runtime import Runtime
 
 
@@ -347,4 +348,5 @@ def fit(task: Task, progress: Progress, hooks: Hooks) -> bool:
         progress.step = progress.epoch_images = 0
         progress.epoch_seconds = 0.0
         hooks.after_epoch(task, progress, rows, improved)
+        notify_epoch(task.cfg, progress.epoch, rows)
     return True
