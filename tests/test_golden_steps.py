@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "crd": {"algo": "crd", "teacher": "cnn", "teacher_weights": "random", "crd_negatives": 64},
     "reviewkd": {"algo": "reviewkd", "teacher": "cnn", "teacher_weights": "random"},
     "nkd": {"algo": "nkd", "teacher": "cnn", "teacher_weights": "random"},
+    "ttm": {"algo": "ttm", "teacher": "cnn", "teacher_weights": "random"},
+    "wttm": {"algo": "wttm", "teacher": "cnn", "teacher_weights": "random"},
 }
 
 

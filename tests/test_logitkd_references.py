@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillistic.methods.nkd import nkd_loss
+from distillistic.methods.ttm import power_transform, ttm_loss
 
 pytestmark = pytest.mark.unit
 
@@ -100,3 +101,51 @@ def test_nkd_non_target_part_is_a_kl_plus_the_teacher_entropy() -> None:
     q = F.softmax(t[keep].view(len(y), -1) / 2.0, dim=1)
     entropy = -(q * q.log()).sum(dim=1).mean()
     assert float(out["non_target"]) == pytest.approx(float(entropy), abs=TOL)
+
+
+# --- TTM and WTTM: zkxufo/TTM, distiller_zoo/ttm.py and wttm.py, commit fe457b33a71ba27536ec04fe3d32c5b04963522f
+
+
+def ref_ttm(y_s: Tensor, y_t: Tensor, l: float, weighted: bool) -> Tensor:  # noqa: E741 (the reference's name)
+    """``TTM.forward`` (ttm.py lines 13-21) and ``WTTM.forward`` (wttm.py lines 13-21: ``mean(norm * KL)``)."""
+    p_s = F.log_softmax(y_s, dim=1)
+    p_t = torch.pow(torch.softmax(y_t, dim=1), l)
+    norm = torch.sum(p_t, dim=1)
+    p_t = p_t / norm.unsqueeze(1)
+    KL = torch.sum(F.kl_div(p_s, p_t, reduction="none"), dim=1)
+    return torch.mean(norm * KL) if weighted else torch.mean(KL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gamma", [0.1, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ttm_and_wttm_match_the_reference(kind: str, gamma: float, weighted: bool) -> None:
+    z, t, _ = _case(kind, 4)
+    _agree(lambda s: ttm_loss(s, t, gamma, weighted), lambda s: ref_ttm(s, t, gamma, weighted), z)
+
+
+def test_ttm_is_kd_with_the_temperature_on_the_teacher_only() -> None:
+    # softmax(t)^γ / Σ softmax(t)^γ = softmax(γ·t); at γ = 1 TTM is KD at T = 1 (KL(softmax(t) ‖ softmax(z))).
+    z, t, _ = _case("random", 5)
+    log_q, u = power_transform(t, 0.25)
+    assert torch.allclose(log_q, F.log_softmax(0.25 * t, dim=1), atol=TOL, rtol=0)
+    assert torch.allclose(u, torch.softmax(t, dim=1).pow(0.25).sum(dim=1), atol=TOL, rtol=TOL)
+    kd = F.kl_div(F.log_softmax(z, dim=1), F.softmax(t, dim=1), reduction="batchmean")
+    assert ttm_loss(z, t, 1.0).item() == pytest.approx(kd.item(), abs=TOL)
+    assert ttm_loss(z, t, 1.0, weighted=True).item() == pytest.approx(kd.item(), abs=TOL)  # U_1 = 1
+
+
+def test_ttm_teacher_far_beyond_float64_softmax_stays_finite() -> None:
+    # A gap of 2000 underflows softmax(t) to exactly 0 (the reference's 0^γ = 0); the log-space transform keeps
+    # exp(−γ·2000) > 0 at γ = 0.1 and agrees with softmax(γ·t).
+    t = torch.tensor([[2000.0, 0.0, -5.0]], dtype=torch.float64)
+    z = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    loss = ttm_loss(z, t, 0.1, weighted=True)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert z.grad is not None
+    assert bool(torch.isfinite(z.grad).all())
+    q = F.softmax(0.1 * t, dim=1)
+    u = float(torch.exp(torch.logsumexp(0.1 * F.log_softmax(t, dim=1), dim=1)))
+    expected = u * float((q * (q.log() - F.log_softmax(z.detach(), dim=1))).sum())
+    assert loss.item() == pytest.approx(expected, rel=TOL)

@@ -79,6 +79,8 @@ FORMULAS = {
     ("reviewkd", ()): "L = CE(z, y) + 5·min(p/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
     ("nkd", ()): "L = CE(z, y) + [−q_y·log p_y − 3.5·3²·Σ_(k≠y) q̂_k·log p̂_k](q = softmax(t), p = softmax(z); q̂, p̂ "
                  "at T = 3 over k ≠ y)",
+    ("ttm", ()): "L = CE(z, y) + 45·KL(softmax(t)^0.1/U_0.1 ‖ softmax(z))",
+    ("wttm", ()): "L = CE(z, y) + 4·U_0.2(softmax(t))·KL(softmax(t)^0.2/U_0.2 ‖ softmax(z))",
 }
 
 
