@@ -9,6 +9,7 @@ method), and the distillation weight α and the temperature T where the method r
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -32,7 +33,9 @@ def method_spec(name: str) -> MethodSpec:
     """The spec of method ``name``, or one line naming the known ones."""
     specs = catalogue.specs()
     if name not in specs:
-        raise UserError(f"tune: unknown algorithm '{name}'; choose from {', '.join(specs)} "
+        close = difflib.get_close_matches(name, specs, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"tune: unknown algorithm '{name}'{hint}; choose from {', '.join(specs)} "
                         "('distillistic list algos' describes them)")
     return specs[name]
 
