@@ -50,7 +50,7 @@ FORMULAS = {
     ("dml", ()): "L = 0.5·CE(z, y) + 0.5·mean_(j≠i) KL(softmax(z_j) ‖ softmax(z))",
     ("dml_e", ()): "L = 0.5·CE(z, y) + 0.5·KL(mean_(j≠i) softmax(z_j) ‖ softmax(z))",
     ("tfkd", ()): "L = 0.5·CE(z, y) + 0.5·KL(v(p=0.9) ‖ softmax(z))",
-    ("tfkd", (("virtual_smooth", True),)): "L = 0.5·CE(z, y) + 0.5·20²·KL(softmax(v(p=0.9)/20) ‖ softmax(z/20))",
+    ("tfkd", (("virtual_smooth", True),)): "L = 0.5·CE(z, y) + 0.5·KL(softmax(v(p=0.9)/20) ‖ softmax(z))/K",
     ("kd", (("temperature", 4.0), ("alpha", 0.9), ("divergence", "mse"))):
         "L = 0.1·CE(z, y) + 0.9·4²·MSE(softmax(t/4) ‖ softmax(z/4))",
     ("dml", (("temperature", 3.0), ("alpha", 0.3), ("alpha_warmup", 0.2), ("divergence", "js"))):
@@ -61,14 +61,18 @@ FORMULAS = {
     ("ban", ()): "L = CE(z, y)",  # generation 1; generation g is kd from generation g - 1 (test_ema_methods.py)
     # logit-based methods (issue 10)
     ("ls", ()): "L = CE((1-0.1)·onehot(y) + 0.1/K, softmax(z))",
-    ("dkd", ()): "L = CE(z, y) + min(p/0.0833, 1)·4²·(1·TCKD + 8·NCKD)(softmax(t/4) ‖ softmax(z/4))",
+    ("dkd", ()): "L = CE(z, y) + min(e/0.0833, 1)·4²·(1·TCKD + 8·NCKD)(softmax(t/4) ‖ softmax(z/4))",
     ("dist", ()): "L = CE(z, y) + 4²·(2·inter + 2·intra)(softmax(t/4), softmax(z/4))",
-    ("ctkd", ()): "L = 0.5·CE(z, y) + 0.5·T²·KL(softmax(t/T) ‖ softmax(z/T)), T = 1 + 20·sigmoid(θ), θ trained "
+    ("ctkd", ()): "L = 0.1·CE(z, y) + 0.9·T²·KL(softmax(t/T) ‖ softmax(z/T)), T = 1 + 20·sigmoid(θ), θ trained "
                   "through gradient reversal (λ: cosine 0 → 1 over the first 0.0417 of training)",
     ("kdcl", ()): "L = 0.5·CE(z, y) + 0.5·KL(softmax(min_m (z_m - z_m,y)) ‖ softmax(z))",
     ("tfkd_self", ()): "L = 0.5·CE(z, y) + 0.5·20²·KL(softmax(t/20) ‖ softmax(z/20))",
-    ("kd", (("temperature", 2.0), ("logit_standardize", True))):
-        "L = 0.5·CE(z, y) + 0.5·2²·KL(softmax(t/2) ‖ softmax(z/2)) on z-scored logits",
+    ("kd", (("logit_standardize", True),)):  # the authors' 0.1·CE + 9·KD at T = 2
+        "L = 0.1·CE(z, y) + 9·2²·KL(softmax(t/2) ‖ softmax(z/2)) on z-scored logits",
+    ("kd", (("temperature", 4.0), ("alpha", 0.5), ("logit_standardize", True))):  # the user's alpha and T
+        "L = 0.5·CE(z, y) + 0.5·4²·KL(softmax(t/4) ‖ softmax(z/4)) on z-scored logits",
+    ("dkd", (("logit_standardize", True),)):  # α and β times 9, T = 2
+        "L = CE(z, y) + min(e/0.0833, 1)·2²·(9·TCKD + 72·NCKD)(softmax(t/2) ‖ softmax(z/2)) on z-scored logits",
     ("fitnet", ()): "L = CE(z, y) + 100·MSE(r(F_s), F_t)[stage2]",
     ("at", ()): "L = CE(z, y) + 1000·AT(F_s, F_t)[stage1, stage2]",
     ("at", (("feature_kd", 0.9), ("feature_weight", 500.0))):

@@ -20,6 +20,7 @@ Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scala
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -36,6 +37,18 @@ Ramp = Callable[[float], float]  # progress in [0, 1] -> factor of the term's we
 
 def constant(progress: float) -> float:
     return 1.0
+
+
+def epoch_progress(progress: float, epochs: int) -> float:
+    """``e / E``: the share of training at the end of the 1-based epoch ``e`` that ``progress`` falls in.
+
+    The references' warm-ups (mdistiller's trainer, CTKD's ``train_student.py``) are called once per epoch
+    with the 1-based epoch ``e``: a warm-up over ``w·E`` epochs weighs ``e / (w·E)`` through epoch ``e``, so the
+    first epoch already weighs ``1 / (w·E)``. Passing this instead of ``progress`` reproduces them.
+    """
+    if epochs < 1:
+        return progress
+    return (min(math.floor(progress * epochs + 1e-9), epochs - 1) + 1) / epochs
 
 
 class Term(nn.Module):
@@ -136,7 +149,7 @@ class Distill(Term):
             core = f"mean_(j≠i) {core}"
         if self.standardize:
             core = f"{core} on z-scored logits"
-        return core if self.weight == 1 else f"{self.weight:g}·{core}"
+        return core  # its weight is the objective's to print
 
 
 class Objective(nn.Module):
@@ -228,7 +241,7 @@ class Objective(nn.Module):
         if not self.terms:
             return f"L = {ce}"
         a, rest = f"{self.alpha:g}", f"{1 - self.alpha:g}"
-        distil = " + ".join(t.describe() for t in self.extra)
+        distil = " + ".join(t.describe() if t.weight == 1 else f"{t.weight:g}·{t.describe()}" for t in self.extra)
         warm = f", alpha rising from 0 over the first {self.alpha_warmup:.0%} of training" if self.alpha_warmup else ""
         if len(self.terms) > 1:
             distil = f"[{distil}]"

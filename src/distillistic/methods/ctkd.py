@@ -1,7 +1,8 @@
 """Curriculum temperature for KD (Li et al. 2023, AAAI), its global variant: a temperature learned adversarially.
 
-``L = (1 − α)·CE(z, y) + α·T²·KL(softmax(t/T) ‖ softmax(z/T))`` with ``T = 1 + 20·sigmoid(θ)``; θ follows the
-reversed gradient, scaled by a cosine curriculum λ rising from 0 to 1 over the first share of training.
+``L = (1 − α)·CE(z, y) + α·T²·KL(softmax(t/T) ‖ softmax(z/T))``, α = 0.9 (the authors'), with ``T = 1 + 20·sigmoid(θ)``;
+θ follows the reversed gradient, scaled by a cosine curriculum λ rising from 0 to 1 over the first share of
+training, counted in whole epochs from 1 as the reference's ``CosineDecay.get_value(epoch)``.
 Reference: zhengli97/CTKD, ``models/temp_global.py`` and ``train_student.py`` (``CosineDecay``).
 """
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from distillistic.config import Config
 from distillistic.core.logits import kl_batchmean, standardize
-from distillistic.core.objective import Term
+from distillistic.core.objective import Term, epoch_progress
 from distillistic.core.precision import at_least_float32, loss_dtype
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
@@ -34,7 +35,10 @@ SPEC = MethodSpec(
               range=share(), allowed="a share of training in [0, 1)", space=uniform(0.0, 0.2)),
         LOGIT_STANDARDIZE,
     ),
-    notes="the temperature is learned: --temperature is refused")
+    notes="the temperature is learned: --temperature is refused; 0.1·CE + 0.9·KD (alpha 0.9) as its authors'")
+# CTKD's weights: zhengli97/CTKD@7d5252241, train_student.py:79-80 (-r 0.1 for CE, -a 0.9 for KD) and
+# scripts/run_cifar_distill.sh (-r 0.1 -a 0.9).
+CTKD_WEIGHTS = (0.1, 0.9)
 
 
 def kd_loss(z: Tensor, t: Tensor, temperature: float | Tensor, t_max: float | None = None) -> Tensor:
@@ -83,7 +87,8 @@ def cosine_lambda(progress: float, lambda_max: float = 1.0, lambda_min: float = 
 
     ``progress`` and ``ramp`` are shares of training (e.g. ``epoch / epochs``): ``λ = λ_min + (λ_max − λ_min) ·
     (1 − cos(π·min(progress / ramp, 1))) / 2``. Reference (CTKD ``CosineDecay(max_value=0, min_value=-1,
-    num_loops=10)`` called with the 1-based epoch of 240): ``λ_ref = −λ`` with these defaults.
+    num_loops=10)`` called with the 1-based epoch of 240): ``λ_ref = −λ`` with these defaults when ``progress``
+    is :func:`~distillistic.core.objective.epoch_progress` (the 1-based epoch over the epochs), as CTKDTerm passes.
     """
     share = 1.0 if ramp <= 0 else min(max(progress, 0.0) / ramp, 1.0)
     return lambda_min + (lambda_max - lambda_min) * (1.0 - math.cos(math.pi * share)) / 2.0
@@ -118,9 +123,9 @@ class CTKDTerm(TeacherLogitTerm):
     the objective; its temperature is logged per epoch (:meth:`stats`).
     """
 
-    def __init__(self, teacher: LogitSource, students: int, ramp: float, standardize: bool) -> None:
+    def __init__(self, teacher: LogitSource, students: int, ramp: float, standardize: bool, epochs: int = 0) -> None:
         super().__init__("ctkd", teacher, 1.0, standardize)
-        self.ramp_share = ramp
+        self.ramp_share, self.epochs = ramp, epochs
         self.temperatures = nn.ModuleList(LearnableTemperature() for _ in range(students))
         self.t_max = 1.0 + 20.0  # the largest temperature T = 1 + 20·sigmoid(θ) reaches (float64 above 20)
 
@@ -134,7 +139,8 @@ class CTKDTerm(TeacherLogitTerm):
         return [torch.softmax(t / self.current(i), dim=-1).unsqueeze(0) for i in range(len(inp.logits))]
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        temperature = self.temperatures[i](cosine_lambda(inp.progress, 1.0, 0.0, self.ramp_share))
+        temperature = self.temperatures[i](cosine_lambda(epoch_progress(inp.progress, self.epochs), 1.0, 0.0,
+                                                             self.ramp_share))
         zs, ts = self.pair(z, inp)
         return kd_loss(zs, ts, temperature, t_max=self.t_max)
 
@@ -151,7 +157,7 @@ class CTKDTerm(TeacherLogitTerm):
 
 def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     teacher = logit_source(ctx.teacher, "ctkd")
-    return (CTKDTerm(teacher, ctx.students, cfg.ctkd_ramp, cfg.logit_standardize),)
+    return (CTKDTerm(teacher, ctx.students, cfg.ctkd_ramp, cfg.logit_standardize, cfg.epochs),)
 
 
-register_method(SPEC, terms)
+register_method(SPEC, terms, authors_weights=lambda cfg: CTKD_WEIGHTS)

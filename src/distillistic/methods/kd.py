@@ -2,7 +2,8 @@
 
 ``L = (1 − α)·CE(z, y) + α·T²·KL(softmax(t/T) ‖ softmax(z/T))``; with several teachers (``--teacher a,b``) the
 target is their (weighted, ``--teacher-mix``) mean ``Σ_j w_j softmax(t_j/T)``. ``--divergence`` replaces the KL
-(JS, MSE); ``--logit-standardize`` z-scores ``t`` and ``z`` per sample first (Sun et al. 2024).
+(JS, MSE); ``--logit-standardize`` z-scores ``t`` and ``z`` per sample first (Sun et al. 2024), at its authors'
+weights ``0.1·CE + 9·KD`` and base temperature 2 unless ``--alpha`` or ``--temperature`` is set.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ SPEC = MethodSpec(
     "L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)); several teachers: their mean softmax(t_j/T)",
     family="teacher", needs_teacher=True, default_teacher="resnet50", temperature=20.0,
     params=(LOGIT_STANDARDIZE,), reads=("temperature", "divergence"),
-    notes="T = 20 and alpha = 0.5: the thesis's setting (Hinton et al. give no single T)")
+    notes="T = 20 and alpha = 0.5: the thesis's setting (Hinton et al. give no single T); with --logit-standardize "
+          "0.1·CE + 9·KD at T = 2, the authors' (logit-standardization-KD, mdistiller/engine/cfg.py:62-65, "
+          "tools/train.py:103-114)")
+# Logit standardisation's own setting (sunshangquan/logit-standardization-KD@f6e5aa5): CE weight 0.1 and KD
+# weight 9 (mdistiller/engine/cfg.py:64, tools/train.py:104), base temperature 2 (tools/train.py:103).
+LS_WEIGHTS, LS_TEMPERATURE = (0.1, 9.0), 2.0
 
 
 def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
@@ -26,4 +32,5 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     return (Distill("kd", ctx.teacher, cfg.divergence, cfg.temperature, standardize=cfg.logit_standardize),)
 
 
-register_method(SPEC, terms)
+register_method(SPEC, terms, authors_weights=lambda cfg: LS_WEIGHTS if cfg.logit_standardize else None,
+                temperature=lambda cfg: LS_TEMPERATURE if cfg.logit_standardize else SPEC.temperature)

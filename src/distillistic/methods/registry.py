@@ -21,7 +21,7 @@ from distillistic import config as config_mod
 from distillistic.config import THESIS_ALPHA, Config
 from distillistic.core.ema import EmaCopies
 from distillistic.core.features import FeatureProbe
-from distillistic.core.objective import Objective, Term
+from distillistic.core.objective import CrossEntropy, Objective, Term
 from distillistic.core.signals import Signal
 from distillistic.errors import ConfigError, UserError
 from distillistic.methods import catalogue
@@ -52,7 +52,10 @@ class Method:
     ``temperature(cfg)``: its default T when it depends on its parameters; ``supervised(cfg)``: the term that
     replaces CE(z, y); ``generations(cfg)`` and ``generation(cfg, g, previous_run)``: a method trained as
     generations (born-again), each a run of its own; ``resolve_teacher(cfg)``: the default teacher when it
-    depends on the config (self-training: the students' own architecture).
+    depends on the config (self-training: the students' own architecture); ``authors_weights(cfg)``: the
+    authors' ``(CE weight, term weight)`` when the user sets no alpha (None: the thesis's α = 0.5). Weights
+    summing to 1 are α = the term's weight; others (logit standardisation's 0.1·CE + 9·KD) make the loss the sum
+    ``w_CE·CE + w·term``, with no α.
     """
 
     spec: MethodSpec
@@ -64,6 +67,7 @@ class Method:
     generations: Callable[[Config], int] | None = None
     generation: Callable[[Config, int, str | None], Config] | None = None
     resolve_teacher: Callable[[Config], str] | None = None
+    authors_weights: Callable[[Config], tuple[float, float] | None] | None = None
 
     @property
     def name(self) -> str:
@@ -88,12 +92,30 @@ class Method:
         if not math.isfinite(sum(abs(w) for w in weights if isinstance(w, int | float))):
             raise UserError(f"the weights of algo {self.name} ({', '.join(self.spec.weights)}) sum to more than a "
                             "float holds; they weigh loss terms: choose values of a few units or hundreds")
+        own = self._own_weights(cfg)
+        if own is not None and not math.isclose(sum(own), 1.0) and cfg.alpha_warmup:
+            raise UserError(f"--alpha-warmup ramps alpha, but algo {self.name} with these settings weighs "
+                            f"{own[0]:g}·CE + {own[1]:g}·term (its authors'), with no alpha; set --alpha to use "
+                            "(1 - alpha)·CE + alpha·term with a warm-up, or drop --alpha-warmup")
         if self.check_config is not None:
             self.check_config(cfg)
 
     def check_for_data(self, cfg: Config, num_classes: int) -> None:
         if self.data_check is not None:
             self.data_check(cfg, num_classes)
+
+    def _own_weights(self, cfg: Config) -> tuple[float, float] | None:
+        """The authors' (CE, term) weights when the user set no alpha, else None."""
+        if cfg.alpha is not None or self.authors_weights is None:
+            return None
+        return self.authors_weights(cfg)
+
+    def _default_alpha(self, cfg: Config) -> float | None:
+        """alpha when unset: the authors' (weights summing to 1), None for a sum of weights, else the thesis's."""
+        own = self._own_weights(cfg)
+        if own is None:
+            return cfg.alpha if cfg.alpha is not None else THESIS_ALPHA
+        return own[1] if math.isclose(sum(own), 1.0) else None
 
     def resolve(self, cfg: Config) -> Config:
         """Fill the keys the method defaults: alpha, the cohort's size, T, the teacher and its epochs."""
@@ -103,7 +125,7 @@ class Method:
         derived = self.resolve_teacher(cfg) if self.resolve_teacher else spec.default_teacher or cfg.model
         teacher = (cfg.teacher or derived) if spec.needs_teacher else None
         return cfg.replace(
-            alpha=(cfg.alpha if cfg.alpha is not None else THESIS_ALPHA) if "alpha" in spec.keys_read() else None,
+            alpha=self._default_alpha(cfg) if "alpha" in spec.keys_read() else None,
             students=cfg.students or spec.default_students,
             temperature=(cfg.temperature or default_t) if reads_t else None,
             teacher=teacher,
@@ -114,7 +136,14 @@ class Method:
         terms = self.terms(cfg, ctx)
         ce = self.supervised(cfg) if self.supervised is not None else None
         companions = (EmaCopies(cfg.ema),) if cfg.ema is not None else ()  # --ema: an EMA copy of every student
-        alpha = cfg.alpha if cfg.alpha is not None else THESIS_ALPHA
+        own = self._own_weights(cfg)
+        if own is not None and not math.isclose(sum(own), 1.0) and terms:  # the authors' w_CE·CE + w·term
+            ce = ce if ce is not None else CrossEntropy()
+            ce.weight = own[0]
+            for term in terms:
+                term.weight = own[1]
+            return Objective(terms, 0.0, 0.0, "sum", ce=ce, companions=companions)
+        alpha = cfg.alpha if cfg.alpha is not None else (self._default_alpha(cfg) or THESIS_ALPHA)
         thesis = self.spec.composition == "thesis"
         return Objective(terms, alpha if terms and thesis else 0.0, cfg.alpha_warmup, self.spec.composition, ce=ce,
                          companions=companions)

@@ -1,8 +1,9 @@
 """Teacher-free KD (Yuan et al. 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization).
 
 * ``tfkd`` (the virtual teacher, Tf-KD_reg): ``L = (1 − α)·CE(z, y) + α·KL(v ‖ softmax(z))`` with ``v`` = ``p`` on
-  the true class and ``(1 − p)/(K − 1)`` elsewhere; ``--virtual-smooth`` softens it to ``softmax(v/T)``
-  (T = 20) as the original code's target. ``--virtual-p-from RUN|auto`` takes ``p`` from a baseline's val top-1.
+  the true class and ``(1 − p)/(K − 1)`` elsewhere; ``--virtual-smooth`` is the original code's loss: the target
+  softened to ``softmax(v/T)`` (T = 20), the student at T = 1, the KL's 'mean' reduction (over ``B·K``), no ``T²``.
+  ``--virtual-p-from RUN|auto`` takes ``p`` from a baseline's val top-1.
 * ``tfkd_self`` (self-training, Tf-KD_self): KD from the student's own architecture trained first, ``T = 20``.
   Each student of a cohort is taught by its own architecture, so a cohort of several architectures is refused.
 """
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from distillistic.config import Config, student_archs
+from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, soft
@@ -20,6 +22,8 @@ from distillistic.errors import ConfigError, UserError
 from distillistic.methods.registry import Context, register_method, student_count
 from distillistic.methods.spec import Interval, MethodSpec, Param, choice, uniform
 
+_SMOOTH = ("yuanli2333/Teacher-free-Knowledge-Distillation@d000ab3, my_loss_function.py:33-51 "
+           "(loss_kd_regularization: nn.KLDivLoss() of log_softmax(outputs) and softmax(teacher_soft/T))")
 _PAPER = "Yuan et al. 2020, Revisiting Knowledge Distillation via Label Smoothing Regularization (CVPR)"
 SPEC = MethodSpec(
     "tfkd", f"{_PAPER}: virtual teacher",
@@ -29,8 +33,8 @@ SPEC = MethodSpec(
         Param("virtual_p", float, 0.9, "probability of the correct class in the virtual teacher, in (1/K, 1]",
               cite="Yuan et al. 2020, sec. 4 (a = 0.9 in their Tf-KD_reg runs)", space=uniform(0.5, 0.99),
               range=Interval(0.0, 1.0, open_low=True), allowed="a probability in (1/K, 1]"),
-        Param("virtual_smooth", bool, False, "soften the virtual teacher with softmax(v/T) as the original code",
-              cite="yuanli2333/Teacher-free-Knowledge-Distillation, my_loss_function.py: loss_kd_regularization",
+        Param("virtual_smooth", bool, False, "the original code's loss: KL(softmax(v/T) ‖ softmax(z)) / K, the "
+              "student at T = 1", cite=_SMOOTH,
               space=choice(False, True)),
         Param("virtual_p_from", str, None, "take --virtual-p from a baseline RUN_DIR's best val top-1, or auto: "
               "from the student's baseline, trained once and cached", optional=True),
@@ -72,10 +76,34 @@ def _virtual_p_check(cfg: Config, num_classes: int) -> None:
                           f"a probability in (1/K, 1] = ({1.0 / num_classes:.4g}, 1] for K = {num_classes} classes")
 
 
+class VirtualSmooth(Term):
+    """Tf-KD_reg as the original code computes it (``loss_kd_regularization``, :data:`_SMOOTH`):
+    ``D(softmax(v/T) ‖ softmax(z)) / K``: the target softened at ``T``, the student's logits at ``T = 1``, and
+    ``nn.KLDivLoss()``'s default 'mean' reduction, over the ``B·K`` elements (so a ``1/K`` on the batch mean),
+    without ``T²``. The code's per-model ``multiplier`` (1 to 100) is left to the weight α."""
+
+    def __init__(self, p: float, temperature: float, divergence: str = "kl", name: str = "tfkd") -> None:
+        super().__init__(name, 1.0, distil=True)
+        self.virtual, self.temperature, self.divergence = Virtual(p, smooth=True, name=name), temperature, divergence
+        self._fn = DIVERGENCES.get(divergence)
+
+    def targets(self, inp: StepInputs) -> list[Tensor]:
+        return self.virtual.targets(inp, self.temperature)
+
+    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
+        assert target is not None
+        return self._fn(target, z, 1.0) / z.shape[-1]
+
+    def describe(self) -> str:
+        d = SYMBOLS.get(self.divergence, self.divergence.upper())
+        return f"{d}({self.virtual.describe(self.temperature)} ‖ softmax(z))/K"
+
+
 def terms_virtual(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     assert cfg.temperature is not None, "resolve the config first"
-    return (Distill("tfkd", Virtual(cfg.virtual_p, cfg.virtual_smooth, name="tfkd"), cfg.divergence,
-                    cfg.temperature),)
+    if cfg.virtual_smooth:
+        return (VirtualSmooth(cfg.virtual_p, cfg.temperature, cfg.divergence),)
+    return (Distill("tfkd", Virtual(cfg.virtual_p, False, name="tfkd"), cfg.divergence, cfg.temperature),)
 
 
 def own_architecture(cfg: Config) -> str:
