@@ -23,10 +23,10 @@ from distillistic.methods.spec import Space, log_uniform
 optuna = pytest.importorskip("optuna")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = {"dataset": "synthetic", "synthetic_samples": 200, "model": "mlp", "teacher": "mlp", "teacher_epochs": 4,
-        "epochs": 1, "batch_size": 16, "threads": 1, "num_workers": 0}
+TINY = {"dataset": "synthetic", "synthetic_samples": 200, "model": "mlp", "teacher": "mlp", "teacher_weights": "random",
+        "epochs": 1, "batch_size": 16, "threads": 1, "num_workers": 0, "tensorboard": False, "progress": False}
 FLAGS = ["--dataset", "synthetic", "--synthetic-samples", "200", "--model", "mlp", "--epochs", "1",
-         "--batch-size", "16", "--threads", "1", "--num-workers", "0"]
+         "--batch-size", "16", "--threads", "1", "--num-workers", "0", "--no-tensorboard", "--no-progress"]
 
 
 def _space(method: str, optimizer: str = "adamw", fixed: tuple[str, ...] = ()) -> dict[str, Space]:
@@ -201,3 +201,19 @@ def test_two_workers_on_one_sqlite_file_split_the_trials_and_run_none_twice(tmp_
     assert not ran[0] & ran[1]  # each trial ran in one worker only
     pids = {str(w.pid) for w in workers}
     assert {t.user_attrs["worker"].rpartition(":")[2] for t in trials} <= pids
+
+
+@pytest.mark.e2e
+def test_every_trial_and_retraining_distils_from_one_teacher_trained_first(tmp_path: Path) -> None:
+    """A teacher trained first reads the run's lr and weight decay: tuned, they would train a teacher per trial."""
+    out = tmp_path / "t"
+    tune(["kd"], 2, out, {**TINY, "teacher_weights": "train", "teacher_epochs": 2}, seeds=1)
+    cache = Path(os.environ["DISTILLISTIC_CACHE"]) / "teachers"
+    trained = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(trained) == 1  # one teacher, with the fixed settings
+    lrs = set()
+    for folder in [*sorted((out / ".trials" / "kd").iterdir()), out / "kd,seed=43"]:
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["teacher_weights"] == str(trained[0])
+        lrs.add(config["lr"])
+    assert len(lrs) == 2  # the trials drew other learning rates (the re-training uses the best one)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distillistic import config as config_mod
-from distillistic.errors import UserError
+from distillistic.errors import TeacherStopped, UserError
 from distillistic.experiments import tune_space
 from distillistic.experiments.grid import RESERVED, expand
 from distillistic.experiments.tune_study import DIRECTIONS, TrialStopped, Tuner, TuneResult
@@ -78,11 +78,12 @@ def tune(algos: Sequence[str], trials: int, out: str | Path, base: Mapping[str, 
     result = TuneResult(out)
     try:
         for method in tuner.algos:
+            tuner.pin_teachers(method)
             log.info("tune %s: %d trials over %s", method, trials, ", ".join(tuner.spaces[method]))
             waiting = tuner.tune_method(method)
             if waiting:
                 result.waiting[method] = waiting
-    except TrialStopped as e:
+    except (TrialStopped, TeacherStopped) as e:
         log.info("%s", e)
         result.interrupted = True
         return result

@@ -125,6 +125,7 @@ class Tuner:
         self.optuna = _optuna()
         self.url = storage or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
         self.storage: Any = None
+        self.pinned: dict[str, dict[str, str]] = {}  # method -> teacher_weights of the teachers trained first
 
     # --- the studies -------------------------------------------------------------------------------------
 
@@ -211,6 +212,28 @@ class Tuner:
     def _folder(self, method: str, number: int) -> Path:
         return self.out / ".trials" / method / f"trial-{number:04d}"
 
+    def pin_teachers(self, method: str) -> None:
+        """Train (or find in the cache) once, with the fixed settings, the teachers the method's runs would train
+        first, and name them by path: a teacher trained first reads the run's lr and weight decay, so each
+        trial's draw (and each method's best) would otherwise train and distil from a teacher of its own."""
+        from distillistic.data.loader import build_data
+        from distillistic.teachers.cache import trained_teacher_dir
+        from distillistic.teachers.roster import teacher_configs
+        from distillistic.training import setup
+        from distillistic.training.run import train
+
+        if not tune_space.method_spec(method).needs_teacher:
+            return
+        values = {**read_by(method, self.base), "algo": method, "seed": self.seed, "progress": False}
+        cfg = setup.resolve(config_mod.from_mapping(values))
+        configs = teacher_configs(cfg)
+        if all(c.teacher_weights != "train" for c in configs):
+            return
+        info = build_data(cfg).info
+        paths = [str(trained_teacher_dir(c, info, train)) if c.teacher_weights == "train" else str(c.teacher_weights)
+                 for c in configs]
+        self.pinned[method] = {"teacher_weights": ",".join(paths)}
+
     # --- the trials ---------------------------------------------------------------------------------------
 
     def tune_method(self, method: str) -> int:
@@ -240,7 +263,8 @@ class Tuner:
         return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
     def _trial_config(self, method: str, params: Mapping[str, Any], folder: Path) -> Any:
-        values = {**read_by(method, self.base), "algo": method, "seed": self.seed, **params,
+        values = {**read_by(method, self.base), "algo": method, "seed": self.seed, **self.pinned.get(method, {}),
+                  **params,
                   "epochs": self.tune_epochs, "out": str(folder), "overwrite": True, "quiet": True,
                   "progress": False, "tensorboard": False, "wandb": False}
         return config_mod.from_mapping(values)
@@ -325,7 +349,8 @@ class Tuner:
         return run_sweep(self.sweep_spec({m: e["best_params"] for m, e in methods.items()}), self.out)
 
     def sweep_spec(self, params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        variants = {m: {"algo": m, **{k: plain(v) for k, v in p.items()}} for m, p in params.items()}
+        variants = {m: {"algo": m, **self.pinned.get(m, {}), **{k: plain(v) for k, v in p.items()}}
+                    for m, p in params.items()}
         return {**self.base, "variants": variants, "grid": {"seed": self.seeds or [self.seed + 1]}}
 
 
