@@ -173,7 +173,7 @@ class Tuner:
         startup = max(2, min(10, self.trials // 3))  # random draws (and unpruned trials) before TPE's model
         sampler = optuna.samplers.TPESampler(seed=self.seed if sampler_seed is None else sampler_seed,
                                              n_startup_trials=startup)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=1)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
         return optuna.create_study(storage=self.storage, study_name=method, direction=DIRECTIONS[self.objective],
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -309,7 +309,8 @@ class Tuner:
             study.tell(trial, state=state.FAIL)  # not counted: a worker that runs again re-draws it
             raise
         finally:  # the trial's summary and metric rows stay (DIR/.trials is hidden from the report)
-            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            for checkpoints in folder.glob("**/checkpoints"):  # a born-again run's generations have theirs
+                shutil.rmtree(checkpoints, ignore_errors=True)
         if result.summary.get("status") == "interrupted":
             study.tell(trial, state=state.FAIL)
             raise TrialStopped(str(result.summary.get("reason") or "stopped by a signal"))
