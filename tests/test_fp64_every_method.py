@@ -78,7 +78,7 @@ def test_one_fp64_step_computes_nothing_below_float64(algo: str) -> None:
     meters.update = _unwatched(meters.update)  # type: ignore[method-assign]
     for opt in task.optimizers:
         opt.step = _unwatched(opt.step)  # type: ignore[method-assign]
-    batch = next(iter(task.loaders["train"].epoch(0)))
+    batch = next(iter(task.views.prepare(task.loaders["train"].epoch(0))))  # as the loop: views made ahead
     watch = NotFloat64()
     with watch:
         train_step(task, batch, 0.5, meters)

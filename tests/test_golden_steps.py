@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nkd": {"algo": "nkd", "teacher": "cnn", "teacher_weights": "random"},
     "ttm": {"algo": "ttm", "teacher": "cnn", "teacher_weights": "random"},
     "wttm": {"algo": "wttm", "teacher": "cnn", "teacher_weights": "random"},
+    "mlkd": {"algo": "mlkd", "teacher": "cnn", "teacher_weights": "random"},
 }
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distillistic.methods.mlkd import mlkd_loss
 from distillistic.methods.nkd import nkd_loss
 from distillistic.methods.ttm import power_transform, ttm_loss
 
@@ -149,3 +151,82 @@ def test_ttm_teacher_far_beyond_float64_softmax_stays_finite() -> None:
     u = float(torch.exp(torch.logsumexp(0.1 * F.log_softmax(t, dim=1), dim=1)))
     expected = u * float((q * (q.log() - F.log_softmax(z.detach(), dim=1))).sum())
     assert loss.item() == pytest.approx(expected, rel=TOL)
+
+
+# --- MLKD: Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/distillers/KD_ours.py, ---------------------------
+# commit 5ee473fcf193dfb00a0598b64d0acfe6ad58a482 (forward_train after the four forwards; the model calls omitted)
+
+
+def ref_kd_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) -> Tensor:
+    """``kd_loss`` (lines 13-21), reduce=True."""
+    log_pred_student = F.log_softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+    loss_kd = F.kl_div(log_pred_student, pred_teacher, reduction="none").sum(1).mean()
+    return loss_kd * temperature**2
+
+
+def ref_cc_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) -> Tensor:
+    """``cc_loss`` (lines 24-34), reduce=True."""
+    _, class_num = logits_teacher.shape
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+    student_matrix = torch.mm(pred_student.transpose(1, 0), pred_student)
+    teacher_matrix = torch.mm(pred_teacher.transpose(1, 0), pred_teacher)
+    return ((teacher_matrix - student_matrix) ** 2).sum() / class_num
+
+
+def ref_bc_loss(logits_student: Tensor, logits_teacher: Tensor, temperature: float) -> Tensor:
+    """``bc_loss`` (lines 37-47), reduce=True."""
+    batch_size, _ = logits_teacher.shape
+    pred_student = F.softmax(logits_student / temperature, dim=1)
+    pred_teacher = F.softmax(logits_teacher / temperature, dim=1)
+    student_matrix = torch.mm(pred_student, pred_student.transpose(1, 0))
+    teacher_matrix = torch.mm(pred_teacher, pred_teacher.transpose(1, 0))
+    return ((teacher_matrix - student_matrix) ** 2).sum() / batch_size
+
+
+def ref_mlkd(s_w: Tensor, s_s: Tensor, t_w: Tensor, t_s: Tensor, target: Tensor, temperature: float,
+             ce_w: float, kd_w: float) -> Tensor:
+    """``KD_ours.forward_train`` lines 96-255: the sum of its ``losses_dict`` (what the trainer backpropagates)."""
+    pred_teacher_weak = F.softmax(t_w.detach(), dim=1)
+    confidence, _ = pred_teacher_weak.max(dim=1)
+    conf_thresh = np.percentile(confidence.detach().cpu().numpy().flatten(), 50)
+    mask = confidence.le(conf_thresh).bool()
+    class_confidence = torch.sum(pred_teacher_weak, dim=0).detach()
+    class_confidence_thresh = np.percentile(class_confidence.cpu().numpy().flatten(), 50)
+    class_conf_mask = class_confidence.le(class_confidence_thresh).bool()
+    loss_ce = ce_w * (F.cross_entropy(s_w, target) + F.cross_entropy(s_s, target))
+    taus = (temperature, 3.0, 5.0, 2.0, 6.0)
+    loss_kd_weak = sum(kd_w * ((ref_kd_loss(s_w, t_w, tau) * mask).mean()) for tau in taus)
+    loss_kd_strong = (kd_w * ref_kd_loss(s_s, t_s, temperature) + kd_w * ref_kd_loss(s_s, t_s, 3.0)
+                      + kd_w * ref_kd_loss(s_s, t_s, 5.0) + kd_w * ref_kd_loss(s_w, t_w, 2.0)
+                      + kd_w * ref_kd_loss(s_w, t_w, 6.0))
+    loss_cc_weak = sum(kd_w * ((ref_cc_loss(s_w, t_w, tau) * class_conf_mask).mean()) for tau in taus)
+    loss_bc_weak = sum(kd_w * ((ref_bc_loss(s_w, t_w, tau) * mask).mean()) for tau in taus)
+    return loss_ce + (loss_kd_weak + loss_kd_strong) + loss_cc_weak + loss_bc_weak
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("temp", "ce_w", "kd_w", "b"), [(4.0, 0.1, 0.9, 8), (1.0, 0.5, 0.5, 7), (4.0, 1.0, 2.0, 5)])
+@pytest.mark.parametrize("strong", [False, True])  # the gradient with respect to either view's student logits
+def test_mlkd_matches_the_reference(kind: str, temp: float, ce_w: float, kd_w: float, b: int, strong: bool) -> None:
+    z_w, t_w, y = _case(kind, 6, b=b)
+    z_s, t_s, _ = _case(kind, 7, b=b)
+
+    def ours(s: Tensor) -> Tensor:
+        return mlkd_loss(z_w if strong else s, s if strong else z_s, t_w, t_s, y, temp, ce_w, kd_w)["loss"]
+
+    def theirs(s: Tensor) -> Tensor:
+        return ref_mlkd(z_w if strong else s, s if strong else z_s, t_w, t_s, y, temp, ce_w, kd_w)
+
+    _agree(ours, theirs, z_s if strong else z_w)
+
+
+def test_mlkd_term_leaves_the_weak_cross_entropy_to_the_objective() -> None:
+    z_w, t_w, y = _case("random", 8)
+    z_s, t_s, _ = _case("random", 9)
+    out = mlkd_loss(z_w, z_s, t_w, t_s, y)
+    assert (out["loss"] - out["term"]).item() == pytest.approx(0.1 * F.cross_entropy(z_w, y).item(), abs=TOL)
+    assert out["loss"].item() == pytest.approx(
+        (0.1 * (F.cross_entropy(z_w, y) + F.cross_entropy(z_s, y)) + out["kd"] + out["cc"] + out["bc"]).item(),
+        abs=TOL)

@@ -85,6 +85,9 @@ FORMULAS = {
                  "at T = 3 over k ≠ y)",
     ("ttm", ()): "L = CE(z, y) + 45·KL(softmax(t)^0.1/U_0.1 ‖ softmax(z))",
     ("wttm", ()): "L = CE(z, y) + 4·U_0.2(softmax(t))·KL(softmax(t)^0.2/U_0.2 ‖ softmax(z))",
+    ("mlkd", ()): "L = 0.1·CE(z, y) + 0.1·CE(z_s, y) + 0.9·Σ_τ[m·KD_τ + c_m·CC_τ + m·BC_τ](z_w, t_w) + 0.9·Σ_(τ∈4,3,5) "
+                  "KD_τ(z_s, t_s) + 0.9·Σ_(τ∈2,6) KD_τ(z_w, t_w), τ ∈ {4, 3, 5, 2, 6}; z_s, t_s on RandAugment(2, 10) "
+                  "of the view",
 }
 
 

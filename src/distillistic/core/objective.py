@@ -61,6 +61,7 @@ class Term(nn.Module):
 
     student_stages: tuple[str, ...] = ()
     teacher_stages: tuple[str, ...] = ()
+    strong_view: bool = False  # the term reads a strongly augmented view of the batch (``inp.strong_views``)
 
     def __init__(self, name: str, weight: float = 1.0, distil: bool = True, ramp: Ramp = constant) -> None:
         super().__init__()
@@ -212,6 +213,11 @@ class Objective(nn.Module):
 
     def student_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for t in [self.ce, *self.extra] for p in t.student_parameters(i)]
+
+    @property
+    def strong_view(self) -> bool:
+        """Whether a term reads a strongly augmented view of each batch (the run's views then make one)."""
+        return any(t.strong_view for t in self._all())
 
     def _all(self) -> list[Term]:
         return [self.ce, *self.extra, *self.companions]

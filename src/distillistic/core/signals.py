@@ -64,6 +64,8 @@ class StepInputs:
     features: list[dict[str, Tensor]] = field(default_factory=list)  # per student: tapped maps, with gradient
     # Per student: the view it read (--peer-views independent: its own augmented view); empty: all read ``views``.
     student_views: Sequence[Views] = ()
+    # A strongly augmented view of the batch (data.views.ViewMaker.strong_views), made when a term reads one.
+    strong_views: Views | None = None
 
     def view_of(self, i: int) -> Views:
         """The views student ``i`` reads (and a model following it, such as its EMA copy)."""

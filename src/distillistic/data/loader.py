@@ -210,6 +210,7 @@ class Batch:
     # student of a cohort reads its own: --peer-views independent).
     augmented: tuple[Tensor, ...] | None = None
     crops: Tensor | None = None  # uint8 [B, V, C, S, S]: image files read with V > 1 views, each view's own crop
+    strong: Tensor | None = None  # uint8 [B, C, S, S] on the device: the strong view, made ahead (ViewMaker.prepare)
 
     def source(self, view: int) -> Tensor:
         """The uint8 images view ``view`` is made from: its own crop (image files, several views), else ``images``."""

@@ -9,7 +9,11 @@
 * with ``views = V`` > 1 (``--peer-views independent``), each training sample has V augmented views, view
   ``v`` keyed by ``(data_seed, epoch, index, v)`` (its own crop too for image files, made by the loader):
   student ``m`` of a cohort reads view ``m`` (:meth:`ViewMaker.for_students`); view 0 is the shared view
-  bit for bit, and what a teacher reads. Evaluation has one view (no augmentation).
+  bit for bit, and what a teacher reads. Evaluation has one view (no augmentation);
+* with ``strong``, a strongly augmented view of every training sample beside those (for a term that reads one:
+  ``Term.strong_view``): the run's augmentation drawn on keys of its own (``view = STRONG_VIEW``), then
+  RandAugment with 2 operations at magnitude 10 (of 31 bins), made ahead with the others
+  (:meth:`ViewMaker.strong_views`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from distillistic.data.loader import Batch, DataInfo
 from distillistic.errors import DataError
 
 Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
+STRONG_VIEW = 1000  # the augmentation keys' view number of the strong view (views 0, 1, ... are the run's)
 
 
 class Views:
@@ -114,8 +119,9 @@ class ViewMaker:
 
     def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
                  channels_last: bool = False, chunk_bytes: int = 1 << 23, dtype: torch.dtype = torch.float32,
-                 views: int = 1) -> None:
-        """``views``: training views per sample, 1 (every student reads the same) or one per student."""
+                 views: int = 1, strong: bool = False) -> None:
+        """``views``: training views per sample, 1 (every student reads the same) or one per student; ``strong``:
+        make a strongly augmented view of each training sample too (:meth:`strong_views`)."""
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.device, self.data_seed, self.channels_last, self.views = device, data_seed, channels_last, views
@@ -124,6 +130,8 @@ class ViewMaker:
         self.augment: BatchRandAugment | BatchCropFlip | None = (
             BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
             else BatchCropFlip() if augment == "cifar" else None)
+        self.strong = (BatchRandAugment((info.image_size, info.image_size), num_ops=2, magnitude=10) if strong
+                       else None)
         self.mean = torch.tensor(info.mean, device=device, dtype=dtype).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=device, dtype=dtype).view(1, -1, 1, 1)
 
@@ -135,7 +143,7 @@ class ViewMaker:
 
     def prepare(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Training batches with their augmented images made ahead, ``chunk_bytes`` of images at a time."""
-        if self.augment is None:
+        if self.augment is None and self.strong is None:
             yield from batches
             return
         chunk: list[Batch] = []
@@ -147,21 +155,50 @@ class ViewMaker:
         yield from self._augment(chunk)
 
     def _augment(self, chunk: list[Batch]) -> Iterator[Batch]:
-        if not chunk or self.augment is None:
+        if not chunk:
             return
         index = torch.cat([b.index for b in chunk])
         assert all(b.epoch == chunk[0].epoch for b in chunk)
         sizes = [len(b.index) for b in chunk]
         per_view = []
         for view in range(self.views):
-            images = torch.cat([b.source(view) for b in chunk]) if len(chunk) > 1 else chunk[0].source(view)
-            if self.device.type == "cuda" and len(chunk) > 1 and images.device.type == "cpu":
-                images = images.pin_memory()
-            x = self.augment(images.to(self.device, non_blocking=True),
-                             SampleKeys(self.data_seed, chunk[0].epoch, index, view))
-            per_view.append(x.split(sizes))
+            if self.augment is not None:
+                keys = SampleKeys(self.data_seed, chunk[0].epoch, index, view)
+                per_view.append(self.augment(self._chunk_source(chunk, view), keys).split(sizes))
+        strong = None
+        if self.strong is not None:
+            keys = SampleKeys(self.data_seed, chunk[0].epoch, index, STRONG_VIEW)
+            strong = self._strong_pixels(self._chunk_source(chunk, 0), keys).split(sizes)
         for i, b in enumerate(chunk):
-            yield Batch(b.images, b.labels, b.index, b.epoch, augmented=tuple(v[i] for v in per_view), crops=b.crops)
+            yield Batch(b.images, b.labels, b.index, b.epoch, crops=b.crops,
+                        augmented=tuple(v[i] for v in per_view) if per_view else None,
+                        strong=strong[i] if strong is not None else None)
+
+    def _chunk_source(self, chunk: list[Batch], view: int) -> Tensor:
+        """The uint8 images view ``view`` of a chunk of batches is made from, on the device."""
+        images = torch.cat([b.source(view) for b in chunk]) if len(chunk) > 1 else chunk[0].source(view)
+        if self.device.type == "cuda" and len(chunk) > 1 and images.device.type == "cpu":
+            images = images.pin_memory()
+        return images.to(self.device, non_blocking=True)
+
+    def _strong_pixels(self, images: Tensor, keys: SampleKeys) -> Tensor:
+        """The strong view (uint8): the run's augmentation and then RandAugment(2, 10), both on ``keys``."""
+        assert self.strong is not None
+        return self.strong(self.augment(images, keys) if self.augment is not None else images, keys)
+
+    def strong_views(self, batch: Batch) -> Views | None:
+        """The training batch's strong view (module docstring); ``None`` unless the maker was asked for one."""
+        if self.strong is None:
+            return None
+
+        def make() -> Tensor:
+            x = batch.strong
+            if x is None:
+                keys = SampleKeys(self.data_seed, batch.epoch, batch.index, STRONG_VIEW)
+                x = self._strong_pixels(batch.source(0).to(self.device, non_blocking=True), keys)
+            return (x.to(self.dtype) / 255 - self.mean) / self.std
+
+        return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
 
     def __call__(self, batch: Batch, train: bool) -> Views:
         """The batch's views (the shared view, view 0, in training; the plain images in evaluation)."""

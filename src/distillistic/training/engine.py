@@ -204,7 +204,8 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     with rt.autocast():
         logits = [s.model(model_view(v, s.view_size, s.channels, s.norm)) for s, v in zip(task.students, views)]
         inp = StepInputs(views[0], labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
-                         progress=progress, features=[s.features() for s in task.students], student_views=views)
+                         progress=progress, features=[s.features() for s in task.students], student_views=views,
+                         strong_views=task.views.strong_views(batch))
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     for opt in task.optimizers:

@@ -205,7 +205,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
                 loaders,
-                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype, views=views),
+                ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype, views=views,
+                          strong=objective.strong_view),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)
