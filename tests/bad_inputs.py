@@ -443,6 +443,10 @@ def _locked(ws: Workspace) -> list[str]:
 
     f = (ws.run / ".lock").open("a")
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write('{"pid": 4242, "host": "gpu-node-7", "since": "2026-01-01T00:00:00+00:00", "command": '
+            '"distillistic train --out RUN"}\n')  # the note another train on RUN leaves
+    f.flush()
     _HELD.append(f)  # as another train on RUN, still running
     return ws.train()
 
@@ -599,8 +603,8 @@ ROUND3_CASES: list[Case] = [
     Case("tfkd-self-mixed-cohort", "config value", "Tf-KD self-training of students of several architectures",
          lambda ws: ws.train("--algo", "tfkd_self", "--students", "mlp,cnn")),
     Case("tfkd-self-listed-other-teacher", "config value", "Tf-KD self-training of a listed student (cnn) by "
-         "--model's architecture (data-dependent)",
-         lambda ws: ws.train("--algo", "tfkd_self", "--students", "cnn", "--teacher", "mlp")),
+         "another architecture (data-dependent)",
+         lambda ws: ws.train("--algo", "tfkd_self", "--students", "cnn", "--model", "cnn", "--teacher", "mlp")),
     # numbers that overflow or exhaust
     Case("teacher-mix-overflow", "config value", "teacher mixing weights whose sum is not finite",
          lambda ws: ws.train("--algo", "kd", "--teacher", "mlp,cnn", "--teacher-weights", "random",
@@ -701,6 +705,13 @@ DEPLOY_CASES: list[Case] = [
          lambda ws: ["predict", str(ws.tmp / "student.onnx"), str(_file(ws, "x.png"))]),
 ]
 CASES += DEPLOY_CASES
+
+# Reliability, third round (second part): flags a list would ignore, derived artefacts reused, machines, ranks.
+REUSE_CASES: list[Case] = [
+    Case("model-not-a-listed-student", "config value", "--model that --students (a list of architectures) ignores",
+         lambda ws: ws.train("--algo", "dml", "--students", "cnn,cnn_wide")),
+]
+CASES += REUSE_CASES
 
 
 def _tune(ws: Workspace, *args: str) -> list[str]:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "distillistic"
-LAYERS = {"errors": 0, "registry": 0, "fileio": 0, "imports": 0, "config": 1, "core": 2, "data": 3, "models": 3,
-          "methods": 3, "training": 4, "runs": 5, "teachers": 6, "deploy": 7, "experiments": 8, "names": 8, "cli": 9,
-          "__main__": 10, "__init__": 10}
+LAYERS = {"errors": 0, "registry": 0, "fileio": 0, "imports": 0, "locks": 0, "config": 1, "core": 2, "data": 3,
+          "models": 3, "methods": 3, "training": 4, "runs": 5, "teachers": 6, "deploy": 7, "experiments": 8, "names": 8,
+          "cli": 9, "__main__": 10, "__init__": 10}
 # Modules whose layer is not their package's: the assembly of a run, above the teachers and run outputs.
 MODULE_LAYERS = {"training.run": 7, "training.generations": 7, "training.calibrate": 7,
                  # the methods' specs are plain data that the config reads: below it (no torch, no core)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import resource
 import signal
 import subprocess
@@ -156,8 +157,14 @@ def test_two_trains_on_one_out_at_once_one_is_refused(tmp_path: Path) -> None:
             time.sleep(0.2)
         for flags in ([], ["--overwrite"], ["--resume"]):
             code, text = run_argv(["train", *TINY, "--out", str(out), *flags])
-            assert (code, text) == (2, f"distillistic: error: '{out}' is in use by another run (it holds "
-                                       f"{out / '.lock'}); wait for that run to end, or choose another --out\n")
+            # the refusal says who holds the lock (the first train's process) and how to break it if it hangs
+            assert code == 2
+            assert text.startswith(f"distillistic: error: '{out}' is in use by another run: process {first.pid} on "
+                                   f"{platform.node()} since "), text
+            assert text.endswith(f" holds {out / '.lock'}; wait for that run to end or choose another --out; if that "
+                                 f"process hangs, kill {first.pid}: the system then releases its lock (there is no "
+                                 "file to delete)\n"), text
+            assert text.count("\n") == 1
     finally:
         os.kill(first.pid, signal.SIGCONT)
         _, err = first.communicate(timeout=400)

@@ -25,10 +25,9 @@ def _train(out: Path, *args: str) -> tuple[int, str]:
 # --- self-training of a cohort: each student by its own architecture ---------------------------------------------
 
 def test_tfkd_self_teaches_a_listed_student_by_its_own_architecture(tmp_path: Path) -> None:
-    """``--model mlp --students cnn``: the student is a cnn, so its self-teacher is a cnn (it was the mlp of
+    """``--students cnn``: the student is a cnn, so its self-teacher is a cnn (it was the architecture of
     ``--model``: silently KD from another architecture); the start line names the student truly."""
-    code, text = _train(tmp_path / "run", "--algo", "tfkd_self", "--model", "mlp", "--students", "cnn",
-                        "--allow-weak-teacher")
+    code, text = _train(tmp_path / "run", "--algo", "tfkd_self", "--students", "cnn", "--allow-weak-teacher")
     assert code == 0, text
     start = next(line for line in text.splitlines() if line.startswith("start: tfkd_self"))
     assert "1 x cnn, teacher cnn |" in start
@@ -41,8 +40,7 @@ def test_tfkd_self_refuses_a_cohort_of_several_architectures_or_another_teacher(
     assert text.count("\n") == 1
     assert "the students are cnn, mlp and one run has one teacher" in text
     # the teacher equals --model but not the listed student: refused (it used to pass, comparing with --model)
-    code, text = _train(tmp_path / "b", "--algo", "tfkd_self", "--model", "mlp", "--students", "cnn", "--teacher",
-                        "mlp")
+    code, text = _train(tmp_path / "b", "--algo", "tfkd_self", "--students", "cnn", "--teacher", "mlp")
     assert code == 2
     assert text.count("\n") == 1
     assert "taught by the student's own architecture ('cnn'), not by 'mlp'" in text

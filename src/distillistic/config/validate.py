@@ -148,6 +148,10 @@ def _validate_cohort_and_teachers(cfg: Config) -> None:
     """``students`` (a count > 0 or a non-empty list), and the teacher lists' lengths and mix weights."""
     if isinstance(cfg.students, tuple):
         _check(len(cfg.students) > 0, "students", [], "a whole number > 0 or a list of architectures")
+        model_default = next(f.default for f in dataclasses.fields(cfg) if f.name == "model")
+        _check(cfg.model == model_default or cfg.model in cfg.students, "model", cfg.model,
+               f"left out when --students lists the architectures ({', '.join(cfg.students)}): each student is "
+               "built from its own entry, so --model would be ignored; remove --model, or list it in --students")
     else:
         _check(cfg.students is None or cfg.students > 0, "students", cfg.students,
                "a whole number > 0 (or unset), or a list of architectures")

@@ -31,6 +31,7 @@ import yaml
 from distillistic import config as config_mod
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import Cell, Plan, comparable, expand, plain, shard
+from distillistic.locks import holder_of, try_lock
 from distillistic.runs.rundir import RUN_FILES, read_summary
 from distillistic.training import setup
 from distillistic.training.checkpoint import atomic_write_json, atomic_write_text
@@ -106,21 +107,21 @@ def _is_main() -> bool:
 
 
 @contextmanager
-def _cell_lock(out: Path, name: str) -> Iterator[bool]:
-    """Hold a lock on a cell so two sweeps started on one folder never run it twice at once."""
+def _cell_lock(out: Path, name: str) -> Iterator[str | None]:
+    """Hold a lock on a cell so two sweeps started on one folder never run it twice at once: yields ``None``
+    when this process holds it, else who holds it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun every rank runs the cell together
-        yield True
+        yield None
         return
     locks = out / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with (locks / f"{name}.lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
+    path = locks / f"{name}.lock"
+    with path.open("a") as handle:
+        if not try_lock(handle):
+            yield holder_of(path)[0]
             return
         try:
-            yield True
+            yield None
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -202,10 +203,11 @@ def run_sweep(source: str | Path | Mapping[str, Any], out: str | Path, shard_spe
 
 def _step(cell: Cell, out: Path, k: int, total: int, wandb: bool | None) -> Outcome:
     where = f"[{k}/{total}] {cell.name}"
-    with _cell_lock(out, cell.name) as mine:
-        if not mine:
-            log.warning("%s: running in another process; skipped here", where)
-            return Outcome(cell, "busy", "running in another process")
+    with _cell_lock(out, cell.name) as holder:
+        if holder is not None:
+            log.warning("%s: running in another process (%s holds %s); skipped here", where, holder,
+                        out / ".locks" / f"{cell.name}.lock")
+            return Outcome(cell, "busy", f"running in another process ({holder})")
         state, why = cell_state(cell, out / cell.name)  # again: another shard may have finished it meanwhile
         if state == "done":
             log.info("%s: already complete, skipped", where)

@@ -26,7 +26,6 @@ with another teacher is refused.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.data.loader import DataInfo
 from distillistic.errors import TrainingDiverged, UserError
+from distillistic.locks import holder_of, how_to_break, note_holder, try_lock
 from distillistic.runs.summary import build_summary, clean
 from distillistic.training.checkpoint import (
     atomic_write_json,
@@ -52,6 +52,7 @@ from distillistic.training.checkpoint import (
     fault_point,
     remove_stale_temporaries,
     save,
+    state_dict_hash,
 )
 from distillistic.training.engine import Progress, Task, TrainMeters
 from distillistic.training.runtime import Runtime, rng_state
@@ -173,12 +174,11 @@ class RunDir:
             return
         path = self.out / ".lock"
         f = path.open("a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(f, note=False):  # noted when the run writes its files (open)
             f.close()
-            raise UserError(f"'{self.out}' is in use by another run (it holds {path}); wait for that run to "
-                            "end, or choose another --out") from None
+            holder, pid = holder_of(path)
+            raise UserError(f"'{self.out}' is in use by another run: {holder} holds {path}; wait for that run "
+                            f"to end or choose another --out; {how_to_break(pid)}")
         self._lock = f
 
     def unlock(self) -> None:
@@ -193,6 +193,7 @@ class RunDir:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock()
+        note_holder(self._lock)  # who holds it, for a run that waits or is refused
         if self.cfg.overwrite and not resumed:
             for name in RUN_FILES:
                 path = self.out / name
@@ -281,9 +282,7 @@ class RunDir:
         if self.rt.is_main:
             for s in [*task.students, *task.members]:
                 if s.name in improved:
-                    save({"kind": "best", "config": self.cfg.to_dict(), "arch": {s.name: _archs(task)[s.name]},
-                          "num_classes": task.num_classes, "epoch": progress.epoch,
-                          "models": {s.name: s.raw.state_dict()}}, self.best_path(s.name))
+                    self.save_best(task, progress, s.name, s.raw.state_dict())
         fault_point("after-best")
         self.save_last(task, progress)
         fault_point("after-last")
@@ -291,6 +290,15 @@ class RunDir:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.writelines(json.dumps(clean(r)) + "\n" for r in rows)
             self._log_scalars(rows)
+
+    def save_best(self, task: Task, progress: Progress, name: str, state: dict[str, Any]) -> None:
+        """Write ``best-<name>.pt`` (weights of ``progress.best[name]``'s epoch); ``last.pt`` records the sha256
+        of its weights, so that a resume knows the file is this run's."""
+        progress.best_files[name] = state_dict_hash(state)
+        save({
+            "kind": "best", "config": self.cfg.to_dict(), "arch": {name: _archs(task)[name]},
+            "num_classes": task.num_classes, "epoch": progress.best[name]["epoch"], "models": {name: state}},
+            self.best_path(name))
 
     def _log_scalars(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -325,14 +333,14 @@ class RunDir:
             return
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
                                                    "train_seconds", "train_images", "epoch_seconds",
-                                                   "epoch_images", "teacher_flops")}
+                                                   "epoch_images", "teacher_flops", "best_files")}
         evaluated = [*task.students, *task.members]  # members (EMA copies) too, for export; restored via "terms"
         save({"kind": "last", "config": self.cfg.to_dict(), "arch": _archs(task),
               "num_classes": task.num_classes, "models": {s.name: s.raw.state_dict() for s in evaluated},
               "optimizers": [o.state_dict() for o in task.optimizers],
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
               "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),
-              "data_checksum": self.data_checksum,
+              "data_checksum": self.data_checksum, "machine": machine_facts(self.rt),
               "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
              self.last_checkpoint)
 
@@ -358,6 +366,11 @@ class RunDir:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def machine_facts(rt: Runtime) -> dict[str, Any]:
+    """What a run computes on (saved in ``last.pt``): a resume elsewhere continues, but not bit for bit."""
+    return {"device": str(rt.device), "threads": torch.get_num_threads()}
 
 
 def _archs(task: Task) -> dict[str, str]:

@@ -9,7 +9,6 @@ concurrent sweep shards from training it twice.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
 from distillistic.data.loader import DataInfo
 from distillistic.errors import CheckpointError, TeacherStopped, UserError
+from distillistic.locks import wait_lock
 from distillistic.methods import catalogue
 from distillistic.methods.spec import OPTIONAL_KEYS
 from distillistic.models.builders import build_model
@@ -91,8 +91,9 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
             _train_teacher(recipe, folder, train)
         dist.barrier()
         return folder
-    with (folder.parent / f"{folder.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process training the same teacher: wait for it
+    lock_path = folder.parent / f"{folder.name}.lock"
+    with lock_path.open("a") as lock:
+        wait_lock(lock, lock_path, f"the teacher being trained into '{folder}' by another process")
         if _completed(folder):
             log.info("teacher: reusing %s", folder)
         else:

@@ -36,7 +36,6 @@ names the world size, so a later run on any number of processes reads what an ea
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -56,6 +55,7 @@ from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.loader import DataBundle, Loader, split_fingerprint
 from distillistic.data.views import ViewMaker
 from distillistic.errors import UserError
+from distillistic.locks import wait_lock
 from distillistic.training.checkpoint import atomic_write, atomic_write_json, remove_stale_temporaries
 
 if TYPE_CHECKING:
@@ -288,8 +288,9 @@ class TeacherStore:
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        with (self.folder / ".lock").open("w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        path = self.folder / ".lock"
+        with path.open("a") as f:
+            wait_lock(f, path, f"the teacher store '{self.folder}', in use by another process")
             yield
 
     def _check_manifest(self, path: Path, expected: dict[str, Any], pattern: str) -> None:

@@ -116,6 +116,7 @@ class Progress:
     epoch_images: int = 0
     meters: list[Tensor] | None = None  # training sums of the epoch in progress (resume)
     teacher_flops: int = 0  # FLOPs of the teachers' forwards so far (a stored teacher's: where it was computed)
+    best_files: dict[str, str] = field(default_factory=dict)  # model -> sha256 of its best-<model>.pt's weights
 
 
 class Hooks(Protocol):

@@ -28,7 +28,7 @@ from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
 from distillistic.methods.registry import METHODS, Context, student_count
 from distillistic.models.builders import MODELS, build_model, check_fits
 from distillistic.runs.result import RunResult, api_voice
-from distillistic.runs.resume import restore_state
+from distillistic.runs.resume import check_best_files, restore_state
 from distillistic.runs.rundir import RunDir, note_stop_signal
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
@@ -239,6 +239,7 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
     progress = Progress()
     if cfg.resume and rundir.has_checkpoint():
         progress = restore_state(rundir.last_checkpoint, task, rundir.teacher, rundir.data_checksum)
+        check_best_files(rundir, task, progress)  # now, not at the end after more epochs
         if progress.epoch < cfg.epochs:
             log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
         else:
