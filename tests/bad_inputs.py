@@ -706,10 +706,42 @@ DEPLOY_CASES: list[Case] = [
 ]
 CASES += DEPLOY_CASES
 
+def _idx_run(ws: Workspace, edit: str) -> Path:
+    """A finished run on IDX files, whose data then moves away (``move``) or changes by one pixel (``pixel``)."""
+    folder = ws.idx_folder(n=120)
+    out = ws.tmp / "idx-run"
+    code, text = run_argv(ws.train("--dataset", "mnist", "--data-root", str(folder), out=out))
+    assert code == 0, text
+    images = folder / "t10k-images-idx3-ubyte.gz"
+    if edit == "move":
+        folder.rename(ws.tmp / "moved")
+    else:
+        data = bytearray(gzip.decompress(images.read_bytes()))
+        data[-1] ^= 0xFF
+        images.write_bytes(gzip.compress(bytes(data)))
+    return out
+
+
+def _ban_run(ws: Workspace) -> list[str]:
+    """A finished run of born-again generations (2), and the arguments that trained it."""
+    argv = ws.train("--algo", "ban", "--generations", "2", "--allow-weak-teacher", out=ws.tmp / "ban")
+    code, text = run_argv(argv)
+    assert code == 0, text
+    return argv
+
+
 # Reliability, third round (second part): flags a list would ignore, derived artefacts reused, machines, ranks.
 REUSE_CASES: list[Case] = [
     Case("model-not-a-listed-student", "config value", "--model that --students (a list of architectures) ignores",
          lambda ws: ws.train("--algo", "dml", "--students", "cnn,cnn_wide")),
+    Case("calibrate-data-moved", "calibrate", "calibrate of a run whose data folder moved (the advice: --data-root)",
+         lambda ws: ["calibrate", str(_idx_run(ws, edit="move"))]),
+    Case("calibrate-data-changed", "calibrate", "calibrate of a run whose data changed since (one pixel)",
+         lambda ws: ["calibrate", str(_idx_run(ws, edit="pixel"))]),
+    Case("export-data-root-safetensors", "export", "--data-root for a .safetensors export, which reads no data",
+         lambda ws: ["export", str(ws.run), "--data-root", str(ws.tmp), "--out", str(ws.tmp / "e")]),
+    Case("ban-resume-other-config", "checkpoint", "--resume of born-again generations with other settings",
+         lambda ws: [*_ban_run(ws)[:-1], "--lr", "0.01", "--resume"]),
 ]
 CASES += REUSE_CASES
 

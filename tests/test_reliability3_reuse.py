@@ -174,3 +174,75 @@ def test_a_resume_on_another_thread_count_proceeds_with_one_line(tmp_path: Path,
                            "--resume"])
     assert code == 2
     assert "the config differs from the run being resumed (lr: 0.001 -> 0.01)" in text
+
+
+# --- generations: a resume with other settings ------------------------------------------------------------------
+
+def test_a_generations_resume_with_another_config_is_refused_and_rewrites_nothing(tmp_path: Path) -> None:
+    """Born-again networks: ``--resume --lr 0.01`` on a run trained at 0.001 skipped every completed generation
+    and rewrote config.yaml to say lr 0.01: a config describing training that never happened. Now refused as a
+    plain resume is, whether the run's own config.yaml is there yet or only its generations' are."""
+    out = tmp_path / "ban"
+    args = ["--algo", "ban", "--generations", "2", "--model", "mlp", "--allow-weak-teacher"]
+    code, text = _train(out, *args)
+    assert code == 0, text
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    code, text = run_argv(["train", *TINY, *args, "--lr", "0.01", "--out", str(out), "--resume"])
+    assert (code, text) == (2, f"distillistic: error: --resume: the config differs from the run being resumed "
+                               f"('{out / 'config.yaml'}') (lr: 0.001 -> 0.01); resume with the same settings, or "
+                               "start a new --out\n")
+    (out / "config.yaml").unlink()  # as a run stopped in its last generation has none yet
+    del before[out / "config.yaml"]
+    code, text = run_argv(["train", *TINY, *args, "--lr", "0.01", "--out", str(out), "--resume"])
+    assert (code, text) == (2, f"distillistic: error: --resume: the config differs from the run being resumed "
+                               f"('{out / 'gen1' / 'config.yaml'}') (lr: 0.001 -> 0.01); resume with the same "
+                               "settings, or start a new --out\n")
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"} == before
+    code, text = run_argv(["train", *TINY, *args, "--out", str(out), "--resume"])  # the same settings: resumes
+    assert code == 0, text
+    assert "generation 1 is complete; skipping it" in text
+
+
+# --- commands that re-read a run's data -------------------------------------------------------------------------
+
+def _idx_run(tmp_path: Path) -> tuple[Path, Path]:
+    import numpy as np
+
+    from bad_inputs import write_idx
+
+    data = tmp_path / "idx"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(data / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (120, 8, 8), np.uint8))
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", (np.arange(120) % 3).astype(np.uint8))
+    out = tmp_path / "run"
+    code, text = run_argv(["train", *TINY, "--model", "mlp", "--dataset", "mnist", "--data-root", str(data),
+                           "--out", str(out)])
+    assert code == 0, text
+    return data, out
+
+
+def test_calibrate_checks_the_data_first_and_takes_the_data_root_its_advice_names(tmp_path: Path) -> None:
+    """calibrate rebuilt a run's data from its config.yaml and never compared it with the run's: a changed
+    file was calibrated on silently, and a moved one got advice ('pass --data-root') calibrate did not accept."""
+    import numpy as np
+
+    from bad_inputs import write_idx
+
+    data, out = _idx_run(tmp_path)
+    moved = data.rename(tmp_path / "moved")
+    code, text = run_argv(["calibrate", str(out)])
+    assert (code, text) == (2, f"distillistic: error: data folder '{data}' does not exist; pass --data-root "
+                               "pointing at the IDX files\n")
+    code, text = run_argv(["calibrate", str(out), "--data-root", str(moved)])  # as the advice says
+    assert code == 0, text
+    assert json.loads((out / "calibration.json").read_text())["models"]["student"]["temperature"] > 0
+    (out / "calibration.json").unlink()
+    images = np.random.default_rng(0).integers(0, 255, (120, 8, 8), np.uint8)
+    images[0, 0, 0] ^= 1  # one pixel
+    write_idx(moved / "t10k-images-idx3-ubyte.gz", images)
+    code, text = run_argv(["calibrate", str(out), "--data-root", str(moved)])
+    assert (code, text) == (2, f"distillistic: error: calibrate: the data in '{moved}' is not the data '{out}' was "
+                               f"trained on (its checksum differs from {out / 'manifest.json'}'s); pass --data-root "
+                               "pointing at that data\n")
+    assert not (out / "calibration.json").exists()

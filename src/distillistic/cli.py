@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "ECE/NLL/Brier before and after on test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of 'distillistic train'")
     p.add_argument("--device", default=None, help="device to evaluate on (default: the run's --device)")
+    p.add_argument("--data-root", default=None, help="where the run's data is now (default: the run's --data-root)")
+    p.add_argument("--cache-dir", default=None, help="the cache holding the run's teacher and downloaded data "
+                                                     "(default: the run's --cache-dir)")
     _add_experiment_commands(sub)
     return parser
 
@@ -237,6 +240,8 @@ def _add_deploy_flags(p: argparse.ArgumentParser) -> None:
                    help="training images for int8 calibration (default: 512)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency figures (default: 1)")
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the latency figures")
+    p.add_argument("--data-root", default=None, help="with --format onnx: where the run's data is now, for the "
+                                                     "parity check and int8 calibration (default: the run's)")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -244,6 +249,9 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.format == "onnx" or args.quantize:
         return _export_onnx(args)
+    if args.data_root:
+        raise UserError("export: --data-root is read by --format onnx only (its parity check and int8 calibration); "
+                        "drop it: a .safetensors export reads no data")
 
     for path in export_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.overwrite):
         print(path)
@@ -259,7 +267,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from distillistic.deploy.report import export_table
 
     result = export_onnx_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.quantize,
-                             args.overwrite, args.calibration_images, args.bench, args.threads)
+                             args.overwrite, args.calibration_images, args.bench, args.threads, args.data_root)
     print(export_table(result["exported"]))
     print(f"written: {result['path']}")
     return 0
@@ -282,7 +290,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from distillistic.training.calibrate import calibrate_run, table
 
-    result = calibrate_run(Path(args.run_dir), args.device)
+    result = calibrate_run(Path(args.run_dir), args.device, args.data_root, args.cache_dir)
     print(table(result))
     print(f"written: {Path(args.run_dir) / 'calibration.json'}")
     return 0

@@ -47,16 +47,19 @@ def _planned(run_dir: Path, out: Path, which: str, quantize: str | None) -> list
     return paths
 
 
-def _data(folder: Path) -> tuple[Config, DataBundle]:
-    """The run's resolved config and its data, refused if the data changed since the run."""
+def _data(folder: Path, data_root: str | None = None) -> tuple[Config, DataBundle]:
+    """The run's resolved config and its data (in ``data_root`` if given), refused if it changed since the run."""
     if not (folder / "config.yaml").is_file():
         raise UserError(f"export: '{folder}' has no config.yaml; it is not a run directory")
     cfg = setup.resolve(config_mod.load(folder / "config.yaml"))
+    if data_root:
+        cfg = cfg.replace(data_root=data_root)
     bundle = build_data(cfg)
     recorded = read_manifest_data(folder).get("checksum")
     if recorded and bundle.info.checksum and recorded != bundle.info.checksum:
         raise UserError(f"export: the data of '{folder}' changed since the run (its checksum differs from "
-                        "manifest.json's); parity is checked on the run's own test split")
+                        "manifest.json's); parity is checked on the run's own test split: pass --data-root "
+                        "pointing at the data it was trained on")
     if len(bundle.splits["test"]) == 0:
         raise UserError(f"export: the run '{folder}' has no test split; parity is checked on it")
     return cfg, bundle
@@ -71,8 +74,9 @@ def _facts(bundle: DataBundle) -> dict[str, Any]:
 
 def export_onnx_run(run_dir: Path, out: Path | None = None, which: str = "best", quantize: str | None = None,
                     overwrite: bool = False, calibration_images: int = 512, bench: bool = True,
-                    threads: int = 1) -> dict[str, Any]:
-    """Export every student of ``run_dir`` as ONNX (and int8); write and return ``export.json``."""
+                    threads: int = 1, data_root: str | None = None) -> dict[str, Any]:
+    """Export every student of ``run_dir`` as ONNX (and int8); write and return ``export.json``. ``data_root``:
+    where the run's data is now (default: its config's)."""
     require("export --format onnx")
     out = out if out is not None else run_dir / "export"
     if out.exists() and not out.is_dir():
@@ -84,7 +88,7 @@ def export_onnx_run(run_dir: Path, out: Path | None = None, which: str = "best",
     if quantize:
         check_calibration(calibration_images)  # before any work
     folders = sorted({f for f, _ in run_checkpoints(run_dir, which)})
-    data = {f: _data(run_dir / f) for f in folders}
+    data = {f: _data(run_dir / f, data_root) for f in folders}
     students = run_students(run_dir, which, {f: _facts(b) for f, (_, b) in data.items()})
     entries = []
     for s in students:

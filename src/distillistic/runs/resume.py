@@ -62,16 +62,22 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
     return progress
 
 
+def refuse_other_config(saved: dict[str, Any], current: dict[str, Any], what: str = "the run being resumed") -> None:
+    """:class:`UserError` when ``current`` (a config's :meth:`to_dict`) differs from the ``saved`` one in a key
+    that changes what a run computes (any but :data:`MACHINE_KEYS`)."""
+    differ = [k for k in current if k not in MACHINE_KEYS and saved.get(k) != current[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--resume: the config differs from {what} ({k}: {short_repr(saved.get(k))} -> "
+                        f"{short_repr(current[k])}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+                        "resume with the same settings, or start a new --out")
+
+
 def _check_config(ckpt: dict[str, Any], task: Task) -> None:
     """Refuse a config other than the run's (apart from :data:`MACHINE_KEYS`); a resume on another device,
     thread count or compilation proceeds, with one line saying that bit-exactness needs the same."""
     saved, current = ckpt["config"], task.cfg.to_dict()
-    differ = [k for k in current if k not in MACHINE_KEYS and saved.get(k) != current[k]]
-    if differ:
-        k = differ[0]
-        raise UserError(f"--resume: the config differs from the run being resumed ({k}: {short_repr(saved.get(k))} -> "
-                        f"{short_repr(current[k])}{f' and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
-                        "resume with the same settings, or start a new --out")
+    refuse_other_config(saved, current)
     before: dict[str, Any] = ckpt["machine"] if isinstance(ckpt.get("machine"), dict) else {}
     now, moved = machine_facts(task.rt), []
     for key in ("device", "threads", "compile"):

@@ -12,6 +12,7 @@ as training did) and the students' ``checkpoints/best-*.pt``. The result goes to
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillistic import config as config_mod
+from distillistic.config import Config
 from distillistic.core.calibration import CalibrationAccumulator, fit_temperature, scale
 from distillistic.core.metrics import MetricAccumulator
 from distillistic.core.signals import StepInputs
+from distillistic.data.datasets import data_root
+from distillistic.data.loader import build_data
 from distillistic.errors import UserError
 from distillistic.fileio import atomic_write_json
 from distillistic.runs.rundir import read_summary
@@ -87,11 +91,26 @@ def scores(logits: Tensor, labels: Tensor) -> dict[str, float]:
     return {k: out[k] for k in REPORTED}
 
 
-def _load(run_dir: Path, device: str | None) -> Task:
+def _check_data(run_dir: Path, cfg: Config) -> None:
+    """Refuse data other than the run was trained on (its checksum in ``manifest.json``), before any other work."""
+    try:
+        recorded = json.loads((run_dir / "manifest.json").read_text())["dataset"]["checksum"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    checksum = build_data(cfg).info.checksum
+    if isinstance(recorded, str) and checksum and checksum != recorded:
+        raise UserError(f"calibrate: the data in '{data_root(cfg)}' is not the data '{run_dir}' was trained on (its "
+                        f"checksum differs from {run_dir / 'manifest.json'}'s); pass --data-root pointing at that "
+                        "data")
+
+
+def _load(run_dir: Path, device: str | None, data_root_: str | None = None, cache: str | None = None) -> Task:
     cfg = config_mod.load(run_dir / "config.yaml")
+    where = {"device": device, "data_root": data_root_, "cache_dir": cache}
     cfg = cfg.replace(out=None, resume=False, overwrite=False, progress=False, tensorboard=False, wandb=False,
-                      **({"device": device} if device else {}))
+                      **{k: v for k, v in where.items() if v})
     cfg = setup.resolve(cfg)
+    _check_data(run_dir, cfg)  # first: the teacher and the students are rebuilt on it
     task, _ = build_task(cfg, resolve_runtime(cfg))
     for s in task.students:
         path = run_dir / "checkpoints" / f"best-{s.name}.pt"
@@ -102,10 +121,13 @@ def _load(run_dir: Path, device: str | None) -> Task:
     return task
 
 
-def calibrate_run(run_dir: Path, device: str | None = None) -> dict[str, Any]:
-    """Fit one temperature per model on val, score before/after on val and test, write ``calibration.json``."""
+def calibrate_run(run_dir: Path, device: str | None = None, data_root_: str | None = None,
+                  cache: str | None = None) -> dict[str, Any]:
+    """Fit one temperature per model on val, score before/after on val and test, write ``calibration.json``.
+
+    ``data_root_`` and ``cache`` replace the run's ``data_root`` and ``cache_dir`` (data or cache moved since)."""
     check_run(run_dir)
-    task = _load(run_dir, device)
+    task = _load(run_dir, device, data_root_, cache)
     members = [*task.students, *(task.teachers or ([task.teacher] if task.teacher is not None else []))]
     val, val_y = collect_logits(task, members, "val")
     if val_y.numel() == 0 or int(torch.unique(val_y).numel()) < 2:

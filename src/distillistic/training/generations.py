@@ -29,6 +29,7 @@ from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.errors import UserError
 from distillistic.methods.registry import METHODS
+from distillistic.runs.resume import refuse_other_config
 from distillistic.runs.rundir import read_summary
 from distillistic.runs.summary import METRICS, clean
 from distillistic.training import setup
@@ -51,6 +52,20 @@ def _check_out(out: Path, cfg: Config) -> None:
                         "or choose another --out")
 
 
+def _check_saved_config(folder: Path, cfg: Config) -> None:
+    """Refuse to resume ``folder`` (the whole run, or a completed generation) with settings other than those
+    its ``config.yaml`` records, as a plain resume is refused: nothing may rewrite it to describe training
+    that did not happen."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        saved = config_mod.read_yaml(path)
+    except UserError:
+        return  # unreadable: the generation's own resume (its last.pt) decides
+    refuse_other_config(saved, cfg.to_dict(), f"the run being resumed ('{path}')")
+
+
 def _generation(cfg: Config, g: int, previous: str | None, out: Path, rt: Runtime, run_one: RunOne) -> Any:
     """Train (or resume, or reuse when completed) generation ``g`` in ``out/gen<g>``; its RunResult-like."""
     method = METHODS.get(cfg.algo)
@@ -59,8 +74,10 @@ def _generation(cfg: Config, g: int, previous: str | None, out: Path, rt: Runtim
     gen = method.generation(cfg, g, previous).replace(out=str(folder))
     done = read_summary(folder)
     if cfg.resume and done.get("status") == "completed":
+        resolved = setup.resolve(gen)
+        _check_saved_config(folder, resolved)  # a completed generation of other settings is not this run's
         log.info("%s: generation %d is complete; skipping it", folder, g)
-        return None, setup.resolve(gen), done
+        return None, resolved, done
     if cfg.resume and not (folder / "checkpoints" / "last.pt").is_file():
         gen = gen.replace(resume=False, overwrite=True)  # never checkpointed: nothing to lose, start it again
     resolved = setup.resolve(gen)
@@ -99,6 +116,8 @@ def train_generations(cfg: Config, rt: Runtime, run_one: RunOne, build: BuildTas
     assert method.generations is not None
     out = Path(cfg.out or "")
     _check_out(out, cfg)
+    if cfg.resume:
+        _check_saved_config(out, cfg)
     count = method.generations(cfg)
     entries: list[dict[str, Any]] = []
     configs, folders, previous = [], [], None
