@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ttm": {"algo": "ttm", "teacher": "cnn", "teacher_weights": "random"},
     "wttm": {"algo": "wttm", "teacher": "cnn", "teacher_weights": "random"},
     "mlkd": {"algo": "mlkd", "teacher": "cnn", "teacher_weights": "random"},
+    "dot": {"algo": "dot", "teacher": "cnn", "teacher_weights": "random", "lr": 0.05},
 }
 
 

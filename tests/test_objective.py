@@ -88,6 +88,8 @@ FORMULAS = {
     ("mlkd", ()): "L = 0.1·CE(z, y) + 0.1·CE(z_s, y) + 0.9·Σ_τ[m·KD_τ + c_m·CC_τ + m·BC_τ](z_w, t_w) + 0.9·Σ_(τ∈4,3,5) "
                   "KD_τ(z_s, t_s) + 0.9·Σ_(τ∈2,6) KD_τ(z_w, t_w), τ ∈ {4, 3, 5, 2, 6}; z_s, t_s on RandAugment(2, 10) "
                   "of the view",
+    ("dot", ()): "L = 0.1·CE(z, y) + 0.9·4²·KL(softmax(t/4) ‖ softmax(z/4)) [DOT: SGD momentum 0.825 for CE's "
+                 "gradient, 0.975 for KD's]",
 }
 
 

@@ -214,6 +214,17 @@ class Objective(nn.Module):
     def student_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for t in [self.ce, *self.extra] for p in t.student_parameters(i)]
 
+    def distillation_part(self, out: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        """The weighted sum of the distillation terms (``Term.distil``) of a :meth:`forward` output: the part of
+        ``out["loss"]`` whose gradient an optimizer may take apart (``loss - part`` is the task's)."""
+        parts = [weights[t.name] * out[t.name] for t in self.extra if t.distil]
+        return sum(parts[1:], parts[0]) if parts else out["loss"].new_zeros(())
+
+    def task_part(self, out: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        """The weighted sum of the cross-entropy and the terms that do not distil (``loss`` minus the above)."""
+        ce = weights["ce"] * out["ce"] if (self.terms or weights["ce"] != 1.0) else out["ce"]
+        return sum((weights[t.name] * out[t.name] for t in self.extra if not t.distil), ce)
+
     @property
     def strong_view(self) -> bool:
         """Whether a term reads a strongly augmented view of each batch (the run's views then make one)."""

@@ -17,6 +17,9 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from distillistic import config as config_mod
 from distillistic.config import THESIS_ALPHA, Config
 from distillistic.core.ema import EmaCopies
@@ -40,6 +43,7 @@ class Context:
 
 
 TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]
+OptimizerHook = Callable[[Config, list[nn.Parameter]], torch.optim.Optimizer]
 ConfigHook = Callable[[Config], None]
 DataHook = Callable[[Config, int], None]
 
@@ -67,6 +71,7 @@ class Method:
     generations: Callable[[Config], int] | None = None
     generation: Callable[[Config, int, str | None], Config] | None = None
     resolve_teacher: Callable[[Config], str] | None = None
+    optimizer: OptimizerHook | None = None
     authors_weights: Callable[[Config], tuple[float, float] | None] | None = None
 
     @property

@@ -7,7 +7,9 @@ One step, for any algorithm (DESIGN.md, section 1):
 2. every student runs one forward on its view;
 3. each term's teaching signal turns the batch and the students' *detached* logits into targets;
 4. the objective gives each student's loss; one backward over their sum (the students share no
-   graph, so each gets exactly its own gradient); every optimizer and scheduler steps.
+   graph, so each gets exactly its own gradient); every optimizer and scheduler steps. An optimizer that
+   takes the distillation terms' gradient apart (``training.optim.SplitGradients``, a method's own: DOT)
+   gets two backwards instead, the distillation part's and then the rest's.
 
 Statistics stay on the device and are read once per log interval and at the end of the epoch; the
 loop never branches on the algorithm, the device or the precision. Files are written by the
@@ -38,6 +40,7 @@ from distillistic.errors import TrainingDiverged
 from distillistic.training.checkpoint import unwrap
 from distillistic.training.lines import prefix
 from distillistic.training.listeners import notify_epoch
+from distillistic.training.optim import SplitGradients
 from distillistic.training.runtime import Runtime
 
 
@@ -209,10 +212,7 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
                          strong_views=task.views.strong_views(batch))
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
-    for opt in task.optimizers:
-        opt.zero_grad(set_to_none=True)
-    # The students share no graph (signals are detached), so one backward gives each its own gradient.
-    rt.scaler.scale(torch.stack([o["loss"] for o in outs]).sum()).backward()
+    _backward(task, outs, weights)
     rt.average_gradients_(task.term_parameters)  # terms' own parameters live outside DDP's wrapper
     for i, (student, opt, sched) in enumerate(zip(task.students, task.optimizers, task.schedulers)):
         if task.cfg.grad_clip:
@@ -224,6 +224,25 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
     rt.scaler.update()
     objective.after_step(inp)
     meters.update(logits, labels, outs, targets)
+
+
+def _backward(task: Task, outs: list[dict[str, Tensor]], weights: dict[str, float]) -> None:
+    """Every student's gradient. The students share no graph (signals are detached), so one backward gives each
+    its own; optimizers that take the distillation gradient apart (``SplitGradients``, DOT) get it first."""
+    rt, objective = task.rt, task.objective
+    for opt in task.optimizers:
+        opt.zero_grad(set_to_none=True)
+    split = [opt for opt in task.optimizers if isinstance(opt, SplitGradients)]
+    if not split:
+        rt.scaler.scale(torch.stack([o["loss"] for o in outs]).sum()).backward()
+        return
+    distil = torch.stack([objective.distillation_part(o, weights) for o in outs]).sum()
+    if distil.requires_grad:
+        rt.scaler.scale(distil).backward(retain_graph=True)
+    for opt in split:
+        opt.take_distillation_gradients()
+        opt.zero_grad(set_to_none=True)
+    rt.scaler.scale(torch.stack([objective.task_part(o, weights) for o in outs]).sum()).backward()
 
 
 def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[str, Any]] | None:

@@ -199,8 +199,8 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
                             info.num_classes, isinstance(bundle.splits["train"], FileSource))
     total_steps = len(loaders["train"]) * cfg.epochs
     # A term's own parameters (an adapter, a temperature) train with the student they belong to.
-    optimizers = [make_optimizer(cfg, [*s.model.parameters(), *objective.student_parameters(i)])
-                  for i, s in enumerate(students)]
+    make = method.optimizer or make_optimizer  # a method that is an optimizer (DOT) brings its own
+    optimizers = [make(cfg, [*s.model.parameters(), *objective.student_parameters(i)]) for i, s in enumerate(students)]
     schedulers = [make_scheduler(cfg, opt, total_steps) for opt in optimizers]
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
