@@ -25,8 +25,12 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MDISTILLER_CFG,
+    REPDISTILLER_SCRIPT,
     MethodSpec,
     Param,
+    Setting,
 )
 
 WEIGHT = 1000.0  # szagoruyko/attention-transfer cifar.py --beta 1e+3; RepDistiller -b 1000
@@ -36,6 +40,13 @@ SPEC = MethodSpec(
     params=(FEATURE_WEIGHT, FEATURE_KD,
             Param("at_stages", tuple, (), "the stages compared (default: every stage student and teacher share)",
                   cite="Zagoruyko & Komodakis 2017, sec. 4.1 (every group's output)")),
+    defaults=(
+        Setting("feature_weight", "—",
+                f"{REPDISTILLER_SCRIPT}: attention -b 1000; "
+                f"{MDISTILLER_CFG}:71 FEAT_WEIGHT 1000.0; szagoruyko/"
+                "attention-transfer cifar.py --beta 1e+3", ours="1000"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 def _common_grid(fs: torch.Tensor, ft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

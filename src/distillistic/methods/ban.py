@@ -20,12 +20,13 @@ from distillistic.config import Config, default_of
 from distillistic.core.objective import Distill, Term
 from distillistic.errors import ConfigError
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import MethodSpec, Param, at_least, int_range
+from distillistic.methods.spec import MethodSpec, Param, Setting, at_least, int_range
 
 SPEC = MethodSpec(
     "ban", "Furlanello et al. 2018, Born-Again Neural Networks (ICML)",
     "generation 1: L = CE(z, y); generation g: L = (1-a) CE(z, y) + a T² KL(softmax(t_(g-1)/T) ‖ softmax(z/T))",
     family="self", reads=("temperature", "divergence"), generations=True,
+    defaults=(Setting("temperature", "Furlanello et al. 2018: the teacher's soft labels at T = 1", "—", ours="1"),),
     params=(Param("generations", int, 3, "born-again generations, each taught by the one before (1: baseline)",
                   cite="Furlanello et al. 2018, table 1 (BAN-1 … BAN-3 and their ensembles)", range=at_least(1),
                   allowed="a whole number of generations > 0", space=int_range(2, 4)),))

@@ -31,9 +31,13 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MDISTILLER_CFG,
+    REPDISTILLER_SCRIPT,
     Interval,
     MethodSpec,
     Param,
+    Setting,
     above,
     at_least,
     choice,
@@ -62,6 +66,12 @@ SPEC = MethodSpec(
                   "deviation from the paper's per-sample negatives)",
                   cite="Tian et al. 2020, sec. 3.4 and crd/memory.py draw K per sample; shared: He et al. 2020 "
                        "(MoCo)", space=choice(False, True))),
+    defaults=(
+        Setting("feature_weight", "—",
+                f"{REPDISTILLER_SCRIPT}: crd -b 0.8; "
+                f"{MDISTILLER_CFG}:143 FEAT_WEIGHT 0.8", ours="0.8"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 class Embed(nn.Module):

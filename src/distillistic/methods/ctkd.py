@@ -23,12 +23,23 @@ from distillistic.core.precision import at_least_float32, loss_dtype
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Param, share, uniform
+from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Param, Setting, share, uniform
 
 SPEC = MethodSpec(
     "ctkd", "Li et al. 2023, Curriculum Temperature for Knowledge Distillation (AAAI): global temperature",
     "L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), T = 1 + 20 sigmoid(θ), θ by reversed gradient",
     family="teacher", needs_teacher=True, default_teacher="resnet50",
+    defaults=(
+        Setting("alpha", "—",
+                "zhengli97/CTKD@7d52522, train_student.py:79-80 (-r 0.1, -a 0.9), scripts/run_cifar_distill.sh",
+                ours="0.9 (0.1·CE + 0.9·KD)"),
+        Setting("ctkd_ramp", "Li et al. 2023: λ by a cosine curriculum",
+                "train_student.py:186-203 CosineDecay, :401-419 get_value(epoch) from epoch 1; "
+                "run_cifar_distill.sh --decay_loops 10 of 240", "both: 10/240 of training, counted from epoch 1"),
+        Setting("temperature", "Li et al. 2023: T learned adversarially",
+                "train_student.py:89-90 --t_start 1 --t_end 20; models/temp_global.py: θ initialised to 1",
+                ours="learned: 1 + 20·sigmoid(θ), θ = 1 at start"),
+    ),
     params=(
         Param("ctkd_ramp", float, 10 / 240, "share of training over which the reversal strength lambda rises "
               "(cosine) from 0 to 1", cite="zhengli97/CTKD, train_student.py: CosineDecay(num_loops=10) of 240 epochs",

@@ -16,7 +16,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Param, at_least, log_uniform
+from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Param, Setting, at_least, log_uniform
 
 _DIST = "hunto/DIST_KD, classification/configs/strategies/distill/dist_cifar.yaml (kd_loss_weight 2, β = γ = 1)"
 SPEC = MethodSpec(
@@ -24,6 +24,15 @@ SPEC = MethodSpec(
     "L = CE(z, y) + τ² (β (1 - mean_b pearson_K) + γ (1 - mean_k pearson_B)) of softmax(z/τ), softmax(t/τ)",
     family="teacher", needs_teacher=True, default_teacher="resnet50", temperature=4.0, composition="sum",
     weights=("dist_beta", "dist_gamma"), reads=("temperature",),
+    defaults=(
+        Setting("dist_beta", "Huang et al. 2022, eq. 8: β = γ = 2",
+                "hunto/image_classification_sota@2bc4832, lib/models/losses/dist_kd.py: DIST(beta=1) × "
+                "kd_loss_weight 2 (configs/strategies/distill/dist_cifar.yaml)"),
+        Setting("dist_gamma", "Huang et al. 2022, eq. 8: γ = 2", "DIST(gamma=1) × kd_loss_weight 2"),
+        Setting("temperature", "—",
+                "dist_cifar.yaml: kd dist_t4; resnet_dist.yaml: τ 1", "4; --temperature 1 for ImageNet's",
+                ours="4"),
+    ),
     params=(
         Param("dist_beta", float, 2.0, "weight beta of the inter-class relation term", cite=f"{_DIST}; paper eq. 8",
               range=at_least(0.0), allowed="a weight >= 0", space=log_uniform(0.25, 8.0)),

@@ -20,10 +20,19 @@ from distillistic.core.precision import loss_dtype
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method, student_count
-from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Param, at_least, log_uniform, share, uniform
+from distillistic.methods.spec import (
+    LOGIT_STANDARDIZE,
+    MethodSpec,
+    Param,
+    Setting,
+    at_least,
+    log_uniform,
+    share,
+    uniform,
+)
 
 _MDISTILLER = "megvii-research/mdistiller@a08d46f, configs/cifar100/dkd"
-_CFG = "mdistiller/engine/cfg.py"
+_CFG = "mdistiller/engine/cfg.py"  # of megvii-research/mdistiller@a08d46f
 _LS = "sunshangquan/logit-standardization-KD@f6e5aa5, tools/train.py:115-118"
 # β per teacher–student pair of the CIFAR-100 zoo: mdistiller's configs/cifar100/dkd/<pair>.yaml (BETA; unset: 8.0,
 # cfg.py), the paper's table 8. Any other pair: 8.0.
@@ -40,6 +49,22 @@ SPEC = MethodSpec(
     "L = CE(z, y) + min(e/w, 1) T² (α TCKD + β NCKD); TCKD on [p_y, 1-p_y], NCKD on the non-target classes",
     family="teacher", needs_teacher=True, default_teacher="resnet50", temperature=4.0, composition="sum",
     weights=("dkd_alpha", "dkd_beta", "dkd_warmup"), reads=("temperature",),
+    defaults=(
+        Setting("dkd_alpha", "—", f"{_CFG}:164: ALPHA 1.0; {_LS}: ×9 with --logit-stand",
+                ours="1 (9 with --logit-standardize)"),
+        Setting("dkd_beta", "Zhao et al. 2022, table 8 (β by pair: 8 for ResNet32×4→ResNet8×4 …)",
+                f"{_MDISTILLER}/<pair>.yaml: BETA 2.0 (res56_res20, res110_res32), 6.0 (vgg13_*, wrn40_2_wrn_*), "
+                "else cfg.py:165 8.0; imagenet/r34_r18/dkd.yaml 0.5",
+                "the pair table for the CIFAR zoo's names; 8 for any other pair (ImageNet's 0.5 is not applied)",
+                ours="by pair: 2, 6 or 8, else 8 (×9 with --logit-standardize)"),
+        Setting("dkd_warmup", "—",
+                f"{_CFG}:167: WARMUP 20 of 240, distillers/DKD.py:72: min(epoch / warmup, 1), epoch from 1; "
+                "imagenet/r34_r18/dkd.yaml: WARMUP 1", "both: 20/240 of training, one epoch with 1,000 classes",
+                ours="20/240 (one epoch with 1,000 classes)"),
+        Setting("temperature", "—",
+                f"{_CFG}:166: T 4.0; imagenet/r34_r18/dkd.yaml: T 1.0; {_LS}: 2 with --logit-stand",
+                "4 (2 with --logit-standardize); --temperature 1 for ImageNet's", ours="4; 2 with --logit-standardize"),
+    ),
     params=(
         Param("dkd_alpha", float, None, "weight alpha of the target-class term TCKD (default: 1; 9 with "
               "--logit-standardize)", cite=f"{_CFG}: CFG.DKD.ALPHA 1.0; {_LS}: ×9 with logit standardisation",

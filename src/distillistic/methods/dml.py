@@ -21,10 +21,17 @@ from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, Transform, soft
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec
+from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Setting
 
 _COHORT: dict[str, Any] = dict(family="cohort", min_students=2, default_students=3, params=(LOGIT_STANDARDIZE,),
-               reads=("temperature", "divergence"))
+               reads=("temperature", "divergence"), defaults=(
+    Setting("temperature", "Zhang et al. 2018, sec. 3: plain softmax (T = 1)",
+            "YingZhangDUT/Deep-Mutual-Learning@efd9a08, train_image_classifier.py: kl_loss_compute (softmax, T = 1)",
+            ours="1"),
+    Setting("alpha", "Zhang et al. 2018, sec. 3: L = CE + KL (weights 1 and 1)",
+            "train_image_classifier.py: net loss = CE + mean of the KL terms",
+            "the thesis's α = 0.5: 0.5·CE + 0.5·KL, the authors' direction at half the step", ours="0.5"),
+))
 SPEC = MethodSpec(
     "dml", "Zhang et al. 2018, Deep Mutual Learning (CVPR)",
     "L_i = (1-a) CE(z_i, y) + a mean_(j≠i) KL(softmax(z_j/T) ‖ softmax(z_i/T)), peers detached", **_COHORT)

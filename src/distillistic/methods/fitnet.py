@@ -23,8 +23,12 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MDISTILLER_CFG,
+    REPDISTILLER_SCRIPT,
     MethodSpec,
     Param,
+    Setting,
 )
 
 WEIGHT = 100.0  # RepDistiller's train_student.py: -b 100 for hint
@@ -34,6 +38,12 @@ SPEC = MethodSpec(
     params=(FEATURE_WEIGHT, FEATURE_KD,
             Param("hint_stage", str, "stage2", "the stage whose map the student regresses onto the teacher's",
                   cite="RepDistiller's train_student.py: --hint_layer 2")),
+    defaults=(
+        Setting("feature_weight", "—",
+                f"{REPDISTILLER_SCRIPT}: hint -b 100; "
+                f"{MDISTILLER_CFG}:90 FEAT_WEIGHT 100.0", ours="100"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 def hint_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:

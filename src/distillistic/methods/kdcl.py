@@ -20,13 +20,17 @@ from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, Transform
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec
+from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Setting
 
 SPEC = MethodSpec(
     "kdcl", "Guo et al. 2020, Online Knowledge Distillation via Collaborative Learning (CVPR): KDCL-MinLogit",
     "L_m = (1-a) CE(z_m, y) + a T² KL(softmax(min_j (z_j - z_j,y)/T) ‖ softmax(z_m/T)), target detached",
     family="cohort", min_students=2, default_students=2, params=(LOGIT_STANDARDIZE,),
-    reads=("temperature", "divergence"))
+    reads=("temperature", "divergence"),
+    defaults=(Setting("temperature", "—", "no code was published",
+                      "the thesis's T = 1, as the other cohort methods", ours="1"),
+              Setting("alpha", "Guo et al. 2020, sec. 3: CE plus the distillation term", "no code was published",
+                      "the thesis's α = 0.5", ours="0.5")))
 
 
 def kdcl_min_logit_target(logits: Sequence[Tensor] | Tensor, y: Tensor, temperature: float) -> Tensor:

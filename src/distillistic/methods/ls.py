@@ -15,11 +15,15 @@ from distillistic.core.objective import Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import Interval, MethodSpec, Param, uniform
+from distillistic.methods.spec import Interval, MethodSpec, Param, Setting, uniform
 
 SPEC = MethodSpec(
     "ls", "Szegedy et al. 2016, Rethinking the Inception Architecture (CVPR): label smoothing",
     "L = CE((1-ε) onehot(y) + ε/K, softmax(z)); ε = 0 is the baseline",
+    defaults=(Setting("label_smoothing", "Szegedy et al. 2016, sec. 7: ε = 0.1, u = 1/K",
+                      "PyTorch F.cross_entropy(label_smoothing=ε): (1 − ε)·onehot + ε/K; Tf-KD's "
+                      "my_loss_function.py:54-67 puts ε/(K − 1) on the other classes instead",
+                      "the paper's ε/K (PyTorch's)"),),
     params=(Param("label_smoothing", float, 0.1, "smoothing eps of the target (1-eps) onehot + eps/K, in [0, 1)",
                   cite="Szegedy et al. 2016, sec. 7 (ε = 0.1 on ImageNet)", range=Interval(0.0, 1.0, open_high=True),
                   space=uniform(0.0, 0.3)),))

@@ -30,7 +30,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import MethodSpec, Param, decay, share, uniform
+from distillistic.methods.spec import MethodSpec, Param, Setting, decay, share, uniform
 
 SPEC = MethodSpec(
     "pcl", "Wu & Gong 2021, Peer Collaborative Learning for Online Knowledge Distillation (AAAI): "
@@ -38,6 +38,11 @@ SPEC = MethodSpec(
     "L_i = CE(z_i, y) + r(p) T² KL(mean_(j≠i) softmax(z'_j/T) ‖ softmax(z_i/T)), z'_j = EMA of student j",
     family="cohort", min_students=2, default_students=2, temperature=3.0, composition="sum", weights=("pcl_rampup",),
     reads=("temperature", "divergence"),
+    defaults=(
+        Setting("pcl_rampup", "Wu & Gong 2021: mean teacher's sigmoid ramp-up",
+                "shaoeric/Peer-Collaborative-Learning…, train.py: over 80 of 300 epochs (0.27)",
+                "0.25 of training (close to the re-implementation's 0.27; no official code)"),
+    ),
     params=(
         Param("pcl_decay", float, 0.999, "EMA decay of each student's temporal mean teacher, in (0, 1)",
               cite="Wu & Gong 2021, sec. 4.1 (0.999, as mean teacher)", range=decay(),

@@ -21,8 +21,11 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    REPDISTILLER_SCRIPT,
     MethodSpec,
     Param,
+    Setting,
     at_least,
     log_uniform,
 )
@@ -37,6 +40,14 @@ SPEC = MethodSpec(
                   range=at_least(0.0), space=log_uniform(1.0, 100.0)),
             Param("rkd_angle", float, 50.0, "weight of the angle loss", cite="Park et al. 2019, sec. 4 (λ_A = 50)",
                   range=at_least(0.0), space=log_uniform(1.0, 100.0))),
+    defaults=(
+        Setting("feature_weight", "—",
+                f"{REPDISTILLER_SCRIPT}: rkd -b 1 (distiller_zoo/RKD.py weighs 25 and 50 inside)",
+                ours="1"),
+        Setting("rkd_distance", "Park et al. 2019, sec. 4: λ_D = 25", "distiller_zoo/RKD.py: RKDLoss(w_d=25)"),
+        Setting("rkd_angle", "Park et al. 2019, sec. 4: λ_A = 50", "distiller_zoo/RKD.py: RKDLoss(w_a=50)"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 def _pdist(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -21,8 +21,12 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MDISTILLER_CFG,
+    REPDISTILLER_SCRIPT,
     MethodSpec,
     Param,
+    Setting,
 )
 
 WEIGHT = 3000.0  # RepDistiller's train_student.py: -b 3000 for similarity
@@ -32,6 +36,12 @@ SPEC = MethodSpec(
     params=(FEATURE_WEIGHT, FEATURE_KD,
             Param("sp_stage", str, "last", "the stage whose batch similarities are matched (last: each model's last)",
                   cite="RepDistiller: feat[-2], the last stage before pooling")),
+    defaults=(
+        Setting("feature_weight", "—",
+                f"{REPDISTILLER_SCRIPT}: similarity -b 3000; "
+                f"{MDISTILLER_CFG}:123 FEAT_WEIGHT 3000.0", ours="3000"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 def _gram_rows(f: torch.Tensor) -> torch.Tensor:

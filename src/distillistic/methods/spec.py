@@ -118,6 +118,24 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One hyper-parameter as its sources give it, for the defaults table of ``docs/methods.md``.
+
+    ``key``: a config key (one of the method's parameters, or a common key such as ``temperature`` or
+    ``alpha``); ``paper``: the paper's value and where (equation, table, section), "—" if it gives none;
+    ``code``: the authors' code's value with file and line; ``follows``: where they differ, which one
+    distillistic follows and why; ``ours``: distillistic's value, for a common key only (a parameter's is its
+    :class:`Param`'s default).
+    """
+
+    key: str
+    paper: str
+    code: str
+    follows: str = ""
+    ours: str = ""
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """What a method is, as data: its name, paper, formula, family, parameters, and the common keys it reads.
 
@@ -142,6 +160,7 @@ class MethodSpec:
     weights: tuple[str, ...] = ()
     notes: str = ""
     generations: bool = False  # trained as a sequence of runs, each taught by the last (born-again)
+    defaults: tuple[Setting, ...] = ()  # the paper's and the authors' code's values (docs/methods.md)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def keys(self) -> tuple[str, ...]:
@@ -165,6 +184,12 @@ TEACHER_KEYS = ("teacher", "teacher_weights", "teacher_mix", "teacher_epochs", "
                 "teacher_resolution", "teacher_calibration")
 DISTILL_KEYS = ("alpha", "alpha_warmup", "temperature", "divergence")
 OPTIONAL_KEYS = (*TEACHER_KEYS, *DISTILL_KEYS, "peer_views")
+
+# Where the feature methods' weights come from (the sample script and config of the two reference libraries).
+REPDISTILLER_SCRIPT = "HobbitLong/RepDistiller@b84f547, scripts/run_cifar_distill.sh"
+MDISTILLER_CFG = "megvii-research/mdistiller@a08d46f, mdistiller/engine/cfg.py"
+KD_T_FOR_FEATURES = Setting("temperature", "—", "HobbitLong/RepDistiller@b84f547, train_student.py:78: --kd_T 4 "
+                            "(the KD term of --feature-kd)", ours="4")
 
 # Parameters several methods share (they are defined once, here, and listed in each method's spec).
 LOGIT_STANDARDIZE = Param(

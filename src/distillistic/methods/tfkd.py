@@ -20,7 +20,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, soft
 from distillistic.errors import ConfigError, UserError
 from distillistic.methods.registry import Context, register_method, student_count
-from distillistic.methods.spec import Interval, MethodSpec, Param, choice, uniform
+from distillistic.methods.spec import Interval, MethodSpec, Param, Setting, choice, uniform
 
 _SMOOTH = ("yuanli2333/Teacher-free-Knowledge-Distillation@d000ab3, my_loss_function.py:33-51 "
            "(loss_kd_regularization: nn.KLDivLoss() of log_softmax(outputs) and softmax(teacher_soft/T))")
@@ -29,6 +29,20 @@ SPEC = MethodSpec(
     "tfkd", f"{_PAPER}: virtual teacher",
     "L = (1-a) CE(z, y) + a KL(v ‖ softmax(z)), v = p on y, (1-p)/(K-1) elsewhere (smoothed: softmax(v/T))",
     family="self", reads=("temperature", "divergence"),
+    defaults=(
+        Setting("virtual_p", "Yuan et al. 2020, sec. 4: a = 0.9",
+                "my_loss_function.py:39: correct_prob = 0.99 (fixed in the code)",
+                "the paper's 0.9 (the code's 0.99 with --virtual-p 0.99)"),
+        Setting("virtual_smooth", "Yuan et al. 2020: KL of the softened virtual teacher and the softened student",
+                "my_loss_function.py:47: KLDivLoss() ('mean') of log_softmax(z) and softmax(v/T), × multiplier",
+                "off: the calibrated v at T = 1 (the thesis); on: the code's loss exactly"),
+        Setting("temperature", "—",
+                "experiments/base_experiments/base_resnet18/params.json: reg_temperature 20 (40 for MobileNetV2)",
+                ours="1; 20 with --virtual-smooth"),
+        Setting("alpha", "Yuan et al. 2020: (1 − α)·CE + α·KL",
+                "base_resnet18/params.json: reg_alpha 0.1, multiplier 100 (0.95 and 1 for MobileNetV2)",
+                "the thesis's α = 0.5 (the code's per-model α and multiplier are not one default)", ours="0.5"),
+    ),
     params=(
         Param("virtual_p", float, 0.9, "probability of the correct class in the virtual teacher, in (1/K, 1]",
               cite="Yuan et al. 2020, sec. 4 (a = 0.9 in their Tf-KD_reg runs)", space=uniform(0.5, 0.99),
@@ -42,7 +56,12 @@ SPEC = MethodSpec(
 SPEC_SELF = MethodSpec(
     "tfkd_self", f"{_PAPER}: self-training",
     "L = (1-a) CE(z, y) + a T² KL(softmax(t/T) ‖ softmax(z/T)), t: the student's architecture trained first",
-    family="self", needs_teacher=True, temperature=20.0, reads=("temperature", "divergence"))
+    family="self", needs_teacher=True, temperature=20.0, reads=("temperature", "divergence"),
+    defaults=(Setting("temperature", "—",
+                      "my_loss_function.py:19-30: loss_kd_self (T from params.json)", ours="20"),
+              Setting("alpha", "Yuan et al. 2020: (1 − α)·CE + α·KD", "loss_kd_self: (1 − α)·CE + α·T²·KL·multiplier, "
+                      "KLDivLoss() 'mean' over B·K", "Hinton's batch mean (the code's element mean is 1/K of it); "
+                      "the thesis's α = 0.5", ours="0.5")))
 
 
 class Virtual:
