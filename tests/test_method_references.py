@@ -518,3 +518,36 @@ def test_every_transcription_names_its_repository_and_commit() -> None:
         doc = _docstrings_name_their_commit(fn)
         assert "@" in doc, fn.__name__
         assert "/" in doc, fn.__name__
+
+
+PCL = "shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation@6afb4730bc5a35a11f7a0097ef94d0d17d3b6772"
+
+
+def ref_pm_loss(pred: Tensor, targets: list[Tensor], temperature: float = 3.0) -> Tensor:
+    """{PCL} src/losses/kd_loss.py: PMLoss (the mean over the peers' mean teachers of KDLoss, batchmean, T²)."""
+    loss = torch.zeros((), dtype=pred.dtype)
+    for target in targets:
+        target = target.detach()
+        loss = loss + nn.KLDivLoss(reduction="batchmean")(F.log_softmax(pred / temperature, dim=1),
+                                                          F.softmax(target / temperature, dim=1)) * temperature**2
+    return loss / len(targets)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("students", [2, 3])
+def test_pcl_matches_the_re_implementations_peer_mean_loss(kind: str, students: int) -> None:
+    """One KL to the peers' mean (pcl) against the re-implementation's mean of KLs (no official code): equal with
+    one peer; with several, the same gradient (DESIGN.md, section 3) and a value that differs by the peers'
+    entropies only."""
+    from distillistic.core.divergences import kl
+    from distillistic.methods.pcl import peer_mean_target
+
+    zs, _, _ = _case(kind, 11, students=students + 1)
+    z, ema = zs[0].requires_grad_(True), torch.stack(zs[1:])  # z: student 0; ema: every student's EMA copy
+    ema = torch.cat([z.detach()[None] * 0.9, ema[: students - 1]])  # student 0's own copy first
+    ours = kl(peer_mean_target(ema, 3.0)[0:1], z, 3.0)
+    ref = ref_pm_loss(z, list(ema[1:]))
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, [z]), torch.autograd.grad(ref, [z])
+    torch.testing.assert_close(g_ours, g_ref, rtol=TOL, atol=TOL)
+    if students == 2:
+        torch.testing.assert_close(ours, ref, rtol=TOL, atol=TOL)
