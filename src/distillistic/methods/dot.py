@@ -34,7 +34,7 @@ from distillistic.config import Config
 from distillistic.core.objective import CrossEntropy, Distill, Term
 from distillistic.errors import ConfigError, UserError
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import MethodSpec, Param, at_least, uniform
+from distillistic.methods.spec import MethodSpec, Param, Setting, at_least, uniform
 
 _MDISTILLER = "megvii-research/mdistiller @a08d46f"
 SPEC = MethodSpec(
@@ -45,6 +45,14 @@ SPEC = MethodSpec(
     weights=("dot_ce_weight", "dot_kd_weight"), reads=("temperature",),
     notes=f"T = 4, CE 0.1, KD 0.9: mdistiller's KD (mdistiller/engine/cfg.py lines 61-64, {_MDISTILLER}), which "
           "configs/cifar100/dot/*.yaml train with DOT; lr, momentum and weight decay are the run's",
+    defaults=(
+        Setting("dot_delta", "not read here", f"{_MDISTILLER}, configs/cifar100/dot/*.yaml: DELTA 0.075; "
+                "imagenet/r34_r18/dot.yaml: 0.09", "the code's CIFAR-100 value"),
+        Setting("dot_ce_weight", "—", f"{_MDISTILLER}, mdistiller/engine/cfg.py:63 CE_WEIGHT 0.1 (KD's, which the "
+                "DOT configs train)"),
+        Setting("dot_kd_weight", "—", f"{_MDISTILLER}, mdistiller/engine/cfg.py:64 KD_WEIGHT 0.9"),
+        Setting("temperature", "—", f"{_MDISTILLER}, mdistiller/engine/cfg.py:61 TEMPERATURE 4", ours="4"),
+    ),
     params=(
         Param("dot_delta", float, 0.075, "momentum gap delta: the CE's gradient at momentum - delta, the KD's at "
               "momentum + delta", cite=f"{_MDISTILLER}, configs/cifar100/dot/res32x4_res8x4.yaml: DOT.DELTA 0.075 "

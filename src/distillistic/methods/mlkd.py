@@ -41,7 +41,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, model_view
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import MethodSpec, Param, at_least, log_uniform, uniform
+from distillistic.methods.spec import MethodSpec, Param, Setting, at_least, log_uniform, uniform
 
 _REPO = "Jin-Ying/Multi-Level-Logit-Distillation @5ee473f"
 SPEC = MethodSpec(
@@ -53,6 +53,14 @@ SPEC = MethodSpec(
     notes=f"T = 4, CE weight 0.1, KD weight 0.9: {_REPO}, mdistiller/engine/cfg.py lines 61-64 (the CIFAR-100 "
           "configs/cifar100/ours/*.yaml set none of them); the extra temperatures 2, 3, 5, 6 are fixed in "
           "KD_ours.py lines 115-162",
+    defaults=(
+        Setting("mlkd_ce_weight", "—", f"{_REPO}, mdistiller/engine/cfg.py:63 CE_WEIGHT 0.1 (configs/cifar100/ours/"
+                "*.yaml set none)"),
+        Setting("mlkd_kd_weight", "—", f"{_REPO}, mdistiller/engine/cfg.py:64 KD_WEIGHT 0.9"),
+        Setting("temperature", "—", f"{_REPO}, mdistiller/engine/cfg.py:61 TEMPERATURE 4, and 3, 5, 2, 6 fixed in "
+                "mdistiller/distillers/KD_ours.py:115-162", "the code, with its masks and views (module docstring)",
+                ours="4 (and 3, 5, 2, 6)"),
+    ),
     params=(
         Param("mlkd_ce_weight", float, 0.1, "weight c of the two cross-entropies (weak and strong view)",
               cite=f"{_REPO}, mdistiller/engine/cfg.py line 63: CFG.KD.LOSS.CE_WEIGHT = 0.1", range=at_least(0.0),

@@ -18,7 +18,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import MethodSpec, Param, at_least, log_uniform
+from distillistic.methods.spec import MethodSpec, Param, Setting, at_least, log_uniform
 
 _CLS_KD = "yzd-v/cls_KD @1e5d48f, configs/distillers/cifar100/res34_distill_res18_cifar.py lines 64-70"
 SPEC = MethodSpec(
@@ -29,6 +29,12 @@ SPEC = MethodSpec(
     weights=("nkd_gamma",), reads=("temperature",),
     notes=f"T = 3 and gamma = 3.5: the authors' CIFAR-100 config ({_CLS_KD}); their ImageNet configs use T = 1, "
           "gamma = 1.5 (configs/distillers/imagenet/res34_distill_res18_img.py)",
+    defaults=(
+        Setting("nkd_gamma", "not read here", f"{_CLS_KD}: gamma 3.5; imagenet/res34_distill_res18_img.py: gamma 1.5",
+                "the code's CIFAR-100 value (the CIFAR zoo's setting, as for DKD)"),
+        Setting("temperature", "not read here", f"{_CLS_KD}: temp 3.0; imagenet/res34_distill_res18_img.py: temp 1.0",
+                "the code's CIFAR-100 value", ours="3"),
+    ),
     params=(
         Param("nkd_gamma", float, 3.5, "weight gamma of NKD's normalised non-target term",
               cite=f"{_CLS_KD}: NKDLoss(temp=3.0, gamma=3.5) (ImageNet configs: gamma 1.5, T 1)",

@@ -19,7 +19,7 @@ from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs
 from distillistic.core.teacher_logits import LogitSource, TeacherLogitTerm, logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import Interval, MethodSpec, Param, at_least, log_uniform
+from distillistic.methods.spec import Interval, MethodSpec, Param, Setting, at_least, log_uniform
 
 _README = "zkxufo/TTM @fe457b3, README.md lines 19-23 (vgg13 -> vgg8: --distill ttm --ttm_l 0.1 -r 1 -b 45 -a 0)"
 SPEC = MethodSpec(
@@ -28,6 +28,12 @@ SPEC = MethodSpec(
     family="teacher", needs_teacher=True, default_teacher="resnet50", composition="sum", weights=("ttm_beta",),
     notes="the paper's appendix A.4 lists T = 1/γ and β per teacher-student pair; the defaults are the one "
           "setting the authors' README gives (vgg13 -> vgg8)",
+    defaults=(
+        Setting("ttm_gamma", "appendix A.4: T = 1/γ per teacher-student pair (not transcribed here)",
+                f"{_README}: --ttm_l 0.1", "the code's README example"),
+        Setting("ttm_beta", "appendix A.4: β per pair (not transcribed here)", f"{_README}: -b 45",
+                "the code's README example"),
+    ),
     params=(
         Param("ttm_gamma", float, 0.1, "exponent gamma of the teacher's power transform (the teacher's T = 1/gamma)",
               cite=f"{_README}: --ttm_l 0.1", range=Interval(0.0, 1.0, open_low=True),

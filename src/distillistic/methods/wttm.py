@@ -11,7 +11,7 @@ from distillistic.config import Config
 from distillistic.core.objective import Term
 from distillistic.core.teacher_logits import logit_source
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import Interval, MethodSpec, Param, at_least, log_uniform
+from distillistic.methods.spec import Interval, MethodSpec, Param, Setting, at_least, log_uniform
 from distillistic.methods.ttm import TTMTerm
 
 _README = ("zkxufo/TTM @fe457b3, README.md lines 35-42 (vgg13 -> vgg8: --add wttm --ttm_l 0.2 -a 4, there beside "
@@ -22,6 +22,12 @@ SPEC = MethodSpec(
     family="teacher", needs_teacher=True, default_teacher="resnet50", composition="sum", weights=("wttm_beta",),
     notes="the paper's appendix A.4 lists T = 1/γ and β per teacher-student pair; the defaults are the WTTM "
           "setting of the authors' README (there combined with CRD)",
+    defaults=(
+        Setting("wttm_gamma", "appendix A.4: T = 1/γ per teacher-student pair (not transcribed here)",
+                f"{_README}: --ttm_l 0.2", "the code's README example (there with CRD)"),
+        Setting("wttm_beta", "appendix A.4: β per pair (not transcribed here)", f"{_README}: -a 4",
+                "the code's README example (there with CRD)"),
+    ),
     params=(
         Param("wttm_gamma", float, 0.2, "exponent gamma of the teacher's power transform (the teacher's T = 1/gamma)",
               cite=f"{_README}: --ttm_l 0.2", range=Interval(0.0, 1.0, open_low=True),
