@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import struct
 from pathlib import Path
 from typing import Any
@@ -70,4 +72,14 @@ def write_cifar(root: Path, variant: str, per_class: int = 20, test_per_class: i
         (folder / name).write_bytes(py2_pickle(entry))
     meta = {spec.names_key.encode(): [f"class_{c}".encode() for c in range(k)]}
     (folder / spec.meta).write_bytes(py2_pickle(meta))
+    trust(variant, folder)
     return root
+
+
+def trust(variant: str, folder: Path) -> None:
+    """Add the md5s of the files in ``folder`` to those ``ensure_cifar`` knows for ``variant`` (as the published
+    ones are known): synthetic files then read as the originals do, and a changed byte is still refused."""
+    spec = CIFAR[variant]
+    mine = tuple((name, hashlib.md5((folder / name).read_bytes(), usedforsecurity=False).hexdigest())
+                 for name in spec.files)
+    CIFAR[variant] = dataclasses.replace(spec, file_md5=spec.file_md5 + mine)

@@ -722,6 +722,18 @@ def _idx_run(ws: Workspace, edit: str) -> Path:
     return out
 
 
+def _cifar_changed(ws: Workspace) -> Path:
+    """Extracted CIFAR-10 files (synthetic, their md5s known as the originals' are), one byte of one changed."""
+    from _cifar_files import write_cifar
+
+    root = write_cifar(ws.tmp / "cifar", "cifar10", per_class=2, test_per_class=1)
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    data = bytearray(batch.read_bytes())
+    data[-100] ^= 0x01  # a pixel
+    batch.write_bytes(bytes(data))
+    return root
+
+
 def _ban_run(ws: Workspace) -> list[str]:
     """A finished run of born-again generations (2), and the arguments that trained it."""
     argv = ws.train("--algo", "ban", "--generations", "2", "--allow-weak-teacher", out=ws.tmp / "ban")
@@ -740,6 +752,8 @@ REUSE_CASES: list[Case] = [
          lambda ws: ["calibrate", str(_idx_run(ws, edit="pixel"))]),
     Case("export-data-root-safetensors", "export", "--data-root for a .safetensors export, which reads no data",
          lambda ws: ["export", str(ws.run), "--data-root", str(ws.tmp), "--out", str(ws.tmp / "e")]),
+    Case("cifar-md5", "data file", "an extracted CIFAR file with one changed byte (its md5 is known)",
+         lambda ws: ws.train("--dataset", "cifar10", "--data-root", str(_cifar_changed(ws)))),
     Case("ban-resume-other-config", "checkpoint", "--resume of born-again generations with other settings",
          lambda ws: [*_ban_run(ws)[:-1], "--lr", "0.01", "--resume"]),
 ]

@@ -289,7 +289,10 @@ def make_archive(tmp_path: Path, variant: str) -> tuple[Path, dict[str, Any]]:
 @pytest.fixture
 def cifar_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalMirror, dict[str, Any]]]:
     archive, written = make_archive(tmp_path, "cifar10")
-    monkeypatch.setitem(CIFAR, "cifar10", replace(CIFAR["cifar10"], md5=_md5(archive.read_bytes()).hexdigest()))
+    spec = CIFAR["cifar10"]
+    files = tuple((n, _md5((tmp_path / "source" / spec.folder / n).read_bytes()).hexdigest()) for n in spec.files)
+    monkeypatch.setitem(CIFAR, "cifar10", replace(spec, md5=_md5(archive.read_bytes()).hexdigest(),
+                                                  file_md5=spec.file_md5 + files))
     mirror = LocalMirror(archive.parent)
     yield mirror, written
     mirror.close()

@@ -246,3 +246,58 @@ def test_calibrate_checks_the_data_first_and_takes_the_data_root_its_advice_name
                                f"trained on (its checksum differs from {out / 'manifest.json'}'s); pass --data-root "
                                "pointing at that data\n")
     assert not (out / "calibration.json").exists()
+
+
+# --- the CIFAR reader checks the md5 of the extracted files ------------------------------------------------------
+
+def test_an_extracted_cifar_file_with_one_changed_byte_is_refused(tmp_path: Path) -> None:
+    """The extracted files' md5s were known (torchvision's list) but never checked: a changed pixel trained on."""
+    from _cifar_files import write_cifar
+
+    root = write_cifar(tmp_path / "cifar", "cifar10", per_class=2, test_per_class=1)
+    args = ["--dataset", "cifar10", "--data-root", str(root), "--model", "mlp"]
+    code, text = _train(tmp_path / "ok", *args)
+    assert code == 0, text
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    data = bytearray(batch.read_bytes())
+    data[-100] ^= 0x01
+    batch.write_bytes(bytes(data))
+    code, text = _train(tmp_path / "bad", *args)
+    from distillistic.data.cifar import CIFAR
+
+    known = next(md5 for name, md5 in CIFAR["cifar10"].file_md5 if name == "data_batch_3")  # the published one
+    assert (code, text) == (2, f"distillistic: error: '{batch}' does not have the known md5 {known} of CIFAR-10's "
+                               f"data_batch_3; it is damaged or a different file: delete '{batch.parent}' to extract "
+                               "or download it again\n")
+    assert not (tmp_path / "bad").exists()
+
+
+# --- fp64 means fp64 for the teacher store ------------------------------------------------------------------------
+
+def test_an_fp64_run_reading_the_store_equals_the_run_that_filled_it(tmp_path: Path) -> None:
+    """The store kept logits as float32 whatever the precision: an fp64 run reading them trained on rounded
+    teacher logits, so it differed from the fp64 run that computed them. Now they are kept as float64."""
+    import torch
+    from safetensors.torch import load_file
+
+    from distillistic.training.checkpoint import load
+
+    store = tmp_path / "store"
+    args = ["--model", "mlp", "--algo", "kd", "--teacher", "cnn", "--teacher-weights", "random", "--precision",
+            "fp64", "--epochs", "2", "--teacher-store", str(store)]
+
+    def trained(name: str) -> tuple[list[dict[str, object]], dict[str, torch.Tensor]]:
+        code, text = _train(tmp_path / name, *args)
+        assert code == 0, text
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows = [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in rows]
+        return rows, load(tmp_path / name / "checkpoints" / "last.pt")["models"]["student"]
+
+    cold_rows, cold = trained("cold")
+    warm_rows, warm = trained("warm")
+    assert [(r["loss"], r["kd"]) for r in warm_rows if r["split"] == "train"] == \
+        [(r["loss"], r["kd"]) for r in cold_rows if r["split"] == "train"]
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
+    files = sorted(store.rglob("epoch-*.safetensors"))
+    assert len(files) == 2  # the warm run read both epochs
+    assert load_file(str(files[0]))["logits"].dtype == torch.float64

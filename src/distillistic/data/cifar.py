@@ -71,7 +71,7 @@ class CifarSpec:
     num_classes: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    file_md5: tuple[tuple[str, str], ...]  # of the extracted files, for a caller that wants to check them
+    file_md5: tuple[tuple[str, str], ...]  # (name, md5) of the extracted files; ensure_cifar checks them
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -364,7 +364,7 @@ def ensure_cifar(root: Path, variant: Variant, mirrors: Sequence[str] = CIFAR_MI
     spec = cifar_spec(variant)
     found = find_cifar(root, spec)
     if found is not None:
-        return found
+        return check_extracted(found, spec)
     if (root / spec.folder).exists():
         raise DataError(f"'{root / spec.folder}' is incomplete (missing "
                         f"{', '.join(_missing(root / spec.folder, spec))}); delete it to extract or download again")
@@ -385,4 +385,14 @@ def ensure_cifar(root: Path, variant: Variant, mirrors: Sequence[str] = CIFAR_MI
             raise DataError(f"{spec.title} is not in '{root}' and could not be downloaded "
                             f"({errors[-1] if errors else 'no mirrors given'}); put {spec.archive} or its extracted "
                             f"folder {spec.folder}/ in '{root}'")
-    return extract_cifar(archive, root, spec)
+    return check_extracted(extract_cifar(archive, root, spec), spec)
+
+
+def check_extracted(folder: Path, spec: CifarSpec) -> Path:
+    """``folder``, once every extracted file has a known md5 (a damaged or other file is refused by name)."""
+    for name in spec.files:
+        known = [md5 for n, md5 in spec.file_md5 if n == name]
+        if known and _md5(folder / name) not in known:
+            raise DataError(f"'{folder / name}' does not have the known md5 {known[0]} of {spec.title}'s {name}; it "
+                            f"is damaged or a different file: delete '{folder}' to extract or download it again")
+    return folder

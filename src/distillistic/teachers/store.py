@@ -19,8 +19,8 @@ Layout of ``<root>`` (``<cache_dir>/teacher-store`` by default, ``--teacher-stor
 or another transform lands in another folder and never reads these files. Each file holds, for the
 ``N`` samples of its split, ``covered`` (bool ``[N]``) and either
 
-* all ``K`` logits as float32 ``[N, K]`` when ``K <= FULL_MAX_CLASSES`` (exact: a run reading them
-  computes the same losses, bit for bit, as one computing the teacher), or
+* all ``K`` logits as float32 ``[N, K]`` (float64 for an fp64 run) when ``K <= FULL_MAX_CLASSES`` (exact: a
+  run reading them computes the same losses, bit for bit, as one computing the teacher), or
 * the ``TOP_K`` largest logits (float16 ``[N, k]``), their class indices and the mean of the other
   ``K - k`` logits, which stand in for them when read (an approximation; ImageNet-sized ``K``).
 
@@ -75,47 +75,50 @@ def _digest(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Codec:
-    """How logits ``[B, K]`` are kept: all of them, or the top ``k`` and the mean of the rest."""
+    """How logits ``[B, K]`` are kept: all of them, or the top ``k`` and the mean of the rest; in float32, or in
+    float64 for an fp64 run (so that a run reading them computes what the run that filled them did)."""
 
     num_classes: int
+    dtype: torch.dtype = torch.float32
 
     @property
     def top_k(self) -> int | None:
         return None if self.num_classes <= FULL_MAX_CLASSES else TOP_K
 
     def describe(self) -> dict[str, Any]:
+        full = str(self.dtype).removeprefix("torch.")
         if self.top_k is None:
-            return {"kind": "logits", "dtype": "float32", "classes": self.num_classes}
+            return {"kind": "logits", "dtype": full, "classes": self.num_classes}
         return {"kind": "top-k logits + mean of the rest", "k": self.top_k, "dtype": "float16",
-                "classes": self.num_classes}
+                "classes": self.num_classes, **({"rest_dtype": full} if self.dtype != torch.float32 else {})}
 
     def empty(self, n: int, device: torch.device) -> dict[str, Tensor]:
         """Zeroed storage for ``n`` samples."""
         k = self.top_k
         if k is None:
-            return {"logits": torch.zeros(n, self.num_classes, device=device)}
+            return {"logits": torch.zeros(n, self.num_classes, device=device, dtype=self.dtype)}
         index_dtype = torch.int16 if self.num_classes <= torch.iinfo(torch.int16).max else torch.int32
         return {"values": torch.zeros(n, k, device=device, dtype=torch.float16),
                 "indices": torch.zeros(n, k, device=device, dtype=index_dtype),
-                "rest": torch.zeros(n, device=device)}
+                "rest": torch.zeros(n, device=device, dtype=self.dtype)}
 
     def encode(self, logits: Tensor) -> dict[str, Tensor]:
         """``[B, K]`` float logits -> the stored parts (``[B, ...]`` each)."""
         k = self.top_k
         if k is None:
-            return {"logits": logits.float()}
-        top = logits.float().topk(k, dim=1)
-        rest = (logits.float().sum(dim=1) - top.values.sum(dim=1)) / (self.num_classes - k)
+            return {"logits": logits.to(self.dtype)}
+        top = logits.to(self.dtype).topk(k, dim=1)
+        rest = (logits.to(self.dtype).sum(dim=1) - top.values.sum(dim=1)) / (self.num_classes - k)
         index_dtype = self.empty(0, logits.device)["indices"].dtype
         return {"values": top.values.half(), "indices": top.indices.to(index_dtype), "rest": rest}
 
     def decode(self, parts: dict[str, Tensor]) -> Tensor:
-        """The stored parts of ``B`` samples -> logits ``[B, K]`` float32."""
+        """The stored parts of ``B`` samples -> logits ``[B, K]`` (float32, or float64 for an fp64 run)."""
         if self.top_k is None:
             return parts["logits"]
         rest = parts["rest"]
         logits = rest[:, None].expand(len(rest), self.num_classes).clone()
-        return logits.scatter_(1, parts["indices"].long(), parts["values"].float())
+        return logits.scatter_(1, parts["indices"].long(), parts["values"].to(self.dtype))
 
     def check(self, parts: dict[str, Tensor], n: int) -> str | None:
         """Why stored parts do not fit ``n`` samples, or None."""
@@ -349,7 +352,7 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
         entry["teacher_calibration"] = {"method": cfg.teacher_calibration, "temperature": teacher.calibration_t}
     train_views = {"loader": loaders["train"].describe(), "views": views.describe(), "data_seed": cfg.data_seed}
     folder = root / f"{cfg.teacher}-{_digest(entry)}"
-    store = TeacherStore(folder, entry, train_views, Codec(info.num_classes), loaders, rt.device)
+    store = TeacherStore(folder, entry, train_views, Codec(info.num_classes, rt.dtype), loaders, rt.device)
     epochs = store.stored_epochs()
     log.info("teacher store: %s (%s)", store.train_folder,
              f"{len(epochs)} epoch(s) stored" if epochs else "empty: this run fills it")
