@@ -84,3 +84,20 @@ def test_one_fp64_step_computes_nothing_below_float64(algo: str) -> None:
         train_step(task, batch, 0.5, meters)
     assert watch.found == {}, f"{algo} computed below float64 in an fp64 step: {watch.found}"
     assert all(p.dtype == torch.float64 for s in task.students for p in s.raw.parameters())
+
+
+@pytest.mark.parametrize(("temperature", "t_max"), [(25.0, None), (15.0, 21.0)])
+def test_kd_loss_computes_in_float64_above_t_20(temperature: float, t_max: float | None) -> None:
+    """Above T = 20 (CTKD: T's bound 21) the KL of two near-uniform distributions is computed in float64, as
+    ``core/divergences.py`` does: a float32 run gets the float64 value rounded once, not float32 cancellation."""
+    from distillistic.methods.ctkd import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(8, 100, generator=g) * 3, torch.randn(8, 100, generator=g) * 3
+    temp = torch.tensor(temperature) if t_max is not None else temperature
+    out = kd_loss(z, t, temp, t_max=t_max)
+    exact = kd_loss(z.double(), t.double(), torch.tensor(temperature, dtype=torch.float64)
+                    if t_max is not None else temperature, t_max=t_max)
+    assert out.dtype == torch.float32
+    assert exact.dtype == torch.float64
+    assert torch.equal(out, exact.float())
