@@ -551,3 +551,20 @@ def test_pcl_matches_the_re_implementations_peer_mean_loss(kind: str, students: 
     torch.testing.assert_close(g_ours, g_ref, rtol=TOL, atol=TOL)
     if students == 2:
         torch.testing.assert_close(ours, ref, rtol=TOL, atol=TOL)
+
+
+def test_dkd_defaults_come_from_the_pair_table_and_imagenets_warmup() -> None:
+    """Unset, β is mdistiller's for the pair (8 for any other), the warm-up 20/240 or, with 1,000 classes, one
+    epoch; with logit standardisation α and β are 9 times theirs; a value the user sets is kept."""
+    from distillistic.methods.dkd import dkd_settings
+
+    def settings(classes: int = 10, **over: Any) -> tuple[float, float, float]:
+        cfg = setup.resolve(Config(algo="dkd", dataset="synthetic", epochs=100, **over))
+        return dkd_settings(cfg, classes)
+
+    assert settings(teacher="wrn_40_2", model="wrn_16_2") == (1.0, 6.0, 20 / 240)
+    assert settings(teacher="resnet32x4", model="shufflenetv2") == (1.0, 8.0, 20 / 240)
+    assert settings(teacher="cnn", model="mlp") == (1.0, 8.0, 20 / 240)
+    assert settings(1000, teacher="resnet56", model="resnet20") == (1.0, 2.0, 1 / 100)
+    assert settings(teacher="resnet56", model="resnet20", logit_standardize=True) == (9.0, 18.0, 20 / 240)
+    assert settings(teacher="resnet56", model="resnet20", dkd_beta=3.0, dkd_warmup=0.5) == (1.0, 3.0, 0.5)
