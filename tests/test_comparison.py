@@ -249,3 +249,38 @@ def test_report_never_imports_torch(tmp_path: Path) -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (root / "report" / "figures" / "pareto-train_flops.png").is_file()
+
+
+# --- sum-of-parts ---------------------------------------------------------------------------------------------
+
+
+def test_sum_of_parts_cells_share_one_budget() -> None:
+    from distillistic.experiments.sum_of_parts import EPOCHS, variants
+
+    width = {"mlp": 1, "mlp_x2": 2, "mlp_x3": 3}  # parameters (and so FLOPs per image) of 1, 2, 3 mlp students
+    for name, cell in variants().items():
+        if name == "kd":
+            continue  # its teacher's training is measured, not planned: shown in the table
+        load = cell["epochs"] * cell.get("students", 1) * width[cell.get("model", "mlp")]
+        assert load == 3 * EPOCHS, name
+
+
+def test_sum_of_parts_table_and_verdict(tmp_path: Path) -> None:
+    from distillistic.experiments.sum_of_parts import table
+
+    for seed in (0, 1, 2):
+        make_run(tmp_path / f"alone{seed}", "baseline", seed, 0.80 + seed / 100, variant="alone")
+        make_run(tmp_path / f"dml3{seed}", "dml", seed, 0.83 + seed / 100, students=3, variant="dml3")
+        make_run(tmp_path / f"indep3{seed}", "baseline", seed, 0.78 + seed / 100, students=3, variant="indep3")
+        make_run(tmp_path / f"wide3{seed}", "baseline", seed, 0.81 + seed / 100, variant="wide3")
+        make_run(tmp_path / f"kd{seed}", "kd", seed, 0.79 + seed / 100, teacher_flops=5e9, variant="kd")
+    lines, verdict = table(group_runs(find_runs([tmp_path])[0]))
+    rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): ln for ln in lines if ln.startswith("| ")}
+    assert ("indep3", "cohort mean") not in rows  # one independent student is no comparison of its own
+    assert "+3.00 [+3.00, +3.00] ✱" in rows[("dml3", "cohort mean")]
+    assert "| 6 G |" in rows[("kd", "student")]  # 1 G of its own and 5 G of its teacher's training
+    assert "ref." in rows[("alone", "student")]
+    assert "(dml3: 84.00 %) beats one student given the whole budget (81.00 %" in verdict
+    assert "KD with its teacher's training) it beats wide3, kd (wide3 82.00 %, kd 80.00 %)" in verdict
+    assert "(dml3: 85.00 %) against the best ensemble of independent students (indep3: 80.00 %): greater" in verdict
+    assert verdict.endswith("the cohort is greater than the sum of its parts here, at its cost.")

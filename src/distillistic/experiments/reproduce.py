@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distillistic.errors import UserError
+from distillistic.experiments import sum_of_parts
 from distillistic.experiments.report import find_runs, group_runs, write_report
 from distillistic.experiments.results import Group, Run, mean_std, pm
 from distillistic.experiments.sweep import describe, run_sweep
@@ -310,6 +311,10 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
           {"model": "mlp", "epochs": 6, "temperature": 4.0, **TEACHER},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"},
            "kd_calibrated": {"algo": "kd", "teacher_calibration": "temperature"}}, _calibrated_teacher),
+    Claim("sum-of-parts", "At equal training compute, is an online-distillation cohort (DML, DML_e, KDCL, PCL) "
+          "greater than the sum of its parts: one student given the whole budget, independent students and their "
+          "ensemble, one wider student, KD with its teacher's training counted?",
+          sum_of_parts.BASE, sum_of_parts.variants(), sum_of_parts.table),
     Claim("dml-equals-dml-e", "Do DML and DML_e train identically from the same seed (their gradients are equal)?",
           {"batch_size": 64}, {}, lambda groups: ([], ""), measure=_dml_identity),
 )}

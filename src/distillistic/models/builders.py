@@ -192,6 +192,10 @@ def _small(factory: Callable[[int, int, int], nn.Module]) -> Builder:
 
 
 MODELS.add("mlp", ModelSpec("mlp", _small(MLP), None, False, "small"))
+# Wider MLPs with the parameters of a cohort of 2 or 3 ``mlp`` students at 1 x 28 x 28 and 10 classes
+# (hidden h: h² + 796 h + 10 parameters; 437 -> 538,831 ≈ 2 x 269,322; 585 -> 807,895 ≈ 3 x 269,322).
+MODELS.add("mlp_x2", ModelSpec("mlp_x2", _small(lambda k, c, s: MLP(k, c, s, hidden=437)), None, False, "small"))
+MODELS.add("mlp_x3", ModelSpec("mlp_x3", _small(lambda k, c, s: MLP(k, c, s, hidden=585)), None, False, "small"))
 MODELS.add("cnn", ModelSpec("cnn", _small(lambda k, c, s: SmallCNN(k, c, s, (32, 64))), None, False, "small"))
 MODELS.add("cnn_wide", ModelSpec("cnn_wide", _small(lambda k, c, s: SmallCNN(k, c, s, (64, 128, 256))), None, False,
                                   "small"))
