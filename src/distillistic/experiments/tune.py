@@ -140,5 +140,6 @@ def tune_command(config: str | None, given: Mapping[str, Any], options: Mapping[
         raise UserError("tune: pass --out DIR (the tune's folder: its studies, trials and re-trained runs)")
     algos = config_mod.split_names(str(base.pop("algo", "") or ""))
     result = tune(algos, out=out, base=base, **options)
-    code = stop_exit_code() if result.interrupted else (1 if result.sweep and result.sweep.failures else 0)
+    stopped = result.interrupted or (result.sweep is not None and result.sweep.interrupted)
+    code = stop_exit_code() if stopped else (1 if result.sweep and result.sweep.failures else 0)
     return describe(result, str(options.get("objective", "top1"))), code
