@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wttm": {"algo": "wttm", "teacher": "cnn", "teacher_weights": "random"},
     "mlkd": {"algo": "mlkd", "teacher": "cnn", "teacher_weights": "random"},
     "dot": {"algo": "dot", "teacher": "cnn", "teacher_weights": "random", "lr": 0.05},
+    "catkd": {"algo": "catkd", "teacher": "cnn", "teacher_weights": "random"},
+    "simkd": {"algo": "simkd", "teacher": "cnn", "teacher_weights": "random"},
 }
 
 

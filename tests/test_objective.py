@@ -18,7 +18,7 @@ from distillistic.errors import UserError
 from distillistic.methods.registry import METHODS, Context, register_method
 from distillistic.methods.tfkd import Virtual
 from distillistic.models.builders import build_model
-from distillistic.models.stages import feature_shapes, stage_names
+from distillistic.models.stages import class_head, feature_shapes, stage_modules, stage_names
 from distillistic.registry import Registry
 from distillistic.training import engine, setup
 
@@ -36,6 +36,12 @@ class _Probe:
 
     def shapes(self, role: str, stages: Any, i: int = 0) -> dict[str, tuple[int, ...]]:
         return feature_shapes("cnn", self.models[role], stages, 1, 8, role)
+
+    def stage_modules(self, role: str, i: int = 0) -> dict[str, torch.nn.Module]:
+        return stage_modules("cnn", self.models[role])
+
+    def classifier(self, role: str, stage: str, i: int = 0) -> torch.nn.Linear:
+        return class_head("cnn", self.models[role], stage, 1, 8, role)
 
 
 def _objective(algo: str, **overrides: Any) -> Objective:
@@ -80,6 +86,8 @@ FORMULAS = {
     ("sp", ()): "L = CE(z, y) + 3000·SP(F_s, F_t)[stage2]",
     ("rkd", ()): "L = CE(z, y) + (25·RKD_D + 50·RKD_A)(e_s, e_t)",
     ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
+    ("catkd", ()): "L = CE(z, y) + 15·CAT(CAM_s, CAM_t; 2x2)[stage2]",
+    ("simkd", ()): "L = 0·CE(z, y) + MSE(P(F_s), F_t)[stage2], z = W_t·avg(P(F_s))",
     ("reviewkd", ()): "L = CE(z, y) + 5·min(p/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
     ("nkd", ()): "L = CE(z, y) + [−q_y·log p_y − 3.5·3²·Σ_(k≠y) q̂_k·log p̂_k](q = softmax(t), p = softmax(z); q̂, p̂ "
                  "at T = 3 over k ≠ y)",

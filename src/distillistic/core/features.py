@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs
@@ -63,6 +63,15 @@ class FeatureProbe(Protocol):
 
     def shapes(self, role: Role, stages: Sequence[str], i: int = 0) -> dict[str, tuple[int, ...]]:
         """``{stage: shape}`` from one dry forward (batch first); an unknown stage is a UserError."""
+        ...
+
+    def stage_modules(self, role: Role, i: int = 0) -> dict[str, nn.Module]:
+        """``{stage: the submodule whose output it is}`` of the spatial stages, shallow to deep (plain models)."""
+        ...
+
+    def classifier(self, role: Role, stage: str, i: int = 0) -> nn.Linear:
+        """The model's linear classifier, which must read the global average of ``stage``'s map (UserError if
+        not): the live module, so a student's weights keep their gradient and a teacher's stay frozen."""
         ...
 
 

@@ -89,6 +89,12 @@ class Term(nn.Module):
         modules (unwrapped, on the device) and each one's view ``(size, channels, norm)`` (for
         :func:`~distillistic.core.signals.model_view`; EMA copies start here)."""
 
+    def student_model(self, i: int, model: nn.Module) -> nn.Module:
+        """The model student ``i`` is trained, evaluated and exported as, given its plain ``model`` (the one whose
+        stages are tapped): ``model`` itself, or a module around it (a method that adds its own layers to the
+        deployed student, such as a reused teacher classifier). Called once, before the students are wrapped."""
+        return model
+
     def members(self) -> list[tuple[int, str, nn.Module]]:
         """Models the term keeps that are evaluated, selected on val, reported and exported like students:
         ``(student index, name suffix, model)``, e.g. ``(0, "ema", copy)`` -> ``student0_ema``."""
@@ -241,6 +247,12 @@ class Objective(nn.Module):
         """Every term's :meth:`Term.bind` (once, when the students are built)."""
         for t in self._all():
             t.bind(students, views)
+
+    def student_model(self, i: int, model: nn.Module) -> nn.Module:
+        """Student ``i``'s model after every term's :meth:`Term.student_model`."""
+        for t in self._all():
+            model = t.student_model(i, model)
+        return model
 
     def members(self) -> list[tuple[int, str, nn.Module]]:
         """Every term's extra evaluated models (see :meth:`Term.members`)."""

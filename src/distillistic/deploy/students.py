@@ -19,7 +19,9 @@ from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.deploy.graph import Inputs, Preprocessed
 from distillistic.errors import CheckpointError, UserError
+from distillistic.methods.registry import METHODS
 from distillistic.models.builders import MODELS, build_model
+from distillistic.models.stages import stage_modules
 from distillistic.runs.export import run_checkpoints
 from distillistic.training.checkpoint import check_format, load, load_weights, read_safetensors
 from distillistic.training.plugins import load_plugins
@@ -64,11 +66,19 @@ def build_student(arch: str, cfg: Config, state: Mapping[str, torch.Tensor], dat
     load_plugins(cfg)  # a module:function model of the user's
     inputs = inputs_for(cfg, arch, data)
     model = build_model(arch, num_classes, inputs.channels, inputs.view_size or inputs.image_size)
+    model = _as_trained(cfg, arch, model, state)
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source, arch)
     names = data.get("class_names") or [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise CheckpointError(f"'{source}' has {num_classes} outputs but its run names {len(names)} classes")
     return Preprocessed(model, inputs, tuple(map(str, names))).eval()
+
+
+def _as_trained(cfg: Config, arch: str, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The student as its method trained it: the plain ``model``, or the method's own module around it (e.g. a
+    projector and a reused teacher classifier), rebuilt by the method from the saved ``state``."""
+    rebuild = METHODS.get(cfg.algo).rebuild_student if cfg.algo in METHODS else None
+    return rebuild(cfg, model, state, lambda: stage_modules(arch, model)) if rebuild is not None else model
 
 
 def _config(raw: Any, source: Path) -> Config:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from distillistic import config as config_mod
 from distillistic.config import THESIS_ALPHA, Config
@@ -44,6 +44,8 @@ class Context:
 
 TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]
 OptimizerHook = Callable[[Config, list[nn.Parameter]], torch.optim.Optimizer]
+# (config, the plain student as built, its saved state, its spatial stages) -> the module that state loads into
+StudentRebuilder = Callable[[Config, nn.Module, Mapping[str, Tensor], Callable[[], dict[str, nn.Module]]], nn.Module]
 ConfigHook = Callable[[Config], None]
 DataHook = Callable[[Config, int], None]
 
@@ -59,7 +61,10 @@ class Method:
     depends on the config (self-training: the students' own architecture); ``authors_weights(cfg)``: the
     authors' ``(CE weight, term weight)`` when the user sets no alpha (None: the thesis's α = 0.5). Weights
     summing to 1 are α = the term's weight; others (logit standardisation's 0.1·CE + 9·KD) make the loss the sum
-    ``w_CE·CE + w·term``, with no α.
+    ``w_CE·CE + w·term``, with no α. ``rebuild_student(cfg, model, state, stages)``: for a method whose terms
+    put layers of their own around a student (:meth:`Term.student_model`), that module rebuilt around a freshly
+    built plain ``model`` so that the saved ``state`` loads into it (export, prediction, ``load_student``);
+    ``stages()`` gives the plain model's spatial stages.
     """
 
     spec: MethodSpec
@@ -73,6 +78,7 @@ class Method:
     resolve_teacher: Callable[[Config], str] | None = None
     optimizer: OptimizerHook | None = None
     authors_weights: Callable[[Config], tuple[float, float] | None] | None = None
+    rebuild_student: StudentRebuilder | None = None
 
     @property
     def name(self) -> str:

@@ -22,7 +22,8 @@ from distillistic.errors import UserError
 from distillistic.models.cifar import CIFAR_CLASSIFIER, CIFAR_STAGES
 from distillistic.models.taps import EMBEDDING, Taps, eval_forward, torchvision_stages
 
-__all__ = ["EMBEDDING", "attach_taps", "feature_shapes", "stage_map", "stage_names"]
+__all__ = ["EMBEDDING", "attach_taps", "class_head", "feature_shapes", "stage_map", "stage_modules",
+           "stage_names"]
 
 
 def stage_map(arch: str, model: nn.Module) -> tuple[dict[str, str], str]:
@@ -42,6 +43,12 @@ def stage_names(arch: str, model: nn.Module) -> tuple[str, ...]:
     """The stage names model ``arch`` offers: ``("stage1", ..., "embedding")``."""
     stages, _ = stage_map(arch, model)
     return (*stages, EMBEDDING)
+
+
+def stage_modules(arch: str, model: nn.Module) -> dict[str, nn.Module]:
+    """``{stage: submodule}`` of model ``arch``'s spatial stages, shallow to deep (no ``embedding``)."""
+    stages, _ = stage_map(arch, model)
+    return {name: model.get_submodule(qualified) for name, qualified in stages.items()}
 
 
 def attach_taps(arch: str, model: nn.Module, wanted: Sequence[str], role: str = "model") -> Taps:
@@ -71,3 +78,28 @@ def feature_shapes(arch: str, model: nn.Module, wanted: Sequence[str], channels:
         eval_forward(model, x)
         captured = taps.pop()
     return {name: tuple(captured[name].shape) for name in wanted}
+
+
+@torch.no_grad()
+def class_head(arch: str, model: nn.Module, stage: str, channels: int, size: int, role: str = "model") -> nn.Linear:
+    """The linear layer that classifies the global average of ``stage``'s map (class-activation methods).
+
+    Checked on one eval-mode forward of a random ``size`` px batch: the classifier's input must be the spatial
+    mean of the stage's map ``[B, C, H, W]`` and the classifier one ``nn.Linear`` (a dropout beside it is
+    fine), so that ``W·F`` at each position is the class activation map whose average is the logit (less its
+    bias). A model with a norm or an activation between the stage and the pooling is refused with a UserError.
+    """
+    _, name = stage_map(arch, model)
+    linears = [m for m in model.get_submodule(name).modules() if isinstance(m, nn.Linear)]
+    param = next(model.parameters())
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)).to(param)
+    with attach_taps(arch, model, [stage, EMBEDDING], role) as taps:
+        eval_forward(model, x)
+        got = taps.pop()
+    f, e = got[stage], got[EMBEDDING].flatten(1)
+    pooled = f.dim() == 4 and tuple(e.shape) == tuple(f.shape[:2]) and torch.allclose(f.mean((2, 3)), e, 1e-4, 1e-5)
+    if len(linears) != 1 or not pooled:
+        raise UserError(f"the {role} '{arch}' does not classify the global average of its {stage} map with one "
+                        "linear layer, so its class activation maps are not defined; use a cnn, ResNet, "
+                        "MobileNetV2 or EfficientNet")
+    return linears[0]

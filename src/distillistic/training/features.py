@@ -18,7 +18,7 @@ from distillistic.core.objective import Objective
 from distillistic.core.signals import Teacher
 from distillistic.data.loader import DataInfo
 from distillistic.models.builders import MODELS
-from distillistic.models.stages import attach_taps, feature_shapes, stage_names
+from distillistic.models.stages import attach_taps, class_head, feature_shapes, stage_modules, stage_names
 from distillistic.models.taps import Taps
 
 TEACHER_LIVE = "live: the feature method reads the teacher's stages, which the teacher-output store does not hold"
@@ -50,6 +50,14 @@ class ModelProbe:
     def shapes(self, role: Role, stages: Sequence[str], i: int = 0) -> dict[str, tuple[int, ...]]:
         arch, model, channels, size = self._model(role, i)
         return feature_shapes(arch, model, stages, channels, size, role)
+
+    def stage_modules(self, role: Role, i: int = 0) -> dict[str, nn.Module]:
+        arch, model, _, _ = self._model(role, i)
+        return stage_modules(arch, model)
+
+    def classifier(self, role: Role, stage: str, i: int = 0) -> nn.Linear:
+        arch, model, channels, size = self._model(role, i)
+        return class_head(arch, model, stage, channels, size, role)
 
 
 def _wanted(objective: Objective, attr: str) -> list[str]:

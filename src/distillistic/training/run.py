@@ -184,6 +184,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     if rt.dtype == torch.float64:  # fp64: a term's own parameters too (other precisions keep their dtypes)
         objective = objective.to(rt.dtype)
     taps = attach_taps_for(cfg, objective, raw_students, first)
+    raw_students = [objective.student_model(i, m) for i, m in enumerate(raw_students)]  # a method's own head
     students = [Member(n, _wrap(m, cfg, rt), cfg.student_resolution, MODELS.get(a).channels(info.channels),
                        norm=MODELS.get(a).norm, taps=tap) for n, m, a, tap in zip(names, raw_students, archs, taps)]
     objective.bind([s.raw for s in students], [(s.view_size, s.channels, s.norm) for s in students])
