@@ -88,7 +88,7 @@ FORMULAS = {
     ("crd", ()): "L = CE(z, y) + 0.8·CRD(e_s, e_t; K=99, τ=0.07)",
     ("catkd", ()): "L = CE(z, y) + 15·CAT(CAM_s, CAM_t; 2x2)[stage2]",
     ("simkd", ()): "L = 0·CE(z, y) + MSE(P(F_s), F_t)[stage2], z = W_t·avg(P(F_s))",
-    ("reviewkd", ()): "L = CE(z, y) + 5·min(p/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
+    ("reviewkd", ()): "L = CE(z, y) + 5·min(e/0.0833, 1)·HCL(ABF(F_s), F_t)[stage1, stage2, embedding]",
     ("nkd", ()): "L = CE(z, y) + [−q_y·log p_y − 3.5·3²·Σ_(k≠y) q̂_k·log p̂_k](q = softmax(t), p = softmax(z); q̂, p̂ "
                  "at T = 3 over k ≠ y)",
     ("ttm", ()): "L = CE(z, y) + 45·KL(softmax(t)^0.1/U_0.1 ‖ softmax(z))",

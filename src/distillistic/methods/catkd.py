@@ -27,8 +27,10 @@ from distillistic.methods.spec import (
     FEATURE,
     FEATURE_KD,
     FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
     MethodSpec,
     Param,
+    Setting,
     at_least,
     choice,
     int_range,
@@ -47,6 +49,17 @@ SPEC = MethodSpec(
             Param("catkd_normalize", bool, False, "l2-normalise each class's pooled map over its positions",
                   cite=f"{_CAT}: IF_NORMALIZE False", space=choice(False, True))),
     notes="β depends on the pair in the authors' configs (0.5 to 600; 15 for resnet32x4 -> resnet8x4)",
+    defaults=(
+        Setting("feature_weight", "— (the paper's text was not checked here)",
+                f"{_CAT}:25 CAT_loss_weight 15.; by pair 0.5 (imagenet r34_r18) to 600 (res32x4_shuv1); "
+                "mdistiller/engine/cfg.py:37 400.0", "the res32x4 -> res8x4 config's 15", ours="15"),
+        Setting("catkd_resolution", "— (the paper's text was not checked here)",
+                f"{_CAT}: CAM_RESOLUTION 2; 4 for the ShuffleNet students and imagenet r34_r18"),
+        Setting("catkd_normalize", "— (the paper's text was not checked here)",
+                f"{_CAT}: IF_NORMALIZE False; True for the ShuffleNet and MobileNet students; cfg.py:27 True",
+                "the res32x4 -> res8x4 config's False"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 
 

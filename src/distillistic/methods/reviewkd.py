@@ -4,13 +4,13 @@ The student's maps, deepest first (the pooled embedding as a 1x1 map, then each 
 based fusion (ABF): each level's map, after a 1x1 conv, is fused with the running residual of the deeper levels
 by two per-pixel attention weights, then a 3x3 conv shapes it as the teacher's map of that level. The
 hierarchical context loss (HCL) compares each level with its teacher map at full resolution and pooled to
-4x4, 2x2 and 1x1 (weights 1, 1/2, 1/4, 1/8, normalised). ``L = CE(z, y) + β·min(p/w, 1)·Σ_levels HCL``,
-β = 5, warm-up 20 of 240 epochs. Reference: megvii-research/mdistiller, ``mdistiller/distillers/ReviewKD.py``.
+4x4, 2x2 and 1x1 (weights 1, 1/2, 1/4, 1/8, normalised). ``L = CE(z, y) + β·min(e/(w·E), 1)·Σ_levels HCL``
+with ``e`` the 1-based epoch of ``E``, β = 5, warm-up w = 20 of 240 epochs. Reference: megvii-research/mdistiller,
+``mdistiller/distillers/ReviewKD.py``.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,24 +20,43 @@ from torch import Tensor, nn
 from distillistic.config import Config
 from distillistic.core.features import FeatureTeacher, FeatureTerm, matched_shape
 from distillistic.core.features import full_precision as _full
-from distillistic.core.objective import Term
+from distillistic.core.objective import Term, epoch_progress
 from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
 from distillistic.methods.dkd import linear_warmup
 from distillistic.methods.features import parts, spatial, weight, with_kd
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import FEATURE, FEATURE_KD, FEATURE_WEIGHT, MethodSpec, Param, share
+from distillistic.methods.spec import (
+    FEATURE,
+    FEATURE_KD,
+    FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MethodSpec,
+    Param,
+    Setting,
+    share,
+)
 
 WEIGHT = 5.0  # mdistiller configs/cifar100/reviewkd.yaml: REVIEWKD_WEIGHT 5.0 (res32x4 -> res8x4)
 _MD = "megvii-research/mdistiller@a08d46f"
 SPEC = MethodSpec(
     "reviewkd", "Chen, Liu, Zhao & Jia 2021, Distilling Knowledge via Knowledge Review (CVPR)",
-    "L = CE(z, y) + β min(p/w, 1) Σ_levels HCL(ABF(F_s, deeper levels), F_t); HCL = MSE at full, 4², 2², 1² "
+    "L = CE(z, y) + β min(e/w, 1) Σ_levels HCL(ABF(F_s, deeper levels), F_t); HCL = MSE at full, 4², 2², 1² "
     "(β = 5) [+ w T² KL]",
     params=(FEATURE_WEIGHT, FEATURE_KD,
             Param("reviewkd_warmup", float, 20 / 240, "share of training over which the review term rises from 0",
                   cite=f"{_MD} mdistiller/engine/cfg.py:153 WARMUP_EPOCHS 20 (of 240 epochs, "
                        "configs/cifar100/reviewkd.yaml)", range=share(), allowed="a share of training in [0, 1)")),
+    defaults=(
+        Setting("feature_weight", "— (the paper's text was not checked here)",
+                f"{_MD} configs/cifar100/reviewkd.yaml:10 REVIEWKD_WEIGHT 5.0 (res32x4 -> res8x4); "
+                "mdistiller/engine/cfg.py:152 1.0 and configs/imagenet/*/reviewkd.yaml 1.0",
+                "the CIFAR-100 config's 5 (ImageNet's 1 is not applied)", ours="5"),
+        Setting("reviewkd_warmup", "— (the paper's text was not checked here)",
+                f"{_MD} mdistiller/engine/cfg.py:153 WARMUP_EPOCHS 20 of 240, ReviewKD.py:96 min(epoch / warmup, 1), "
+                "epoch from 1; configs/imagenet/r34_r18/reviewkd.yaml WARMUP_EPOCHS 1", "CIFAR-100's 20/240"),
+        KD_T_FOR_FEATURES,
+    ),
     **FEATURE)
 MAX_MID = 512  # mdistiller ReviewKD.py:45, mid_channel = min(512, in_channels[-1])
 
@@ -128,9 +147,11 @@ class ReviewTerm(FeatureTerm):
     """ReviewKD (Chen et al. 2021): HCL between each level's ABF output and the teacher's map of that level."""
 
     def __init__(self, teacher: FeatureTeacher, stages: Sequence[str], weight: float, warmup: float,
-                 s_shapes: Sequence[Sequence[Sequence[int]]], t_shapes: Sequence[Sequence[int]]) -> None:
+                 s_shapes: Sequence[Sequence[Sequence[int]]], t_shapes: Sequence[Sequence[int]],
+                 epochs: int = 0) -> None:
         super().__init__("reviewkd", teacher, stages, stages, weight)
-        self.ramp = functools.partial(linear_warmup, warmup=warmup)
+        # min(e / (w·E), 1) with e the 1-based epoch, as mdistiller's ReviewKD.forward_train (kwargs["epoch"])
+        self.ramp = lambda p: linear_warmup(epoch_progress(p, epochs), warmup)
         self.warmup = warmup
         self.reviews = nn.ModuleList(
             Review([s[1] for s in shapes], [matched_shape(t, s) for t, s in zip(t_shapes, shapes)])
@@ -146,7 +167,7 @@ class ReviewTerm(FeatureTerm):
         return self.reviews[i].parameters()
 
     def describe(self) -> str:
-        warm = f"min(p/{self.warmup:.3g}, 1)·" if self.warmup > 0 else ""
+        warm = f"min(e/{self.warmup:.3g}, 1)·" if self.warmup > 0 else ""
         return f"{warm}HCL(ABF(F_s), F_t)[{self._pairs()}]"
 
 
@@ -168,7 +189,7 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     t_shapes = probe.shapes("teacher", stages)
     s_shapes = [probe.shapes("student", stages, i) for i in range(ctx.students)]
     term = ReviewTerm(teacher, stages, weight(cfg, WEIGHT), cfg.reviewkd_warmup,
-                      [[s[n] for n in stages] for s in s_shapes], [t_shapes[n] for n in stages])
+                      [[s[n] for n in stages] for s in s_shapes], [t_shapes[n] for n in stages], cfg.epochs)
     return with_kd(cfg, ctx, term)
 
 

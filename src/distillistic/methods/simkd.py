@@ -26,7 +26,17 @@ from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
 from distillistic.methods.features import last_stage, parts, weight, with_kd
 from distillistic.methods.registry import Context, register_method
-from distillistic.methods.spec import FEATURE, FEATURE_KD, FEATURE_WEIGHT, MethodSpec, Param, at_least, int_range
+from distillistic.methods.spec import (
+    FEATURE,
+    FEATURE_KD,
+    FEATURE_WEIGHT,
+    KD_T_FOR_FEATURES,
+    MethodSpec,
+    Param,
+    Setting,
+    at_least,
+    int_range,
+)
 
 WEIGHT = 1.0  # SimKD README.md: train_student.py --distill simkd -c 0 -d 0 -b 1
 _SIMKD = "DefangChen/SimKD@2b389c3"
@@ -41,6 +51,15 @@ SPEC = MethodSpec(
             Param("simkd_ce", float, 0.0, "weight c of CE(z, y) on the student's predictions",
                   cite=f"{_SIMKD} README.md: -c 0 for simkd", range=at_least(0.0), allowed="a weight >= 0")),
     notes="the exported student includes the projector and the teacher's classifier",
+    defaults=(
+        Setting("feature_weight", "— (the paper's text was not checked here)",
+                f"{_SIMKD} README.md:43 --distill simkd -c 0 -d 0 -b 1", ours="1"),
+        Setting("feature_kd", "— (the paper's text was not checked here)", f"{_SIMKD} README.md:43 -d 0"),
+        Setting("simkd_ce", "— (the paper's text was not checked here)", f"{_SIMKD} README.md:43 -c 0"),
+        Setting("simkd_factor", "— (the paper's text was not checked here)",
+                f"{_SIMKD} train_student.py:67 --factor 2; README.md:63-65 f = 2, 4, 8 (2 best)"),
+        KD_T_FOR_FEATURES,
+    ),
     **{**FEATURE, "weights": ("feature_weight", "feature_kd", "simkd_ce")})
 
 
