@@ -142,11 +142,14 @@ def test_a_tune_judges_on_val_retrains_on_shared_seeds_and_report_reads_it(tmp_p
     assert record["seeds"] == [43, 44]
     assert record["methods"]["kd"]["best_params"] == _study(out, "kd").best_params
 
-    from distillistic.experiments.report import find_runs, group_runs
+    from distillistic.experiments.report import find_runs, group_runs, write_report
 
     runs, _ = find_runs([out])  # the trials (a hidden folder) are not cells
     groups = group_runs(runs)
     assert sorted((g.settings["algo"], g.seeds) for g in groups) == [("dml", "43,44"), ("kd", "43,44")]
+    table = (write_report([out]) / "report.md").read_text()  # no baseline among them: no pairs, still a table
+    assert "| kd | student | 2 |" in table
+    assert "| dml | cohort mean | 2 |" in table
 
     # the same command again: nothing new runs, nothing is lost; another tune's settings are refused
     again = tune(["kd", "dml"], 2, out, TINY, seeds=2)

@@ -112,6 +112,8 @@ def choose_reference(groups: Sequence[Group], name: str) -> dict[int, Group]:
     label or algorithm) that shares the most settings with it; none where two candidates tie."""
     candidates = [g for g in groups if name in (g.settings.get("variant"), g.label, g.settings.get("algo"))]
     chosen: dict[int, Group] = {}
+    if not candidates:  # no cell of that name (e.g. a tune or sweep without the baseline): nothing to pair with
+        return chosen
     for i, g in enumerate(groups):
         if any(g is c for c in candidates):
             continue
