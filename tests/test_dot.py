@@ -145,9 +145,11 @@ def test_optimizer_matches_the_reference(wd: float, momentum: float, delta: floa
 
 
 def _dot_task(**overrides: Any) -> Any:
-    cfg = setup.resolve(tiny(algo="dot", teacher="cnn", teacher_weights="random", precision="fp64", device="cpu",
-                             teacher_store="off", max_train_samples=64, batch_size=16, allow_weak_teacher=True,
-                             augment="none", scheduler="constant", lr=0.05, weight_decay=5e-4, **overrides))
+    settings: dict[str, Any] = dict(algo="dot", teacher="cnn", teacher_weights="random", precision="fp64",
+                                    device="cpu", teacher_store="off", max_train_samples=64, batch_size=16,
+                                    allow_weak_teacher=True, augment="none", scheduler="constant", lr=0.05,
+                                    weight_decay=5e-4)
+    cfg = setup.resolve(tiny(**(settings | overrides)))
     return build_task(cfg, resolve_runtime(cfg))[0]
 
 
@@ -202,3 +204,14 @@ def test_loss_value_and_gradient_match_the_reference(scale: float) -> None:
     assert ours.item() == pytest.approx(theirs.item(), abs=TOL, rel=TOL)
     (g1,), (g2,) = torch.autograd.grad(ours, z1), torch.autograd.grad(theirs, z2)
     assert torch.allclose(g1, g2, atol=TOL, rtol=TOL)
+
+
+def test_onecycle_cycles_only_the_learning_rate_of_dot() -> None:
+    """OneCycle cycles momentum only for an optimizer that has one: DOT's two momenta stay mu -+ delta."""
+    task = _dot_task(scheduler="onecycle")
+    group = task.optimizers[0].param_groups[0]
+    before = (group["momentum_task"], group["momentum_kd"], group["lr"])
+    train_step(task, next(iter(task.views.prepare(task.loaders["train"].epoch(0)))), 0.0, TrainMeters(task))
+    assert (group["momentum_task"], group["momentum_kd"]) == pytest.approx((0.825, 0.975))
+    assert before[:2] == (group["momentum_task"], group["momentum_kd"])
+    assert group["lr"] != before[2]  # the learning rate does cycle
