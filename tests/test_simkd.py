@@ -22,7 +22,7 @@ from distillistic import load_student, train
 from distillistic.methods.simkd import Reused, projector, simkd_loss
 from distillistic.models.builders import build_model
 from distillistic.runs.export import export_run
-from distillistic.training.checkpoint import read_safetensors
+from distillistic.training.checkpoint import load, read_safetensors
 
 # --- the reference, as the authors write it ----------------------------------------------------------------------
 
@@ -142,3 +142,18 @@ def test_the_exported_student_is_backbone_projector_and_the_teachers_classifier(
         got = loaded.model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, backbone(x), atol=1e-3)  # not the student's own (untrained at c = 0) head
+
+
+@pytest.mark.multiprocess
+def test_a_simkd_run_resumes_exactly_after_sigkill_with_its_projector(tmp_path: Path) -> None:
+    from test_feature_methods import RESUME_ARGS
+    from test_resume import assert_identical_runs, killed_then_resumed, run_cli
+
+    own = [*RESUME_ARGS, "--algo", "simkd", "--allow-weak-teacher"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    done = run_cli([*own, "--out", str(ref)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed_then_resumed(own, out)
+    assert_identical_runs(ref, out)
+    state = load(out / "checkpoints" / "last.pt")["models"]["student"]
+    assert {"projector.0.weight", "projector.7.running_mean", "classifier.weight", "size"} <= set(state)
