@@ -13,7 +13,7 @@
 * with ``strong``, a strongly augmented view of every training sample beside those (for a term that reads one:
   ``Term.strong_view``): the run's augmentation drawn on keys of its own (``view = STRONG_VIEW``), then
   RandAugment with 2 operations at magnitude 10 (of 31 bins), made ahead with the others
-  (:meth:`ViewMaker.strong_views`).
+  (:meth:`ViewMaker.strong_views`); from view 0's images (image files: the loader's crop of view 0).
 """
 
 from __future__ import annotations
