@@ -25,6 +25,7 @@ optuna = pytest.importorskip("optuna")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = {"dataset": "synthetic", "synthetic_samples": 200, "model": "mlp", "teacher": "mlp", "teacher_weights": "random",
         "epochs": 1, "batch_size": 16, "threads": 1, "num_workers": 0, "tensorboard": False, "progress": False}
+PLAIN = {k: v for k, v in TINY.items() if not k.startswith("teacher")}  # for a baseline alone
 FLAGS = ["--dataset", "synthetic", "--synthetic-samples", "200", "--model", "mlp", "--epochs", "1",
          "--batch-size", "16", "--threads", "1", "--num-workers", "0", "--no-tensorboard", "--no-progress"]
 
@@ -220,3 +221,26 @@ def test_every_trial_and_retraining_distils_from_one_teacher_trained_first(tmp_p
         assert config["teacher_weights"] == str(trained[0])
         lrs.add(config["lr"])
     assert len(lrs) == 2  # the trials drew other learning rates (the re-training uses the best one)
+
+
+@pytest.mark.e2e
+def test_a_diverged_trial_uses_its_share_of_the_budget(tmp_path: Path) -> None:
+    result = tune(["baseline"], 1, tmp_path / "t", {**PLAIN, "lr": 1e30}, seeds=0)  # weight decay is still tuned
+    (trial,) = _study(tmp_path / "t", "baseline").trials
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["counted"] is True
+    assert "diverged" in trial.user_attrs["reason"]
+    assert result.methods["baseline"]["trials"] == {"fail": 1}
+    assert "best_params" not in result.methods["baseline"]
+
+
+def test_trials_running_in_another_worker_are_waited_for_not_repeated(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    out.mkdir()
+    study = optuna.create_study(study_name="baseline", storage=f"sqlite:///{out / 'tune.db'}", direction="maximize")
+    elsewhere = study.ask()  # a live worker on another machine (no heartbeat yet: never stale)
+    elsewhere.set_user_attr("worker", "another-host:1")
+    result = tune(["baseline"], 1, out, PLAIN, seeds=2)
+    assert result.waiting == {"baseline": 1}
+    assert result.sweep is None  # the re-training waits for the budget to be spent
+    assert [t.state.name for t in _study(out, "baseline").trials] == ["RUNNING"]
