@@ -244,3 +244,22 @@ def test_trials_running_in_another_worker_are_waited_for_not_repeated(tmp_path: 
     assert result.waiting == {"baseline": 1}
     assert result.sweep is None  # the re-training waits for the budget to be spent
     assert [t.state.name for t in _study(out, "baseline").trials] == ["RUNNING"]
+
+
+def test_a_trial_asked_beyond_the_budget_is_failed_unrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a server database two workers may both count N - 1 and ask: the later trial is failed, never run."""
+    out = tmp_path / "t"
+    real_ask = optuna.study.Study.ask
+
+    def racing_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(optuna.study.Study, "ask", real_ask)
+        other = real_ask(self)  # another worker asks between this one's count and its ask
+        other.set_user_attr("worker", "another-host:1")
+        return real_ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "ask", racing_ask)
+    result = tune(["baseline"], 1, out, PLAIN, seeds=0)
+    trials = _study(out, "baseline").trials
+    assert [(t.state.name, t.user_attrs.get("surplus")) for t in trials] == [("RUNNING", None), ("FAIL", True)]
+    assert result.waiting == {"baseline": 1}
+    assert not (out / ".trials").exists()  # nothing ran
