@@ -263,3 +263,19 @@ def test_a_trial_asked_beyond_the_budget_is_failed_unrun(tmp_path: Path, monkeyp
     assert [(t.state.name, t.user_attrs.get("surplus")) for t in trials] == [("RUNNING", None), ("FAIL", True)]
     assert result.waiting == {"baseline": 1}
     assert not (out / ".trials").exists()  # nothing ran
+
+
+def test_a_method_whose_search_space_is_empty_is_refused_by_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from distillistic.methods import catalogue
+    from distillistic.methods.spec import MethodSpec, Param
+
+    spec = MethodSpec("flat", "a method of tests", "CE", params=(Param("flat_w", float, 1.0, "w", space=Space(1, 1)),))
+    real = catalogue.specs
+    monkeypatch.setattr(catalogue, "specs", lambda: {**real(), "flat": spec})
+    out = tmp_path / "t"
+    rc, _, err = run_cli(["tune", "--algo", "flat", "--trials", "2", *FLAGS, "--out", str(out)], capsys)
+    assert rc == 2
+    assert err == ["distillistic: error: tune: method 'flat': the search space of 'flat_w' is empty (low 1 >= high 1); "
+                   "fix the parameter's space"]
+    assert not out.exists()
