@@ -244,6 +244,9 @@ CASES: list[Case] = [
          lambda ws: ws.train("--algo", "ls", "--label-smoothing", "1")),
     Case("dkd-beta-negative", "config value", "a negative DKD weight beta",
          lambda ws: ws.train("--algo", "dkd", "--dkd-beta", "-1")),
+    Case("ls-kd-alpha-warmup", "config value", "an alpha warm-up for kd --logit-standardize, weighed 0.1·CE + 9·KD "
+         "(no alpha)", lambda ws: ws.train("--algo", "kd", "--teacher", "mlp", "--teacher-weights", "random",
+                                           "--logit-standardize", "--alpha-warmup", "0.2")),
     Case("dist-gamma-negative", "config value", "a negative DIST weight gamma",
          lambda ws: ws.train("--algo", "dist", "--dist-gamma", "-0.5")),
     Case("ctkd-temperature", "config value", "a fixed temperature for CTKD, whose temperature is learned",
