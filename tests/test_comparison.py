@@ -284,3 +284,13 @@ def test_sum_of_parts_table_and_verdict(tmp_path: Path) -> None:
     assert "KD with its teacher's training) it beats wide3, kd (wide3 82.00 %, kd 80.00 %)" in verdict
     assert "(dml3: 85.00 %) against the best ensemble of independent students (indep3: 80.00 %): greater" in verdict
     assert verdict.endswith("the cohort is greater than the sum of its parts here, at its cost.")
+
+
+def test_several_cells_named_like_the_reference_say_which_one(tmp_path: Path) -> None:
+    for seed in (0, 1, 2):
+        make_run(tmp_path / f"bm{seed}", "baseline", seed, 0.80, model="mlp")
+        make_run(tmp_path / f"bc{seed}", "baseline", seed, 0.90, model="cnn")
+        make_run(tmp_path / f"kc{seed}", "kd", seed, 0.91, model="cnn", teacher="cnn_wide")
+    rows = _comparison_rows((write_report([tmp_path], tmp_path / "rep") / "report.md").read_text())
+    kd = next(r for (cell, _), r in rows.items() if cell.startswith("algo=kd"))
+    assert kd[12] == "+1.00 [+1.00, +1.00] ✱ (vs algo=baseline, model=cnn)"  # the baseline of its own model

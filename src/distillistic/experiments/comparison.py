@@ -78,17 +78,19 @@ def paired_rows(items: Sequence[Entry], groups: Sequence[Group], reference: str,
         a, b = paired.pairs(e.group, ref, e.metric(metric),
                             lambda run: (run.metrics(run.kinds[0], "test") or {}).get(metric))
         out[i] = paired.differences(a, b)
-        out[i].label = f"{e.label} ({e.kind})"
+        out[i].label = ref.label  # what it was compared with
     for result, adjusted in zip(out.values(), paired.holm([r.p for r in out.values()])):
         result.p_holm = adjusted
     return out
 
 
-def _difference(result: paired.Paired | None, is_reference: bool) -> list[str]:
+def _difference(result: paired.Paired | None, is_reference: bool, several: bool) -> list[str]:
+    """A row's Δ and p cells; ``several``: more than one cell bears the reference's name, so say which one."""
     if result is None:
         return ["ref." if is_reference else "–", "–"]
     mark = " ✱" if result.excludes_zero else ""
-    return [paired.interval_text(result) + mark, paired.p_text(result.p_holm)]
+    which = f" (vs {result.label})" if several else ""
+    return [paired.interval_text(result) + mark + which, paired.p_text(result.p_holm)]
 
 
 def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> list[str]:
@@ -96,6 +98,7 @@ def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> li
     items = entries(groups)
     marks = pareto_marks(items, axis)
     diffs = {m: paired_rows(items, groups, reference, m) for m in ("top1", "ece")}
+    several = sum(1 for g in groups if reference in (g.settings.get("variant"), g.label, g.settings.get("algo"))) > 1
     head = ["cell", "model", "n", "top-1 (%)", "ECE (%)", "params", "FLOPs/img", "latency ms p50 / p90",
             "train FLOPs (method)", "teacher's own training FLOPs", "train s (method)", f"Pareto ({axis})",
             f"Δ top-1 vs {reference} (pp) [95 % CI]", "p (Holm)", f"Δ ECE vs {reference} (pp) [95 % CI]", "p (Holm)"]
@@ -109,7 +112,7 @@ def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> li
                  si(e.stat(lambda run: run.summary.get("train_flops"))[0]), si(teacher),
                  pm(*e.stat(lambda run: run.summary.get("train_seconds")), 1.0, 1), "◆" if optimal else ""]
         for m in ("top1", "ece"):
-            cells += _difference(diffs[m].get(i), _is_reference(e, reference))
+            cells += _difference(diffs[m].get(i), _is_reference(e, reference), several)
         lines.append("| " + " | ".join(cells) + " |")
     return [f"## Comparison: costs, Pareto front ({AXES[axis]}), paired differences to `{reference}`", "",
             *lines, "", *_legend(axis, reference, items, diffs), ""]

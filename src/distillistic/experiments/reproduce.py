@@ -48,6 +48,7 @@ class Claim:
     grid: Mapping[str, Sequence[Any]] | None = None
     full: Mapping[str, Any] | None = None  # the thesis-scale overrides (``--full``)
     measure: Callable[[Mapping[str, Any]], tuple[list[str], str]] | None = None  # instead of a sweep: base -> table
+    reference: str | None = None  # the report's paired reference cell (default: the baseline)
 
 
 def _data(data_root: str | None, full: bool) -> dict[str, Any]:
@@ -314,7 +315,7 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
     Claim("sum-of-parts", "At equal training compute, is an online-distillation cohort (DML, DML_e, KDCL, PCL) "
           "greater than the sum of its parts: one student given the whole budget, independent students and their "
           "ensemble, one wider student, KD with its teacher's training counted?",
-          sum_of_parts.BASE, sum_of_parts.variants(), sum_of_parts.table),
+          sum_of_parts.BASE, sum_of_parts.variants(), sum_of_parts.table, reference="alone"),
     Claim("dml-equals-dml-e", "Do DML and DML_e train identically from the same seed (their gradients are equal)?",
           {"batch_size": 64}, {}, lambda groups: ([], ""), measure=_dml_identity),
 )}
@@ -348,7 +349,7 @@ def reproduce(name: str, out: str | Path = "runs/reproduce", data_root: str | No
     if result.interrupted or result.failures:
         raise UserError(f"reproduce {name}: {len(result.failures)} run(s) failed or the sweep was stopped; "
                         f"run the same command again to continue ({folder / 'runs'})")
-    write_report([folder / "runs"], folder / "report")
+    write_report([folder / "runs"], folder / "report", reference=claim.reference)
     runs, _ = find_runs([folder / "runs"])
     lines, verdict = claim.table(group_runs(runs))
     return _write(folder, name, claim, lines, verdict)

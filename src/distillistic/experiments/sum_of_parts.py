@@ -91,7 +91,8 @@ def verdict(items: Sequence[Entry], diffs: dict[int, Paired]) -> str:
     name, student, i = _best(items, diffs, cohorts, "cohort mean")
     ens_name, ens, _ = _best(items, diffs, cohorts, "ensemble")
     ind_name, ind, _ = _best(items, diffs, ["indep2", "indep3"], "ensemble")
-    others = {lab: top for lab, top, _ in (_best(items, diffs, [n], "student") for n in ("wide2", "wide3", "kd"))}
+    found = (_best(items, diffs, [n], "student") for n in ("wide2", "wide3", "kd"))
+    others = {lab: top for lab, top, _ in found if lab}
     d = diffs.get(i)
     held = d is not None and d.excludes_zero and d.mean > 0
     beats = [n for n, v in others.items() if math.isfinite(v) and student > v]
