@@ -100,13 +100,33 @@ def test_imagenet_weights_are_loaded_from_torchvisions_cache(torch_home: Path) -
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
 
 
-def test_missing_imagenet_weights_give_a_clear_error(torch_home: Path) -> None:
+def test_missing_imagenet_weights_give_a_clear_error(torch_home: Path, capfd: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UserError) as info:
         build_model("mobilenet_v3_small", 7, 1, 64, imagenet=True)
     message = str(info.value)
     assert f"'{torch_home / 'hub' / 'checkpoints'}'" in message
     assert _cache_file(torch_home, "mobilenet_v3_small").name in message
     assert "\n" not in message
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err  # torch.hub's line is held back: the error is all the user reads
+
+
+def test_a_download_is_told_after_it_succeeded(torch_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capfd: pytest.CaptureFixture[str],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(123)
+    reference = tvm.mobilenet_v3_small(weights=None)
+
+    def download(url: str, dst: str, *args: Any, **kwargs: Any) -> None:
+        torch.save(reference.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    with caplog.at_level("INFO", logger="distillistic"):
+        build_model("mobilenet_v3_small", 7, 1, 64, imagenet=True)
+    path = _cache_file(torch_home, "mobilenet_v3_small")
+    assert path.is_file()
+    assert "Downloading" not in capfd.readouterr().out
+    assert f"downloaded the ImageNet weights of mobilenet_v3_small to {path}" in caplog.text
 
 
 class _Payload:

@@ -9,6 +9,9 @@ choice for 28-32 px inputs.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import typing
 import urllib.error
@@ -25,6 +28,8 @@ from distillistic.models import timm_models
 from distillistic.models.cifar import CIFAR_MODELS
 from distillistic.models.timm_models import Norm
 from distillistic.registry import Registry
+
+log = logging.getLogger("distillistic")
 
 Builder = Callable[[int, int, int, bool], nn.Module]  # (num_classes, in_channels, image_size, imagenet)
 
@@ -110,12 +115,17 @@ def _imagenet_model(name: str) -> nn.Module:
         except CheckpointError as e:
             raise CheckpointError(f"{e} (it sits in torchvision's weights cache: delete it so that the ImageNet "
                                   f"weights of {name} are downloaded again)") from None
+    said = io.StringIO()  # torch.hub prints 'Downloading: ...' on stdout before it tries: held back, told after
     try:
-        return tvm.get_model(name, weights=weights)
+        with contextlib.redirect_stdout(said):
+            model = tvm.get_model(name, weights=weights)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         folder = f"{torch.hub.get_dir()}/checkpoints"
         raise UserError(f"ImageNet weights for {name} are not in '{folder}' and could not be downloaded ({e}); "
                         f"put {weights.url.rsplit('/', 1)[-1]} there (or set TORCH_HOME)") from None
+    if said.getvalue():
+        log.info("downloaded the ImageNet weights of %s to %s", name, cached)
+    return model
 
 
 def _torchvision(name: str, cifar_stem: bool = False) -> Builder:
