@@ -2,7 +2,8 @@
 
 - ``learning_curves.png``: validation top-1 and ECE per epoch, one line per cell (mean over seeds, band ±1 std);
 - ``reliability.png``: reliability diagrams on the test split at the best-on-val epoch, runs and cohort
-  students pooled per bin, with the share of samples per bin beneath;
+  students pooled per bin, each bin shaded by its samples, over- and under-confident gaps told apart, with the
+  samples per bin beneath on a log axis (:mod:`distillistic.experiments.reliability_panel`);
 - ``vs_<key>.png`` for every swept numeric axis (student image size, temperature, α, …): test top-1, ECE,
   entropy and training time against it, one line per algorithm, error bars ±1 std over seeds.
 
@@ -24,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
-from distillistic.experiments.results import Group, mapping, mean_std, minimal_labels, number, pm, varying_keys
+from distillistic.experiments.reliability_panel import draw_panel, legend_handles, pooled_bins
+from distillistic.experiments.results import Group, mean_std, minimal_labels, number, varying_keys
 
 AXES: dict[str, tuple[str, str]] = {  # key -> (name, unit) on plot axes and facet titles
     "student_resolution": ("student input size", "px"), "teacher_resolution": ("teacher input size", "px"),
@@ -146,37 +148,6 @@ def curves(group: Group, metric: str) -> tuple[list[int], list[float], list[floa
     return epochs, [m for m, _ in stats], [s for _, s in stats]
 
 
-def _bins(rel: Any) -> dict[str, list[float]] | None:
-    """A summary's reliability bins (count, accuracy, confidence: lists of numbers of one length), else None."""
-    rel = mapping(rel)
-    lists = [rel.get(k) for k in ("count", "accuracy", "confidence")]
-    if not all(isinstance(v, list) and all(number(x) for x in v) for v in lists) or len({len(v) for v in lists}) != 1:
-        return None
-    return {k: [float(x) for x in v] for k, v in zip(("count", "accuracy", "confidence"), lists)}
-
-
-def pooled_bins(group: Group) -> tuple[list[int], list[float], list[float]] | None:
-    """Reliability bins of the test split pooled over runs and students: counts, accuracy, confidence."""
-    counts: list[float] = []
-    hits: list[float] = []
-    conf: list[float] = []
-    for run in group.runs:
-        for name in run.students:
-            rel = _bins(mapping(mapping(mapping(run.summary.get("models")).get(name)).get("test")).get("reliability"))
-            if rel is None or (counts and len(rel["count"]) != len(counts)):
-                continue  # none, or malformed: left out of the pooled diagram
-            if not counts:
-                counts, hits, conf = ([0.0] * len(rel["count"]) for _ in range(3))
-            for i, (c, a, p) in enumerate(zip(rel["count"], rel["accuracy"], rel["confidence"])):
-                counts[i] += c
-                hits[i] += c * a
-                conf[i] += c * p
-    if not counts:
-        return None
-    return ([int(c) for c in counts], [h / c if c else 0.0 for h, c in zip(hits, counts)],
-            [p / c if c else 0.0 for p, c in zip(conf, counts)])
-
-
 # --- drawing ------------------------------------------------------------------------------------------------
 
 
@@ -241,39 +212,6 @@ def learning_curves(items: Sequence[Panel], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _reliability_panel(fig: Figure, spec: Any, p: Panel, ylabels: bool) -> None:
-
-    top, bottom = spec.subgridspec(2, 1, height_ratios=(3, 1), hspace=0.05).subplots(sharex=True)
-    bins = pooled_bins(p.group)
-    kinds = p.group.runs[0].kinds
-    ece = _stats([(r.metrics(kinds[0], "test") or {}).get("ece", math.nan) for r in p.group.runs])
-    title = f"{p.facet}\n{p.label}" if p.facet else p.label
-    top.set_title(f"{title}\nECE {pm(*ece, scale=100)} % (n = {len(p.group.runs)})", fontsize=9)
-    top.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
-    if bins is not None:
-        counts, acc, conf = bins
-        k = len(counts)
-        centers = [(i + 0.5) / k for i in range(k)]
-        used = [i for i in range(k) if counts[i]]
-        top.bar([centers[i] for i in used], [acc[i] for i in used], width=1 / k, color="#6a9fd4",
-                edgecolor="#2f5f8f", lw=0.6, label="accuracy in bin")
-        # The gap, hatched and unfilled so that it reads the same above (over-confident) or inside
-        # (under-confident) the accuracy bar; its far edge is the bin's mean confidence.
-        top.bar([centers[i] for i in used], [conf[i] - acc[i] for i in used], bottom=[acc[i] for i in used],
-                width=1 / k, facecolor="none", hatch="///", edgecolor="#c0392b", lw=0.8,
-                label="gap to mean confidence")
-        total = sum(counts)
-        bottom.bar(centers, [100 * c / total for c in counts], width=1 / k, color="0.55")
-    top.set_xlim(0, 1)
-    top.set_ylim(0, 1)
-    top.grid(alpha=0.3)
-    bottom.grid(alpha=0.3)
-    bottom.set_xlabel("confidence (max softmax)")
-    if ylabels:
-        top.set_ylabel("accuracy in bin")
-        bottom.set_ylabel("% of samples")
-
-
 def reliability(items: Sequence[Panel], path: Path) -> Path:
     facets = _facets(items)
     if len(facets) > 1:
@@ -286,11 +224,10 @@ def reliability(items: Sequence[Panel], path: Path) -> Path:
     fig = Figure(figsize=(3.6 * cols + 0.6, 4.4 * rows + 0.8), layout="constrained")
     grid = fig.add_gridspec(rows, cols)
     for r, c, p in cells:
-        _reliability_panel(fig, grid[r, c], p, ylabels=c == 0)
+        draw_panel(fig, grid[r, c], f"{p.facet}\n{p.label}" if p.facet else p.label, p.group, ylabels=c == 0)
     fig.suptitle("Reliability on the test split at the best-on-val epoch (runs and cohort students pooled per bin)",
                  fontsize=11)
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    fig.legend(handles=legend_handles(), loc="outside lower center", ncol=2, frameon=False)
     return _save(fig, path)
 
 
