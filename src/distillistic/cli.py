@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from distillistic import config as config_mod
-from distillistic.errors import UserError
+from distillistic.errors import UserError, shown
 from distillistic.names import default_text
 
 log = logging.getLogger("distillistic")
@@ -269,7 +269,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     result = export_onnx_run(Path(args.run_dir), Path(args.out) if args.out else None, args.which, args.quantize,
                              args.overwrite, args.calibration_images, args.bench, args.threads, args.data_root)
     print(export_table(result["exported"]))
-    print(f"written: {result['path']}")
+    print(f"written: {shown(result['path'])}")
     return 0
 
 
@@ -292,7 +292,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     result = calibrate_run(Path(args.run_dir), args.device, args.data_root, args.cache_dir)
     print(table(result))
-    print(f"written: {Path(args.run_dir) / 'calibration.json'}")
+    print(f"written: {shown(Path(args.run_dir) / 'calibration.json')}")
     return 0
 
 
@@ -302,7 +302,7 @@ def _summary_line(summary: dict[str, Any], out: Any) -> str:
         test = entry.get("test")
         if test:
             parts.append(f"{name} top1 {test['top1']:.4f} ece {test['ece']:.4f}")
-    return f"{out}: " + "; ".join(parts)
+    return f"{shown(out)}: " + "; ".join(parts)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -341,7 +341,7 @@ def _report(args: argparse.Namespace) -> int:
     from distillistic.experiments.report import write_report
 
     out = write_report(args.dirs, args.out, args.x, args.reference)
-    print(f"report: {out / 'report.md'}")
+    print(f"report: {shown(out / 'report.md')}")
     return 0
 
 
@@ -354,10 +354,11 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 0
     print(reproduce(args.claim, args.out, args.data_root, args.full))
     folder = Path(args.out) / args.claim
-    print(f"claim: {folder / 'claim.md'}")
+    print(f"claim: {shown(folder / 'claim.md')}")
     if (folder / "report" / "report.md").is_file():
-        print(f"report: {folder / 'report' / 'report.md'} (figures in {folder / 'report' / 'figures'}; runs in "
-              f"{folder / 'runs'})")
+        where = Path(shown(folder))
+        print(f"report: {where / 'report' / 'report.md'} (figures in {where / 'report' / 'figures'}; runs in "
+              f"{where / 'runs'})")
     return 0
 
 

@@ -8,6 +8,8 @@ exceptions so that they keep their traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class UserError(Exception):
     """A problem in the user's input, reported as one line and exit code 2."""
@@ -19,6 +21,13 @@ class ConfigError(UserError):
     def __init__(self, key: str, value: object, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"config key '{key}' = {short_repr(value)} is not allowed: {allowed}")
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as distillistic prints it: always absolute (``~`` expanded, ``..`` folded), so that a run's folder,
+    a cached teacher and a report read the same way wherever they lie. Commands printed for the user to run
+    again keep the user's own spelling."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def short_repr(value: object, limit: int = 60) -> str:

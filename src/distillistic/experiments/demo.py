@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distillistic.config import Config
+from distillistic.errors import shown
 from distillistic.experiments.report import format_table, read_summary, summarize_runs, write_report
 from distillistic.experiments.results import mean_std, pm
 from distillistic.fileio import atomic_write_json
@@ -132,9 +133,9 @@ def _teacher_line(runs: dict[str, list[Path]]) -> str:
 
 def next_steps(out: str) -> list[str]:
     """The lines the CLI prints after the table: where the report is and what to run next."""
-    report = Path(out) / "report"
+    report = Path(shown(out)) / "report"
     return [f"report: {report / 'report.md'} (figures in {report / 'figures'})",
-            f"runs: {out}/<algorithm>/seed<k> (each with summary.json, metrics.jsonl, checkpoints/)",
+            f"runs: {shown(out)}/<algorithm>/seed<k> (each with summary.json, metrics.jsonl, checkpoints/)",
             "next:",
             "  distillistic train --algo kd --dataset mnist-t10k --max-train-samples 2000 --augment none "
             "--batch-size 64 --lr 3e-3 --model mlp --teacher cnn --teacher-epochs 6 --temperature 4 --epochs 5 "

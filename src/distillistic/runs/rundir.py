@@ -43,7 +43,7 @@ import torch
 from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.data.loader import DataInfo
-from distillistic.errors import TrainingDiverged, UserError
+from distillistic.errors import TrainingDiverged, UserError, shown
 from distillistic.locks import holder_of, how_to_break, note_holder, try_lock
 from distillistic.runs.summary import build_summary, clean
 from distillistic.training.checkpoint import (
@@ -204,7 +204,7 @@ class RunDir:
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         for folder in (self.out, self.out / "checkpoints"):  # left by a writer killed before its rename
             for tmp in remove_stale_temporaries(folder):
-                log.info("removed %s, an unfinished write of a process that was stopped", tmp)
+                log.info("removed %s, an unfinished write of a process that was stopped", shown(tmp))
         config_mod.save(self.cfg, self.out / "config.yaml")
         previous = self._read_manifest() if resumed else {}
         self.manifest = {

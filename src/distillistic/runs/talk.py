@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from distillistic.config import Config, student_archs
+from distillistic.errors import shown
 from distillistic.training.engine import Hooks, Progress, Task, TrainMeters
 from distillistic.training.lines import prefix, prefixed, say
 
@@ -38,7 +39,7 @@ def start_line(task: Task, threads: int) -> str:
     students = students_text(cfg, len(task.students))
     return (f"start: {cfg.algo} on {cfg.dataset}, {students}{teacher} | device {rt.device}, "
             f"precision {rt.precision}, {threads} threads, world size {rt.world_size} | {cfg.epochs} epochs of "
-            f"{len(task.loaders['train'])} steps -> {cfg.out}")
+            f"{len(task.loaders['train'])} steps -> {shown(cfg.out or '.')}")
 
 
 def epoch_lines(task: Task, rows: list[dict[str, Any]], epoch: int, eta: float) -> list[str]:

@@ -23,7 +23,7 @@ from torch import nn
 from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
 from distillistic.data.loader import DataInfo
-from distillistic.errors import CheckpointError, TeacherStopped, UserError
+from distillistic.errors import CheckpointError, TeacherStopped, UserError, shown
 from distillistic.locks import wait_lock
 from distillistic.methods import catalogue
 from distillistic.methods.spec import OPTIONAL_KEYS
@@ -95,7 +95,7 @@ def trained_teacher_dir(cfg: Config, info: DataInfo, train: Trainer) -> Path:
     with lock_path.open("a") as lock:
         wait_lock(lock, lock_path, f"the teacher being trained into '{folder}' by another process")
         if _completed(folder):
-            log.info("teacher: reusing %s", folder)
+            log.info("teacher: reusing %s", shown(folder))
         else:
             _train_teacher(recipe, folder, train)
     return folder
@@ -110,7 +110,7 @@ def _train_teacher(recipe: Config, folder: Path, train: Trainer, restart: bool =
     ``last.pt``; a teacher that stops, fails or diverges is never used (:class:`TeacherStopped`/UserError)."""
     resume = not restart and (folder / "checkpoints" / "last.pt").is_file()
     log.info("teacher: %s %s (%d epochs) in %s", "resuming" if resume else "training", recipe.model,
-             recipe.epochs, folder)
+             recipe.epochs, shown(folder))
     try:
         with prefixed("teacher"):  # its own progress lines, told apart from the student's
             result = train(recipe.replace(out=str(folder), resume=resume, overwrite=not resume))

@@ -54,7 +54,7 @@ from distillistic.config import Config, cache_dir
 from distillistic.core.signals import StepInputs, Teacher
 from distillistic.data.loader import DataBundle, Loader, split_fingerprint
 from distillistic.data.views import ViewMaker
-from distillistic.errors import UserError
+from distillistic.errors import UserError, shown
 from distillistic.locks import wait_lock
 from distillistic.training.checkpoint import atomic_write, atomic_write_json, remove_stale_temporaries
 
@@ -354,6 +354,6 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
     folder = root / f"{cfg.teacher}-{_digest(entry)}"
     store = TeacherStore(folder, entry, train_views, Codec(info.num_classes, rt.dtype), loaders, rt.device)
     epochs = store.stored_epochs()
-    log.info("teacher store: %s (%s)", store.train_folder,
+    log.info("teacher store: %s (%s)", shown(store.train_folder),
              f"{len(epochs)} epoch(s) stored" if epochs else "empty: this run fills it")
     return store

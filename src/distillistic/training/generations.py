@@ -27,7 +27,7 @@ from typing import Any
 
 from distillistic import config as config_mod
 from distillistic.config import Config
-from distillistic.errors import UserError
+from distillistic.errors import UserError, shown
 from distillistic.methods.registry import METHODS
 from distillistic.runs.resume import refuse_other_config
 from distillistic.runs.rundir import read_summary
@@ -76,7 +76,7 @@ def _generation(cfg: Config, g: int, previous: str | None, out: Path, rt: Runtim
     if cfg.resume and done.get("status") == "completed":
         resolved = setup.resolve(gen)
         _check_saved_config(folder, resolved)  # a completed generation of other settings is not this run's
-        log.info("%s: generation %d is complete; skipping it", folder, g)
+        log.info("%s: generation %d is complete; skipping it", shown(folder), g)
         return None, resolved, done
     if cfg.resume and not (folder / "checkpoints" / "last.pt").is_file():
         gen = gen.replace(resume=False, overwrite=True)  # never checkpointed: nothing to lose, start it again

@@ -24,7 +24,7 @@ from distillistic.config import Config, cache_dir
 from distillistic.data.datasets import FileSource
 from distillistic.data.loader import DataInfo, EpochSampler, Loader, build_data, resident
 from distillistic.data.views import ViewMaker
-from distillistic.errors import TeacherStopped, TrainingDiverged, UserError
+from distillistic.errors import TeacherStopped, TrainingDiverged, UserError, shown
 from distillistic.methods.registry import METHODS, Context, student_count
 from distillistic.models.builders import MODELS, build_model, check_fits
 from distillistic.runs.result import RunResult, api_voice
@@ -242,9 +242,9 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
         progress = restore_state(rundir.last_checkpoint, task, rundir.teacher, rundir.data_checksum)
         check_best_files(rundir, task, progress)  # now, not at the end after more epochs
         if progress.epoch < cfg.epochs:
-            log.info("resuming %s at epoch %d, step %d", out, progress.epoch + 1, progress.step)
+            log.info("resuming %s at epoch %d, step %d", shown(out), progress.epoch + 1, progress.step)
         else:
-            log.info("resuming %s: all %d epochs are trained; evaluating", out, cfg.epochs)
+            log.info("resuming %s: all %d epochs are trained; evaluating", shown(out), cfg.epochs)
     if progress.global_step == 0:
         check_teacher(task, extra.teachers)  # before anything is written
     signals = extra.teachers.signals if extra.teachers is not None else []
@@ -255,7 +255,7 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
         say("%s", start_line(task, torch.get_num_threads()))
     if extra.teacher_outputs:
         rundir.note("teacher_outputs", extra.teacher_outputs)
-    log.info("%s | %s on %s (%s) | %s", out, cfg.algo, cfg.dataset,
+    log.info("%s | %s on %s (%s) | %s", shown(out), cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
     finished, checkpointed = _fit(task, progress, rundir, show)
     if not finished:
@@ -327,7 +327,7 @@ def _stopped(task: Task, progress: Progress, rundir: RunDir, checkpointed: bool,
         reason = _stop_reason(progress, rundir, checkpointed)
     summary = rundir.write_summary(task, progress, status="interrupted", reason=reason)
     rundir.close()
-    log.info("%s (%s)", reason, rundir.last_checkpoint)
+    log.info("%s (%s)", reason, shown(rundir.last_checkpoint))
     return RunResult(rundir.out, task.cfg, summary)
 
 
