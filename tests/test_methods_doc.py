@@ -31,7 +31,8 @@ def test_every_setting_names_a_key_the_method_reads() -> None:
         keys = set(spec.keys_read()) | {"temperature"}  # a learned temperature is documented, not read
         for s in spec.defaults:
             assert s.key in keys, f"{name}: setting {s.key} is not a key the method reads"
-            assert s.paper.strip() and s.code.strip(), f"{name}: setting {s.key} lacks a paper or code entry"
+            assert s.paper.strip(), f"{name}: setting {s.key} lacks a paper entry"
+            assert s.code.strip(), f"{name}: setting {s.key} lacks an authors' code entry"
 
 
 def test_the_table_shows_the_authors_settings_fixed_here() -> None:
