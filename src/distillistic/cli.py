@@ -178,9 +178,14 @@ def _add_experiment_commands(sub: Any) -> None:
 def _train(args: argparse.Namespace) -> int:
     from distillistic.runs.rundir import stop_exit_code
     from distillistic.training.run import train
+    from distillistic.training.runtime import stop_every_rank
 
     stop_exit_code(clear=True)
-    cfg = config_mod.load(args.config, _given(args))
+    try:
+        cfg = config_mod.load(args.config, _given(args))
+    except UserError as e:  # under torchrun: every rank stops with this rank's line, none waits for it
+        stop_every_rank(e)
+        raise
     if cfg.quiet:
         logging.getLogger("distillistic").setLevel(logging.WARNING)
     result = train(cfg)

@@ -329,6 +329,9 @@ class RunDir:
         if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise TrainingDiverged(f"the weights became NaN or inf (epoch {progress.epoch + 1}, "
                                    f"step {progress.step})")
+        # The partial epoch's training sums of every rank (a resume restores them on rank 0 alone).
+        sums = [t.clone() for t in meters.tensors()] if meters is not None else None
+        self.rt.all_reduce_(sums or [])
         if not self.rt.is_main:
             return
         state = {k: getattr(progress, k) for k in ("epoch", "step", "global_step", "best", "history",
@@ -341,7 +344,7 @@ class RunDir:
               "schedulers": [s.state_dict() for s in task.schedulers], "scaler": self.rt.scaler.state_dict(),
               "rng": rng_state(), "progress": state, "teacher": self.teacher, "terms": task.objective.state_dict(),
               "data_checksum": self.data_checksum, "machine": machine_facts(self.rt),
-              "meters": [t.cpu() for t in meters.tensors()] if meters is not None else None},
+              "meters": [t.cpu() for t in sums] if sums is not None else None},
              self.last_checkpoint)
 
     # --- summary -------------------------------------------------------------------------------------

@@ -251,8 +251,9 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
     for s in task.students:
         s.model.train()
     meters = TrainMeters(task)
-    if progress.meters is not None:  # resuming in the middle of this epoch
-        meters.load_tensors(progress.meters)
+    if progress.meters is not None:  # resuming in the middle of this epoch: every rank's sums so far, once
+        if task.rt.is_main:
+            meters.load_tensors(progress.meters)
         progress.meters = None
     steps = len(loader)
     bar = tqdm(total=steps, initial=progress.step, desc=f"{prefix()}epoch {progress.epoch + 1}/{cfg.epochs}",

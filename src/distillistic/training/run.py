@@ -42,7 +42,8 @@ from distillistic.training.engine import Member, Progress, Task, evaluate, evalu
 from distillistic.training.features import TEACHER_LIVE, ModelProbe, attach_taps_for
 from distillistic.training.lines import prefix
 from distillistic.training.optim import make_optimizer, make_scheduler
-from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything
+from distillistic.training.ranks import agree
+from distillistic.training.runtime import Runtime, derived_seed, resolve_runtime, seed_everything, stop_every_rank
 from distillistic.training.small_data import small_data_warnings
 
 log = logging.getLogger("distillistic")
@@ -51,11 +52,13 @@ log = logging.getLogger("distillistic")
 def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     api_voice()  # from Python, the same lines as the CLI's (through logging)
-    cfg = config_mod.from_mapping(overrides, base=config or Config())
-    cfg = setup.resolve(cfg)
-    cfg = resolve_virtual_p(cfg, train)  # --virtual-p-from: p from a baseline run, saved in config.yaml
-    if not cfg.out:
-        raise UserError("no output directory: pass --out DIR")
+    try:  # --virtual-p-from: p from a baseline run, saved in config.yaml
+        cfg = resolve_virtual_p(setup.resolve(config_mod.from_mapping(overrides, base=config or Config())), train)
+        if not cfg.out:
+            raise UserError("no output directory: pass --out DIR")
+    except UserError as e:
+        stop_every_rank(e)  # under torchrun: every rank stops with this rank's line, none waits for it
+        raise
     rt = resolve_runtime(cfg)
     level = log.level
     if cfg.quiet:  # as the CLI's --quiet: only warnings and errors
@@ -161,7 +164,12 @@ def _prepare_teachers(task: Task, teachers: TeacherSet, bundle: Any) -> str | No
 
 def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     """Everything the engine needs, from a resolved config; raises :class:`UserError` on bad input."""
-    bundle = build_data(cfg)
+    try:
+        bundle = build_data(cfg)
+    except UserError as e:
+        agree("data", None, e)  # under torchrun: every rank stops with this rank's line, none waits
+        raise
+    agree("data", bundle.info.checksum)  # every rank reads rank 0's data
     info = bundle.info
     setup.check_for_data(cfg, info.num_classes, info.image_size, files=isinstance(bundle.splits["train"], FileSource))
     _check_models_fit(cfg, info)

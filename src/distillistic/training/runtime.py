@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distillistic.config import Config
-from distillistic.errors import ConfigError
+from distillistic.config import MACHINE_KEYS, Config
+from distillistic.errors import ConfigError, UserError
 from distillistic.training.cores import available_cores, default_threads
 from distillistic.training.lines import say
+from distillistic.training.ranks import agree
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -152,8 +153,11 @@ def _threads(cfg: Config, rank: int) -> int:
     return cores
 
 
-def resolve_runtime(cfg: Config) -> Runtime:
-    """Resolve device, precision and (under torchrun) the process group for this process."""
+def resolve_runtime(cfg: Config, problem: UserError | None = None) -> Runtime:
+    """Resolve device, precision and (under torchrun) the process group for this process.
+
+    Under torchrun every rank then checks that it holds rank 0's resolved config; ``problem``: this rank's
+    input was refused (``cfg`` is then a stand-in), and every rank stops with that one line."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -163,6 +167,15 @@ def resolve_runtime(cfg: Config) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world > 1:
+        try:
+            agree("config", {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_KEYS}, problem)
+        except UserError:
+            if owns_group:
+                dist.destroy_process_group()
+            raise
+    elif problem is not None:
+        raise problem
     torch.set_num_threads(_threads(cfg, rank))  # the cores free to this run (issue 15)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -174,6 +187,13 @@ def resolve_runtime(cfg: Config) -> Runtime:
     if cfg.batch_size % world:
         raise ConfigError("batch_size", cfg.batch_size, f"a multiple of the {world} processes")
     return Runtime(device, _precision(cfg, device), rank, world, local_rank, owns_group)
+
+
+def stop_every_rank(problem: UserError) -> None:
+    """Under torchrun, a rank whose input was refused joins the process group and stops every rank with its
+    line (:func:`resolve_runtime` with a stand-in config raises it); a no-op on one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        resolve_runtime(Config(), problem)
 
 
 def seed_everything(seed: int) -> None:
