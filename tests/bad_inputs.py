@@ -759,6 +759,32 @@ REUSE_CASES: list[Case] = [
          lambda ws: ws.train("--dataset", "cifar10", "--data-root", str(_cifar_changed(ws)))),
     Case("ban-resume-other-config", "checkpoint", "--resume of born-again generations with other settings",
          lambda ws: [*_ban_run(ws)[:-1], "--lr", "0.01", "--resume"]),
+    Case("virtual-p-both", "config value", "--virtual-p and --virtual-p-from together (the derived p would replace it)",
+         lambda ws: ws.train("--algo", "tfkd", "--virtual-p", "0.5", "--virtual-p-from", str(ws.run))),
+    Case("virtual-p-from-missing", "config value", "--virtual-p-from a folder that is not a finished run",
+         lambda ws: ws.train("--algo", "tfkd", "--virtual-p-from", str(ws.tmp / "nowhere"))),
+    Case("students-unknown", "config value", "an unknown architecture among the listed students",
+         lambda ws: ws.train("--algo", "dml", "--model", "cnn", "--students", "cnn,resnet1")),
+    Case("teacher-mix-count", "config value", "more mixing weights than teachers",
+         lambda ws: ws.train("--algo", "kd", "--teacher", "mlp,cnn", "--teacher-weights", "random", "--teacher-mix",
+                             "0.2,0.3,0.5")),
+    Case("teacher-weights-count", "config value", "more teacher-weights entries than teachers",
+         lambda ws: ws.train("--algo", "kd", "--teacher", "mlp,cnn", "--teacher-weights", "random,random,random")),
+    Case("teacher-store-file", "config value", "a teacher store that is a file",
+         lambda ws: ws.train("--algo", "kd", "--teacher", "mlp", "--teacher-weights", "random", "--teacher-store",
+                             str(_file(ws, "store.txt")))),
+    Case("set-bad-value", "flag", "--set with a value of the wrong type", lambda ws: ws.train("--set", "lr=abc")),
+    Case("export-which", "flag", "export of an unknown checkpoint choice",
+         lambda ws: ["export", str(ws.run), "--which", "first", "--out", str(ws.tmp / "e")]),
+    Case("cifar-root-mistyped", "data file", "a mistyped CIFAR --data-root (never created by a download)",
+         lambda ws: ws.train("--dataset", "cifar10", "--data-root", str(ws.tmp / "cifra"))),
+    Case("calibrate-not-a-dir", "calibrate", "calibrate of a file", lambda ws: ["calibrate", str(_file(ws, "f.txt"))]),
+    Case("calibrate-device", "calibrate", "calibrate on an unknown device",
+         lambda ws: ["calibrate", str(ws.run), "--device", "tpu"]),
+    Case("report-missing", "report", "a report of a folder that does not exist",
+         lambda ws: ["report", str(ws.tmp / "nowhere"), "--out", str(ws.tmp / "r")]),
+    Case("sweep-empty-axis", "config file", "a sweep axis with no values",
+         lambda ws: ["sweep", _yaml(ws, "dataset: synthetic\ngrid:\n  seed: []\n"), "--out", str(ws.tmp / "s")]),
 ]
 CASES += REUSE_CASES
 
@@ -953,6 +979,14 @@ Everything above is refused before the run directory is touched. Some problems c
   damaged cached teacher is trained again with a warning, and a damaged teacher-store file is
   recomputed with a warning (its CRC-32). `--resume` compares the config, the teacher's weights and
   the data's checksum with the run's, and a run directory is locked (`DIR/.lock`) by the run using it.
+* **Reuse.** A resume checks every `best-*.pt` against the sha256 of its weights that `last.pt` records: a
+  missing, damaged or other run's best file is set aside as `best-<model>.pt.rejected` with one line and never
+  used (the best-on-val record restarts with the next epoch, or, when none remains, the last epoch's weights from
+  `last.pt` become the best). A resume on another device, thread count or compilation proceeds with one line
+  (bit-exactness needs the same). A process that waits for a lock (a teacher being trained, the teacher store),
+  or is refused one, names its holder (process, host, since when, command) and how to end it if it hangs.
+* **Ranks.** Under torchrun every rank checks at start that it holds rank 0's resolved config and data
+  checksum: a rank given other settings, or a bad input on one rank, stops every rank with one line (exit 2).
 """
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(header + "\n".join(rows) + "\n" + footer, encoding="utf-8")

@@ -301,3 +301,34 @@ def test_an_fp64_run_reading_the_store_equals_the_run_that_filled_it(tmp_path: P
     files = sorted(store.rglob("epoch-*.safetensors"))
     assert len(files) == 2  # the warm run read both epochs
     assert load_file(str(files[0]))["logits"].dtype == torch.float64
+
+
+# --- a sweep whose cells derive a key from another run --------------------------------------------------------
+
+def test_a_sweep_of_cells_deriving_virtual_p_from_a_run_reruns_resumes_and_extends(tmp_path: Path) -> None:
+    """Cells with ``virtual_p_from`` save the p they derived; a re-run compared that with the sweep's unset p and
+    called every finished cell a conflict, so such a sweep could never be re-run, resumed or extended."""
+    import yaml
+
+    code, text = _train(tmp_path / "base", "--model", "mlp")  # the baseline run p is read from
+    assert code == 0, text
+    base = {"dataset": "synthetic", "synthetic_samples": 96, "image_size": 8, "epochs": 1, "batch_size": 16,
+            "device": "cpu", "threads": 1, "tensorboard": False, "progress": False, "model": "mlp", "algo": "tfkd",
+            "virtual_p_from": str(tmp_path / "base")}
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({**base, "grid": {"seed": [0]}}))
+    out = tmp_path / "runs"
+    code, text = run_argv(["sweep", str(sweep), "--out", str(out)])
+    assert code == 0, text
+    cell = next(p for p in out.iterdir() if (p / "summary.json").is_file())
+    p = json.loads((tmp_path / "base" / "summary.json").read_text())["models"]["student"]["val_best"]["top1"]
+    assert yaml.safe_load((cell / "config.yaml").read_text())["virtual_p"] == p  # derived, and saved
+    code, text = run_argv(["sweep", str(sweep), "--out", str(out)])  # re-run: nothing to do
+    assert code == 0, text
+    assert "already complete, skipped" in text
+    assert "conflict" not in text
+    sweep.write_text(yaml.safe_dump({**base, "grid": {"seed": [0, 1]}}))  # extended by a seed
+    code, text = run_argv(["sweep", str(sweep), "--out", str(out)])
+    assert code == 0, text
+    assert text.count("already complete, skipped") == 1
+    assert len([p for p in out.iterdir() if (p / "summary.json").is_file()]) == 2

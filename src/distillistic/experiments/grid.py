@@ -111,8 +111,9 @@ def _parse_grid(raw: Any, source: str) -> dict[str, list[Any]]:
     for raw_key, values in raw.items():
         key = _key(raw_key, f"{source}: grid")
         if not isinstance(values, list) or not values:
-            raise UserError(f"{source}: grid key '{key}' must be a non-empty list of values, e.g. {key}: "
-                            f"[{value_text(values)}], not {short_repr(values)}")
+            example = f"[{value_text(values)}]" if values not in ([], None, "") else "[v1, v2]"
+            raise UserError(f"{source}: grid key '{key}' must be a non-empty list of values, e.g. {key}: {example}, "
+                            f"not {short_repr(values)}")
         coerced = [_coerced(key, v, f"{source}: grid key '{key}'") for v in values]
         texts = [json.dumps(plain(v)) for v in coerced]
         if len(set(texts)) < len(texts):

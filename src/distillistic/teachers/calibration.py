@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.calibration import fit_temperature
 from distillistic.core.precision import at_least_float32
@@ -65,6 +66,11 @@ def calibrate_teachers(signals: list[Teacher], names: list[str], loader: Loader,
     return fitted
 
 
+# Keys a run derives from another run when their source key is set: its config.yaml holds the derived value, a
+# sweep's plan the unset one (the run derives it again when resumed, and its resume check compares them).
+DERIVED_KEYS = {"virtual_p": "virtual_p_from"}
+
+
 def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
     """``cfg`` with ``virtual_p`` = the best val top-1 of the baseline run ``virtual_p_from`` (unchanged if unset).
 
@@ -91,4 +97,8 @@ def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
     if summary.get("dataset") not in (None, cfg.dataset):
         raise UserError(f"--virtual-p-from '{folder}' was trained on {summary.get('dataset')}, not {cfg.dataset}; "
                         "pass a baseline run on the same dataset")
+    given = cfg.virtual_p
+    if given not in (float(top1), config_mod.default_of("virtual_p")):  # the derived p would silently replace it
+        raise UserError(f"--virtual-p {given} and --virtual-p-from '{folder}' (p = {float(top1):.6g}) both set p; "
+                        "give one of them")
     return cfg.replace(virtual_p=float(top1))
