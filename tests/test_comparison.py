@@ -49,6 +49,7 @@ def make_run(folder: Path, algo: str, seed: int, top1: float, ece: float = 0.05,
     models: dict[str, Any] = {n: {"test": _metrics(top1, ece), "val_best": {"epoch": 1}} for n in names}
     costs = {n: _cost(1000, 2000, 0.5) for n in names}
     if teacher_flops is not None:
+        models["teacher"] = {"test": _metrics(0.95, 0.02), "arch": "cnn", "source": "/cache/teachers/cnn-1"}
         costs["teacher"] = {"cost": {"params": 9}, "training_cost": {"train_flops": teacher_flops,
                                                                      "train_seconds": 5.0, "shared_by": 1}}
     summary: dict[str, Any] = {"status": "completed", "algo": algo, "models": models, "costs": costs,
@@ -206,6 +207,7 @@ def test_report_has_costs_pareto_marks_and_paired_differences(tmp_path: Path) ->
     assert "[" in cohort[12]
     assert "✱" not in cohort[12]
     assert cohort[13] != "–"
+    assert "| cnn | `/cache/teachers/cnn-1` | 3 | 95.00 | 2.00 | 0.050 | 0.100 | 9 G | 5.0 |" in text  # its own line
     with (out / "results.csv").open() as f:
         csv_rows = {(r["label"], r["model"]): r for r in csv.DictReader(f)}
     assert float(csv_rows[("algo=kd", "student")]["train_flops_with_teacher_mean"]) == pytest.approx(1e10)

@@ -25,7 +25,7 @@ import yaml
 from distillistic.deploy.report import markdown_section as export_section
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.comparison import comparison_section, cost_columns, entries, pareto_caption
-from distillistic.experiments.cost_view import AXES, DEFAULT_AXIS
+from distillistic.experiments.cost_view import AXES, DEFAULT_AXIS, si
 from distillistic.experiments.grid import SEED_KEYS, comparable, value_text
 from distillistic.experiments.results import (
     Group,
@@ -35,6 +35,7 @@ from distillistic.experiments.results import (
     mapping,
     mean_std,
     minimal_labels,
+    number,
     pm,
     varying_keys,
 )
@@ -221,7 +222,10 @@ def teacher_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
             t = mapping(models[name])
             if mapping(t.get("test")):
                 source = str(t.get("source"))
-                seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"]})
+                trained = mapping(mapping(mapping(r.summary.get("costs")).get(name)).get("training_cost"))
+                seen.setdefault(source, {"teacher": t.get("arch"), "source": source, "runs": 0, **t["test"],
+                                         "train_flops": trained.get("train_flops"),
+                                         "train_seconds": trained.get("train_seconds")})
                 seen[source]["runs"] += 1
     return list(seen.values())
 
@@ -328,11 +332,13 @@ def markdown(dirs: Sequence[str | Path], groups: Sequence[Group], rows: Sequence
         if part == "test":
             lines += comparison
     if teachers:
-        lines += ["## Teachers", "", "| teacher | weights | runs | top-1 (%) | ECE (%) | NLL | entropy (nats) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Teachers", "", "| teacher | weights | runs | top-1 (%) | ECE (%) | NLL | entropy (nats) | "
+                  "own training FLOPs | own training s |", "|" + " --- |" * 9]
         for t in teachers:
+            flops, secs = (float(v) if number(v) else math.nan for v in (t["train_flops"], t["train_seconds"]))
             lines.append(f"| {t['teacher']} | `{t['source']}` | {t['runs']} | {100 * t['top1']:.2f} | "
-                         f"{100 * t['ece']:.2f} | {t['nll']:.3f} | {t['entropy']:.3f} |")
+                         f"{100 * t['ece']:.2f} | {t['nll']:.3f} | {t['entropy']:.3f} | {si(flops)} | "
+                         f"{pm(secs, math.nan, 1.0, 1)} |")
         lines.append("")
     lines += export_section([Path(d) for d in dirs])  # ONNX exports of these runs, when there are some
     lines += ["## Figures", ""]
