@@ -86,3 +86,32 @@ def test_a_resumed_torchrun_run_writes_the_metrics_of_an_uninterrupted_one(tmp_p
 
     assert rows("run") == rows("ref")
     assert len(rows("ref")) == 4  # train and val rows of 2 epochs
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_rank_reading_other_data_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    """Rank 1 reads a copy of the IDX files with one pixel changed (another --data-root: a machine setting, so
+    the configs agree): the data's checksums differ and every rank stops before training."""
+    import numpy as np
+
+    from bad_inputs import write_idx
+
+    images = np.random.default_rng(0).integers(0, 255, (120, 8, 8), np.uint8)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_idx(tmp_path / name / "t10k-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / name / "t10k-labels-idx1-ubyte.gz", (np.arange(120) % 3).astype(np.uint8))
+        images[0, 0, 0] ^= 1  # the second copy differs by one pixel
+    code, errs = _torchrun(tmp_path / "launch", "train", *TINY, "--dataset", "mnist", "--data-root",
+                           str(tmp_path / "a"), f"RANK1:--data-root=RANK1:{tmp_path / 'b'}", "--out",
+                           str(tmp_path / "run"))
+    assert code != 0
+    assert sorted(errs) == [0, 1]
+    for text in errs.values():
+        lines = text.strip().splitlines()
+        assert len(lines) == 1, text
+        assert lines[0].startswith("distillistic: error: rank 1 of 2 holds another copy of the data than rank 0 ("), \
+            text
+        assert lines[0].endswith("); every rank stops: give every rank the same copy of the data"), text
+    assert not (tmp_path / "run").exists()

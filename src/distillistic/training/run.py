@@ -167,9 +167,9 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     try:
         bundle = build_data(cfg)
     except UserError as e:
-        agree("data", None, e)  # under torchrun: every rank stops with this rank's line, none waits
+        agree("copy of the data", None, e)  # under torchrun: every rank stops with this rank's line, none waits
         raise
-    agree("data", bundle.info.checksum)  # every rank reads rank 0's data
+    agree("copy of the data", bundle.info.checksum)  # every rank reads rank 0's data
     info = bundle.info
     setup.check_for_data(cfg, info.num_classes, info.image_size, files=isinstance(bundle.splits["train"], FileSource))
     _check_models_fit(cfg, info)
