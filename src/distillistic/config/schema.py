@@ -55,6 +55,9 @@ class CommonConfig:
     )
     image_size: int | None = _f(None, "input size in pixels (default: the dataset's)")
     augment: str | None = _f(None, "train augmentation: randaugment, cifar (crop+flip), none (default: the dataset's)")
+    mix: str = _f("none", "mix each training batch after augmentation: none, mixup or cutmix; the teacher and every "
+                          "student read the same mixed image, the labels' term the mixed labels")
+    mix_alpha: float = _f(1.0, "--mix: α of the Beta(α, α) distribution of the mixing weight (torchvision's 1.0)")
     max_classes: int | None = _f(None, "imagefolder: keep the first K classes")
     class_names: tuple[str, ...] = _f((), "imagefolder: keep these classes (folder names)")
     max_train_samples: int | None = _f(None, "use a stratified subset of this many training samples")

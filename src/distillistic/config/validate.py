@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data_hash": ("content", "listing"),
     "teacher_calibration": ("none", "temperature"),
     "peer_views": ("shared", "independent"),
+    "mix": ("none", "mixup", "cutmix"),
 }
 
 
@@ -45,6 +46,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, key)
         _check(value is None or value <= MAX_PIXELS, key, value, f"at most {MAX_PIXELS} px (or unset)")
     _check(cfg.lr > 0, "lr", cfg.lr, "a number > 0")
+    _check(cfg.mix_alpha > 0 and math.isfinite(cfg.mix_alpha), "mix_alpha", cfg.mix_alpha, "a number > 0")
+    _check(cfg.mix != "none" or cfg.mix_alpha == 1.0, "mix_alpha", cfg.mix_alpha,
+           "left at 1.0 without --mix mixup or cutmix (it is the Beta parameter of the mixing weight)")
     _validate_cohort_and_teachers(cfg)
     _check(cfg.synthetic_channels in (1, 3), "synthetic_channels", cfg.synthetic_channels, "1 or 3")
     _check(cfg.alpha is None or 0.0 <= cfg.alpha <= 1.0, "alpha", cfg.alpha, "a number in [0, 1]")

@@ -110,13 +110,17 @@ class Term(nn.Module):
 
 
 class CrossEntropy(Term):
-    """``CE(z, y)``: the supervised term, mean over the batch (float32 whatever the autocast)."""
+    """``CE(z, y)``: the supervised term, mean over the batch (float32 whatever the autocast); on mixed images
+    (``inp.mixed_labels``) the cross-entropy to their mixed labels ``[B, K]``."""
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__("ce", weight, distil=False)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        return F.cross_entropy(at_least_float32(z), inp.labels)
+        z = at_least_float32(z)
+        if inp.mixed_labels is not None:
+            return F.cross_entropy(z, inp.mixed_labels.to(z.dtype))
+        return F.cross_entropy(z, inp.labels)
 
     def describe(self) -> str:
         return "CE(z, y)"

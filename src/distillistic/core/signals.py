@@ -66,6 +66,9 @@ class StepInputs:
     student_views: Sequence[Views] = ()
     # A strongly augmented view of the batch (data.views.ViewMaker.strong_views), made when a term reads one.
     strong_views: Views | None = None
+    # The labels [B, K] of mixed training images (--mix: λ·onehot(y) + (1 − λ)·onehot(y'); ``labels`` is y);
+    # None: the images are not mixed.
+    mixed_labels: Tensor | None = None
 
     def view_of(self, i: int) -> Views:
         """The views student ``i`` reads (and a model following it, such as its EMA copy)."""

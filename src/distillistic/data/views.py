@@ -13,7 +13,10 @@
 * with ``strong``, a strongly augmented view of every training sample beside those (for a term that reads one:
   ``Term.strong_view``): the run's augmentation drawn on keys of its own (``view = STRONG_VIEW``), then
   RandAugment with 2 operations at magnitude 10 (of 31 bins), made ahead with the others
-  (:meth:`ViewMaker.strong_views`); from view 0's images (image files: the loader's crop of view 0).
+  (:meth:`ViewMaker.strong_views`); from view 0's images (image files: the loader's crop of view 0);
+* with ``mix`` (``--mix mixup|cutmix``, :mod:`distillistic.data.mix`), every training view of a batch (the
+  strong one too) is mixed with the same draw after augmentation and normalisation, before any downscale: the
+  teacher and every student read the same mixed image, and :meth:`ViewMaker.mixed_labels` gives its labels.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 from distillistic.data.augment import BatchRandAugment, SampleKeys
 from distillistic.data.crop_flip import BatchCropFlip
 from distillistic.data.loader import Batch, DataInfo
+from distillistic.data.mix import BatchMix
 from distillistic.errors import DataError
 
 Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
@@ -119,13 +123,15 @@ class ViewMaker:
 
     def __init__(self, info: DataInfo, augment: str, data_seed: int, device: torch.device,
                  channels_last: bool = False, chunk_bytes: int = 1 << 23, dtype: torch.dtype = torch.float32,
-                 views: int = 1, strong: bool = False) -> None:
+                 views: int = 1, strong: bool = False, mix: BatchMix | None = None) -> None:
         """``views``: training views per sample, 1 (every student reads the same) or one per student; ``strong``:
-        make a strongly augmented view of each training sample too (:meth:`strong_views`)."""
+        make a strongly augmented view of each training sample too (:meth:`strong_views`); ``mix``: mixup or
+        CutMix of every training view (None: none)."""
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
         self.device, self.data_seed, self.channels_last, self.views = device, data_seed, channels_last, views
         self.dtype = dtype  # float64 in an fp64 run
+        self.mix = mix
         self.chunk_bytes = chunk_bytes
         self.augment: BatchRandAugment | BatchCropFlip | None = (
             BatchRandAugment((info.image_size, info.image_size)) if augment == "randaugment"
@@ -137,9 +143,10 @@ class ViewMaker:
 
     def describe(self) -> dict[str, Any]:
         """What decides the views besides the images and the keys (for the teacher-output store's key)."""
-        return {"augment": self.augment.describe() if self.augment is not None else "none",
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
-                "downscale": "bilinear, antialias"}
+        out = {"augment": self.augment.describe() if self.augment is not None else "none",
+               "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+               "downscale": "bilinear, antialias"}
+        return out | ({"mix": self.mix.describe()} if self.mix is not None else {})
 
     def prepare(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Training batches with their augmented images made ahead, ``chunk_bytes`` of images at a time."""
@@ -196,7 +203,7 @@ class ViewMaker:
             if x is None:
                 keys = SampleKeys(self.data_seed, batch.epoch, batch.index, STRONG_VIEW)
                 x = self._strong_pixels(batch.source(0).to(self.device, non_blocking=True), keys)
-            return (x.to(self.dtype) / 255 - self.mean) / self.std
+            return self._mixed((x.to(self.dtype) / 255 - self.mean) / self.std, batch)
 
         return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
 
@@ -214,9 +221,24 @@ class ViewMaker:
                 x = batch.source(v).to(self.device, non_blocking=True)
                 if train and self.augment is not None:
                     x = self.augment(x, SampleKeys(self.data_seed, batch.epoch, batch.index, v))
-            return (x.to(self.dtype) / 255 - self.mean) / self.std
+            x = (x.to(self.dtype) / 255 - self.mean) / self.std
+            return self._mixed(x, batch) if train else x
 
         return Views(make, self.channels_last, size=int(batch.images.shape[-1]), stats=(self.mean, self.std))
+
+    def _mixed(self, x: Tensor, batch: Batch) -> Tensor:
+        """A normalised training view ``x`` mixed with the batch's draw (``x`` itself without ``mix``)."""
+        if self.mix is None:
+            return x
+        return self.mix.images(x, self.mix.params(batch.epoch, batch.index, x.shape[-2], x.shape[-1]))
+
+    def mixed_labels(self, batch: Batch, labels: Tensor) -> Tensor | None:
+        """The labels ``[B, K]`` of the batch's mixed training images (``labels`` ``[B]`` on the device); None
+        without ``mix``."""
+        if self.mix is None:
+            return None
+        size = int(batch.images.shape[-1])
+        return self.mix.labels(labels, self.mix.params(batch.epoch, batch.index, size, size), self.dtype)
 
     def for_students(self, batch: Batch, students: int) -> list[Views]:
         """Each student's training views: one shared object for all (one view), or student ``m`` reads view ``m``."""

@@ -52,6 +52,7 @@ def teacher_recipe(cfg: Config) -> Config:
         algo="baseline", model=teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
         epochs=epochs, seed=cfg.teacher_seed, data_seed=cfg.teacher_seed, student_resolution=cfg.teacher_resolution,
         out=None, resume=False, overwrite=True, imbalance_class=None, ema=None,  # a teacher keeps no EMA copy
+        mix="none", mix_alpha=1.0,  # --mix is how the students are taught, not how the teacher was trained
         imbalance_share=config_mod.default_of("imbalance_share"))
 
 

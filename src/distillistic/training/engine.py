@@ -209,7 +209,8 @@ def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -
         logits = [s.model(model_view(v, s.view_size, s.channels, s.norm)) for s, v in zip(task.students, views)]
         inp = StepInputs(views[0], labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
                          progress=progress, features=[s.features() for s in task.students], student_views=views,
-                         strong_views=task.views.strong_views(batch))
+                         strong_views=task.views.strong_views(batch),
+                         mixed_labels=task.views.mixed_labels(batch, labels))
         targets = objective.targets(inp)
         outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
     _backward(task, outs, weights)

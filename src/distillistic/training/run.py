@@ -23,6 +23,7 @@ from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
 from distillistic.data.datasets import FileSource
 from distillistic.data.loader import DataInfo, EpochSampler, Loader, build_data, resident
+from distillistic.data.mix import MIX_LIVE, BatchMix
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError, shown
 from distillistic.methods.registry import METHODS, Context, student_count
@@ -158,6 +159,9 @@ def _prepare_teachers(task: Task, teachers: TeacherSet, bundle: Any) -> str | No
     if any(s.taps is not None for s in teachers.signals):
         log.info("teacher store: off (%s)", TEACHER_LIVE)
         return TEACHER_LIVE
+    if cfg.mix != "none":
+        log.info("teacher store: off (%s)", MIX_LIVE)
+        return MIX_LIVE
     teachers.open_stores(bundle, task.loaders, task.views, rt)
     return None
 
@@ -215,7 +219,9 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
                 loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype, views=views,
-                          strong=objective.strong_view),
+                          strong=objective.strong_view,
+                          mix=BatchMix(cfg.mix, cfg.mix_alpha, info.num_classes, cfg.data_seed)
+                          if cfg.mix != "none" else None),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)
