@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from distillistic import config as config_mod
-from distillistic.errors import UserError, shown
+from distillistic.errors import UserError, one_line, shown
+from distillistic.imports import installed_version
 from distillistic.names import default_text
 
 log = logging.getLogger("distillistic")
@@ -78,18 +79,9 @@ TRAIN_EXAMPLES = """examples:
 Every option is a config key (--batch-size is batch_size); a YAML file can hold any of them."""
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("distillistic")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distillistic", description="Knowledge distillation for image classification.")
-    parser.add_argument("--version", action="version", version=f"distillistic {_version()}")
+    parser.add_argument("--version", action="version", version=f"distillistic {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train and evaluate one run", description=TRAIN_EXAMPLES,
                        usage="distillistic train [CONFIG] [--KEY VALUE ...] [--set KEY=VALUE ...]",
@@ -367,38 +359,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def one_line(error: BaseException) -> str:
-    """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    return last.removeprefix(prefix)
-
-
-def _import_plugins_named(argv: Sequence[str]) -> None:
-    """Import the modules ``train --plugins A,B`` (or its config file's ``plugins:``) names, before the parser
-    is built: a method they register brings its parameters, which become flags."""
-    if not argv or argv[0] not in ("train", "tune"):
-        return
-    modules: list[str] = []
-    for k, arg in enumerate(argv):
-        if arg == "--plugins" and k + 1 < len(argv):
-            modules += config_mod.split_names(argv[k + 1])
-        elif arg.startswith("--plugins="):
-            modules += config_mod.split_names(arg.split("=", 1)[1])
-    config = next((a for a in argv[1:] if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
-    if config and Path(config).is_file():
-        modules += list(config_mod.coerce("plugins", config_mod.read_yaml(config).get("plugins", ())))
-    config_mod.import_plugins(tuple(modules))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        _import_plugins_named(argv)  # a plugin method's parameters are flags of 'train'
+        config_mod.import_plugins_named(argv)  # a plugin method's parameters are flags of 'train'
     except UserError as e:
         print(f"distillistic: error: {one_line(e)}", file=sys.stderr)
         return 2

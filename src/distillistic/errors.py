@@ -57,3 +57,11 @@ class TeacherStopped(Exception):
     def __init__(self, reason: str, folder: object) -> None:
         self.reason, self.folder = reason, folder
         super().__init__(f"the teacher's training (trained first into '{folder}') {reason}")
+
+
+def one_line(error: BaseException) -> str:
+    """The last line of an error's message (DataLoader workers re-raise with their traceback prepended)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last.removeprefix(prefix)

@@ -39,3 +39,13 @@ def import_module_or_file(module: str, what: str) -> Any:
                         "PYTHONPATH or in the current folder") from None
     except Exception as e:  # the user's module raised while it was imported
         raise UserError(f"{what}: importing {short_repr(module)} failed ({type(e).__name__}: {e})") from None
+
+
+def installed_version(distribution: str = "distillistic") -> str:
+    """The installed version of ``distribution`` (its package metadata), or a note that it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "unknown (not installed)"

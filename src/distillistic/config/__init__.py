@@ -4,7 +4,7 @@ A leaf of the package: it never looks a model or dataset name up (the methods' p
 plain data, :mod:`distillistic.methods.catalogue`).
 """
 
-from distillistic.config.parse import coerce, from_mapping, import_plugins, load, parse_set, save
+from distillistic.config.parse import coerce, from_mapping, import_plugins, import_plugins_named, load, parse_set, save
 from distillistic.config.schema import (
     FIELDS,
     MACHINE_KEYS,
@@ -32,7 +32,8 @@ from distillistic.config.yaml_files import MAX_YAML_BYTES, read_yaml, safe_load_
 
 __all__ = [
     "CHOICES", "FIELDS", "MACHINE_KEYS", "MAX_YAML_BYTES", "THESIS_ALPHA", "VOLATILE_KEYS", "CommonConfig", "Config",
-    "all_keys", "cache_dir", "coerce", "default_of", "from_mapping", "import_plugins", "is_key", "load",
+    "all_keys", "cache_dir", "coerce", "default_of", "from_mapping", "import_plugins", "import_plugins_named",
+    "is_key", "load",
     "model_names", "param_of", "parse_set", "read_yaml", "safe_load_bounded", "save", "split_names",
     "student_archs", "teacher_names", "teacher_weights_list", "validate", "validate_for_data",
 ]

@@ -6,14 +6,14 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distillistic.config.schema import FIELDS, Config, all_keys, param_of
-from distillistic.config.validate import CHOICES, validate
+from distillistic.config.validate import CHOICES, split_names, validate
 from distillistic.config.yaml_files import read_yaml, safe_load_bounded
 from distillistic.errors import ConfigError, UserError, short_repr
 from distillistic.imports import import_module_or_file
@@ -206,3 +206,20 @@ def save(cfg: Config, path: Path) -> None:
     from distillistic.fileio import atomic_write_text  # an OS failure is one line naming the file
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def import_plugins_named(argv: Sequence[str]) -> None:
+    """Import the modules ``train --plugins A,B`` (or its config file's ``plugins:``) names, before the parser
+    is built: a method they register brings its parameters, which become flags."""
+    if not argv or argv[0] not in ("train", "tune"):
+        return
+    modules: list[str] = []
+    for k, arg in enumerate(argv):
+        if arg == "--plugins" and k + 1 < len(argv):
+            modules += split_names(argv[k + 1])
+        elif arg.startswith("--plugins="):
+            modules += split_names(arg.split("=", 1)[1])
+    config = next((a for a in argv[1:] if a.endswith((".yaml", ".yml")) and not a.startswith("-")), None)
+    if config and Path(config).is_file():
+        modules += list(coerce("plugins", read_yaml(config).get("plugins", ())))
+    import_plugins(tuple(modules))
