@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from _util import run_cli
 from distillistic.experiments import reproduce as rp
@@ -117,3 +119,49 @@ def test_dml_identity_claim_agrees_in_float64_and_shows_the_float32_gap(tmp_path
     assert max(exact) < 1e-9  # the identity: equal gradients, so equal trajectories up to float64 rounding
     assert rounded[-1] > 1e-7  # float32 rounding, amplified by five AdamW steps of a ResNet-18
     assert "is exact" in text
+
+
+def _kd_run(seed: int, top1: float, ece: float, t_cal: float | None = None) -> Run:
+    run = _run(seed, top1, top1 + ece, algo="kd")
+    run.summary["models"]["teacher"] = {"test": {"top1": 0.97, "ece": 0.03 if t_cal is None else 0.01}}
+    if t_cal is not None:
+        run.summary["models"]["teacher"]["calibration_temperature"] = t_cal
+    return run
+
+
+def test_calibrated_teacher_verdict_names_the_temperature_and_what_calibrating_did() -> None:
+    raw = Group({"algo": "kd"}, [_kd_run(s, top1, 0.02) for s, top1 in enumerate((0.90, 0.91, 0.92))], "kd")
+    cal = Group({"algo": "kd", "teacher_calibration": "temperature"},
+                [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.94, 0.95, 0.96))], "kd_calibrated")
+    lines, verdict = rp._calibrated_teacher([raw, cal])
+    table = "\n".join(lines)
+    assert "| kd_calibrated | 1.60 ± 0.00 | 1.00 ± 0.00 | 95.00 ± 1.00 | 2.00 ± 0.00 |" in table
+    assert "| kd | – | 3.00 ± 0.00 | 91.00 ± 1.00 |" in table  # the raw teacher's ECE beside the calibrated one's
+    assert "fitted temperature is 1.60 (over-confident" in verdict
+    assert "top-1 by +4.00 pp" in verdict
+    assert "helped accuracy" in verdict  # +4 pp against a spread of 1 pp
+    assert "made no difference beyond the seeds' spread to calibration" in verdict  # ECE equal
+    # within the seeds' spread: no effect claimed
+    cal.runs = [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.905, 0.915, 0.925))]
+    assert "made no difference beyond the seeds' spread to accuracy" in rp._calibrated_teacher([raw, cal])[1]
+    cal.runs = [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.85, 0.86, 0.87))]
+    assert "hurt accuracy" in rp._calibrated_teacher([raw, cal])[1]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_calibrated_teacher_trains_its_own_teacher_once_and_every_kd_cell_reads_it(tmp_path: Path) -> None:
+    small = {"dataset": "digits", "epochs": 1}
+    text = rp.reproduce("calibrated-teacher", tmp_path, overrides=small)
+    (teacher,) = (tmp_path / "calibrated-teacher" / "teacher").glob("seed=*")
+    assert json.loads((teacher / "summary.json").read_text())["status"] == "completed"
+    saved = yaml.safe_load((teacher / "config.yaml").read_text())
+    for key, value in rp.OVERCONFIDENT_TEACHER.items():  # its own recipe, the claim's data and overrides beneath
+        assert saved[key] == small.get(key, value), key
+    for cell in (tmp_path / "calibrated-teacher" / "runs").glob("kd*"):
+        cfg = yaml.safe_load((cell / "config.yaml").read_text())
+        assert Path(cfg["teacher_weights"]) == teacher.resolve()
+    assert "fitted temperature is" in text
+    assert "| baseline + temperature scaling |" in text
+    again = rp.reproduce("calibrated-teacher", tmp_path, overrides=small)  # finished: nothing trains again
+    assert again == text

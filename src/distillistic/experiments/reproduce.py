@@ -26,6 +26,7 @@ from typing import Any
 
 from distillistic.errors import UserError
 from distillistic.experiments import sum_of_parts
+from distillistic.experiments.dml_identity import dml_identity
 from distillistic.experiments.report import find_runs, group_runs, write_report
 from distillistic.experiments.results import Group, Run, mean_std, pm
 from distillistic.experiments.sweep import describe, run_sweep
@@ -49,6 +50,9 @@ class Claim:
     full: Mapping[str, Any] | None = None  # the thesis-scale overrides (``--full``)
     measure: Callable[[Mapping[str, Any]], tuple[list[str], str]] | None = None  # instead of a sweep: base -> table
     reference: str | None = None  # the report's paired reference cell (default: the baseline)
+    # A teacher of the claim's own, trained first as a baseline run with these keys (on top of the claim's data
+    # and optimiser) into ``<out>/<claim>/teacher``; every cell reads it as ``teacher_weights``.
+    teacher_run: Mapping[str, Any] | None = None
 
 
 def _data(data_root: str | None, full: bool) -> dict[str, Any]:
@@ -71,6 +75,10 @@ COMMON = {"progress": False, "tensorboard": False, "data_seed": 0, "teacher_seed
 # One teacher for every claim that has one (trained once, then read from the cache by the others and by
 # configs/mnist_t10k_comparison.yaml): a cnn_wide that is clearly stronger than the cnn and mlp students.
 TEACHER = {"teacher": "cnn_wide", "teacher_weights": "train", "teacher_epochs": 10}
+# The calibrated-teacher claim needs a teacher that calibration can correct: the shared cnn_wide is calibrated
+# already (its fitted temperature is 0.97). This one is over-confident by its recipe: an mlp trained 30 epochs,
+# five times the students' 6, with no weight decay, on the claim's images and schedule (fitted T 2.28 here).
+OVERCONFIDENT_TEACHER = {"model": "mlp", "epochs": 30, "weight_decay": 0.0}
 
 
 # --- what each claim's table reads ---------------------------------------------------------------------
@@ -208,85 +216,54 @@ def _cross_quality(groups: list[Group]) -> tuple[list[str], str]:
     return lines, verdict
 
 
+def _teacher_test(run: Run, key: str) -> float | None:
+    return ((run.summary["models"].get("teacher") or {}).get("test") or {}).get(key)
+
+
+def _effect(delta: float, spread: float, better: str, worse: str) -> str:
+    """``better`` or ``worse`` when ``delta`` (positive: better) exceeds the seeds' ``spread``, else no effect."""
+    if math.isfinite(spread) and abs(delta) <= spread:
+        return "made no difference beyond the seeds' spread to"
+    return better if delta > 0 else worse
+
+
 def _calibrated_teacher(groups: list[Group]) -> tuple[list[str], str]:
     """KD from a raw vs a temperature-scaled teacher, beside the baseline and the baseline + temperature scaling."""
     from distillistic.training.calibrate import calibrate_run  # the reference every calibration claim needs
 
-    lines = _header(["cell", "teacher T_cal", "test top-1 %", "test ECE %", "test NLL", "seeds"])
-    ece: dict[str, float] = {}
-    top1: dict[str, float] = {}
+    lines = _header(["cell", "teacher T_cal", "teacher test ECE %", "test top-1 %", "test ECE %", "test NLL",
+                     "seeds"])
+    stats: dict[str, dict[str, tuple[float, float]]] = {}
     for g in groups:
         t_cal = _stat(g, lambda r: ((r.summary["models"].get("teacher") or {}).get("calibration_temperature")), 1.0)
-        text, top1[g.label] = _stat(g, _metric("top1"))
-        ece_text, ece[g.label] = _stat(g, _metric("ece"))
-        lines.append(f"| {g.label} | {t_cal[0]} | {text} | {ece_text} | {_stat(g, _metric('nll'), 1.0)[0]} | "
-                     f"{g.seeds} |")
+        stats[g.label] = {k: mean_std(_metric(k)(r) for r in g.runs)[:2] for k in ("top1", "ece", "nll")}
+        lines.append(f"| {g.label} | {t_cal[0]} | {_stat(g, lambda r: _teacher_test(r, 'ece'))[0]} | "
+                     f"{_stat(g, _metric('top1'))[0]} | {_stat(g, _metric('ece'))[0]} | "
+                     f"{_stat(g, _metric('nll'), 1.0)[0]} | {g.seeds} |")
         if g.settings.get("algo") == "baseline":
             after = [calibrate_run(r.path)["models"]["student"]["test"]["after"] for r in g.runs]
             m_ece, s_ece, _ = mean_std(a["ece"] for a in after)
             m_nll, s_nll, _ = mean_std(a["nll"] for a in after)
-            ece["baseline + TS"] = m_ece
-            lines.append(f"| baseline + temperature scaling | – | {text} | {pm(m_ece, s_ece, 100)} | "
-                         f"{pm(m_nll, s_nll, 1.0)} | {g.seeds} |")
-    raw = next((k for k in top1 if k.endswith("kd") or k == "algo=kd"), "")
-    cal = next((k for k in top1 if "calibrated" in k or "temperature" in k), "")
+            stats["baseline + TS"] = {"ece": (m_ece, s_ece)}
+            lines.append(f"| baseline + temperature scaling | – | – | {_stat(g, _metric('top1'))[0]} | "
+                         f"{pm(m_ece, s_ece, 100)} | {pm(m_nll, s_nll, 1.0)} | {g.seeds} |")
+    raw = next((k for k in stats if k.endswith("kd") or k == "algo=kd"), "")
+    cal = next((k for k in stats if "calibrated" in k or "temperature" in k), "")
     if not raw or not cal:
         return lines, "The KD cells are missing: the claim cannot be judged."
-    d_top1, d_ece = 100 * (top1[cal] - top1[raw]), 100 * (ece[cal] - ece[raw])
-    verdict = (f"Calibrating the teacher changes the KD student's test top-1 by {d_top1:+.2f} pp and its ECE by "
-               f"{d_ece:+.2f} pp; the baseline with temperature scaling reaches an ECE of "
-               f"{100 * ece.get('baseline + TS', math.nan):.2f} %. The claim (a calibrated teaching signal helps) "
-               f"{'holds' if d_top1 > 0 else 'does not hold'} here for accuracy.")
-    return lines, verdict
-
-
-def _weights_gap(tasks: list[Any]) -> float:
-    """Largest |difference| between the students' weights of two tasks."""
-    gaps = [(a.detach() - b.detach()).abs().max() for sa, sb in zip(tasks[0].students, tasks[1].students)
-            for a, b in zip(sa.raw.parameters(), sb.raw.parameters())]
-    return float(max(gaps))
-
-
-def _trajectory_gaps(base: Mapping[str, Any], precision: str, steps: int) -> list[float]:
-    """DML and DML_e from the same seed, step by step on the same batches: the gap between their weights."""
-    from distillistic.config import Config
-    from distillistic.training import setup
-    from distillistic.training.engine import TrainMeters, train_step
-    from distillistic.training.run import build_task
-    from distillistic.training.runtime import resolve_runtime
-
-    tasks, runtimes = [], []
-    for algo in ("dml", "dml_e"):
-        cfg = setup.resolve(Config(**{**base, "algo": algo, "precision": precision, "out": "unused"}))
-        rt = resolve_runtime(cfg)
-        tasks.append(build_task(cfg, rt)[0])
-        runtimes.append(rt)
-    gaps = []
-    try:
-        loaders = [iter(t.views.prepare(t.loaders["train"].epoch(0))) for t in tasks]
-        for s in range(steps):
-            for task, batches in zip(tasks, loaders):
-                for student in task.students:
-                    student.model.train()
-                train_step(task, next(batches), s / steps, TrainMeters(task))
-            gaps.append(_weights_gap(tasks))
-    finally:
-        for rt in runtimes:
-            rt.close()
-    return gaps
-
-
-def _dml_identity(base: Mapping[str, Any]) -> tuple[list[str], str]:
-    """The DML/DML_e identity measured in float64 (exact arithmetic's stand-in) and in float32, step by step."""
-    settings = {**base, "model": "resnet18", "students": 3, "temperature": 1.0, "device": "cpu", "seed": 0}
-    settings.pop("max_train_samples", None)
-    exact, rounded = _trajectory_gaps(settings, "fp64", 5), _trajectory_gaps(settings, "fp32", 5)
-    lines = _header(["step", "‖θ_DML − θ_DML_e‖∞ (largest weight gap), float64", "same, float32"])
-    lines += [f"| {i + 1} | {a:.2e} | {b:.2e} |" for i, (a, b) in enumerate(zip(exact, rounded))]
-    held = max(exact) < 1e-9
-    verdict = (f"In float64 the two trajectories agree to {max(exact):.1e} after 5 steps: the identity "
-               f"{'is exact' if held else 'does NOT hold'}; in float32 the gap grows from {rounded[0]:.1e} to "
-               f"{rounded[-1]:.1e}: rounding, amplified by training (ResNet-18, AdamW).")
+    t_fit = mean_std(((r.summary["models"].get("teacher") or {}).get("calibration_temperature"))
+                     for g in groups if g.label == cal for r in g.runs)[0]
+    lines.append(f"\nTeacher test top-1: {_teacher_top1(groups)} %.")
+    d = {k: stats[cal][k][0] - stats[raw][k][0] for k in ("top1", "ece", "nll")}
+    spread = {k: max(stats[cal][k][1], stats[raw][k][1]) for k in d}
+    kind = "over-confident: T > 1 softens it" if t_fit > 1 else "under-confident: T < 1 sharpens it"
+    ts_ece = stats.get("baseline + TS", {}).get("ece", (math.nan,))[0]
+    verdict = (f"The teacher's fitted temperature is {t_fit:.2f} ({kind}). Calibrating it "
+               f"changes the KD student's test top-1 by {100 * d['top1']:+.2f} pp, its ECE by {100 * d['ece']:+.2f} pp "
+               f"and its NLL by {d['nll']:+.3f}: calibrating the teacher "
+               f"{_effect(d['top1'], spread['top1'], 'helped', 'hurt')} accuracy and "
+               f"{_effect(-d['ece'], spread['ece'], 'helped', 'hurt')} calibration here. The baseline with "
+               f"temperature scaling reaches an ECE of {100 * ts_ece:.2f} %.")
     return lines, verdict
 
 
@@ -309,28 +286,47 @@ CLAIMS: dict[str, Claim] = {c.name: c for c in (
            "dml": {"algo": "dml", "students": 2}}, _cross_quality, grid={"student_resolution": [7, 14]}),
     Claim("calibrated-teacher", "Does a temperature-scaled teacher teach better than the raw one (and how does "
           "it compare with the baseline + temperature scaling)?",
-          {"model": "mlp", "epochs": 6, "temperature": 4.0, **TEACHER},
+          {"model": "mlp", "epochs": 6, "temperature": 4.0},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"},
-           "kd_calibrated": {"algo": "kd", "teacher_calibration": "temperature"}}, _calibrated_teacher),
+           "kd_calibrated": {"algo": "kd", "teacher_calibration": "temperature"}}, _calibrated_teacher,
+          teacher_run=OVERCONFIDENT_TEACHER),
     Claim("sum-of-parts", "At equal training compute, is an online-distillation cohort (DML, DML_e, KDCL, PCL) "
           "greater than the sum of its parts: one student given the whole budget, independent students and their "
           "ensemble, one wider student, KD with its teacher's training counted?",
           sum_of_parts.BASE, sum_of_parts.variants(), sum_of_parts.table, reference="alone"),
     Claim("dml-equals-dml-e", "Do DML and DML_e train identically from the same seed (their gradients are equal)?",
-          {"batch_size": 64}, {}, lambda groups: ([], ""), measure=_dml_identity),
+          {"batch_size": 64}, {}, lambda groups: ([], ""), measure=dml_identity),
 )}
 
 
 def sweep_spec(claim: Claim, data_root: str | None = None, full: bool = False,
-               overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               overrides: Mapping[str, Any] | None = None, teacher: Path | None = None) -> dict[str, Any]:
     """The claim's sweep file as a mapping (written beside its runs as ``sweep.yaml``); ``overrides`` (keys
-    of every cell, e.g. a shorter run in the tests) come last."""
+    of every cell, e.g. a shorter run in the tests) come last; ``teacher``: the folder of the claim's own
+    teacher (:attr:`Claim.teacher_run`)."""
     data = {"dataset": "digits"} if (overrides or {}).get("dataset") == "digits" else _data(data_root, full)
     grid: dict[str, list[Any]] = {k: list(v) for k, v in (claim.grid or {}).items()}
     if data["dataset"] == "digits" and "student_resolution" in grid:
         grid["student_resolution"] = [4, 6]  # digits are 8 x 8
     base = {**COMMON, **data, **claim.base, **(claim.full if full and claim.full else {}), **(overrides or {})}
+    if claim.teacher_run is not None:
+        base |= {"teacher": claim.teacher_run["model"], "teacher_weights": str(teacher) if teacher else "train"}
     return {**base, "variants": {k: dict(v) for k, v in claim.variants.items()}, "grid": {**grid, "seed": SEEDS}}
+
+
+def own_teacher(claim: Claim, folder: Path, data_root: str | None = None, full: bool = False,
+                overrides: Mapping[str, Any] | None = None) -> Path:
+    """Train the claim's own teacher (:attr:`Claim.teacher_run`) as a one-cell sweep in ``folder`` (re-running
+    skips it when finished and resumes it when interrupted); return its run directory."""
+    assert claim.teacher_run is not None
+    data = {"dataset": "digits"} if (overrides or {}).get("dataset") == "digits" else _data(data_root, full)
+    spec = {**COMMON, **data, "algo": "baseline", **claim.teacher_run, **(overrides or {})}
+    seed = spec.pop("seed", 0)
+    result = run_sweep({**spec, "grid": {"seed": [seed]}}, folder)
+    if result.interrupted or result.failures:
+        raise UserError(f"the claim's teacher did not finish ({describe(result).splitlines()[-1].strip()}); run the "
+                        f"same command again to continue ({folder})")
+    return (folder / result.outcomes[0].cell.name).resolve()
 
 
 def reproduce(name: str, out: str | Path = "runs/reproduce", data_root: str | None = None,
@@ -344,7 +340,8 @@ def reproduce(name: str, out: str | Path = "runs/reproduce", data_root: str | No
         base = {k: v for k, v in sweep_spec(claim, data_root, full, overrides).items() if k not in ("variants", "grid")}
         lines, verdict = claim.measure(base)
         return _write(folder, name, claim, lines, verdict)
-    result = run_sweep(sweep_spec(claim, data_root, full, overrides), folder / "runs")
+    teacher = own_teacher(claim, folder / "teacher", data_root, full, overrides) if claim.teacher_run else None
+    result = run_sweep(sweep_spec(claim, data_root, full, overrides, teacher), folder / "runs")
     log.info("%s", describe(result))
     if result.interrupted or result.failures:
         raise UserError(f"reproduce {name}: {len(result.failures)} run(s) failed or the sweep was stopped; "
