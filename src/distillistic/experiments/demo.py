@@ -69,7 +69,7 @@ def run_demo(out: str, seeds: int = 3, epochs: int = 5, algos: list[str] | None 
     total = len(labels) * seeds
     log.info("demo: %d runs (%s; %d seed%s each) on the MNIST digits shipped with distillistic (%d training "
              "digits, plain views, %d epochs of an mlp student), into %s%s", total, ", ".join(labels), seeds,
-             "s" * (seeds != 1), base.max_train_samples, epochs, out,
+             "s" * (seeds != 1), base.max_train_samples, epochs, shown(out),
              f"; KD's teacher ({TEACHER['teacher']}, {TEACHER['teacher_epochs']} epochs) is trained first"
              if "kd" in labels else "")
     runs: dict[str, list[Path]] = {}
