@@ -6,12 +6,9 @@ the user's input (config, data, teacher weights, output directory) fails before 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +25,10 @@ from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError, shown
 from distillistic.methods.registry import METHODS, Context, student_count
 from distillistic.models.builders import MODELS, build_model, check_fits
+from distillistic.runs.interrupts import interrupt_on_sigterm
 from distillistic.runs.result import RunResult, api_voice
 from distillistic.runs.resume import check_best_files, restore_state
-from distillistic.runs.rundir import RunDir, note_stop_signal
+from distillistic.runs.rundir import RunDir
 from distillistic.runs.talk import Talk, say, start_line
 from distillistic.teachers.calibration import resolve_virtual_p
 from distillistic.teachers.check import check_teacher
@@ -351,29 +349,6 @@ def _stop_reason(progress: Progress, rundir: RunDir, checkpointed: bool) -> str:
     elif rundir.has_checkpoint():
         return "stopped by a signal that also ended the data-loading workers; the last checkpoint stays"
     return "stopped by a signal before the first checkpoint; start again with --overwrite"
-
-
-@contextlib.contextmanager
-def interrupt_on_sigterm(also_sigint: bool = False) -> Iterator[None]:
-    """While inside, SIGTERM (and SIGINT, which Python already maps) raises KeyboardInterrupt at once: a
-    stage with nothing to checkpoint (setup, the final evaluation) stops cleanly instead of being killed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = [signal.SIGTERM, *([signal.SIGINT] if also_sigint else [])]
-    previous = {s: signal.getsignal(s) for s in signals}
-
-    def handler(signum: int, frame: Any) -> None:
-        note_stop_signal(signum)
-        raise KeyboardInterrupt
-
-    for s in signals:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def final_evaluation(task: Task, rundir: RunDir) -> dict[str, dict[str, Any]]:
