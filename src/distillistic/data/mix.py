@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIX_LIVE", "BatchMix"]
+from distillistic.config import Config
+
+__all__ = ["MIX_LIVE", "BatchMix", "batch_mix"]
 
 # Why the teacher runs live under --mix (one line, in the log and the manifest's teacher_outputs).
 MIX_LIVE = ("live: --mix gives the teacher each batch's mixed images, blends of two samples that a store keyed by "
@@ -62,3 +64,9 @@ class BatchMix:
 
     def describe(self) -> str:
         return f"{self.kind}(α={self.alpha:g})"
+
+
+def batch_mix(cfg: Config, num_classes: int) -> BatchMix | None:
+    """The run's mixing (``--mix``, ``--mix-alpha``, keyed by the data seed), None for ``none``."""
+    assert cfg.data_seed is not None
+    return None if cfg.mix == "none" else BatchMix(cfg.mix, cfg.mix_alpha, num_classes, cfg.data_seed)

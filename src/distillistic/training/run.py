@@ -20,7 +20,7 @@ from distillistic import config as config_mod
 from distillistic.config import Config, cache_dir
 from distillistic.data.datasets import FileSource
 from distillistic.data.loader import DataInfo, EpochSampler, Loader, build_data, resident
-from distillistic.data.mix import MIX_LIVE, BatchMix
+from distillistic.data.mix import MIX_LIVE, batch_mix
 from distillistic.data.views import ViewMaker
 from distillistic.errors import TeacherStopped, TrainingDiverged, UserError, shown
 from distillistic.methods.registry import METHODS, Context, student_count
@@ -147,19 +147,17 @@ def _loaders(cfg: Config, rt: Runtime, bundle: Any, views: int) -> dict[str, Loa
 
 def _prepare_teachers(task: Task, teachers: TeacherSet, bundle: Any) -> str | None:
     """Calibrate the teachers (before the stores: T_cal is in their keys) and open their output stores; the
-    reason the store is off when the teacher must run live (tapped by a feature method)."""
+    reason the store is off when the teacher must run live (tapped by a feature method, or reading mixed images)."""
     cfg, rt = task.cfg, task.rt
     if cfg.teacher_calibration == "temperature":
         from distillistic.teachers.calibration import calibrate_teachers
 
         task.teacher_temperatures = calibrate_teachers(teachers.signals, [m.name for m in teachers.members],
                                                        task.loaders["val"], task.views, bundle.info.num_classes, rt)
-    if any(s.taps is not None for s in teachers.signals):
-        log.info("teacher store: off (%s)", TEACHER_LIVE)
-        return TEACHER_LIVE
-    if cfg.mix != "none":
-        log.info("teacher store: off (%s)", MIX_LIVE)
-        return MIX_LIVE
+    live = TEACHER_LIVE if any(s.taps is not None for s in teachers.signals) else None
+    if live or cfg.mix != "none":
+        log.info("teacher store: off (%s)", live := live or MIX_LIVE)
+        return live
     teachers.open_stores(bundle, task.loaders, task.views, rt)
     return None
 
@@ -217,9 +215,7 @@ def build_task(cfg: Config, rt: Runtime) -> tuple[Task, Assembly]:
     task = Task(cfg, rt, students, optimizers, schedulers, objective, teachers.members[0] if teachers else None,
                 loaders,
                 ViewMaker(info, cfg.augment, cfg.data_seed, rt.device, cfg.channels_last, dtype=rt.dtype, views=views,
-                          strong=objective.strong_view,
-                          mix=BatchMix(cfg.mix, cfg.mix_alpha, info.num_classes, cfg.data_seed)
-                          if cfg.mix != "none" else None),
+                          strong=objective.strong_view, mix=batch_mix(cfg, info.num_classes)),
                 info.num_classes,
                 show_progress=show and rt.is_main, per_class=cfg.imbalance_class is not None,
                 teachers=teachers.members if teachers else [], members=members)
