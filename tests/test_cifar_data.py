@@ -423,6 +423,7 @@ def test_constants_are_torchvisions() -> None:
         assert spec.md5 == tv.tgz_md5
         assert spec.archive == tv.filename
         assert spec.folder == tv.base_folder
-        assert [list(x) for x in spec.file_md5] == [*tv.train_list, *tv.test_list, [tv.meta["filename"],
-                                                                                   tv.meta["md5"]]]
+        published = [*tv.train_list, *tv.test_list, [tv.meta["filename"], tv.meta["md5"]]]
+        # the published sums come first; tests' synthetic files (_cifar_files.trust) append theirs after them
+        assert [list(x) for x in spec.file_md5[:len(published)]] == published
         assert spec.names_key == tv.meta["key"]
