@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
+from distillistic.fileio import pid_alive
+
 log = logging.getLogger("distillistic")
 
 
@@ -43,7 +45,7 @@ def holder_of(path: Path) -> tuple[str, int | None]:
     except (OSError, ValueError):
         note = None
     if not isinstance(note, dict) or not isinstance(note.get("pid"), int) or (
-            note.get("host") == platform.node() and not _alive(note["pid"])):  # a note an ended process left
+            note.get("host") == platform.node() and not pid_alive(note["pid"])):  # a note an ended process left
         return "a process that left no note of itself", None
     text = f"process {note['pid']} on {note.get('host') or 'an unnamed host'} since {note.get('since') or '?'}"
     return text + (f" ({note['command']})" if note.get("command") else ""), note["pid"]
@@ -53,16 +55,6 @@ def how_to_break(pid: int | None) -> str:
     """How to end a lock whose holder hangs: stop the process; the system releases its lock."""
     stop = f"kill {pid}" if pid is not None else "stop it"
     return f"if that process hangs, {stop}: the system then releases its lock (there is no file to delete)"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def try_lock(handle: IO[str], note: bool = True) -> bool:

@@ -31,6 +31,7 @@ from distillistic.errors import UserError, short_repr
 from distillistic.experiments import tune_space
 from distillistic.experiments.grid import comparable, plain, read_by
 from distillistic.experiments.sweep import SweepResult, run_sweep
+from distillistic.fileio import pid_alive
 from distillistic.runs.rundir import read_summary
 
 log = logging.getLogger("distillistic")
@@ -65,16 +66,6 @@ def _optuna() -> Any:
 
 def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _counted(trial: Any, state: Any) -> bool:
@@ -203,7 +194,7 @@ class Tuner:
         host = socket.gethostname()
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             where, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-            if where == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if where == host and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 log.info("%s: trial %d was lost with its worker (pid %s); another trial takes its place",
                          study.study_name, t.number, pid)
