@@ -20,8 +20,7 @@ from distillistic.core.features import FeatureTeacher, FeatureTerm
 from distillistic.core.features import full_precision as _full
 from distillistic.core.objective import Term
 from distillistic.core.signals import StepInputs
-from distillistic.errors import UserError
-from distillistic.methods.features import last_stage, parts, weight, with_kd
+from distillistic.methods.features import last_spatial_stages, parts, weight, with_kd
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import (
     FEATURE,
@@ -108,11 +107,7 @@ class ClassAttention(FeatureTerm):
 
 def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     teacher, probe = parts(ctx, "catkd")
-    s_stage, t_stage = last_stage(probe, "student"), last_stage(probe, "teacher")
-    for role, stage, arch in (("student", s_stage, cfg.model), ("teacher", t_stage, cfg.teacher)):
-        if stage == "embedding":
-            raise UserError(f"algo catkd transfers class activation maps, which the {role} '{arch}' has not (no "
-                            "spatial stage); choose a model with stages (cnn, resnet18, ...)")
+    s_stage, t_stage = last_spatial_stages(probe, cfg, "catkd", "transfers class activation maps")
     heads = [probe.classifier("student", s_stage, i) for i in range(ctx.students)]
     term = ClassAttention(teacher, s_stage, t_stage, weight(cfg, WEIGHT), heads,
                           probe.classifier("teacher", t_stage), cfg.catkd_resolution, cfg.catkd_normalize)

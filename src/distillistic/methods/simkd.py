@@ -24,7 +24,7 @@ from distillistic.core.features import full_precision as _full
 from distillistic.core.objective import CrossEntropy, Term
 from distillistic.core.signals import StepInputs
 from distillistic.errors import UserError
-from distillistic.methods.features import last_stage, parts, weight, with_kd
+from distillistic.methods.features import last_spatial_stages, parts, weight, with_kd
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import (
     FEATURE,
@@ -148,11 +148,7 @@ class ReusedClassifier(FeatureTerm):
 
 def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     teacher, probe = parts(ctx, "simkd")
-    s_stage, t_stage = last_stage(probe, "student"), last_stage(probe, "teacher")
-    for role, stage, arch in (("student", s_stage, cfg.model), ("teacher", t_stage, cfg.teacher)):
-        if stage == "embedding":
-            raise UserError(f"algo simkd projects the last stage map, which the {role} '{arch}' has not (no spatial "
-                            "stage); choose a model with stages (cnn, resnet18, ...)")
+    s_stage, t_stage = last_spatial_stages(probe, cfg, "simkd", "projects the last stage map")
     classifier = probe.classifier("teacher", t_stage)  # refused unless it classifies the stage's global mean
     t_shape = probe.shapes("teacher", (t_stage,))[t_stage]
     projectors = [projector(probe.shapes("student", (s_stage,), i)[s_stage][1], t_shape[1], cfg.simkd_factor)
