@@ -27,7 +27,7 @@ from typing import Any
 from distillistic import config as config_mod
 from distillistic.errors import TeacherStopped, UserError
 from distillistic.experiments import tune_space
-from distillistic.experiments.grid import RESERVED, expand
+from distillistic.experiments.grid import RESERVED, expand, read_by
 from distillistic.experiments.tune_study import DIRECTIONS, TrialStopped, Tuner, TuneResult
 from distillistic.fileio import atomic_write_json
 
@@ -36,6 +36,32 @@ log = logging.getLogger("distillistic")
 __all__ = ["TUNE_OPTIONS", "TuneResult", "check_options", "describe", "tune", "tune_command"]
 
 TUNE_OPTIONS = ("trials", "storage", "objective", "seeds", "tune_epochs")
+PER_METHOD = "per_method"  # the config file's key: method -> the keys fixed for that method only
+
+
+def check_per_method(per_method: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The keys fixed for one method only (``per_method: {dml: {students: 2}}`` in a tune's config file), checked:
+    known methods, mappings of keys the method reads, none a tune's own or per-run key. A method not in
+    ``--algo`` is allowed (one config file serves several invocations) and ignored."""
+    if not isinstance(per_method, Mapping):
+        raise UserError(f"tune: {PER_METHOD} must map a method to its fixed keys (e.g. {{dml: {{students: 2}}}}), "
+                        f"not {type(per_method).__name__}")
+    checked: dict[str, dict[str, Any]] = {}
+    for method, keys in per_method.items():
+        tune_space.method_spec(str(method))
+        if not isinstance(keys, Mapping):
+            raise UserError(f"tune: {PER_METHOD}: '{method}' must map keys to values (e.g. {{students: 2}}), "
+                            f"not {type(keys).__name__}")
+        keys = {str(k).replace("-", "_"): v for k, v in keys.items()}
+        for key in keys:
+            if key in ("algo", "seed", *RESERVED):
+                raise UserError(f"tune: {PER_METHOD}: '{method}' sets '{key}', which a tune decides itself")
+            if key not in read_by(str(method), {key: None}):
+                raise UserError(f"tune: {PER_METHOD}: '{method}' does not read '{key}' (it would be ignored); "
+                                "remove it")
+        config_mod.from_mapping({**base, **keys})  # unknown keys and bad values: the config's own one line
+        checked[str(method)] = keys
+    return checked
 
 
 def check_options(algos: Sequence[str], trials: int, objective: str, seeds: int, tune_epochs: int | None,
@@ -64,15 +90,17 @@ def check_options(algos: Sequence[str], trials: int, objective: str, seeds: int,
 
 def tune(algos: Sequence[str], trials: int, out: str | Path, base: Mapping[str, Any] | None = None, *,
          storage: str | None = None, objective: str = "top1", seeds: int = 3,
-         tune_epochs: int | None = None) -> TuneResult:
+         tune_epochs: int | None = None, per_method: Mapping[str, Mapping[str, Any]] | None = None) -> TuneResult:
     """Tune every method of ``algos`` with ``trials`` trials, then re-train each best config on ``seeds`` seeds;
-    the Python API of ``distillistic tune``. ``base`` holds the config keys the user set (fixed, not tuned)."""
+    the Python API of ``distillistic tune``. ``base`` holds the config keys the user set (fixed, not tuned);
+    ``per_method`` the keys fixed for one method only (``{"dml": {"students": 2}}``), not tuned either."""
     base = {k: v for k, v in (base or {}).items() if k != "out"}
     check_options(list(algos), trials, objective, seeds, tune_epochs, base)
+    fixed = {m: keys for m, keys in check_per_method(per_method or {}, base).items() if m in algos}
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"tune: --out '{out}' is a file; choose a directory")
-    tuner = Tuner(algos, trials, out, base, storage, objective, seeds, tune_epochs)
+    tuner = Tuner(algos, trials, out, base, storage, objective, seeds, tune_epochs, fixed)
     expand(tuner.sweep_spec({m: {} for m in tuner.algos}), source="tune")  # every method's config, checked
     tuner.open()
     result = TuneResult(out)
@@ -136,10 +164,11 @@ def tune_command(config: str | None, given: Mapping[str, Any], options: Mapping[
     read = config_mod.read_yaml(config) if config else {}
     base = {str(k).replace("-", "_"): v for k, v in read.items()} | dict(given)
     out = base.pop("out", None)
+    per_method = base.pop(PER_METHOD, None) or {}
     if not out:
         raise UserError("tune: pass --out DIR (the tune's folder: its studies, trials and re-trained runs)")
     algos = config_mod.split_names(str(base.pop("algo", "") or ""))
-    result = tune(algos, out=out, base=base, **options)
+    result = tune(algos, out=out, base=base, per_method=per_method, **options)
     stopped = result.interrupted or (result.sweep is not None and result.sweep.interrupted)
     code = stop_exit_code() if stopped else (1 if result.sweep and result.sweep.failures else 0)
     return describe(result, str(options.get("objective", "top1"))), code

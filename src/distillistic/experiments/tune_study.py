@@ -104,14 +104,17 @@ class Tuner:
     """One worker of a tune: opens the studies, runs its share of every method's trials, then re-trains."""
 
     def __init__(self, algos: Sequence[str], trials: int, out: Path, base: Mapping[str, Any], storage: str | None,
-                 objective: str, seeds: int, tune_epochs: int | None) -> None:
+                 objective: str, seeds: int, tune_epochs: int | None,
+                 per_method: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.algos, self.trials, self.out, self.objective = list(algos), trials, out, objective
         self.base = {k: v for k, v in base.items() if k not in ("algo", "seed")}
+        self.per_method = {m: dict(keys) for m, keys in (per_method or {}).items()}  # fixed for that method only
         self.cfg = config_mod.from_mapping(self.base)
         self.seed = int(base.get("seed", self.cfg.seed))
         self.seeds = [self.seed + k for k in range(1, seeds + 1)]
         self.tune_epochs = tune_epochs or self.cfg.epochs
-        self.spaces = {m: tune_space.search_space(tune_space.method_spec(m), self.cfg.optimizer, set(base))
+        self.spaces = {m: tune_space.search_space(tune_space.method_spec(m), self.cfg.optimizer,
+                                                  set(base) | set(self.per_method.get(m, {})))
                        for m in self.algos}
         self.optuna = _optuna()
         self.url = storage or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
@@ -137,8 +140,12 @@ class Tuner:
             for method in self.algos:
                 self._check_settings(method)
 
+    def fixed(self, method: str) -> dict[str, Any]:
+        """The keys fixed for ``method``: the base keys it reads, then its own (``per_method``)."""
+        return {**read_by(method, self.base), **self.per_method.get(method, {})}
+
     def _settings(self, method: str) -> dict[str, Any]:
-        base = comparable({**read_by(method, self.base), "seed": self.seed})
+        base = comparable({**self.fixed(method), "seed": self.seed})
         record = {"base": base, "objective": self.objective, "tune_epochs": self.tune_epochs,
                   "space": tune_space.describe(self.spaces[method])}
         return dict(json.loads(json.dumps(record, default=str)))
@@ -215,7 +222,7 @@ class Tuner:
 
         if not tune_space.method_spec(method).needs_teacher:
             return
-        values = {**read_by(method, self.base), "algo": method, "seed": self.seed, "progress": False}
+        values = {**self.fixed(method), "algo": method, "seed": self.seed, "progress": False}
         cfg = setup.resolve(config_mod.from_mapping(values))
         configs = teacher_configs(cfg)
         if all(c.teacher_weights != "train" for c in configs):
@@ -254,7 +261,7 @@ class Tuner:
         return int(self.storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
     def _trial_config(self, method: str, params: Mapping[str, Any], folder: Path) -> Any:
-        values = {**read_by(method, self.base), "algo": method, "seed": self.seed, **self.pinned.get(method, {}),
+        values = {**self.fixed(method), "algo": method, "seed": self.seed, **self.pinned.get(method, {}),
                   **params,
                   "epochs": self.tune_epochs, "out": str(folder), "overwrite": True, "quiet": True,
                   "progress": False, "tensorboard": False, "wandb": False}
@@ -341,7 +348,8 @@ class Tuner:
         return run_sweep(self.sweep_spec({m: e["best_params"] for m, e in methods.items()}), self.out)
 
     def sweep_spec(self, params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        variants = {m: {"algo": m, **self.pinned.get(m, {}), **{k: plain(v) for k, v in p.items()}}
+        variants = {m: {"algo": m, **self.per_method.get(m, {}), **self.pinned.get(m, {}),
+                        **{k: plain(v) for k, v in p.items()}}
                     for m, p in params.items()}
         return {**self.base, "variants": variants, "grid": {"seed": self.seeds or [self.seed + 1]}}
 
