@@ -1,10 +1,11 @@
 """EMA copies of the students (``--ema DECAY``): ``θ'_i ← d·θ'_i + (1 − d)·θ_i`` after every optimizer step.
 
-A copy teaches nothing: it is a *companion* of the objective (not one of its terms), evaluated beside the student
-it follows (``student_ema``, ``student0_ema`` …), selected on val, reported and exported like it. Buffers are
-copied from the student, so a copy that only ever runs in ``eval()`` mode has statistics of the right scale. The
-copies are submodules, so they are in the objective's state dict and a resume restores them exactly. PCL's
-temporal mean teachers (:mod:`distillistic.methods.pcl`) are such copies.
+A copy teaches nothing: it is a :class:`~distillistic.core.objective.Companion` of the objective (not one of its
+terms), evaluated beside the student it follows (``student_ema``, ``student0_ema`` …), selected on val, reported
+and exported like it. Buffers are copied from the student, so a copy that only ever runs in ``eval()`` mode has
+statistics of the right scale. The objective owns the copies, so they are in its state dict and a resume restores
+them exactly. PCL's temporal mean teachers (:mod:`distillistic.methods.pcl`) are such copies, which its term is
+given and reads through :meth:`EmaCopies.logits`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distillistic.core.objective import Term
+from distillistic.core.objective import Companion
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, model_view
 
@@ -57,7 +58,7 @@ def ema_update_(ema: nn.Module, model: nn.Module, decay: float, copy_buffers: bo
             buffer.copy_(model_buffers[name])
 
 
-class EmaCopies(Term):
+class EmaCopies(Companion):
     """An EMA copy of every student, updated after every optimizer step with decay ``d``.
 
     ``suffix`` names the copies as evaluated members: ``<student>_<suffix>``. With ``warmup`` the decay at
@@ -65,8 +66,8 @@ class EmaCopies(Term):
     PCL re-implementation): early on the copy is the true mean of the weights so far. Without it, ``d``.
     """
 
-    def __init__(self, decay: float, suffix: str = "ema", name: str = "ema", warmup: bool = False) -> None:
-        super().__init__(name, weight=0.0, distil=False)
+    def __init__(self, decay: float, suffix: str = "ema", warmup: bool = False) -> None:
+        super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
         self.decay, self.suffix, self.warmup = decay, suffix, warmup
@@ -112,9 +113,6 @@ class EmaCopies(Term):
             view = model_view(inp.view_of(i), size, channels, norm[0] if norm else None)
             out.append(at_least_float32(twin(view)))
         return torch.stack(out)
-
-    def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
-        raise RuntimeError("EMA copies teach nothing: they are a companion of the objective, not a term")
 
     def describe(self) -> str:
         return f"θ' ← {self.decay:g}·θ' + {1 - self.decay:.3g}·θ"

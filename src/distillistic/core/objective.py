@@ -13,8 +13,13 @@ too (:class:`CrossEntropy`). Two compositions set the weights:
 * ``sum``: ``L = sum_k w_k(p) * term_k``, each term with its own weight and ramp (``CE + b X + g Y``).
 
 Terms are modules: a term may own trainable parameters per student (an adapter, a temperature), which
-join that student's optimizer, and state (an EMA copy, a memory bank), which goes into the checkpoint;
-after every optimizer step each term's :meth:`Term.after_step` runs (EMA updates, memory banks).
+join that student's optimizer, and state (a memory bank), which goes into the checkpoint; after every
+optimizer step each term's :meth:`Term.after_step` runs (memory banks, schedules).
+
+A :class:`Companion` teaches nothing and has no weight: it is kept beside the students (an EMA copy of each,
+:mod:`distillistic.core.ema`), updated after every optimizer step, evaluated and exported as a model of its
+own. The objective owns its companions (their state is in its state dict); a term that reads one (PCL's
+temporal mean teachers) is given it when it is built and lists it in :attr:`Term.companions`.
 Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scalar per term.
 """
 
@@ -51,17 +56,38 @@ def epoch_progress(progress: float, epochs: int) -> float:
     return (min(math.floor(progress * epochs + 1e-9), epochs - 1) + 1) / epochs
 
 
+class Companion(nn.Module):
+    """A model kept beside the students that teaches nothing (no loss, no weight): an EMA copy of each.
+
+    The objective owns it (its state is checkpointed with the objective's), binds it to the students, runs
+    :meth:`after_step` after every optimizer step and evaluates its :meth:`members` like students.
+    """
+
+    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
+        """Called once when the students are built, before a resume loads any state (see :meth:`Term.bind`)."""
+
+    def after_step(self, inp: StepInputs) -> None:
+        """Called once after every optimizer step."""
+
+    def members(self) -> list[tuple[int, str, nn.Module]]:
+        """Models evaluated, selected on val, reported and exported like students: ``(student index, name
+        suffix, model)``, e.g. ``(0, "ema", copy)`` -> ``student0_ema``."""
+        return []
+
+
 class Term(nn.Module):
     """One teaching signal + its loss + its weight. Subclasses implement :meth:`loss` and :meth:`describe`.
 
     ``distil``: the term is part of the distillation share ``alpha`` of the thesis's composition.
     ``student_stages`` / ``teacher_stages``: the tapped stages the term reads (``inp.features``, the teacher's
     ``features``); a run registers hooks only for the stages its terms name.
+    ``companions``: the companions the term reads (a plain tuple, not submodules: the objective owns them).
     """
 
     student_stages: tuple[str, ...] = ()
     teacher_stages: tuple[str, ...] = ()
     strong_view: bool = False  # the term reads a strongly augmented view of the batch (``inp.strong_views``)
+    companions: tuple[Companion, ...] = ()
 
     def __init__(self, name: str, weight: float = 1.0, distil: bool = True, ramp: Ramp = constant) -> None:
         super().__init__()
@@ -82,23 +108,18 @@ class Term(nn.Module):
         return iter(())
 
     def after_step(self, inp: StepInputs) -> None:
-        """Called once after every optimizer step (EMA copies, memory banks, schedules)."""
+        """Called once after every optimizer step (memory banks, schedules)."""
 
     def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
         """Called once when the students are built, before a resume loads any state: the plain student
         modules (unwrapped, on the device) and each one's view ``(size, channels, norm)`` (for
-        :func:`~distillistic.core.signals.model_view`; EMA copies start here)."""
+        :func:`~distillistic.core.signals.model_view`)."""
 
     def student_model(self, i: int, model: nn.Module) -> nn.Module:
         """The model student ``i`` is trained, evaluated and exported as, given its plain ``model`` (the one whose
         stages are tapped): ``model`` itself, or a module around it (a method that adds its own layers to the
         deployed student, such as a reused teacher classifier). Called once, before the students are wrapped."""
         return model
-
-    def members(self) -> list[tuple[int, str, nn.Module]]:
-        """Models the term keeps that are evaluated, selected on val, reported and exported like students:
-        ``(student index, name suffix, model)``, e.g. ``(0, "ema", copy)`` -> ``student0_ema``."""
-        return []
 
     def stats(self, i: int) -> dict[str, float]:
         """Values of the term's own state for student ``i`` logged with each epoch's training rows (e.g. a
@@ -168,12 +189,13 @@ class Objective(nn.Module):
 
     def __init__(self, terms: tuple[Term, ...] = (), alpha: float = 0.0, alpha_warmup: float = 0.0,
                  composition: Literal["thesis", "sum"] = "thesis", ce: Term | None = None,
-                 companions: tuple[Term, ...] = ()) -> None:
+                 companions: tuple[Companion, ...] = ()) -> None:
         super().__init__()
         self.ce = ce if ce is not None else CrossEntropy()
         self.terms = nn.ModuleList(terms)
-        # Terms that teach nothing (no loss, no weight) but keep state beside the students: EMA copies (--ema).
-        self.companions = nn.ModuleList(companions)
+        # Models kept beside the students (EMA copies): those given (--ema) and those a term reads (pcl).
+        read = [c for t in terms for c in t.companions]
+        self.companions = nn.ModuleList(dict.fromkeys([*companions, *read]))
         self.alpha = alpha if terms else 0.0
         self.alpha_warmup, self.composition = alpha_warmup, composition
 
@@ -241,16 +263,24 @@ class Objective(nn.Module):
         return any(t.strong_view for t in self._all())
 
     def _all(self) -> list[Term]:
-        return [self.ce, *self.extra, *self.companions]
+        return [self.ce, *self.extra]
+
+    def _companions(self) -> list[Companion]:
+        return list(self.companions)  # type: ignore[arg-type]
 
     def after_step(self, inp: StepInputs) -> None:
+        """Every term's, then every companion's :meth:`after_step` (once, after the optimizer step)."""
         for t in self._all():
             t.after_step(inp)
+        for c in self._companions():
+            c.after_step(inp)
 
     def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
-        """Every term's :meth:`Term.bind` (once, when the students are built)."""
+        """Every term's and companion's ``bind`` (once, when the students are built)."""
         for t in self._all():
             t.bind(students, views)
+        for c in self._companions():
+            c.bind(students, views)
 
     def student_model(self, i: int, model: nn.Module) -> nn.Module:
         """Student ``i``'s model after every term's :meth:`Term.student_model`."""
@@ -259,8 +289,8 @@ class Objective(nn.Module):
         return model
 
     def members(self) -> list[tuple[int, str, nn.Module]]:
-        """Every term's extra evaluated models (see :meth:`Term.members`)."""
-        return [m for t in self._all() for m in t.members()]
+        """Every companion's evaluated models (see :meth:`Companion.members`)."""
+        return [m for c in self._companions() for m in c.members()]
 
     def stats(self, i: int) -> dict[str, float]:
         """Every term's :meth:`Term.stats` for student ``i``, merged (logged with the epoch's training rows)."""

@@ -15,12 +15,11 @@ published; the mean-teacher code it builds on (Tarvainen & Valpola 2017: ``ramps
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+import typing
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
@@ -80,23 +79,23 @@ def peer_mean_target(ema_logits: Tensor, temperature: float) -> Tensor:
 
 
 class TemporalMeanPeers(Term):
-    """PCL's peer mean teacher: ``r(p)·T²·D(mean_(j≠i) softmax(z'_j/T) ‖ softmax(z_i/T))`` (module docstring)."""
+    """PCL's peer mean teacher: ``r(p)·T²·D(mean_(j≠i) softmax(z'_j/T) ‖ softmax(z_i/T))`` (module docstring).
 
-    def __init__(self, decay: float, temperature: float, rampup: float, divergence: str = "kl",
+    ``means``: the students' EMA copies it reads, a companion of the objective (which binds, updates, evaluates
+    and checkpoints them); the term only reads their logits.
+    """
+
+    def __init__(self, means: EmaCopies, temperature: float, rampup: float, divergence: str = "kl",
                  name: str = "pcl") -> None:
         super().__init__(name, weight=1.0, distil=True, ramp=lambda progress: sigmoid_rampup(progress, rampup))
         self.temperature, self.rampup, self.divergence = temperature, rampup, divergence
-        self.means = EmaCopies(decay, suffix="ema", name=f"{name}_mean", warmup=True)
+        self.companions = (means,)  # a plain tuple: the objective owns the copies
         self._fn = DIVERGENCES.get(divergence)
 
-    def bind(self, students: Sequence[nn.Module], views: Sequence[tuple[Any, ...]]) -> None:
-        self.means.bind(students, views)
-
-    def after_step(self, inp: StepInputs) -> None:
-        self.means.after_step(inp)
-
-    def members(self) -> list[tuple[int, str, nn.Module]]:
-        return self.means.members()
+    @property
+    def means(self) -> EmaCopies:
+        """The EMA copies of the students (the term's one companion)."""
+        return typing.cast(EmaCopies, self.companions[0])
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
         """``q_i = mean_(j≠i) softmax(z'_j / T)``, one ``[1, B, K]`` per student (detached)."""
@@ -121,7 +120,8 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
         raise UserError(f"--ema {cfg.ema:g} with algo pcl: pcl keeps an EMA copy of every student already "
                         "(its decay is --pcl-decay); drop --ema")
     assert cfg.temperature is not None, "resolve the config first"
-    return (TemporalMeanPeers(cfg.pcl_decay, cfg.temperature, cfg.pcl_rampup, cfg.divergence),)
+    means = EmaCopies(cfg.pcl_decay, suffix="ema", warmup=True)
+    return (TemporalMeanPeers(means, cfg.temperature, cfg.pcl_rampup, cfg.divergence),)
 
 
 register_method(SPEC, terms)
