@@ -81,7 +81,8 @@ def test_pcl_target_and_loss_match_the_paper_in_float64() -> None:
     means = EmaCopies(0.999, warmup=True)
     means.bind(students, [(None, 1)] * m)
     term = TemporalMeanPeers(means, temperature=t, rampup=0.25)
-    assert term.means is means and not list(term.children())  # read, not owned: the objective owns the copies
+    assert term.means is means
+    assert not list(term.children())  # read, not owned: the objective owns the copies
     x = torch.randn(b, 6, generator=g)
     inp = StepInputs(_Views(x), torch.randint(0, k, (b,), generator=g), [], k)
     # The copies start as the students; move the students so the EMA copies differ from them.

@@ -21,7 +21,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from _util import tiny
 from distillistic import train
 from distillistic.core.features import match_grid
-from distillistic.core.signals import StepInputs, Teacher
+from distillistic.core.signals import StepInputs, Teacher, Teaching
 from distillistic.data.views import Views
 from distillistic.methods.fitnet import FitNet
 from distillistic.models.builders import build_model
@@ -89,9 +89,10 @@ def test_terms_get_student_maps_with_gradient_and_teacher_maps_without() -> None
     signal.taps = attach_taps("cnn", teacher, ["stage1"], "teacher")
     z = student(views.get(None, 1))
     inp = StepInputs(views, torch.zeros(6, dtype=torch.long), [z.detach()], 10, features=[taps.pop()])
+    Teaching.of(signal)(inp)  # the step's teaching stage: the teacher's forward and its tapped maps
     value = term.loss(0, z, inp, None)
     value.backward()
-    assert not inp.cache["teacher.stage1"].requires_grad
+    assert not inp.teachers["teacher"].features["stage1"].requires_grad
     expected = ((term.regressors[0](fs) - ft.detach()) ** 2).mean()
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     assert student.features[0][0].weight.grad is not None

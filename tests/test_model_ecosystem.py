@@ -86,7 +86,7 @@ def test_each_model_reads_the_same_crop_normalised_its_own_way() -> None:
     torch.testing.assert_close(views.get(None, 3, own).double(), (x - 0.5) / 0.5, atol=1e-5, rtol=0)
     recorder = _Recorder()
     teacher = Teacher(recorder, None, 3, norm=own)
-    teacher.logits(StepInputs(views, torch.zeros(5, dtype=torch.int64), [torch.zeros(5, 4)], 4))
+    teacher.eval_logits(StepInputs(views, torch.zeros(5, dtype=torch.int64), [torch.zeros(5, 4)], 4))
     torch.testing.assert_close(recorder.seen[0].double(), (x - 0.5) / 0.5, atol=1e-5, rtol=0)
 
 

@@ -15,7 +15,7 @@ from _util import run_cli, tiny
 from distillistic import config as config_mod
 from distillistic import train
 from distillistic.config import Config
-from distillistic.core.signals import StepInputs, Teacher, Teachers
+from distillistic.core.signals import StepInputs, Teacher, Teachers, Teaching
 from distillistic.errors import ConfigError, UserError
 from distillistic.experiments.report import teacher_rows, write_report
 from distillistic.experiments.results import Run
@@ -74,6 +74,7 @@ def test_teachers_signal_is_the_weighted_mean_of_softened_outputs(weights: tuple
     signal = Teachers(members, weights)
     inp = StepInputs(views=_Views(6), labels=torch.zeros(6, dtype=torch.long), logits=[torch.zeros(6, 5)] * 3,
                      num_classes=5)
+    Teaching.of(signal)(inp)  # the step's teaching stage: every teacher's forward, once
     targets = signal.targets(inp, t)
     expected = _reference([tab.numpy() for tab in tables], list(weights) or [1.0, 1.0], t)
     assert len(targets) == 3
@@ -81,7 +82,7 @@ def test_teachers_signal_is_the_weighted_mean_of_softened_outputs(weights: tuple
     assert targets[0].shape == (1, 6, 5)
     np.testing.assert_allclose(targets[0][0].double().numpy(), expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(targets[0][0].sum(dim=1).numpy(), 1.0, rtol=1e-6)
-    assert set(inp.cache) == {"teacher0", "teacher1"}  # each teacher ran once, under its own key
+    assert set(inp.teachers) == {"teacher0", "teacher1"}  # each teacher ran once, under its own key
     signal.targets(inp, t)
     assert [m.calls for m in models] == [1, 1]
 

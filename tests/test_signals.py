@@ -14,7 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from distillistic.config import Config
-from distillistic.core.signals import StepInputs, Teacher
+from distillistic.core.signals import StepInputs, Teacher, Teaching
 from distillistic.data.views import Views
 from distillistic.methods.dml import Peers
 from distillistic.methods.registry import METHODS, Context
@@ -184,7 +184,11 @@ def test_teacher_is_frozen_cached_and_reads_its_own_view() -> None:
     base = torch.randn(6, 1, 8, 8)
     inp = _inputs([torch.zeros(6, 5, requires_grad=True)] * 2, torch.zeros(6, dtype=torch.long), 5, base=base)
     net.train()  # a stray .train() must not switch BatchNorm to batch statistics
+    with pytest.raises(RuntimeError, match="teaching stage"):
+        teacher.targets(inp, 4.0)  # a term reads the teacher's outputs; the teaching stage computes them
+    assert net.inputs == []
     with torch.enable_grad():
+        Teaching.of(teacher)(inp)  # the step's teaching stage: the teacher's one forward
         q1 = teacher.targets(inp, 4.0)
         q2 = teacher.targets(inp, 1.0)
     assert len(net.inputs) == 1  # one forward per step, whatever the number of terms

@@ -259,6 +259,8 @@ def test_two_writers_of_one_epoch_merge_instead_of_losing_samples(tmp_path: Path
         a.record(_inputs(idx), logits[idx])
     for idx in batches:
         b.record(_inputs(idx), logits[idx])
+    a.flush()
+    b.flush()
     assert b.stats["written"] == 1
     assert a.stats["written"] == 0
     c, _ = _tiny_store(tmp_path)
@@ -274,9 +276,40 @@ def test_incomplete_epoch_is_never_written(tmp_path: Path) -> None:
     batches = list(loader.sampler.batches(0))
     for idx in batches[:-1]:
         store.record(_inputs(idx), torch.randn(len(idx), 4))
+    store.flush()
     assert store_files(tmp_path) == []
     store.record(_inputs(batches[-1]), torch.randn(16, 4))
+    assert store_files(tmp_path) == []  # recording writes nothing: flush() does, outside the step
+    store.flush()
     assert [p.name for p in store_files(tmp_path)] == ["epoch-0000.safetensors"]
+    store.flush()
+    assert store.stats["written"] == 1  # once
+
+
+def test_a_training_step_writes_no_file(tmp_path: Path) -> None:
+    """The store records a whole epoch's teacher outputs during the steps and writes its file only when the loop
+    flushes it, at the epoch's end: no training step touches the disk."""
+    from distillistic.training import setup
+    from distillistic.training.engine import TrainMeters, train_step
+    from distillistic.training.run import build_task
+    from distillistic.training.runtime import resolve_runtime
+
+    cfg = setup.resolve(Config(**(KD | {"out": str(tmp_path / "run"), "teacher_store": str(tmp_path / "store"),
+                                        "threads": 1, "device": "cpu"})))
+    rt = resolve_runtime(cfg)
+    try:
+        task, _ = build_task(cfg, rt)
+        meters, loader = TrainMeters(task), task.loaders["train"]
+        written = [p for p in store_files(tmp_path / "store") if p.name.startswith("epoch-")]
+        assert written == []
+        for step, batch in enumerate(task.views.prepare(loader.epoch(0))):
+            train_step(task, batch, step / len(loader) / cfg.epochs, meters)
+            assert [p for p in store_files(tmp_path / "store") if p.name.startswith("epoch-")] == [], step
+        assert step == len(loader) - 1  # the whole epoch was recorded
+        task.objective.teaching.flush()  # what the loop does at the epoch's end
+        assert [p.name for p in store_files(tmp_path / "store")] == ["epoch-0000.safetensors"]
+    finally:
+        rt.close()
 
 
 @pytest.mark.e2e

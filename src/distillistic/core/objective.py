@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.logits import standardize
 from distillistic.core.precision import at_least_float32
-from distillistic.core.signals import Signal, StepInputs
+from distillistic.core.signals import Signal, StepInputs, Teaching
 
 Ramp = Callable[[float], float]  # progress in [0, 1] -> factor of the term's weight
 
@@ -189,8 +189,9 @@ class Objective(nn.Module):
 
     def __init__(self, terms: tuple[Term, ...] = (), alpha: float = 0.0, alpha_warmup: float = 0.0,
                  composition: Literal["thesis", "sum"] = "thesis", ce: Term | None = None,
-                 companions: tuple[Companion, ...] = ()) -> None:
+                 companions: tuple[Companion, ...] = (), teaching: Teaching | None = None) -> None:
         super().__init__()
+        self.teaching = teaching if teaching is not None else Teaching()  # the teachers' forward, first in a step
         self.ce = ce if ce is not None else CrossEntropy()
         self.terms = nn.ModuleList(terms)
         # Models kept beside the students (EMA copies): those given (--ema) and those a term reads (pcl).
@@ -226,7 +227,9 @@ class Objective(nn.Module):
         return {"ce": 1 - a if self.terms else 1.0} | {t.name: a * t.weight * t.ramp(progress) for t in self.extra}
 
     def targets(self, inp: StepInputs) -> dict[str, list[Tensor] | None]:
-        """Every term's detached targets for this step (once per step, shared by the cohort)."""
+        """The step's first stages: the teaching stage (every frozen teacher's outputs on the batch, read from its
+        store or computed, into ``inp.teachers``), then every term's detached targets (shared by the cohort)."""
+        self.teaching(inp)
         return {t.name: t.targets(inp) for t in self.extra}
 
     def forward(self, i: int, z: Tensor, inp: StepInputs, targets: dict[str, list[Tensor] | None],

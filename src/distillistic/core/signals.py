@@ -5,6 +5,10 @@ distributions per sample (``M = 1`` except for DML's pairwise peers). Targets ne
 the teacher runs under ``no_grad`` in eval mode with frozen weights, peers' logits are detached
 before they get here, and the virtual teacher is built from labels alone.
 
+The frozen teachers' forward is a stage of its own (:class:`Teaching`): once per step, before any term
+runs, every teacher's outputs on the batch are read from its store or computed and put in
+``StepInputs.teachers``; a term reads them there (:meth:`Teacher.logits`, :meth:`Teacher.features`).
+
 * :class:`Teacher` (Hinton et al. 2015): ``q = softmax(t / T)``, ``t`` the frozen teacher's logits
   on *its* view of the batch (the full-resolution view in cross-quality KD).
 * :class:`Teachers` (several frozen teachers, e.g. You et al. 2017, "Learning from Multiple Teacher
@@ -49,6 +53,15 @@ def model_view(views: Views, size: int | None, channels: int,
 
 
 @dataclass
+class TeacherOutput:
+    """A frozen teacher's outputs on one batch: its logits ``[B, K]`` (``t / T_cal``, float32 at least) and the
+    maps ``{stage: tensor}`` of its tapped stages (no gradient; empty when nothing is tapped)."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class StepInputs:
     """What a signal may look at during one step (or one evaluation batch)."""
 
@@ -60,7 +73,8 @@ class StepInputs:
     index: Tensor | None = None  # int64 [B] sample indices (host), keys for the teacher-output store
     split: str = "train"  # the split the batch comes from (train, val or test)
     progress: float = 0.0  # share of training done, in [0, 1] (schedules, ramps)
-    cache: dict[str, Tensor] = field(default_factory=dict)
+    # The frozen teachers' outputs on the batch, by teacher key: filled by the teaching stage before any term runs.
+    teachers: dict[str, TeacherOutput] = field(default_factory=dict)
     features: list[dict[str, Tensor]] = field(default_factory=list)  # per student: tapped maps, with gradient
     # Per student: the view it read (--peer-views independent: its own augmented view); empty: all read ``views``.
     student_views: Sequence[Views] = ()
@@ -98,7 +112,11 @@ class TeacherOutputs(Protocol):
         ...
 
     def record(self, inp: StepInputs, logits: Tensor) -> None:
-        """Keep the logits ``[B, K]`` the teacher just computed for the batch's samples."""
+        """Keep the logits ``[B, K]`` the teacher just computed for the batch's samples (in memory)."""
+        ...
+
+    def flush(self) -> None:
+        """Write what was recorded completely (called outside any training step)."""
         ...
 
 
@@ -108,9 +126,6 @@ class Tapped(Protocol):
     def pop(self) -> dict[str, Tensor]:
         """The captured ``{stage: tensor}`` of the last forward, and a cleared store."""
         ...
-
-
-_TAP = "teacher."  # cache key prefix of the teacher's tapped maps
 
 
 def soft(symbol: str, t: float) -> str:
@@ -132,34 +147,51 @@ class Teacher:
                  norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.view_size, self.channels, self.store, self.name = view_size, channels, store, name
-        self.key = key  # its logits' entry in the step's cache (one per teacher when there are several)
+        self.key = key  # its entry in the step's ``inp.teachers`` (one per teacher when there are several)
         self.norm = norm  # the (mean, std) the teacher reads its view with; None: the dataset's
         # Temperature scaling of the teacher itself (Guo et al. 2017; --teacher-calibration): t / T_cal before
         # any KD temperature. 1.0 leaves the logits bit for bit as they are.
         self.calibration_t = 1.0
         self.taps: Tapped | None = None  # hooks on the model's stages (feature methods; the model then runs live)
 
+    def compute(self, inp: StepInputs) -> TeacherOutput:
+        """Its outputs on the batch: the logits read from the store, else computed (and recorded in the store)."""
+        stored = self.store.fetch(inp) if self.store is not None else None
+        if stored is not None:
+            return TeacherOutput(stored)
+        logits = self.forward_on(inp.views)
+        features = self.taps.pop() if self.taps is not None else {}
+        if self.store is not None:
+            self.store.record(inp, logits)
+        return TeacherOutput(logits, features)
+
+    @torch.no_grad()
+    def forward_on(self, views: Views) -> Tensor:
+        """The model's logits ``t / T_cal`` ``[B, K]`` (float32 at least) on its view of ``views``, in eval mode."""
+        if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
+            self.model.eval()
+        z = self.model(model_view(views, self.view_size, self.channels, self.norm))
+        return at_least_float32(z) / self.calibration_t
+
+    def output(self, inp: StepInputs) -> TeacherOutput:
+        """This step's outputs, as the teaching stage put them in ``inp.teachers``."""
+        out = inp.teachers.get(self.key)
+        if out is None:
+            raise RuntimeError(f"no outputs of '{self.key}' in this step's inputs: the teaching stage (Teaching) "
+                               "runs before any term reads a teacher")
+        return out
+
     def logits(self, inp: StepInputs) -> Tensor:
-        """Teacher logits ``[B, K]`` (float32), read from the store or computed, at most once per step."""
-        if self.key not in inp.cache:
-            stored = self.store.fetch(inp) if self.store is not None else None
-            if stored is None:
-                if self.model.training:  # a stray .train() must not switch BatchNorm/dropout on
-                    self.model.eval()
-                with torch.no_grad():
-                    stored = self.model(model_view(inp.views, self.view_size, self.channels, self.norm))
-                    stored = at_least_float32(stored) / self.calibration_t
-                if self.taps is not None:
-                    inp.cache |= {f"{_TAP}{k}": v for k, v in self.taps.pop().items()}
-                if self.store is not None:
-                    self.store.record(inp, stored)
-            inp.cache[self.key] = stored
-        return inp.cache[self.key]
+        """This step's teacher logits ``[B, K]`` (float32 at least)."""
+        return self.output(inp).logits
 
     def features(self, inp: StepInputs) -> dict[str, Tensor]:
-        """The tapped maps ``{stage: tensor}`` of this step's forward (no gradient); needs ``taps`` and no store."""
-        self.logits(inp)
-        return {k[len(_TAP):]: v for k, v in inp.cache.items() if k.startswith(_TAP)}
+        """This step's tapped maps ``{stage: tensor}`` (no gradient); needs ``taps`` and no store."""
+        return self.output(inp).features
+
+    def eval_logits(self, inp: StepInputs) -> Tensor:
+        """Its logits on an evaluation batch (the teacher evaluated as a model): read from the store or computed."""
+        return self.compute(inp).logits
 
     def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
         return self._targets(inp, temperature, None)
@@ -180,7 +212,7 @@ class Teacher:
 class Teachers:
     """Several frozen teachers: the weighted mean of their softened predictions, ``sum_j w_j softmax(t_j / T)``.
 
-    Each member is a :class:`Teacher` with its own model, view, store entry and cache key; ``weights``
+    Each member is a :class:`Teacher` with its own model, view, store entry and key; ``weights``
     (one per teacher, >= 0, positive sum) are normalised to sum to 1, so the target is a distribution.
     """
 
@@ -217,3 +249,27 @@ class Teachers:
         if all(w == self.weights[0] for w in self.weights):
             return f"mean_(j<{n}) {soft('t_j', temperature)}"
         return " + ".join(f"{w:.3g} {soft(f't_{j}', temperature)}" for j, w in enumerate(self.weights))
+
+
+class Teaching:
+    """The step's teaching stage: every frozen teacher's outputs on the batch, read from its store or computed,
+    once, before any term runs; the terms read them from ``inp.teachers``. :meth:`flush` writes what the stores
+    recorded (called by the loop outside any step)."""
+
+    def __init__(self, teachers: Sequence[Teacher] = ()) -> None:
+        self.teachers = list(teachers)
+
+    @classmethod
+    def of(cls, signal: Signal | None) -> Teaching:
+        """The teaching stage of a method's teacher signal: its one teacher, its several teachers, or none."""
+        if isinstance(signal, Teacher):
+            return cls([signal])
+        return cls(signal.teachers if isinstance(signal, Teachers) else [])
+
+    def __call__(self, inp: StepInputs) -> None:
+        inp.teachers = {t.key: t.compute(inp) for t in self.teachers}
+
+    def flush(self) -> None:
+        for t in self.teachers:
+            if t.store is not None:
+                t.store.flush()

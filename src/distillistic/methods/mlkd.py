@@ -138,9 +138,7 @@ class MLKDTerm(TeacherLogitTerm):
         size, channels, norm = self._views[i]
         z_s = self._students[i](model_view(strong, size, channels, norm))
         t = self.teacher
-        with torch.no_grad():
-            t_s = t.model(model_view(strong, t.view_size, t.channels, t.norm))  # type: ignore[attr-defined]
-            t_s = at_least_float32(t_s) / t.calibration_t  # type: ignore[attr-defined]
+        t_s = t.forward_on(strong)  # type: ignore[attr-defined]  # the teacher on the strong view, t / T_cal
         out = mlkd_loss(z, z_s, t.logits(inp), t_s, inp.labels, self.temperature, self.ce_weight, self.kd_weight)
         return out["term"]
 

@@ -116,6 +116,6 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
                          norm=norm)
         signals.append(signal)
         # The teacher is evaluated through its signal, so its evaluation is read from the store too.
-        members.append(Member(name, model, c.teacher_resolution, channels, outputs=signal.logits, norm=norm))
+        members.append(Member(name, model, c.teacher_resolution, channels, outputs=signal.eval_logits, norm=norm))
         sources.append(source)
     return TeacherSet(configs, signals, members, sources, hashes, cfg.teacher_mix)

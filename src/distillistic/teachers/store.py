@@ -28,10 +28,12 @@ Its metadata repeats the full key and a CRC-32 of the tensors: a file that is tr
 of the wrong shape or written for another key is never used; it is reported with a warning,
 recomputed and rewritten. A file is written (to a temporary name, then renamed, under a lock) once
 its epoch's samples are all recorded, so readers only see complete epochs and two processes of a
-sweep may fill the same entry. Under ``torchrun`` each rank records the samples of its own shard and
-writes a file once they are all there, merged under the lock with what the other ranks wrote: no key
-names the world size, so a later run on any number of processes reads what an earlier one recorded
-(the lock is ``flock``: on several nodes the store folder must be on a file system that honours it).
+sweep may fill the same entry. It is written by :meth:`TeacherStore.flush`, which the loop calls at the
+end of each epoch and of each evaluation, never from inside a training step. Under ``torchrun`` each rank
+records the samples of its own shard and writes a file once they are all there, merged under the lock
+with what the other ranks wrote: no key names the world size, so a later run on any number of processes
+reads what an earlier one recorded (the lock is ``flock``: on several nodes the store folder must be on a
+file system that honours it).
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ class TeacherStore:
         self.stats = {"hits": 0, "misses": 0, "written": 0, "rebuilt": 0, "train_misses": 0}
         self._stored: dict[str, tuple[int, _Outputs | None]] = {}  # split -> (epoch, what its file holds)
         self._pending: dict[str, tuple[int, _Outputs]] = {}  # split -> (epoch, outputs being recorded)
+        self._complete: list[tuple[str, int, _Outputs]] = []  # recorded epochs whose file flush() writes
         self._plans: dict[str, tuple[int, Tensor]] = {}  # split -> (epoch, the samples it visits)
         self._check_manifest(folder / "manifest.json", entry, "*.safetensors")
         self._check_manifest(self.train_folder / "manifest.json", views, "epoch-*.safetensors")
@@ -201,9 +204,16 @@ class TeacherStore:
             outputs.parts[name].index_copy_(0, index, part)
         outputs.covered[inp.index] = True
         if bool(outputs.covered[self._planned(split, epoch)].all()):  # every sample this epoch visits
-            self._write(split, epoch, outputs)
+            self._complete.append((split, epoch, outputs))  # its file is written by flush(), outside the step
             self._stored[split] = (epoch, outputs)
             del self._pending[split]
+
+    def flush(self) -> None:
+        """Write the file of every epoch recorded completely since the last flush (the loop calls this at the end
+        of an epoch and of an evaluation, outside any training step)."""
+        complete, self._complete = self._complete, []
+        for split, epoch, outputs in complete:
+            self._write(split, epoch, outputs)
 
     # --- files -------------------------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ def collect_logits(task: Task, members: list[Member], split: str) -> tuple[dict[
             for m in members:
                 parts[m.name].append(m.eval_logits(inp).double())
         labels.append(y)
+    task.objective.teaching.flush()  # a stored teacher's outputs recorded here
     logits = {name: torch.cat(z) if z else torch.zeros(0, task.num_classes, dtype=torch.float64)
               for name, z in parts.items()}
     if cohort:

@@ -94,6 +94,9 @@ class _Served:
     def record(self, inp: Any, logits: torch.Tensor) -> None:
         return None
 
+    def flush(self) -> None:
+        return None
+
 
 def _snapshot(task: Task) -> dict[str, Any]:
     return copy.deepcopy({

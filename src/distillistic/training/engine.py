@@ -273,8 +273,10 @@ def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[s
             bar.set_postfix(loss=f"{meters.mean_loss():.4f}")
         if hooks.after_step(task, progress, meters):
             bar.close()
+            task.objective.teaching.flush()
             return None
     bar.close()
+    task.objective.teaching.flush()  # the teacher stores' completed epochs, written outside any step
     task.rt.all_reduce_(meters.tensors())
     meters.check_finite(f"epoch {progress.epoch + 1}")
     seconds, images = time.perf_counter() - start, progress.epoch_images
@@ -318,6 +320,7 @@ def evaluate(task: Task, members: list[Member], split: str, ensemble: bool = Fal
         if ensemble:
             probs = torch.stack([F.softmax(z.float(), dim=1) for z in logits]).mean(dim=0)
             accs["ensemble"].update_probs(probs, labels, zt)
+    task.objective.teaching.flush()  # a stored teacher's evaluation outputs, recorded while evaluating
     rt.all_reduce_([t for acc in accs.values() for t in acc.tensors()])
     for acc in accs.values():  # ACE sorts every confidence: gather, not sum
         acc.load_samples(rt.all_gather_rows(acc.samples()))

@@ -72,8 +72,8 @@ def attach_taps_for(cfg: Config, objective: Objective, students: Sequence[nn.Mod
                     teacher: Teacher | None) -> list[Taps | None]:
     """Hooks for the stages the terms read: one :class:`Taps` per student (None: none read) and on the teacher.
 
-    The teacher's taps go to its signal, which keeps the maps of each forward in the step's cache; a teacher
-    with taps must run live, so the caller leaves its output store off.
+    The teacher's taps go to its signal, whose outputs on a step's batch (the teaching stage's) then hold the maps
+    of its forward; a teacher with taps must run live, so the caller leaves its output store off.
     """
     student_stages, teacher_stages = _wanted(objective, "student_stages"), _wanted(objective, "teacher_stages")
     if teacher_stages:
