@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,10 @@ MNIST_T10K = SHARED / "mnist-t10k"
 IMAGENET_SAMPLE = SHARED / "imagenet-sample100"
 
 
+# A file to which every test appends its CPU seconds (its process and the child processes it waited for, user and
+# system) and its id, one line each: unlike --durations, a measure that other jobs on the machine do not inflate.
+CPU_LOG = "DISTILLISTIC_TEST_CPU"
+
 COSTS = ("e2e", "multiprocess")  # the markers of a test that trains end to end or starts processes
 
 
@@ -32,10 +38,49 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e if item.get_closest_marker("slow") else pytest.mark.unit)
 
 
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of the whole test run: under xdist, the one that holds every worker's folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """With ``$DISTILLISTIC_TEST_CPU`` set, append the test's CPU seconds (setup, call and teardown) to that file."""
+    path = os.environ.get(CPU_LOG)
+    start = _cpu_seconds()
+    yield
+    if path:
+        with open(path, "a") as f:  # one short line per write: two xdist workers never mix theirs
+            f.write(f"{_cpu_seconds() - start:.3f}\t{item.nodeid}\n")
+
+
+@pytest.fixture(scope="session")
+def shared_teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of trained teachers for the whole test run (every xdist worker): a teacher is keyed by its
+    recipe and the data's checksum, so identical teachers train once; the cache's lock keeps two workers from
+    training the same one at once."""
+    folder = _session_root(tmp_path_factory) / "shared-teachers"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own cache folder (trained teachers, stores, downloads)."""
-    monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path_factory.mktemp("cache")))
+def _isolated_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache folder (stores, downloads), whose ``teachers`` folder is the run's shared
+    one (:func:`shared_teachers`); a test marked ``own_teachers`` (it checks how teachers are trained, found or
+    repaired) gets a folder of its own. A test that names its own cache (``cache_dir``, the environment of a
+    subprocess) trains its teachers there, as before."""
+    cache = tmp_path_factory.mktemp("cache")
+    if not request.node.get_closest_marker("own_teachers"):
+        (cache / "teachers").symlink_to(request.getfixturevalue("shared_teachers"), target_is_directory=True)
+    monkeypatch.setenv("DISTILLISTIC_CACHE", str(cache))
     os.environ.setdefault("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
 
 

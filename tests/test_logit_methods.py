@@ -289,8 +289,7 @@ E2E: dict[str, dict[str, Any]] = {
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("variant", list(E2E))
-def test_every_new_method_trains_on_digits(variant: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DISTILLISTIC_CACHE", str(tmp_path / "cache"))
+def test_every_new_method_trains_on_digits(variant: str, tmp_path: Path) -> None:
     result = train(tiny(tmp_path / "run", **E2E[variant]))
     summary = result.summary
     assert summary["status"] == "completed"

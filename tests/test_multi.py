@@ -306,6 +306,7 @@ def test_an_integer_still_means_copies_of_model() -> None:
 # --- bad inputs --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.own_teachers  # checks that nothing was trained before the refusal
 @pytest.mark.parametrize(("flags", "message"), [
     (["--algo", "kd", "--teacher", "cnn,mlp", "--teacher-weights", "train,random,train"], "teacher_weights"),
     (["--algo", "kd", "--teacher", "cnn,mlp", "--teacher-mix", "0.2,0.3,0.5"], "teacher_mix"),

@@ -208,6 +208,7 @@ def test_two_workers_on_one_sqlite_file_split_the_trials_and_run_none_twice(tmp_
 
 
 @pytest.mark.e2e
+@pytest.mark.own_teachers  # counts the teachers trained
 def test_every_trial_and_retraining_distils_from_one_teacher_trained_first(tmp_path: Path) -> None:
     """A teacher trained first reads the run's lr and weight decay: tuned, they would train a teacher per trial."""
     out = tmp_path / "t"
