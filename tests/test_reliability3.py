@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bad_inputs import run_argv
@@ -24,6 +25,7 @@ def _train(out: Path, *args: str) -> tuple[int, str]:
 
 # --- self-training of a cohort: each student by its own architecture ---------------------------------------------
 
+@pytest.mark.e2e
 def test_tfkd_self_teaches_a_listed_student_by_its_own_architecture(tmp_path: Path) -> None:
     """``--students cnn``: the student is a cnn, so its self-teacher is a cnn (it was the architecture of
     ``--model``: silently KD from another architecture); the start line names the student truly."""
@@ -48,6 +50,7 @@ def test_tfkd_self_refuses_a_cohort_of_several_architectures_or_another_teacher(
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.e2e
 def test_the_start_line_names_a_mixed_cohort(tmp_path: Path) -> None:
     code, text = _train(tmp_path / "run", "--algo", "dml", "--students", "mlp,cnn")
     assert code == 0, text
@@ -79,6 +82,7 @@ def test_a_model_that_cannot_read_the_resolution_is_refused_before_the_run_direc
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_threads_above_the_cores_are_capped_with_one_line(tmp_path: Path) -> None:
     import torch
 
@@ -107,6 +111,7 @@ def _paths(value: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]
     return out
 
 
+@pytest.mark.e2e
 def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
     """Every field of a real cohort run's summary.json replaced by a string, a list, null, a mapping or a boolean:
     ``report`` still writes its table (the run left out, or the field read as missing), never a traceback."""

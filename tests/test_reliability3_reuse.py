@@ -30,6 +30,7 @@ def _train(out: Path, *args: str) -> tuple[int, str]:
 
 # --- a --model that a list of students would ignore -------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_model_not_among_the_listed_students_is_refused(tmp_path: Path) -> None:
     """``--model resnet50 --students mlp,cnn`` trained an mlp and a cnn and recorded ``model: resnet50``."""
     code, text = _train(tmp_path / "run", "--algo", "dml", "--model", "resnet50", "--students", "mlp,cnn")
@@ -91,6 +92,7 @@ def _weights(path: Path) -> dict[str, object]:
     return read_state_dict(path)[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fault", ["another-seed", "flipped-byte"])
 def test_a_foreign_or_damaged_best_is_found_at_resume_and_the_run_finishes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
@@ -127,6 +129,7 @@ def test_a_foreign_or_damaged_best_is_found_at_resume_and_the_run_finishes(
     assert all(bool((v == last[k]).all()) for k, v in _weights(best).items())  # epoch 2's weights
 
 
+@pytest.mark.e2e
 def test_a_damaged_best_never_makes_a_run_impossible_to_finish(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped during the final evaluation (every epoch trained) with a damaged best file: the resume only
@@ -155,6 +158,7 @@ def test_a_damaged_best_never_makes_a_run_impossible_to_finish(tmp_path: Path,
 
 # --- a resume on another machine ---------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_resume_on_another_thread_count_proceeds_with_one_line(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A run moved to a machine with other cores was refused ("the config differs ... threads: 1 -> 2"),
@@ -178,6 +182,7 @@ def test_a_resume_on_another_thread_count_proceeds_with_one_line(tmp_path: Path,
 
 # --- generations: a resume with other settings ------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_generations_resume_with_another_config_is_refused_and_rewrites_nothing(tmp_path: Path) -> None:
     """Born-again networks: ``--resume --lr 0.01`` on a run trained at 0.001 skipped every completed generation
     and rewrote config.yaml to say lr 0.01: a config describing training that never happened. Now refused as a
@@ -222,6 +227,7 @@ def _idx_run(tmp_path: Path) -> tuple[Path, Path]:
     return data, out
 
 
+@pytest.mark.e2e
 def test_calibrate_checks_the_data_first_and_takes_the_data_root_its_advice_names(tmp_path: Path) -> None:
     """calibrate rebuilt a run's data from its config.yaml and never compared it with the run's: a changed
     file was calibrated on silently, and a moved one got advice ('pass --data-root') calibrate did not accept."""
@@ -250,6 +256,7 @@ def test_calibrate_checks_the_data_first_and_takes_the_data_root_its_advice_name
 
 # --- the CIFAR reader checks the md5 of the extracted files ------------------------------------------------------
 
+@pytest.mark.e2e
 def test_an_extracted_cifar_file_with_one_changed_byte_is_refused(tmp_path: Path) -> None:
     """The extracted files' md5s were known (torchvision's list) but never checked: a changed pixel trained on."""
     from _cifar_files import write_cifar
@@ -274,6 +281,7 @@ def test_an_extracted_cifar_file_with_one_changed_byte_is_refused(tmp_path: Path
 
 # --- fp64 means fp64 for the teacher store ------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_an_fp64_run_reading_the_store_equals_the_run_that_filled_it(tmp_path: Path) -> None:
     """The store kept logits as float32 whatever the precision: an fp64 run reading them trained on rounded
     teacher logits, so it differed from the fp64 run that computed them. Now they are kept as float64."""
@@ -305,6 +313,7 @@ def test_an_fp64_run_reading_the_store_equals_the_run_that_filled_it(tmp_path: P
 
 # --- a sweep whose cells derive a key from another run --------------------------------------------------------
 
+@pytest.mark.e2e
 def test_a_sweep_of_cells_deriving_virtual_p_from_a_run_reruns_resumes_and_extends(tmp_path: Path) -> None:
     """Cells with ``virtual_p_from`` save the p they derived; a re-run compared that with the sweep's unset p and
     called every finished cell a conflict, so such a sweep could never be re-run, resumed or extended."""
