@@ -67,3 +67,15 @@ def test_the_cli_reads_per_method_from_the_config_file(tmp_path: Path, capsys: p
     assert err == ["distillistic: error: tune: per_method: 'dml' does not read 'hint_stage' (it would be ignored); "
                    "remove it"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("base", "algos", "says"), [
+    ({"students": 2}, ["baseline", "ban"], "'students' = 2 is not allowed: 1 for ban"),
+    ({"teacher": "cnn", "teacher_weights": "random"}, ["kd", "tfkd_self"], "tfkd_self is taught by the student's own"),
+])
+def test_a_key_one_method_refuses_stops_the_tune_before_any_study(tmp_path: Path, base: dict[str, object],
+                                                                  algos: list[str], says: str) -> None:
+    out = tmp_path / "t"
+    with pytest.raises(UserError, match=says):
+        tune(algos, 1, out, {**TINY, **base}, seeds=0)
+    assert not out.exists()  # no study, no trial of the methods listed before it

@@ -101,6 +101,7 @@ def tune(algos: Sequence[str], trials: int, out: str | Path, base: Mapping[str, 
     if out.exists() and not out.is_dir():
         raise UserError(f"tune: --out '{out}' is a file; choose a directory")
     tuner = Tuner(algos, trials, out, base, storage, objective, seeds, tune_epochs, fixed)
+    tuner.check_methods()
     expand(tuner.sweep_spec({m: {} for m in tuner.algos}), source="tune")  # every method's config, checked
     tuner.open()
     result = TuneResult(out)

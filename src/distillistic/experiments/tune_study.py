@@ -144,6 +144,15 @@ class Tuner:
         """The keys fixed for ``method``: the base keys it reads, then its own (``per_method``)."""
         return {**read_by(method, self.base), **self.per_method.get(method, {})}
 
+    def check_methods(self) -> None:
+        """Every method's config with its fixed keys, checked as a run checks its own before any study is opened:
+        a key one method refuses (a cohort's size for ban, another teacher for tfkd_self) would otherwise stop
+        the tune when that method's turn came, after the other methods' trials."""
+        from distillistic.training import setup
+
+        for method in self.algos:
+            setup.resolve(config_mod.from_mapping({**self.fixed(method), "algo": method, "seed": self.seed}))
+
     def _settings(self, method: str) -> dict[str, Any]:
         base = comparable({**self.fixed(method), "seed": self.seed})
         record = {"base": base, "objective": self.objective, "tune_epochs": self.tune_epochs,

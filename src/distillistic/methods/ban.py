@@ -32,16 +32,20 @@ SPEC = MethodSpec(
                   allowed="a whole number of generations > 0", space=int_range(2, 4)),))
 
 
+def _one_student(cfg: Config) -> None:
+    """Each generation is one student: a cohort is refused by the config's checks, before any run or trial."""
+    students = len(cfg.students) if isinstance(cfg.students, tuple) else cfg.students
+    if students not in (None, 1):
+        raise ConfigError("students", cfg.students, "1 for ban (each generation is one student, taught by the "
+                                                    "last); drop --students")
+
+
 def generation_config(cfg: Config, g: int, previous: str | None) -> Config:
     """The config of generation ``g`` (1-based) of a resolved ``ban`` config, taught by run dir ``previous``.
 
     Generation 1 is a ``baseline`` run; generation ``g > 1`` a ``kd`` run whose teacher is the student
     architecture with ``previous``'s best weights, reading the students' view (same input size).
     """
-    students = len(cfg.students) if isinstance(cfg.students, tuple) else cfg.students
-    if students not in (None, 1):
-        raise ConfigError("students", cfg.students, "1 for ban (each generation is one student, taught by the "
-                                                    "last); drop --students")
     common = dict(generations=default_of("generations"), seed=cfg.seed + g - 1, data_seed=cfg.data_seed,
                   teacher_epochs=None)
     if g == 1 or previous is None:
@@ -59,4 +63,5 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     return (Distill("ban", ctx.teacher, cfg.divergence, cfg.temperature),)
 
 
-register_method(SPEC, terms, generations=lambda cfg: cfg.generations, generation=generation_config)
+register_method(SPEC, terms, generations=lambda cfg: cfg.generations, generation=generation_config,
+                check_config=_one_student)
