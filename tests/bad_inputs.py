@@ -806,6 +806,11 @@ TUNE_CASES: list[Case] = [
     Case("tune-storage", "tune", "a --storage database that cannot be opened",
          lambda ws: _tune(ws, "--algo", "kd", "--trials", "4", "--storage", f"sqlite:///{ws.tmp}/no/such/t.db"),
          needs="optuna"),
+    Case("tune-per-method-unread", "tune", "a per_method key that the method does not read",
+         lambda ws: ["tune", _yaml(ws, "per_method: {dml: {hint_stage: embedding}}\n"), *_tune(ws)[1:],
+                     "--algo", "dml", "--trials", "4"], needs="optuna"),
+    Case("tune-key-a-method-refuses", "tune", "a fixed key one of the methods refuses (ban with 2 students)",
+         lambda ws: _tune(ws, "--algo", "baseline,ban", "--trials", "4", "--students", "2"), needs="optuna"),
 ]
 CASES += TUNE_CASES
 
