@@ -110,6 +110,22 @@ def _ensemble(configs: list[Config], folders: list[Path], rt: Runtime, build: Bu
     return {split: evaluate(task, members, split, ensemble=True, reliability=split == "test") for split in splits}
 
 
+def _costs(folders: list[Path]) -> dict[str, Any]:
+    """The born-again run's costs: its student's (the last generation's model) and, as its training FLOPs, every
+    generation's summed (generation g's teacher is generation g - 1, trained by this run, not a cached teacher)."""
+    if not folders:
+        return {}
+    summaries = [read_summary(f) for f in folders]
+    out: dict[str, Any] = {}
+    student = (summaries[-1].get("costs") or {}).get("student")
+    if student:
+        out["costs"] = {"student": student}
+    flops = [s.get("train_flops") for s in summaries]
+    if all(isinstance(v, int | float) for v in flops):
+        out["train_flops"] = sum(flops)
+    return out
+
+
 def train_generations(cfg: Config, rt: Runtime, run_one: RunOne, build: BuildTask) -> dict[str, Any]:
     """Train every generation of a resolved config, then evaluate them and their ensemble; the summary."""
     method = METHODS.get(cfg.algo)
@@ -144,7 +160,8 @@ def train_generations(cfg: Config, rt: Runtime, run_one: RunOne, build: BuildTas
                    "objective": entries[-1]["objective"] if entries else None, "generations": entries,
                    "models": models,
                    "epochs_completed": cfg.epochs if status == "completed" else None,
-                   "train_seconds": sum(float(read_summary(f).get("train_seconds") or 0.0) for f in folders)}
+                   "train_seconds": sum(float(read_summary(f).get("train_seconds") or 0.0) for f in folders),
+                   **_costs(folders)}
     summary_out = dict(clean(summary_out))
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
