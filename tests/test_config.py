@@ -92,7 +92,7 @@ def test_resolve_fills_every_default() -> None:
     assert cfg.augment == "none"
     assert cfg.weight_decay == 0.01
     assert cfg.temperature == 20.0
-    assert cfg.teacher == "resnet50"
+    assert cfg.teacher == ("resnet50",)
     assert cfg.students == 1
     assert setup.resolve(Config(dataset="mnist", optimizer="sgd")).weight_decay == 1e-4
     assert setup.resolve(Config(dataset="fashion-mnist")).augment == "randaugment"

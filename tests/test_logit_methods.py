@@ -195,7 +195,7 @@ def test_kdcl_min_logit_target() -> None:
 def test_tfkd_self_is_kd_from_the_students_own_architecture() -> None:
     (z,), t, y = _data()
     cfg = setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="cnn"))
-    assert (cfg.teacher, cfg.temperature, cfg.students) == ("cnn", 20.0, 1)
+    assert (cfg.teacher, cfg.temperature, cfg.students) == (("cnn",), 20.0, 1)
     # another architecture would silently make it KD: refused, naming the fix (a sweep's shared teacher key too)
     with pytest.raises(UserError, match="own architecture \\('mlp'\\), not by 'cnn'"):  # refused when checked
         setup.resolve(Config(algo="tfkd_self", dataset="synthetic", model="mlp", teacher="cnn"))
@@ -297,7 +297,7 @@ def test_every_new_method_trains_on_digits(variant: str, tmp_path: Path) -> None
     assert len(students) == (2 if variant == "kdcl" else 1)
     assert max(summary["models"][s]["test"]["top1"] for s in students) > 0.3  # chance is 0.1
     if variant == "tfkd_self":
-        assert result.config.teacher == "cnn"
+        assert result.config.teacher == ("cnn",)
         assert summary["models"]["teacher"]["test"]["top1"] > 0.3  # a trained teacher, not a random one
 
 

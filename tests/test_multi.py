@@ -106,8 +106,9 @@ def test_describe_names_the_mix() -> None:
 
 
 def test_config_lists_coerce_and_round_trip(tmp_path: Path) -> None:
-    assert config_mod.coerce("teacher", ["cnn", "mlp"]) == "cnn,mlp"
-    assert config_mod.coerce("teacher_weights", ["train", "/x/run"]) == "train,/x/run"
+    assert config_mod.coerce("teacher", ["cnn", "mlp"]) == ("cnn", "mlp")
+    assert config_mod.coerce("teacher", "cnn,mlp") == ("cnn", "mlp")
+    assert config_mod.coerce("teacher_weights", ["train", "/x/run"]) == ("train", "/x/run")
     assert config_mod.coerce("students", "3") == 3
     assert config_mod.coerce("students", 2.0) == 2
     assert config_mod.coerce("students", "cnn,mlp,cnn_wide") == ("cnn", "mlp", "cnn_wide")
@@ -289,8 +290,8 @@ def test_each_teacher_has_its_own_config_and_cached_recipe() -> None:
     cfg = setup.resolve(Config(**TINY, algo="kd", teacher="cnn,cnn,mlp", teacher_weights="train", teacher_seed=5,
                                teacher_mix=(1, 1, 2)))
     configs = teacher_configs(cfg)
-    assert [(c.teacher, c.teacher_weights, c.teacher_seed) for c in configs] == [
-        ("cnn", "train", 5), ("cnn", "train", 6), ("mlp", "train", 5)]  # a repeated architecture: its own seed
+    assert [(c.teacher, c.teacher_weights, c.teacher_seed) for c in configs] == [  # a repeated arch: its own seed
+        (("cnn",), ("train",), 5), (("cnn",), ("train",), 6), (("mlp",), ("train",), 5)]
     recipes = [teacher_recipe(c) for c in configs]
     assert len({(r.model, r.seed) for r in recipes}) == 3
     single = setup.resolve(Config(**TINY, algo="kd", teacher="mlp", teacher_seed=5))

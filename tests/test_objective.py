@@ -203,7 +203,7 @@ def test_methods_declare_their_students_and_temperature() -> None:
     assert {a: c.temperature for a, c in resolved.items()} == {"baseline": None, "kd": 20.0, "dml": 1.0,
                                                               "dml_e": 1.0, "tfkd": 1.0}
     assert setup.resolve(Config(algo="tfkd", virtual_smooth=True, dataset="synthetic")).temperature == 20.0
-    assert resolved["kd"].teacher == "resnet50"
+    assert resolved["kd"].teacher == ("resnet50",)
     assert resolved["dml"].teacher is None
 
 

@@ -30,8 +30,8 @@ def test_cifar100_benchmark_expands_into_pairs_x_methods_x_seeds(capsys: pytest.
     assert {c.algo for c in cells} == METHODS_NOW
     assert {c.seed for c in cells} == {0, 1, 2}
     kd = [c for c in cells if c.algo == "kd"]
-    assert {(c.teacher, c.model) for c in kd} == PAIRS
-    assert {(c.temperature, c.alpha, c.teacher_weights) for c in kd} == {(4.0, 0.9, "train")}
+    assert {(c.teacher_arch, c.model) for c in kd} == PAIRS
+    assert {(c.temperature, c.alpha, c.teacher_weights) for c in kd} == {(4.0, 0.9, ("train",))}
     for c in cells:  # the protocol itself
         assert (c.dataset, c.epochs, c.batch_size, c.optimizer, c.momentum, c.weight_decay) == (
             "cifar100", 240, 64, "sgd", 0.9, 5e-4)
@@ -56,7 +56,7 @@ def test_imagenet_r34_r18_expands_into_torchdistills_protocol() -> None:
         assert (c.model, c.epochs, c.batch_size, c.optimizer, c.lr, c.weight_decay, c.milestones) == (
             "resnet18", 100, 256, "sgd", 0.1, 1e-4, (30, 60, 90))
     kd = next(c for c in cells if c.algo == "kd")
-    assert (kd.teacher, kd.teacher_weights, kd.temperature, kd.alpha) == ("resnet34", "imagenet", 1.0, 0.5)
+    assert (kd.teacher, kd.teacher_weights, kd.temperature, kd.alpha) == (("resnet34",), ("imagenet",), 1.0, 0.5)
 
 
 def _summary(out: Path) -> dict[str, object]:

@@ -20,8 +20,6 @@ from distillistic.imports import import_module_or_file
 from distillistic.methods.spec import Param
 
 INT_LIMIT = 2**63  # every whole number must fit a signed 64-bit integer (torch seeds, tensor sizes)
-# String keys that hold a comma-separated list: a YAML list given for them is joined with ",".
-LIST_STRING_KEYS = frozenset({"teacher", "teacher_weights"})
 _HINTS: dict[str, Any] = typing.get_type_hints(Config)
 
 
@@ -38,6 +36,10 @@ def coerce(key: str, value: Any) -> Any:
         return _coerce_param(key, value, param)
     if key not in FIELDS:
         raise _unknown_key(key)
+    if key == "teacher_weights" and isinstance(value, str):
+        # Kept whole: one teacher's path may hold a comma, several teachers' entries are comma-separated; the
+        # config, which knows the teachers, tells them apart (Config.__post_init__).
+        return value
     return _coerce_to(key, value, _HINTS[key])
 
 
@@ -90,8 +92,6 @@ def _coerce_to(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(key, value, "a finite number")
         return number
     if hint is str:
-        if key in LIST_STRING_KEYS and isinstance(value, list | tuple) and value:
-            return ",".join(_coerce_to(key, v, str) for v in value)
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(key, value, "a string")
@@ -195,9 +195,11 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     data: dict[str, Any] = dict(read_yaml(path)) if path else {}
     if "grid" in data:
         raise UserError(f"'{path}' has a grid: it is a sweep config; run it with 'distillistic sweep'")
-    cfg = from_mapping(data)
-    if overrides:
-        cfg = from_mapping(overrides, base=cfg)
+    if "plugins" in data and overrides and "plugins" in overrides:  # the file's methods' parameters too
+        import_plugins(coerce("plugins", data["plugins"]))
+    # One mapping, the flags over the file: a teacher_weights entry list is read against the final teachers.
+    merged = {str(k).replace("-", "_"): v for k, v in data.items()} | dict(overrides or {})
+    cfg = from_mapping(merged)
     validate(cfg)
     return cfg
 

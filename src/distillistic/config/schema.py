@@ -76,11 +76,12 @@ class CommonConfig:
                                                 "default: the method's ({cohort_sizes}), else 1")
     student_weights: str = _f("random", "student initialisation: random, imagenet or a checkpoint PATH")
     freeze_backbone: bool = _f(False, "train only the classification head of the students")
-    teacher: str | None = _f(None, "teacher architecture (default: the method's), or a list of several "
-                                   "(resnet50,resnet34: KD from their mean softened outputs)")
-    teacher_weights: str = _f("train", "teacher weights: imagenet, train (train once, cache), random or PATH; "
-                                       "several teachers: one entry per teacher (train,PATH) or one for all "
-                                       "(one teacher's PATH may hold commas)")
+    teacher: tuple[str, ...] | None = _f(None, "teacher architecture (default: the method's), or a list of "
+                                               "several (resnet50,resnet34: KD from their mean softened outputs)")
+    teacher_weights: tuple[str, ...] = _f(("train",), "teacher weights: imagenet, train (train once, cache), "
+                                                      "random or PATH; several teachers: one entry per teacher "
+                                                      "(train,PATH) or one for all (one teacher's PATH may hold "
+                                                      "commas)")
     section("teachers")
     teacher_mix: tuple[float, ...] = _f((), "several teachers: weight of each in the mean of their softened "
                                             "outputs, q = sum_j w_j softmax(t_j/T) (default: equal)")
@@ -150,6 +151,25 @@ class CommonConfig:
     # a method registered from the user's own module: its parameters set away from their defaults, as (key, value)
     plugin_params: tuple[tuple[str, Any], ...] = field(default=(), metadata={"hidden": True})
 
+    def __post_init__(self) -> None:
+        """The teachers and their weights as tuples, also when given in the comma form (``"resnet50,resnet34"``).
+
+        A ``teacher_weights`` string is one entry for one teacher (a path may hold a comma: a sweep's run directory
+        ``runs/x/baseline,seed=0``) and comma-separated entries for several; a list or tuple is already entries.
+        """
+        teachers = (_names(self.teacher) or None) if isinstance(self.teacher, str) else self.teacher
+        weights: Any = self.teacher_weights
+        if isinstance(weights, str):
+            several = teachers is not None and len(teachers) > 1
+            weights = tuple(_names(weights)) if several else (weights.strip(),)
+        object.__setattr__(self, "teacher", None if teachers is None else tuple(teachers))
+        object.__setattr__(self, "teacher_weights", tuple(weights))
+
+    @property
+    def teacher_arch(self) -> str | None:
+        """The architecture of the run's one teacher (``None`` when it has none yet, or several)."""
+        return self.teacher[0] if self.teacher is not None and len(self.teacher) == 1 else None
+
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` (a plugin method's parameter too)."""
         own = {f.name for f in dataclasses.fields(self)}
@@ -164,8 +184,16 @@ class CommonConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        """Every key and its value (lists as lists): what a run saves as ``config.yaml``."""
+        """Every key and its value (lists as lists): what a run saves as ``config.yaml``.
+
+        One teacher and its weights are written as plain strings, as a single teacher always was (so a saved run,
+        a sweep's cell and a resume compare equal); several teachers and their weights as lists.
+        """
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "plugin_params"}
+        if self.teacher is None or len(self.teacher) == 1:
+            out["teacher"] = self.teacher_arch
+            if len(self.teacher_weights) == 1:
+                out["teacher_weights"] = self.teacher_weights[0]
         return out | {k: _plain(v) for k, v in self.plugin_values().items()}
 
     def plugin_values(self) -> dict[str, Any]:
@@ -180,6 +208,11 @@ class CommonConfig:
             if name in values:
                 return values[name]
         raise AttributeError(f"'Config' has no key '{name}'")
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """``"resnet50, resnet34"`` -> ``("resnet50", "resnet34")``: the comma form of a list of names."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _plain(value: Any) -> Any:

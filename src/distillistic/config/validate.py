@@ -82,9 +82,8 @@ def validate(cfg: Config) -> None:
     for key in ("seed", "data_seed", "split_seed", "teacher_seed"):
         value = getattr(cfg, key)
         _check(value is None or value >= 0, key, value, "a whole number >= 0")
-    for key in ("student_weights", "teacher_weights"):
-        value = getattr(cfg, key)
-        _check(bool(value.strip()), key, value, "imagenet, random, train (teacher only) or a checkpoint path")
+    _check(bool(cfg.student_weights.strip()), "student_weights", cfg.student_weights,
+           "imagenet, random or a checkpoint path")
     _check(cfg.student_weights != "train", "student_weights", "train", "imagenet, random or a checkpoint path")
     _check(cfg.ema is None or 0.0 < cfg.ema < 1.0, "ema", cfg.ema, "an EMA decay in (0, 1), e.g. 0.999 (or unset)")
     _validate_params(cfg)
@@ -110,16 +109,16 @@ def validate_for_data(cfg: Config, num_classes: int, image_size: int) -> None:
 
 
 def split_names(value: str | None) -> list[str]:
-    """``"resnet50,resnet34"`` -> ``["resnet50", "resnet34"]`` (a list key given as one string)."""
+    """``"a,b"`` -> ``["a", "b"]``: a list of names given as one string (``--plugins``, a tuning's ``algo``)."""
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
 def model_names(cfg: Config, key: str) -> list[str]:
     """The architectures named by ``key``: ``model``, ``teacher`` (a list) or ``students`` (when it lists them)."""
     value = getattr(cfg, key)
-    if key == "students":
-        return list(value) if isinstance(value, tuple) else []
-    return split_names(value)
+    if key == "model":
+        return [value]
+    return list(value) if isinstance(value, tuple) else []
 
 
 def student_archs(cfg: Config, count: int) -> list[str]:
@@ -135,17 +134,9 @@ def teacher_names(count: int) -> list[str]:
 
 def teacher_weights_list(cfg: Config) -> list[str]:
     """One ``teacher_weights`` entry per teacher (one entry given for several teachers applies to all)."""
-    count = max(1, len(split_names(cfg.teacher)))
-    entries = _weights_entries(cfg.teacher_weights, count)
+    count = max(1, len(cfg.teacher or ()))
+    entries = list(cfg.teacher_weights)
     return entries * count if len(entries) == 1 else entries
-
-
-def _weights_entries(value: str | None, teachers: int) -> list[str]:
-    """``teacher_weights`` as entries: one teacher's entry is never split, since a path may hold a comma (a
-    sweep's run directory ``runs/x/baseline,seed=0``); several teachers' entries are separated by commas."""
-    if teachers <= 1:
-        return [value.strip()] if value and value.strip() else []
-    return split_names(value)
 
 
 def _validate_cohort_and_teachers(cfg: Config) -> None:
@@ -162,11 +153,17 @@ def _validate_cohort_and_teachers(cfg: Config) -> None:
     mix = cfg.teacher_mix
     _check(all(w >= 0 for w in mix) and (not mix or 0 < sum(mix) < math.inf), "teacher_mix", list(mix),
            "weights >= 0 with a positive, finite sum, one per teacher")
-    teachers = split_names(cfg.teacher)
+    _check(bool(cfg.teacher_weights) and all(w.strip() for w in cfg.teacher_weights), "teacher_weights",
+           list(cfg.teacher_weights), "imagenet, random, train or a checkpoint path (one entry per teacher, or one "
+                                      "for all)")
+    teachers = cfg.teacher
+    _check(teachers is None or len(teachers) > 0, "teacher", [], "an architecture, a list of several, or unset")
     if not teachers:
+        _check(len(cfg.teacher_weights) == 1, "teacher_weights", list(cfg.teacher_weights),
+               "one entry, for the one teacher (a list gives one entry per teacher of --teacher)")
         return
-    weights = _weights_entries(cfg.teacher_weights, len(teachers))
-    _check(len(weights) in (1, len(teachers)), "teacher_weights", cfg.teacher_weights,
+    weights = cfg.teacher_weights
+    _check(len(weights) in (1, len(teachers)), "teacher_weights", list(weights),
            f"one entry for all teachers or one per teacher ({len(teachers)}: {','.join(teachers)})")
     _check(not mix or len(mix) == len(teachers), "teacher_mix", list(mix),
            f"one weight per teacher ({len(teachers)}: {','.join(teachers)}), or unset for equal weights")

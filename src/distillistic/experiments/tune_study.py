@@ -119,7 +119,7 @@ class Tuner:
         self.optuna = _optuna()
         self.url = storage or f"sqlite:///{(out / STORAGE_FILE).resolve()}"
         self.storage: Any = None
-        self.pinned: dict[str, dict[str, str]] = {}  # method -> teacher_weights of the teachers trained first
+        self.pinned: dict[str, dict[str, Any]] = {}  # method -> teacher_weights of the teachers trained first
 
     # --- the studies -------------------------------------------------------------------------------------
 
@@ -234,12 +234,12 @@ class Tuner:
         values = {**self.fixed(method), "algo": method, "seed": self.seed, "progress": False}
         cfg = setup.resolve(config_mod.from_mapping(values))
         configs = teacher_configs(cfg)
-        if all(c.teacher_weights != "train" for c in configs):
+        weights = [w for c in configs for w in c.teacher_weights]  # one entry each (teacher_configs)
+        if "train" not in weights:
             return
         info = build_data(cfg).info
-        paths = [str(trained_teacher_dir(c, info, train)) if c.teacher_weights == "train" else str(c.teacher_weights)
-                 for c in configs]
-        self.pinned[method] = {"teacher_weights": ",".join(paths)}
+        paths = [str(trained_teacher_dir(c, info, train)) if w == "train" else w for c, w in zip(configs, weights)]
+        self.pinned[method] = {"teacher_weights": paths[0] if len(paths) == 1 else paths}
 
     # --- the trials ---------------------------------------------------------------------------------------
 

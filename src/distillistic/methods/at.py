@@ -114,7 +114,7 @@ def terms(cfg: Config, ctx: Context) -> tuple[Term, ...]:
         theirs = probe.stages("teacher")
         stages = [s for s in spatial(probe.stages("student")) if s in theirs]
         if not stages:
-            raise UserError(f"algo at: the student '{cfg.model}' and the teacher '{cfg.teacher}' share no spatial "
+            raise UserError(f"algo at: the student '{cfg.model}' and the teacher '{cfg.teacher_arch}' share no spatial "
                             f"stage (student: {', '.join(probe.stages('student'))}; teacher: {', '.join(theirs)}); "
                             "choose models with stages")
     probe.shapes("teacher", stages)  # an unknown name is refused here, with the model's stages

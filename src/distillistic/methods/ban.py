@@ -52,7 +52,7 @@ def generation_config(cfg: Config, g: int, previous: str | None) -> Config:
         # the baseline reads no distillation key: they are reset (generation g > 1 reads them again)
         return cfg.replace(algo="baseline", teacher=None, alpha=None, alpha_warmup=default_of("alpha_warmup"),
                            temperature=None, divergence=default_of("divergence"), **common)
-    return cfg.replace(algo="kd", teacher=cfg.model, teacher_weights=previous,
+    return cfg.replace(algo="kd", teacher=(cfg.model,), teacher_weights=(previous,),
                        teacher_resolution=cfg.student_resolution, **common)
 
 

@@ -94,7 +94,7 @@ def dkd_settings(cfg: Config, num_classes: int) -> tuple[float, float, float]:
     student = archs.pop() if len(archs) == 1 else None
     scale = LS_KD_WEIGHT if cfg.logit_standardize else 1.0
     alpha = cfg.dkd_alpha if cfg.dkd_alpha is not None else scale * 1.0
-    beta = cfg.dkd_beta if cfg.dkd_beta is not None else scale * dkd_beta_for(cfg.teacher, student)
+    beta = cfg.dkd_beta if cfg.dkd_beta is not None else scale * dkd_beta_for(cfg.teacher_arch, student)
     if cfg.dkd_warmup is not None:
         warmup = cfg.dkd_warmup
     else:  # one epoch on ImageNet (mdistiller's imagenet configs), 20 of 240 epochs elsewhere

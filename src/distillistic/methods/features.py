@@ -62,7 +62,7 @@ def last_spatial_stages(probe: FeatureProbe, cfg: Config, algo: str, needs: str)
     """The student's and the teacher's last spatial stage; one line refusing a model that has none (an MLP's
     embedding only), ``needs`` saying what the method reads there."""
     stages = last_stage(probe, "student"), last_stage(probe, "teacher")
-    for role, stage, arch in (("student", stages[0], cfg.model), ("teacher", stages[1], cfg.teacher)):
+    for role, stage, arch in (("student", stages[0], cfg.model), ("teacher", stages[1], cfg.teacher_arch)):
         if stage == "embedding":
             raise UserError(f"algo {algo} {needs}, which the {role} '{arch}' has not (no spatial stage); choose a "
                             "model with stages (cnn, resnet18, ...)")

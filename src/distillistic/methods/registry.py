@@ -134,7 +134,7 @@ class Method:
         reads_t = "temperature" in spec.keys_read()
         default_t = self.temperature(cfg) if self.temperature else spec.temperature
         derived = self.resolve_teacher(cfg) if self.resolve_teacher else spec.default_teacher or cfg.model
-        teacher = (cfg.teacher or derived) if spec.needs_teacher else None
+        teacher = (cfg.teacher or (derived,)) if spec.needs_teacher else None
         return cfg.replace(
             alpha=self._default_alpha(cfg) if "alpha" in spec.keys_read() else None,
             students=cfg.students or spec.default_students,

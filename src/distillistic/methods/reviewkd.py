@@ -177,8 +177,8 @@ def review_stages(cfg: Config, ctx: Context) -> list[str]:
     theirs = probe.stages("teacher")
     stages = [s for s in spatial(probe.stages("student")) if s in theirs]
     if not stages:
-        raise UserError(f"algo reviewkd: the student '{cfg.model}' and the teacher '{cfg.teacher}' share no spatial "
-                        f"stage (student: {', '.join(probe.stages('student'))}; teacher: {', '.join(theirs)}); "
+        raise UserError(f"algo reviewkd: the student '{cfg.model}' and the teacher '{cfg.teacher_arch}' share no "
+                        f"spatial stage (student: {', '.join(probe.stages('student'))}; teacher: {', '.join(theirs)}); "
                         "choose models with stages (cnn, resnet18, ...)")
     return [*stages, "embedding"]
 

@@ -138,8 +138,9 @@ def own_architecture(cfg: Config) -> str:
 def _own_teacher(cfg: Config) -> None:
     """Self-training's teacher is the students' own architecture: another one would silently make this KD."""
     own = own_architecture(cfg)
-    if cfg.teacher is not None and cfg.teacher != own:
-        raise UserError(f"tfkd_self is taught by the student's own architecture ('{own}'), not by '{cfg.teacher}'; "
+    if cfg.teacher is not None and cfg.teacher != (own,):
+        raise UserError(f"tfkd_self is taught by the student's own architecture ('{own}'), not by "
+                        f"'{','.join(cfg.teacher)}'; "
                         f"leave --teacher out (or set it to {own}), or use --algo kd")
 
 

@@ -84,7 +84,7 @@ def build_summary(task: Task, progress: Progress, status: str, reason: str | Non
         summary["best_student"] = task.students[scored.index(max(scored))].name
         summary["cohort_mean"] = {part: _mean([models[s.name][part] for s in task.students])
                                   for part in ("test", "test_last", "val_best", "val_last")}
-    teachers = config_mod.split_names(cfg.teacher)  # one row each: teacher, or teacher0, teacher1…
+    teachers = cfg.teacher or ()  # one row each: teacher, or teacher0, teacher1…
     sources = teacher_source if isinstance(teacher_source, list) else [teacher_source] * len(teachers)
     for name, arch, source in zip(config_mod.teacher_names(len(teachers)), teachers, sources):
         if name in final:

@@ -35,7 +35,7 @@ def students_text(cfg: Config, count: int) -> str:
 def start_line(task: Task, threads: int) -> str:
     """Device, precision, threads and world size, and what trains on what."""
     cfg, rt = task.cfg, task.rt
-    teacher = f", teacher {cfg.teacher}" if task.teacher is not None else ""
+    teacher = f", teacher {','.join(cfg.teacher or ())}" if task.teacher is not None else ""
     students = students_text(cfg, len(task.students))
     return (f"start: {cfg.algo} on {cfg.dataset}, {students}{teacher} | device {rt.device}, "
             f"precision {rt.precision}, {threads} threads, world size {rt.world_size} | {cfg.epochs} epochs of "

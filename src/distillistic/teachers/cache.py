@@ -45,8 +45,8 @@ def teacher_recipe(cfg: Config) -> Config:
     to its default: they are settings of the distillation, not of the teacher, so they never reach its cache key
     (a student with another alpha reuses the same teacher).
     """
-    assert cfg.teacher is not None
-    teacher, epochs = cfg.teacher, cfg.teacher_epochs or cfg.epochs
+    assert cfg.teacher_arch is not None, "one teacher's config (teachers.roster.teacher_configs)"
+    teacher, epochs = cfg.teacher_arch, cfg.teacher_epochs or cfg.epochs
     unread = {k: config_mod.default_of(k) for k in (*OPTIONAL_KEYS, *catalogue.params())}
     return cfg.replace(**unread).replace(
         algo="baseline", model=teacher, students=1, student_weights=cfg.teacher_init, freeze_backbone=False,
@@ -128,27 +128,27 @@ def _train_teacher(recipe: Config, folder: Path, train: Trainer, restart: bool =
 
 
 def build_teacher(cfg: Config, info: DataInfo, train: Trainer) -> tuple[nn.Module, str]:
-    """The frozen teacher of a resolved config and a description of where its weights came from."""
-    assert cfg.teacher is not None
-    source = cfg.teacher_weights
+    """The frozen teacher of a resolved one-teacher config and a description of where its weights came from."""
+    arch, (source,) = cfg.teacher_arch, cfg.teacher_weights
+    assert arch is not None, "one teacher's config (teachers.roster.teacher_configs)"
     torch.manual_seed(derived_seed(cfg.teacher_seed, "teacher"))  # the same teacher for every student seed
     if source == "imagenet" and info.num_classes != 1000:
-        raise UserError(f"ImageNet weights give {cfg.teacher} a 1000-class head but '{cfg.dataset}' has "
+        raise UserError(f"ImageNet weights give {arch} a 1000-class head but '{cfg.dataset}' has "
                         f"{info.num_classes} classes, and a teacher needs a trained head: use --teacher-weights train "
                         "--teacher-init imagenet to fine-tune it on this dataset first")
     if source in ("random", "imagenet"):
-        model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size,
+        model = build_model(arch, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size,
                             imagenet=source == "imagenet")
         return model, source
     path = trained_teacher_dir(cfg, info, train) if source == "train" else Path(source).expanduser()
-    model = build_model(cfg.teacher, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
+    model = build_model(arch, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size)
     try:
-        load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
+        load_model_weights(model, path, arch, "teacher", "--teacher", "imagenet, train, random")
     except CheckpointError as e:
         if source != "train":
             raise
         # A cache: a damaged file is recomputed (with a warning), never used.
         log.warning("teacher: the cached teacher is damaged (%s); training it again", e)
         _train_teacher(teacher_recipe(cfg), path, train, restart=True)
-        load_model_weights(model, path, cfg.teacher, "teacher", "--teacher", "imagenet, train, random")
+        load_model_weights(model, path, arch, "teacher", "--teacher", "imagenet, train, random")
     return model, str(path)

@@ -60,9 +60,9 @@ def check_teacher(task: Task, teachers: TeacherSet | None) -> dict[str, dict[str
     val = evaluate(task, teachers.members, "val")
     chance, threshold = chance_threshold(task.loaders["val"].sampler.labels, task.num_classes)
     for c, member, source in zip(teachers.configs, teachers.members, teachers.sources):
-        weights = c.teacher_weights
+        (weights,) = c.teacher_weights
         kind = weights if weights in ("train", "random", "imagenet") else "from a file"
-        arch = c.teacher if len(teachers.members) == 1 else f"{member.name} ({c.teacher})"
+        arch = c.teacher_arch if len(teachers.members) == 1 else f"{member.name} ({c.teacher_arch})"
         if kind == "from a file" and not cfg.allow_weak_teacher:
             why = recorded_mismatch(source, cfg.dataset, task.num_classes, c.teacher_resolution or cfg.image_size or 0)
             if why:

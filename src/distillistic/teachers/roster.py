@@ -35,7 +35,7 @@ from distillistic.training.runtime import Runtime
 
 def teacher_configs(cfg: Config) -> list[Config]:
     """One config per teacher (its ``teacher``, ``teacher_weights`` and ``teacher_seed``); ``[cfg]`` for one."""
-    archs = config_mod.split_names(cfg.teacher)
+    archs = cfg.teacher or ()
     if len(archs) <= 1:
         return [cfg]
     weights = config_mod.teacher_weights_list(cfg)
@@ -43,7 +43,7 @@ def teacher_configs(cfg: Config) -> list[Config]:
     out = []
     for arch, source in zip(archs, weights):
         k = seen[arch] = seen.get(arch, -1) + 1
-        out.append(cfg.replace(teacher=arch, teacher_weights=source, teacher_seed=cfg.teacher_seed + k,
+        out.append(cfg.replace(teacher=(arch,), teacher_weights=(source,), teacher_seed=cfg.teacher_seed + k,
                                teacher_mix=()))
     return out
 
@@ -81,11 +81,11 @@ class TeacherSet:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint records (a resume with other teachers is refused by its ``sha256``)."""
-        each = [{"arch": c.teacher, "source": s, "sha256": h}
+        each = [{"arch": c.teacher_arch, "source": s, "sha256": h}
                 for c, s, h in zip(self.configs, self.sources, self.sha256s)]
         if len(each) == 1:
             return each[0]
-        return {"arch": ",".join(str(c.teacher) for c in self.configs), "source": ",".join(self.sources),
+        return {"arch": ",".join(str(c.teacher_arch) for c in self.configs), "source": ",".join(self.sources),
                 "sha256": self.sha256, "teachers": each}
 
     def open_stores(self, bundle: DataBundle, loaders: dict[str, Loader], views: ViewMaker, rt: Runtime) -> None:
@@ -100,8 +100,9 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
     """Build (train first, load or initialise) every teacher of a resolved config, frozen on ``rt.device``."""
     configs = teacher_configs(cfg)
     for c in configs:  # a missing PATH is refused before another teacher is trained
-        path = Path(c.teacher_weights).expanduser()
-        if c.teacher_weights not in ("imagenet", "random", "train") and not path.exists():
+        (weights,) = c.teacher_weights
+        path = Path(weights).expanduser()
+        if weights not in ("imagenet", "random", "train") and not path.exists():
             raise UserError(f"teacher weights '{path}' not found: use imagenet, train, random or an existing "
                             "checkpoint, run directory or .safetensors path")  # the message of load_model_weights
     names = config_mod.teacher_names(len(configs))
@@ -110,7 +111,7 @@ def build_teachers(cfg: Config, info: DataInfo, rt: Runtime, train: Trainer) -> 
         model, source = teachers_mod.build_teacher(c, info, train)  # looked up at call time (tests patch it)
         model = model.to(rt.device, rt.dtype)
         hashes.append(state_dict_hash(model.state_dict()))  # its identity: store key, checkpoints
-        spec = MODELS.get(c.teacher or "")
+        spec = MODELS.get(c.teacher_arch or "")
         channels, norm = spec.channels(info.channels), spec.norm  # norm: its own (mean, std), e.g. a timm model's
         signal = Teacher(model, c.teacher_resolution, channels, key="teacher" if len(configs) == 1 else name,
                          norm=norm)

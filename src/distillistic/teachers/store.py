@@ -348,7 +348,7 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
     info = bundle.info
     entry = {
         "format": FORMAT_VERSION,
-        "teacher": {"arch": cfg.teacher, "weights_sha256": teacher_sha256},
+        "teacher": {"arch": cfg.teacher_arch, "weights_sha256": teacher_sha256},
         "data": {"dataset": info.dataset, "checksum": info.checksum, "num_classes": info.num_classes,
                  "splits": {name: split_fingerprint(src) for name, src in sorted(bundle.splits.items())}},
         "view": {"size": teacher.view_size or info.image_size, "channels": teacher.channels,
@@ -361,7 +361,7 @@ def open_store(cfg: Config, bundle: DataBundle, teacher: Teacher, teacher_sha256
     if cfg.teacher_calibration != "none":  # the stored logits are t / T_cal
         entry["teacher_calibration"] = {"method": cfg.teacher_calibration, "temperature": teacher.calibration_t}
     train_views = {"loader": loaders["train"].describe(), "views": views.describe(), "data_seed": cfg.data_seed}
-    folder = root / f"{cfg.teacher}-{_digest(entry)}"
+    folder = root / f"{cfg.teacher_arch}-{_digest(entry)}"
     store = TeacherStore(folder, entry, train_views, Codec(info.num_classes, rt.dtype), loaders, rt.device)
     epochs = store.stored_epochs()
     log.info("teacher store: %s (%s)", shown(store.train_folder),

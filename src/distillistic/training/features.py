@@ -37,8 +37,8 @@ class ModelProbe:
         cfg, info = self.cfg, self.info
         if role == "teacher":
             assert self._teacher is not None, "this run has no teacher"
-            assert cfg.teacher is not None
-            arch, model, size = cfg.teacher, self._teacher, cfg.teacher_resolution or info.image_size
+            assert cfg.teacher_arch is not None, "feature methods read one teacher"
+            arch, model, size = cfg.teacher_arch, self._teacher, cfg.teacher_resolution or info.image_size
         else:
             arch, model, size = cfg.model, self._students[i], cfg.student_resolution or info.image_size
         return arch, model, MODELS.get(arch).channels(info.channels), size
@@ -78,8 +78,8 @@ def attach_taps_for(cfg: Config, objective: Objective, students: Sequence[nn.Mod
     student_stages, teacher_stages = _wanted(objective, "student_stages"), _wanted(objective, "teacher_stages")
     if teacher_stages:
         assert teacher is not None, "a feature term without a teacher"
-        assert cfg.teacher is not None
-        teacher.taps = attach_taps(cfg.teacher, teacher.model, teacher_stages, "teacher")
+        assert cfg.teacher_arch is not None, "feature methods read one teacher"
+        teacher.taps = attach_taps(cfg.teacher_arch, teacher.model, teacher_stages, "teacher")
     if not student_stages:
         return [None] * len(students)
     return [attach_taps(cfg.model, m, student_stages, "student") for m in students]

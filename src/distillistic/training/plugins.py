@@ -175,14 +175,10 @@ def load_plugins(cfg: Config) -> None:
     """Import ``cfg.plugins`` and register every ``module:function`` model and dataset name the config uses."""
     for module in cfg.plugins:
         import_module_or_file(module, "config key 'plugins'")
-    names = [("model", n) for key in ("model", "teacher") for n in _names(getattr(cfg, key))]
+    names = [("model", cfg.model)] + [("teacher", n) for n in cfg.teacher or ()]
     for key, name in names:
         if ":" in name and name not in MODELS:
             register_model(name, _function(name, key))
     if ":" in cfg.dataset and cfg.dataset not in DATASETS:
         fn = _function(cfg.dataset, "dataset")
         register_dataset(cfg.dataset, fn if len(inspect.signature(fn).parameters) else (lambda root: fn()))
-
-
-def _names(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []

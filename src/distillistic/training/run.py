@@ -98,7 +98,7 @@ def _check_models_fit(cfg: Config, info: Any) -> None:
     for arch in dict.fromkeys(config_mod.student_archs(cfg, count)):
         check_fits(arch, info.num_classes, info.channels, cfg.student_resolution or info.image_size, "student")
     if METHODS.get(cfg.algo).needs_teacher:
-        for arch in dict.fromkeys(config_mod.split_names(cfg.teacher)):
+        for arch in dict.fromkeys(cfg.teacher or ()):
             check_fits(arch, info.num_classes, info.channels, cfg.teacher_resolution or info.image_size, "teacher")
 
 
