@@ -240,7 +240,7 @@ CASES: list[Case] = [
          lambda ws: ws.train("--algo", "pcl", "--ema", "0.99")),
     Case("virtual-p-low", "config value", "Tf-KD's p not above 1/K (data-dependent)",
          lambda ws: ws.train("--algo", "tfkd", "--virtual-p", "0.05")),
-    # logit-based methods (issue 10)
+    # logit-based methods
     Case("ls-eps-range", "config value", "a label smoothing outside [0, 1)",
          lambda ws: ws.train("--algo", "ls", "--label-smoothing", "1")),
     Case("dkd-beta-negative", "config value", "a negative DKD weight beta",
@@ -394,7 +394,7 @@ def _one_class_val_run(ws: Workspace) -> Path:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cli.main(argv) == 0
     return out
-# --- reliability (issue 14): integrity, resume checks, locks, bounded inputs, OS failures, odd data -------
+# --- reliability: integrity, resume checks, locks, bounded inputs, OS failures, odd data -------
 
 _HELD: list[object] = []  # lock files held open by a case (an in-process stand-in for a concurrent run)
 BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(f"{c}: &{c} [{','.join([f'*{p}'] * 9)}]\n"

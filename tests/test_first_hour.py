@@ -1,4 +1,4 @@
-"""The first hour (issue 15): a run that talks, help that reads, your own model and data, a teacher checked
+"""The first hour: a run that talks, help that reads, your own model and data, a teacher checked
 before it teaches, reports that keep the user's names, threads that fit the machine."""
 
 from __future__ import annotations

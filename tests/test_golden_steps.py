@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pcl": {"algo": "pcl", "students": 2},
     "ban": {"algo": "ban", "generations": 2, "allow_weak_teacher": True},  # 3 steps: generation 2's teacher is weak
     "baseline_ema": {"algo": "baseline", "ema": 0.9},
-    # logit-based methods (issue 10)
+    # logit-based methods
     "ls": {"algo": "ls"},
     "dkd": {"algo": "dkd", "teacher": "cnn", "teacher_weights": "random"},
     "dist": {"algo": "dist", "teacher": "cnn", "teacher_weights": "random"},

@@ -65,7 +65,7 @@ FORMULAS = {
     ("pcl", ()): "L = CE(z, y) + r(p)·3²·KL(mean_(j≠i) softmax(z'_j/3) ‖ softmax(z/3)), z'_j = EMA(0.999) of "
                  "student j, r ramping up over 25% of training",
     ("ban", ()): "L = CE(z, y)",  # generation 1; generation g is kd from generation g - 1 (test_ema_methods.py)
-    # logit-based methods (issue 10)
+    # logit-based methods
     ("ls", ()): "L = CE((1-0.1)·onehot(y) + 0.1/K, softmax(z))",
     ("dkd", ()): "L = CE(z, y) + min(e/0.0833, 1)·4²·(1·TCKD + 8·NCKD)(softmax(t/4) ‖ softmax(z/4))",
     ("dist", ()): "L = CE(z, y) + 4²·(2·inter + 2·intra)(softmax(t/4), softmax(z/4))",

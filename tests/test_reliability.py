@@ -1,4 +1,4 @@
-"""Reliability (issue 14): nothing trains on a half-made input, checkpoints prove their integrity, resume
+"""Reliability: nothing trains on a half-made input, checkpoints prove their integrity, resume
 checks what it resumes, a run directory is locked by its run, inputs are bounded, OS failures are one line.
 
 The signal tests run the real CLI in a subprocess with faults injected by ``DISTILLISTIC_FAULT``

@@ -6,7 +6,6 @@ bit (PyTorch's plain cross-entropy path).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,22 +28,8 @@ SPEC = MethodSpec(
                   space=uniform(0.0, 0.3)),))
 
 
-def label_smoothing_target(y: Tensor, num_classes: int, eps: float, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(1 − ε)·onehot(y) + ε/K`` as ``dtype`` ``[B, K]`` (Szegedy et al. 2016; PyTorch's convention)."""
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"label smoothing eps must lie in [0, 1], got {eps}")
-    onehot = F.one_hot(y.long(), num_classes).to(dtype)
-    return onehot * (1.0 - eps) + eps / num_classes
-
-
-def soft_cross_entropy(z: Tensor, q: Tensor) -> Tensor:
-    """``(1/B) Σ_b −Σ_k q_bk log softmax(z_b)_k`` for a detached target distribution ``q`` ``[B, K]``."""
-    # F.cross_entropy with probability targets computes exactly this sum, fused (one log_softmax, no copy).
-    return F.cross_entropy(at_least_float32(z), q.detach().to(at_least_float32(z).dtype))
-
-
 def label_smoothing_cross_entropy(z: Tensor, y: Tensor, eps: float) -> Tensor:
-    """Cross-entropy of ``z`` ``[B, K]`` to ``label_smoothing_target(y, K, eps)``, mean over the batch.
+    """Cross-entropy of ``z`` ``[B, K]`` to the target ``(1 − ε)·onehot(y) + ε/K``, mean over the batch.
 
     Delegates to ``F.cross_entropy(z, y, label_smoothing=eps)``: with class indices PyTorch applies the same
     ``(1 − ε)·onehot + ε/K`` target without materialising a ``[B, K]`` tensor, and at ``eps = 0`` takes the very

@@ -55,7 +55,7 @@ def export_run(run_dir: Path, out: Path | None = None, which: str = "best", over
     sources = [p for _, p in checkpoints]
     out = out if out is not None else run_dir / "export"
     planned: list[tuple[Path, dict[str, Tensor], dict[str, Any]]] = []
-    try:  # the inputs the students read: size, channels, normalisation (recorded since issue 15)
+    try:  # the inputs the students read: size, channels, normalisation (from the run's manifest, when it has them)
         data = json.loads((run_dir / "manifest.json").read_text()).get("dataset") or {}
     except (OSError, ValueError, AttributeError):
         data = {}

@@ -313,7 +313,7 @@ class RunDir:
             self._tb.flush()
 
     def log_step(self, step: int, values: dict[str, float]) -> None:
-        """Per-step scalars (``train_step/<key>``) at the progress-line interval (issue 15)."""
+        """Per-step scalars (``train_step/<key>``) at the progress-line interval."""
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(f"train_step/{key}", value, step)

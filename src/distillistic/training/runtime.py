@@ -91,14 +91,6 @@ class Runtime:
             for p, g in zip(params, flat.split([g.numel() for g in grads])):
                 p.grad = g.view_as(p).clone()
 
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -176,7 +168,7 @@ def resolve_runtime(cfg: Config, problem: UserError | None = None) -> Runtime:
             raise
     elif problem is not None:
         raise problem
-    torch.set_num_threads(_threads(cfg, rank))  # the cores free to this run (issue 15)
+    torch.set_num_threads(_threads(cfg, rank))  # the cores free to this run
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

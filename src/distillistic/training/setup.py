@@ -20,7 +20,7 @@ from distillistic.training.plugins import load_plugins
 def check(cfg: Config) -> None:
     """Every static check: the values (:func:`config.validate`), the names, the method's own parameters."""
     config_mod.validate(cfg)
-    load_plugins(cfg)  # your own models and datasets (issue 15)
+    load_plugins(cfg)  # your own models and datasets (docs/custom.md)
     for key, registry in (("algo", METHODS), ("dataset", DATASETS), ("divergence", DIVERGENCES)):
         value = getattr(cfg, key)
         if value not in registry:
