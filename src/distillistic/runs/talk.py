@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from distillistic.config import Config, student_archs
+from distillistic.core.signals import TeacherOutputs
 from distillistic.errors import shown
 from distillistic.training.engine import Hooks, Progress, Task, TrainMeters
 from distillistic.training.lines import prefix, prefixed, say
@@ -63,15 +64,16 @@ class Talk:
     """The engine's hooks around the run directory's: delegates every call, then talks.
 
     ``inner`` is the :class:`~distillistic.runs.rundir.RunDir` (it writes the files); ``show`` is
-    False on ranks other than 0 and with ``--quiet``.
+    False on ranks other than 0 and with ``--quiet``; ``store``: the (first) teacher's output store, if any.
     """
 
-    def __init__(self, inner: Hooks, task: Task, progress: Progress, show: bool) -> None:
-        self.inner, self.show = inner, show
+    def __init__(self, inner: Hooks, task: Task, progress: Progress, show: bool,
+                 store: TeacherOutputs | None = None) -> None:
+        self.inner, self.show, self.store = inner, show, store
         self.bars = task.show_progress
         self.started = time.perf_counter()
         self.first_epoch = progress.epoch
-        stats = _store_stats(task)
+        stats = self._store_stats()
         self._store = (stats["hits"], stats["misses"]) if stats else (0, 0)
         self._first: tuple[float, int] | None = None  # (time, global step) after the first, warm-up step
         self._eta_said = False
@@ -138,7 +140,7 @@ class Talk:
 
     def _store_line(self, task: Task, epoch: int) -> None:
         """While the teacher-output store is filled: how much of this epoch the teacher computed."""
-        stats = _store_stats(task)
+        stats = self._store_stats()
         if stats is None:
             return
         hits, misses = stats["hits"] - self._store[0], stats["misses"] - self._store[1]
@@ -147,9 +149,7 @@ class Talk:
             say("teacher store: filling (epoch %d: %d batches computed by the teacher and stored, %d read)",
                 epoch, misses, hits)
 
-
-def _store_stats(task: Task) -> dict[str, int] | None:
-    """The teacher-output store's counters (batches read / computed), or None without a store."""
-    signal = getattr(task.teacher.outputs, "__self__", None) if task.teacher is not None else None
-    stats = getattr(getattr(signal, "store", None), "stats", None)
-    return stats if isinstance(stats, dict) else None
+    def _store_stats(self) -> dict[str, int] | None:
+        """The teacher-output store's counters (batches read / computed), or None without a store."""
+        stats = getattr(self.store, "stats", None)
+        return stats if isinstance(stats, dict) else None

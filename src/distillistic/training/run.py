@@ -265,7 +265,8 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
         rundir.note("teacher_outputs", extra.teacher_outputs)
     log.info("%s | %s on %s (%s) | %s", shown(out), cfg.algo, cfg.dataset,
              " / ".join(f"{k} {v}" for k, v in info.sizes.items()), task.objective)
-    finished, checkpointed = _fit(task, progress, rundir, show)
+    store = extra.teachers.signals[0].store if extra.teachers is not None else None
+    finished, checkpointed = _fit(task, progress, rundir, Talk(rundir, task, progress, show, store))
     if not finished:
         return _stopped(task, progress, rundir, checkpointed)
     try:
@@ -286,7 +287,7 @@ def _run_in(rundir: RunDir, cfg: Config, rt: Runtime) -> RunResult:
     return RunResult(out, cfg, summary)
 
 
-def _fit(task: Task, progress: Progress, rundir: RunDir, show: bool) -> tuple[bool, bool]:
+def _fit(task: Task, progress: Progress, rundir: RunDir, talk: Talk) -> tuple[bool, bool]:
     """Train to the end or to a stop request (SIGINT/SIGTERM, handled by the run directory): ``(finished,
     checkpointed)``, the latter whether last.pt holds the state at the stop."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -295,7 +296,7 @@ def _fit(task: Task, progress: Progress, rundir: RunDir, show: bool) -> tuple[bo
     if hasattr(signal, "SIGCHLD"):  # request_stop may replace it; restored below
         previous[signal.SIGCHLD] = signal.getsignal(signal.SIGCHLD)
     try:
-        return fit(task, progress, Talk(rundir, task, progress, show)), True
+        return fit(task, progress, talk), True
     except RuntimeError as e:
         # A SIGTERM sent to the whole process group also ends the data-loading workers, and the loader
         # raises: the step cannot finish, so the run stops at the checkpoint it already has.
