@@ -15,7 +15,7 @@ from typing import Any
 
 from distillistic.config import Config
 from distillistic.errors import shown
-from distillistic.experiments.report import format_table, read_summary, summarize_runs, write_report
+from distillistic.experiments.report import finished_summary, format_table, summarize_runs, write_report
 from distillistic.experiments.results import mean_std, pm
 from distillistic.fileio import atomic_write_json
 
@@ -98,7 +98,7 @@ def run_demo(out: str, seeds: int = 3, epochs: int = 5, algos: list[str] | None 
 
 def _run_line(label: str, seed: int, folder: Path, seconds: float) -> str:
     """``kd, seed 0: student test top-1 94.10 %, ECE 2.31 % (12 s)``: what one run reached."""
-    summary = read_summary(folder)
+    summary = finished_summary(folder)
     models = summary.get("models") or {}
     test = (summary.get("cohort_mean") or {}).get("test") or (models.get("student") or {}).get("test") or {}
     who = "students' mean" if "cohort_mean" in summary else "student"
@@ -111,7 +111,7 @@ def _run_line(label: str, seed: int, folder: Path, seconds: float) -> str:
 
 
 def _top1(folder: Path, model: str) -> float | None:
-    value = ((read_summary(folder).get("models") or {}).get(model) or {}).get("test", {}).get("top1")
+    value = ((finished_summary(folder).get("models") or {}).get(model) or {}).get("test", {}).get("top1")
     return value if isinstance(value, float) else None
 
 

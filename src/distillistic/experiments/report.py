@@ -233,7 +233,9 @@ def teacher_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
 # --- the old table API (used by ``distillistic demo``) --------------------------------------------------
 
 
-def read_summary(run: Path) -> dict[str, Any]:
+def finished_summary(run: Path) -> dict[str, Any]:
+    """A finished run's ``summary.json``; one line (:class:`UserError`) when it is missing or unreadable (unlike
+    :func:`distillistic.runs.rundir.read_summary`, which reads a run still going as ``{}``)."""
     path = run / "summary.json"
     try:
         return dict(json.loads(path.read_text()))
@@ -252,7 +254,7 @@ def summarize_runs(groups: Mapping[str, Sequence[Path]], part: str = "test") -> 
     """One row per named group of runs (e.g. one algorithm over seeds): mean and std of each metric."""
     rows = []
     for label, runs in groups.items():
-        summaries = [read_summary(r) for r in runs]
+        summaries = [finished_summary(r) for r in runs]
         cohort = any("cohort_mean" in s for s in summaries)
         views = [(f"{label} (cohort mean)", student_metrics), (f"{label} (ensemble)", _ensemble)] if cohort else [
             (label, student_metrics)]
