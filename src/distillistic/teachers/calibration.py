@@ -80,7 +80,8 @@ def resolve_virtual_p(cfg: Config, train: Trainer) -> Config:
     if cfg.virtual_p_from is None:
         return cfg
     if cfg.virtual_p_from == "auto":
-        baseline = cfg.replace(teacher=cfg.model, teacher_resolution=cfg.student_resolution, teacher_epochs=cfg.epochs)
+        baseline = cfg.replace(teacher=(cfg.model,), teacher_resolution=cfg.student_resolution,
+                               teacher_epochs=cfg.epochs)
         folder = trained_teacher_dir(baseline, build_data(cfg).info, train)
     else:
         folder = Path(cfg.virtual_p_from).expanduser()
