@@ -3,6 +3,7 @@ registered from the user's own module (a plugin) has parameters that work from t
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -60,6 +61,40 @@ def test_no_method_name_outside_its_module() -> None:
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(SRC)}:{k}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def _framework_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a module's code (its help texts, messages, keys), without its docstrings."""
+    tree = ast.parse(path.read_text())
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    return [(n.lineno, n.value) for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
+
+
+def test_no_method_name_in_the_frameworks_help_and_messages() -> None:
+    """Beyond quoted names: no built-in method's name as a word inside a string of the framework's code (a help
+    text such as "as KDCL and PCL train", a list of methods in a message, a method's flag), in any case. Names
+    that are also common words or tokens (at, ls, sp, dist, dot, ban, kd, baseline) are left to the quoted check
+    above; docstrings are prose, as the docs are."""
+    common = {"kd", "baseline", "at", "ls", "sp", "dist", "dot", "ban"}
+    names = sorted((n for n in catalogue.specs() if n not in common), key=len, reverse=True)
+    assert len(names) > 10
+    word = re.compile(r"(?<![\w/.])(" + "|".join(map(re.escape, names)) + r")(?!\w)", re.IGNORECASE)
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if {"methods", "experiments"} & set(path.relative_to(SRC).parts):
+            continue
+        offenders += [f"{path.relative_to(SRC)}:{k}: {text[:80]!r}" for k, text in _framework_strings(path)
+                      if word.search(text)]
+    assert not offenders, "\n".join(offenders)
+    assert word.search("help: as KDCL and PCL train")  # the check can fail: a name, a flag of a method's own
+    assert word.search("set --dkd-beta")
+    assert not word.search("src/dml.py, distillistic.methods.dml")  # a path or a module is not a name
 
 
 def test_a_real_method_module_is_small() -> None:

@@ -88,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
     _add_config_flags(p)
-    p = sub.add_parser("demo", help="offline demo on the MNIST digits shipped with distillistic: an mlp student "
-                       "alone, KD from a cnn_wide teacher, DML, Tf-KD's two virtual teachers; 3 seeds, report")
+    from distillistic.experiments import demo  # its help, beside its cells (no torch)
+
+    p = sub.add_parser("demo", help=demo.HELP)
     p.add_argument("--out", default="runs/demo", help="directory for the demo's runs (default: runs/demo)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (default: 3)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per run (default: 5)")
     p.add_argument("--algos", nargs="+", default=None,
-                   help="a subset of: baseline kd dml tfkd (default: all five cells)")
+                   help=demo.ALGOS_HELP)
     p.add_argument("--verbose", action="store_true", help="also print every run's own lines (start, epochs)")
     p = sub.add_parser("export", help="write a run's students as .safetensors files (weights + metadata)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'distillistic train'")
@@ -143,8 +144,8 @@ def _add_experiment_commands(sub: Any) -> None:
     p.add_argument("--reference", default=None, metavar="NAME",
                    help="the cell each other is compared with, paired by seed (default: the baseline, if any)")
     p = sub.add_parser("reproduce", help="re-measure a thesis claim: its sweep (3 seeds), report and table")
-    p.add_argument("claim", metavar="CLAIM", help="hinton, tfkd-smoothing, dml-instability, cross-quality, ... "
-                   "('distillistic reproduce list' lists them)")
+    p.add_argument("claim", metavar="CLAIM", help="a thesis claim, e.g. hinton or cross-quality ('distillistic "
+                   "reproduce list' lists them all)")
     p.add_argument("--out", default="runs/reproduce", help="folder for the claims (default: runs/reproduce)")
     p.add_argument("--data-root", default=None, help="MNIST t10k folder (default: ../shared/datasets/mnist-t10k, "
                    "else scikit-learn's digits)")

@@ -97,7 +97,7 @@ class CommonConfig:
     divergence: str = _f("kl", "divergence to the teaching signal: kl, js, mse")
     peer_views: str = _f("shared", "cohort methods ({cohort}): shared (every student reads the same "
                                    "augmented view of a sample) or independent (student m reads its own, keyed by "
-                                   "(data seed, epoch, index, m), as KDCL and PCL train)")
+                                   "(data seed, epoch, index, m))")
     student_resolution: int | None = _f(None, "cross-quality: students read a downscaled view of this size")
     teacher_resolution: int | None = _f(None, "cross-quality: teacher view size (default: the dataset's)")
     teacher_store: str = _f("auto", "store of frozen-teacher outputs: auto (cache folder), off, or a DIR")

@@ -30,6 +30,11 @@ DEMO_ALGOS: dict[str, dict[str, object]] = {
     "tfkd (smoothed)": {"algo": "tfkd", "virtual_smooth": True, "temperature": 20.0},
     "tfkd (calibrated)": {"algo": "tfkd", "virtual_smooth": False, "temperature": 1.0},
 }
+# The demo's command-line help (written here, beside its cells: the CLI names no method).
+HELP = ("offline demo on the MNIST digits shipped with distillistic: an mlp student alone, KD from a cnn_wide teacher, "
+        "DML, Tf-KD's two virtual teachers; 3 seeds, report")
+ALGOS_HELP = (f"a subset of: {' '.join(dict.fromkeys(str(c['algo']) for c in DEMO_ALGOS.values()))} "
+              f"(default: all {len(DEMO_ALGOS)} cells)")
 
 
 def demo_config(out: str, epochs: int) -> Config:
