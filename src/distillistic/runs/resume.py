@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from distillistic.config import MACHINE_KEYS, VOLATILE_KEYS
+from distillistic.config import MACHINE_KEYS
 from distillistic.errors import CheckpointError, UserError, short_repr
 from distillistic.runs.rundir import RunDir, machine_facts
 from distillistic.training.checkpoint import check_format, load, state_dict_hash
@@ -25,7 +25,7 @@ def restore_state(path: Path, task: Task, teacher: dict[str, Any] | None = None,
                   data_checksum: str | None = None) -> Progress:
     """Load ``last.pt`` into the task's models, optimisers, schedules, scaler and RNG; return the progress.
 
-    Refuses a checkpoint whose config (apart from :data:`VOLATILE_KEYS`) or teacher differs from
+    Refuses a checkpoint whose config (apart from :data:`MACHINE_KEYS`) or teacher differs from
     this run's: continuing with other settings would silently mix two experiments.
     """
     ckpt = load(path)
@@ -103,18 +103,17 @@ def _check_data(ckpt: dict[str, Any], path: Path, data_checksum: str | None) -> 
 def check_best_files(rundir: RunDir, task: Task, progress: Progress) -> None:
     """Check every ``best-<model>.pt`` a resumed run will select at its end, now rather than after more epochs.
 
-    A best file must be whole (its sha256) and be the one this run wrote (the sha256 ``last.pt`` recorded; for
-    a ``last.pt`` older than that record, its kind, config and epoch). One that is missing, damaged or another
-    run's is set aside as ``best-<model>.pt.rejected`` with one line, never used: while epochs remain, the
-    model's best-on-val record restarts with the next one; when none remain, the last epoch's weights (sound,
-    in ``last.pt``) become its best, with that epoch's validation metrics.
+    A best file must be whole (its sha256) and be the one this run wrote (the sha256 of its weights that
+    ``last.pt`` recorded). One that is missing, damaged or another run's is set aside as
+    ``best-<model>.pt.rejected`` with one line, never used: while epochs remain, the model's best-on-val record
+    restarts with the next one; when none remain, the last epoch's weights (sound, in ``last.pt``) become its
+    best, with that epoch's validation metrics.
     """
-    saved = {k: v for k, v in task.cfg.to_dict().items() if k not in VOLATILE_KEYS}
     for s in [*task.students, *task.members]:
         if s.name not in progress.best:
             continue
         path = rundir.best_path(s.name)
-        problem = _best_problem(path, progress, s.name, saved)
+        problem = _best_problem(path, progress, s.name)
         if problem is None:
             continue
         if rundir.rt.is_main and path.exists():
@@ -134,7 +133,7 @@ def check_best_files(rundir: RunDir, task: Task, progress: Progress) -> None:
                 rundir.save_best(task, progress, s.name, s.raw.state_dict())
 
 
-def _best_problem(path: Path, progress: Progress, name: str, config: dict[str, Any]) -> str | None:
+def _best_problem(path: Path, progress: Progress, name: str) -> str | None:
     """What is wrong with the best file ``path`` of model ``name`` (``None``: it is this run's, whole)."""
     if not path.is_file():
         return "is missing"
@@ -145,13 +144,6 @@ def _best_problem(path: Path, progress: Progress, name: str, config: dict[str, A
             "is damaged (it cannot be read as a checkpoint)"
     models: dict[str, Any] = obj["models"] if isinstance(obj.get("models"), dict) else {}
     recorded = progress.best_files.get(name)
-    if recorded is not None:
-        ours = name in models and state_dict_hash(models[name]) == recorded
-        return None if ours else ("is not the file this run wrote (the sha256 of its weights differs from the one "
-                                  "last.pt recorded: another run's, or another seed's)")
-    own: dict[str, Any] = obj["config"] if isinstance(obj.get("config"), dict) else {}
-    if obj.get("kind") != "best" or {k: v for k, v in own.items() if k not in VOLATILE_KEYS} != config:
-        return "is not this run's (its config differs: another run's, or another seed's)"
-    if obj.get("epoch") != progress.best[name].get("epoch") or name not in models:
-        return f"is not the epoch this run selected (epoch {obj.get('epoch')}, not {progress.best[name].get('epoch')})"
-    return None
+    ours = recorded is not None and name in models and state_dict_hash(models[name]) == recorded
+    return None if ours else ("is not the file this run wrote (the sha256 of its weights differs from the one "
+                              "last.pt recorded: another run's, or another seed's)")
