@@ -85,3 +85,21 @@ def test_bad_teacher_lists_are_refused_by_key(tmp_path: Path, text: str, key: st
         _load(tmp_path, "algo: kd\n" + text)
     assert allowed in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_teachers_cache_keys_are_those_of_the_comma_string_config() -> None:
+    """The keys of the cached teachers did not move with the tuples: the values below were printed by the code
+    that held teachers as a comma string (main at 2297eb1), for the same configs and data checksum."""
+    from types import SimpleNamespace
+
+    from distillistic.teachers.cache import recipe_key, teacher_recipe
+    from distillistic.teachers.roster import teacher_configs
+    from distillistic.training import setup
+
+    data = SimpleNamespace(checksum="abc")
+    common = dict(algo="kd", dataset="synthetic", model="mlp", epochs=2, synthetic_samples=64)
+    one = setup.resolve(Config(teacher=("cnn",), **common))
+    assert recipe_key(teacher_recipe(one), data) == "e4e9419f2fb7d019"
+    two = setup.resolve(Config(teacher=("cnn", "mlp"), **common))
+    assert [recipe_key(teacher_recipe(c), data) for c in teacher_configs(two)] == [
+        "e4e9419f2fb7d019", "e43f216ebc87daa6"]
