@@ -97,6 +97,25 @@ def test_no_method_name_in_the_frameworks_help_and_messages() -> None:
     assert not word.search("src/dml.py, distillistic.methods.dml")  # a path or a module is not a name
 
 
+def test_no_framework_module_reads_a_methods_parameter() -> None:
+    """A built-in method's parameter (``cfg.virtual_p``, ``cfg.dkd_beta``) is read by its own module only: the
+    framework reaches a method through its hooks (whose names, such as ``generations``, are not parameters)."""
+    import dataclasses
+
+    from distillistic.methods.registry import Method
+
+    hooks = {f.name for f in dataclasses.fields(Method)}
+    params = set(catalogue.builtin_params()) - hooks
+    assert {"virtual_p", "dkd_beta"} <= params
+    offenders = []
+    for path in sorted(SRC.rglob("*.py")):
+        if "methods" in path.relative_to(SRC).parts:
+            continue
+        offenders += [f"{path.relative_to(SRC)}:{n.lineno}: .{n.attr}" for n in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(n, ast.Attribute) and n.attr in params]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_a_real_method_module_is_small() -> None:
     for name in ("dkd", "kd", "dml", "crd"):
         lines = (SRC / "methods" / f"{name}.py").read_text().count("\n")

@@ -32,8 +32,8 @@ from distillistic import config as config_mod
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.grid import Cell, Plan, comparable, expand, plain, shard
 from distillistic.locks import holder_of, try_lock
+from distillistic.methods import catalogue
 from distillistic.runs.rundir import RUN_FILES, read_summary
-from distillistic.teachers.calibration import DERIVED_KEYS
 from distillistic.training import setup
 from distillistic.training.checkpoint import atomic_write_json, atomic_write_text
 
@@ -83,7 +83,8 @@ def cell_state(cell: Cell, folder: Path) -> tuple[str, str]:
         if isinstance(saved, dict):
             want = comparable(setup.resolve(cell.config).to_dict())
             have = comparable(saved)  # a key it lacks is newer than the run: its default applied then
-            for key, source in DERIVED_KEYS.items():  # derived from another run: the folder's is the derived one
+            # derived from another run: the folder's is the derived one
+            for key, source in catalogue.derived_keys().items():
                 if want.get(source) is not None:
                     want.pop(key, None)
             differ = sorted((k for k in want if k in have and have[k] != want[k]),

@@ -103,6 +103,12 @@ def builtin_params() -> dict[str, Param]:
     return out
 
 
+def derived_keys() -> dict[str, str]:
+    """Keys a run derives from another run when their source key is set (key -> source key): its config.yaml
+    holds the derived value, a sweep's plan the unset one (the run derives it again when resumed)."""
+    return {k: p.derived_from for k, p in params().items() if p.derived_from is not None}
+
+
 def owners(key: str) -> list[str]:
     """The methods that read config key ``key`` (their own parameter or a common key they use)."""
     return [name for name, spec in specs().items() if key in spec.keys_read()]

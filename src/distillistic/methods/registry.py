@@ -16,6 +16,8 @@ import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,18 @@ class Context:
     probe: FeatureProbe | None = None  # the run's models' stages and feature shapes (feature methods)
 
 
+class Runs(Protocol):
+    """Other runs a method may derive a setting from, as the run being set up reaches them."""
+
+    def baseline(self, cfg: Config) -> Path:
+        """The folder of the students' own architecture trained alone (trained once, cached as a teacher is)."""
+        ...
+
+    def summary(self, folder: Path) -> dict[str, Any]:
+        """A run directory's ``summary.json`` (``{}`` when it has none)."""
+        ...
+
+
 TermsBuilder = Callable[[Config, Context], tuple[Term, ...]]
 OptimizerHook = Callable[[Config, list[nn.Parameter]], torch.optim.Optimizer]
 # (config, the plain student as built, its saved state, its spatial stages) -> the module that state loads into
@@ -64,7 +78,8 @@ class Method:
     ``w_CE·CE + w·term``, with no α. ``rebuild_student(cfg, model, state, stages)``: for a method whose terms
     put layers of their own around a student (:meth:`Term.student_model`), that module rebuilt around a freshly
     built plain ``model`` so that the saved ``state`` loads into it (export, prediction, ``load_student``);
-    ``stages()`` gives the plain model's spatial stages.
+    ``stages()`` gives the plain model's spatial stages. ``derive(cfg, runs)``: the config with the settings a
+    method takes from another run (its parameters' ``derived_from``) filled in, when the run starts.
     """
 
     spec: MethodSpec
@@ -79,6 +94,7 @@ class Method:
     optimizer: OptimizerHook | None = None
     authors_weights: Callable[[Config], tuple[float, float] | None] | None = None
     rebuild_student: StudentRebuilder | None = None
+    derive: Callable[[Config, Runs], Config] | None = None
 
     @property
     def name(self) -> str:

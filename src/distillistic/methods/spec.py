@@ -92,7 +92,8 @@ class Param:
     ``type`` is ``float``, ``int``, ``bool``, ``str`` or ``tuple`` (a list of names); ``optional`` allows
     ``None`` (unset: the method derives the value). ``range`` bounds numbers; ``choices`` lists the valid
     strings; ``space`` is the tuner's search space (``None``: not tuned). ``cite`` says where the default
-    comes from (the paper's equation or table, or the authors' code: file and line).
+    comes from (the paper's equation or table, or the authors' code: file and line). ``derived_from``: the key
+    naming another run whose results set this one when the run starts (its saved config holds the value used).
     """
 
     name: str
@@ -105,6 +106,7 @@ class Param:
     space: Space | None = None
     optional: bool = False
     allowed: str = ""  # how the valid values read in an error, when the range's own wording is not enough
+    derived_from: str | None = None
 
     def check(self, value: Any) -> str | None:
         """``None`` if ``value`` is valid, else the valid values in words (for a one-line error)."""

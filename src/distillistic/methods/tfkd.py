@@ -3,23 +3,27 @@
 * ``tfkd`` (the virtual teacher, Tf-KD_reg): ``L = (1 − α)·CE(z, y) + α·KL(v ‖ softmax(z))`` with ``v`` = ``p`` on
   the true class and ``(1 − p)/(K − 1)`` elsewhere; ``--virtual-smooth`` is the original code's loss: the target
   softened to ``softmax(v/T)`` (T = 20), the student at T = 1, the KL's 'mean' reduction (over ``B·K``), no ``T²``.
-  ``--virtual-p-from RUN|auto`` takes ``p`` from a baseline's val top-1.
+  ``--virtual-p-from RUN|auto`` takes ``p`` from a baseline's best val top-1, so the hand-made teacher is as
+  confident as a trained model is accurate; ``auto`` trains (once, cached like a teacher) the baseline of the
+  student's architecture. It is resolved when the run starts, and the saved config holds the value used.
 * ``tfkd_self`` (self-training, Tf-KD_self): KD from the student's own architecture trained first, ``T = 20``.
   Each student of a cohort is taught by its own architecture, so a cohort of several architectures is refused.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-from distillistic.config import Config, student_archs
+from distillistic.config import Config, default_of, student_archs
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
 from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, soft
 from distillistic.errors import ConfigError, UserError
-from distillistic.methods.registry import Context, register_method, student_count
+from distillistic.methods.registry import Context, Runs, register_method, student_count
 from distillistic.methods.spec import Interval, MethodSpec, Param, Setting, choice, uniform
 
 _SMOOTH = ("yuanli2333/Teacher-free-Knowledge-Distillation@d000ab3, my_loss_function.py:33-51 "
@@ -46,7 +50,8 @@ SPEC = MethodSpec(
     params=(
         Param("virtual_p", float, 0.9, "probability of the correct class in the virtual teacher, in (1/K, 1]",
               cite="Yuan et al. 2020, sec. 4 (a = 0.9 in their Tf-KD_reg runs)", space=uniform(0.5, 0.99),
-              range=Interval(0.0, 1.0, open_low=True), allowed="a probability in (1/K, 1]"),
+              range=Interval(0.0, 1.0, open_low=True), allowed="a probability in (1/K, 1]",
+              derived_from="virtual_p_from"),
         Param("virtual_smooth", bool, False, "the original code's loss: KL(softmax(v/T) ‖ softmax(z)) / K, the "
               "student at T = 1", cite=_SMOOTH,
               space=choice(False, True)),
@@ -150,7 +155,33 @@ def terms_self(cfg: Config, ctx: Context) -> tuple[Term, ...]:
     return (Distill("tfkd_self", ctx.teacher, cfg.divergence, cfg.temperature),)
 
 
-register_method(SPEC, terms_virtual, data_check=_virtual_p_check,
+def derive_virtual_p(cfg: Config, runs: Runs) -> Config:
+    """``cfg`` with ``virtual_p`` = the best val top-1 of the baseline run ``virtual_p_from`` (unchanged if unset);
+    ``auto``: the baseline of the student's own architecture (:meth:`Runs.baseline`)."""
+    if cfg.virtual_p_from is None:
+        return cfg
+    folder = runs.baseline(cfg) if cfg.virtual_p_from == "auto" else Path(cfg.virtual_p_from).expanduser()
+    summary = runs.summary(folder)
+    if summary.get("status") != "completed":
+        raise UserError(f"--virtual-p-from '{folder}' is not a finished run directory (no completed summary.json); "
+                        "pass the folder of a finished 'distillistic train --algo baseline' run")
+    models = summary.get("models") or {}
+    name = summary.get("best_student") or next((n for n in models if n.startswith("student")), None)
+    top1 = ((models.get(name) or {}).get("val_best") or {}).get("top1") if name else None
+    if not isinstance(top1, int | float) or not 0.0 < top1 <= 1.0:
+        raise UserError(f"--virtual-p-from '{folder}': its summary.json has no val top-1 of a student; "
+                        "pass a finished run of 'distillistic train'")
+    if summary.get("dataset") not in (None, cfg.dataset):
+        raise UserError(f"--virtual-p-from '{folder}' was trained on {summary.get('dataset')}, not {cfg.dataset}; "
+                        "pass a baseline run on the same dataset")
+    given = cfg.virtual_p
+    if given not in (float(top1), default_of("virtual_p")):  # the derived p would silently replace it
+        raise UserError(f"--virtual-p {given} and --virtual-p-from '{folder}' (p = {float(top1):.6g}) both set p; "
+                        "give one of them")
+    return cfg.replace(virtual_p=float(top1))
+
+
+register_method(SPEC, terms_virtual, data_check=_virtual_p_check, derive=derive_virtual_p,
                 temperature=lambda cfg: 20.0 if cfg.virtual_smooth else 1.0)
 register_method(SPEC_SELF, terms_self, check_config=_own_teacher,
                 resolve_teacher=lambda cfg: own_architecture(cfg))

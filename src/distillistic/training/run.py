@@ -30,7 +30,7 @@ from distillistic.runs.result import RunResult, api_voice
 from distillistic.runs.resume import check_best_files, restore_state
 from distillistic.runs.rundir import RunDir
 from distillistic.runs.talk import Talk, say, start_line
-from distillistic.teachers.calibration import resolve_virtual_p
+from distillistic.teachers.calibration import derive_settings
 from distillistic.teachers.check import check_teacher
 from distillistic.teachers.costs import teacher_training_cost
 from distillistic.teachers.roster import TeacherSet
@@ -52,7 +52,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     """Train and evaluate one run; keyword overrides are config keys (``train(algo="kd", epochs=3)``)."""
     api_voice()  # from Python, the same lines as the CLI's (through logging)
     try:  # --virtual-p-from: p from a baseline run, saved in config.yaml
-        cfg = resolve_virtual_p(setup.resolve(config_mod.from_mapping(overrides, base=config or Config())), train)
+        cfg = derive_settings(setup.resolve(config_mod.from_mapping(overrides, base=config or Config())), train)
         if not cfg.out:
             raise UserError("no output directory: pass --out DIR")
     except UserError as e:
