@@ -185,11 +185,6 @@ class CalibrationAccumulator:
         """Replace the per-sample state by ``[N, 2]`` (e.g. the gathered samples of every process)."""
         self._samples = [samples.to(self.bins.device, self.dtype)]
 
-    def merge_(self, other: CalibrationAccumulator) -> None:
-        self.bins += other.bins
-        self.classwise += other.classwise
-        self._samples = [self.samples(), other.samples()]
-
     def compute(self) -> dict[str, float]:
         """``ece``, ``ace``, ``mce``, ``classwise_ece`` and ``n`` as Python numbers (NaN when empty)."""
         bins, classwise, samples = self.bins.cpu(), self.classwise.cpu(), self.samples().cpu()

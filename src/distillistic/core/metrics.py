@@ -69,11 +69,6 @@ class MetricAccumulator:
             self.classes[0].scatter_add_(0, labels, torch.ones_like(correct))
             self.classes[1].scatter_add_(0, labels, correct)
 
-    def merge_(self, other: MetricAccumulator) -> None:
-        self.sums += other.sums
-        self.bins += other.bins
-        self.classes += other.classes
-
     def tensors(self) -> list[Tensor]:
         """The state, for checkpoints and all-reduce (in place)."""
         return [self.sums, self.bins, self.classes]
