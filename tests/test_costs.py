@@ -111,6 +111,7 @@ def test_kd_step_is_the_baseline_step_plus_the_teachers_forward() -> None:
     assert cost.own_step_flops == measure_training(base, [], size).step_flops  # type: ignore[arg-type]
 
 
+@pytest.mark.e2e
 def test_a_counted_run_trains_as_an_uncounted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     keys = dict(algo="dml", students=2, dataset="synthetic", model="cnn", epochs=1, batch_size=16,
                 synthetic_samples=96, progress=False, quiet=True)
@@ -123,6 +124,7 @@ def test_a_counted_run_trains_as_an_uncounted_one(tmp_path: Path, monkeypatch: p
     assert counted["train_flops"] > 0
 
 
+@pytest.mark.e2e
 def test_summary_and_metrics_carry_the_costs(tmp_path: Path) -> None:
     out = tmp_path / "kd"
     s = train(Config(algo="kd", teacher="cnn_wide", teacher_weights="train", teacher_epochs=1,

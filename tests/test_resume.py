@@ -181,6 +181,7 @@ def test_sigterm_to_the_process_group_with_image_workers_stops_cleanly(tmp_path:
     assert_identical_runs(reference, out)
 
 
+@pytest.mark.e2e
 def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(tmp_path: Path,
                                                                              capsys: pytest.CaptureFixture[str]
                                                                              ) -> None:
@@ -203,6 +204,7 @@ def test_divergence_stops_with_the_reason_and_keeps_the_last_good_checkpoint(tmp
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
+@pytest.mark.e2e
 def test_resume_with_another_teacher_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from distillistic.models.builders import build_model
 

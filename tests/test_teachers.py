@@ -34,6 +34,7 @@ def _capture_teacher(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
+@pytest.mark.e2e
 def test_no_gradient_reaches_the_teacher_and_its_weights_do_not_change(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(3)
@@ -110,6 +111,7 @@ def test_cross_quality_teacher_reads_the_full_view_students_the_low_view_of_the_
     assert augmented > len(steps) * 32 // 2  # the views really were augmented crops, not the raw images
 
 
+@pytest.mark.e2e
 def test_cross_quality_with_a_smaller_teacher_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     steps = _capture_views(monkeypatch)
     train(tiny(tmp_path / "run", algo="kd", dataset="synthetic", image_size=16, student_resolution=4,
