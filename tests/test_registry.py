@@ -1,7 +1,8 @@
 """Tests that parametrize over the methods' registry, and the lifecycle of a term with parameters and state.
 
 * Every registered method trains end to end on digits from the Python API (a new method gets this run
-  without another line), and every method family runs under ``torchrun --nproc_per_node 2`` on the CPU.
+  without another line), and every method family (and every method with its own module around the student)
+  runs under ``torchrun --nproc_per_node 2`` on the CPU.
 * A test-only method (``tests/_probe_method.py``) whose term owns a trainable parameter per student and an
   EMA buffer trains, resumes bit for bit after SIGKILL, exports students without the term's parameters,
   and runs under torchrun.
@@ -89,10 +90,13 @@ SMALL = ["--dataset", "synthetic", "--synthetic-samples", "200", "--image-size",
 
 
 def _family_representatives() -> list[str]:
+    """One method per family, and every method that puts a module of its own around the student (SimKD's
+    projector and reused classifier): that module's parameters meet DistributedDataParallel on their own."""
     families: dict[str, str] = {}
     for name in METHODS.names():
         families.setdefault(METHODS.get(name).family, name)
-    return sorted(families.values())
+    own_head = [name for name in METHODS.names() if METHODS.get(name).rebuild_student is not None]
+    return sorted({*families.values(), *own_head})
 
 
 def _flags(spec: Method) -> list[str]:

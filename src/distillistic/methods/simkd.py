@@ -92,6 +92,9 @@ class Reused(nn.Module):
     forward stays in :attr:`projected` (with its graph) for the loss, so the projector runs once per step."""
 
     size: Tensor
+    # the student's own classifier (and whatever follows its stage) never reaches the loss: under torchrun,
+    # DistributedDataParallel must look for the parameters without a gradient instead of waiting for them
+    ddp_find_unused_parameters = True
 
     def __init__(self, student: nn.Module, stage: nn.Module, projector: nn.Module, classifier: nn.Linear,
                  size: Sequence[int]) -> None:

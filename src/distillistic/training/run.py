@@ -108,7 +108,9 @@ def _wrap(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
         model = model.to(memory_format=torch.channels_last)
     if rt.distributed:
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # a module some of whose parameters never reach the loss (SimKD's student: its own head) says so
+        unused = bool(getattr(model, "ddp_find_unused_parameters", False))
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
     if cfg.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model
