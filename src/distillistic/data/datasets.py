@@ -43,6 +43,7 @@ class DatasetSpec:
     default_augment: str
     native_size: int | None = None  # None: from the config (image folders, synthetic)
     fallback_size: int = 224
+    no_root: str | None = None  # why --data-root is not read (where the images come from), None if it is
 
     def default_image_size(self, cfg: Config) -> int:
         return self.native_size or self.fallback_size
@@ -51,13 +52,14 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def dataset(name: str, augment: str, native_size: int | None = None,
-            fallback_size: int = 224) -> Callable[[Callable[[Config, Path], RawDataset]],
-                                                   Callable[[Config, Path], RawDataset]]:
-    """Register a reader as dataset ``name`` with its default augmentation and image size."""
+def dataset(name: str, augment: str, native_size: int | None = None, fallback_size: int = 224,
+            no_root: str | None = None) -> Callable[[Callable[[Config, Path], RawDataset]],
+                                                    Callable[[Config, Path], RawDataset]]:
+    """Register a reader as dataset ``name`` with its default augmentation and image size; ``no_root``: why
+    it reads no ``--data-root`` (where its images come from), for a dataset that reads none."""
 
     def decorator(fn: Callable[[Config, Path], RawDataset]) -> Callable[[Config, Path], RawDataset]:
-        DATASETS.add(name, DatasetSpec(name, fn, augment, native_size, fallback_size))
+        DATASETS.add(name, DatasetSpec(name, fn, augment, native_size, fallback_size, no_root))
         return fn
 
     return decorator
@@ -75,7 +77,7 @@ def _mnist(cfg: Config, root: Path) -> RawDataset:
 SHIPPED_MNIST = Path(__file__).resolve().parent / "mnist_t10k"  # CC BY-SA 3.0: see its README.md
 
 
-@dataset("mnist-t10k", "randaugment", native_size=28)
+@dataset("mnist-t10k", "randaugment", native_size=28, no_root="its digits are shipped in the package")
 def _mnist_t10k(cfg: Config, root: Path) -> RawDataset:
     """The official MNIST test set shipped in the package (10,000 digits; LeCun, Cortes, Burges; CC BY-SA 3.0),
     carved 0.7/0.1/0.2 into train/val/test: real data offline, the demo's dataset."""
@@ -178,7 +180,7 @@ for _variant in ("cifar10", "cifar100"):
 # --- scikit-learn digits -------------------------------------------------------------------------------
 
 
-@dataset("digits", "none", native_size=8)
+@dataset("digits", "none", native_size=8, no_root="scikit-learn's bundled copy")
 def _digits(cfg: Config, root: Path) -> RawDataset:
     from sklearn.datasets import load_digits
 
@@ -196,7 +198,7 @@ def _digits(cfg: Config, root: Path) -> RawDataset:
 SYNTHETIC_VALUES = 2**29  # the generator's float noise is 4 bytes a value: 2 GiB at most
 
 
-@dataset("synthetic", "none", fallback_size=16)
+@dataset("synthetic", "none", fallback_size=16, no_root="its images are generated in memory")
 def _synthetic(cfg: Config, root: Path) -> RawDataset:
     """Seeded images: a random template per class plus noise, so that a model can learn them."""
     g = torch.Generator().manual_seed(cfg.split_seed)

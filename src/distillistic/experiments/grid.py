@@ -190,7 +190,7 @@ def _cell(index: int, base: Mapping[str, Any], variant_values: Mapping[str, Any]
         config_mod.validate(config_mod.from_mapping({**base, **variant_values, **settings}))  # every value, read or not
         base, read = read_by(algo, base), read_by(algo, settings)
         cfg = config_mod.from_mapping({**base, **variant_values, **read})
-        setup.resolve(cfg)
+        setup.check_given(setup.resolve(cfg), {*variant_values, *read})  # the cell's own keys, not the shared ones
     except UserError as e:
         raise UserError(f"{source}: cell '{name}': {e}") from None
     full = {"variant": variant, **settings} if variant is not None else dict(settings)

@@ -19,7 +19,9 @@ distillation terms (``Term.distil``), ``take_distillation_gradients()``, then a 
 ``step()``. It reads ``--lr``, ``--momentum`` (μ) and ``--weight-decay`` (λ); mdistiller's CIFAR-100 setting is
 ``--lr 0.05 --momentum 0.9 --weight-decay 5e-4 --scheduler multistep --milestones 150,180,210`` (240 epochs,
 batch 64). Under ``--scheduler onecycle`` only the learning rate cycles (the momenta stay μ ∓ δ). Not with
-fp16 (its gradient scaler), ``--grad-clip``, ``--nesterov`` or several processes (torchrun): refused.
+fp16 (its gradient scaler), ``--grad-clip``, ``--nesterov`` or several processes (torchrun): refused; so is an
+explicit ``--optimizer`` other than ``sgd`` (mdistiller's ``DOT.init_optimizer`` raises for any other solver; the
+default ``adamw``, left unset, still trains a teacher trained first).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ SPEC = MethodSpec(
     "L = c CE(z, y) + d T² KL(softmax(t/T) ‖ softmax(z/T)), trained by SGD with momentum μ - δ for the CE's "
     "gradient and μ + δ for the KD's",
     family="teacher", needs_teacher=True, default_teacher="resnet50", temperature=4.0, composition="sum",
+    optimizer="sgd",  # mdistiller's DOT trainer raises NotImplementedError for any other SOLVER.TYPE
     weights=("dot_ce_weight", "dot_kd_weight"), reads=("temperature",),
     notes=f"T = 4, CE 0.1, KD 0.9: mdistiller's KD (mdistiller/engine/cfg.py lines 61-64, {_MDISTILLER}), which "
           "configs/cifar100/dot/*.yaml train with DOT; lr, momentum and weight decay are the run's",

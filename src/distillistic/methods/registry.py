@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,6 +126,14 @@ class Method:
                             "(1 - alpha)·CE + alpha·term with a warm-up, or drop --alpha-warmup")
         if self.check_config is not None:
             self.check_config(cfg)
+
+    def check_given(self, cfg: Config, given: Collection[str]) -> None:
+        """Refuse a key the user ``given`` explicitly that the method overrides and whose default the checks of
+        :meth:`check` cannot tell from an explicit value: an ``optimizer`` other than its own optimizer's form."""
+        own = self.spec.optimizer
+        if own is not None and "optimizer" in given and cfg.optimizer != own:
+            raise UserError(f"config key 'optimizer' = '{cfg.optimizer}' is not used by algo {self.name}, which "
+                            f"trains with its own optimizer (a form of {own}); remove optimizer, or set it to {own}")
 
     def check_for_data(self, cfg: Config, num_classes: int) -> None:
         if self.data_check is not None:

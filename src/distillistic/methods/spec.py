@@ -162,6 +162,7 @@ class MethodSpec:
     weights: tuple[str, ...] = ()
     notes: str = ""
     generations: bool = False  # trained as a sequence of runs, each taught by the last (born-again)
+    optimizer: str | None = None  # the --optimizer its own optimizer is a form of (DOT: sgd); another is refused
     defaults: tuple[Setting, ...] = ()  # the paper's and the authors' code's values (docs/methods.md)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -96,7 +96,7 @@ def register_dataset(name: str, load: DataFunction, augment: str = "none", image
                 cache[key] = raw_dataset(name, result)
         return cache[key]
 
-    DATASETS.add(name, _UserDatasetSpec(name, reader, augment, None, image_size, load))
+    DATASETS.add(name, _UserDatasetSpec(name, reader, augment, None, image_size, function=load))
 
 
 def _image(item: Any, where: str) -> Tensor:

@@ -53,6 +53,7 @@ def train(config: Config | None = None, /, **overrides: Any) -> RunResult:
     api_voice()  # from Python, the same lines as the CLI's (through logging)
     try:  # --virtual-p-from: p from a baseline run, saved in config.yaml
         cfg = derive_settings(setup.resolve(config_mod.from_mapping(overrides, base=config or Config())), train)
+        setup.check_given(cfg, overrides)
         if not cfg.out:
             raise UserError("no output directory: pass --out DIR")
     except UserError as e:

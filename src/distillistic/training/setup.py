@@ -7,6 +7,8 @@ from them live here, one layer above both.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from distillistic import config as config_mod
 from distillistic.config import Config
 from distillistic.core.divergences import DIVERGENCES
@@ -29,7 +31,24 @@ def check(cfg: Config) -> None:
         for name in config_mod.model_names(cfg, key):
             if name not in MODELS:
                 raise UserError(f"config key '{key}': {MODELS.unknown_message(name)}")
+    _check_data_root(cfg)
     METHODS.get(cfg.algo).check(cfg)
+
+
+def check_given(cfg: Config, given: Collection[str]) -> None:
+    """The checks of the keys the user set explicitly (flags, ``--set``, a run's YAML, a sweep cell's own keys,
+    ``train(**overrides)``), which a default cannot be told from: the method's (:meth:`Method.check_given`)."""
+    if cfg.algo in METHODS:
+        METHODS.get(cfg.algo).check_given(cfg, {str(k).replace("-", "_") for k in given})
+
+
+def _check_data_root(cfg: Config) -> None:
+    """Refuse ``--data-root`` for a dataset that reads no folder (it would be silently unused)."""
+    spec = DATASETS.get(cfg.dataset)
+    if cfg.data_root is not None and spec.no_root is not None:
+        folders = ", ".join(n for n in DATASETS.names() if DATASETS.get(n).no_root is None)
+        raise UserError(f"config key 'data_root' is not read by dataset {cfg.dataset} ({spec.no_root}); remove "
+                        f"it, or choose a dataset read from a folder: {folders}")
 
 
 def resolve(cfg: Config) -> Config:
