@@ -1,6 +1,10 @@
-"""The Term contract: the objective owns the composition and its companions (EMA copies are no terms)."""
+"""The Term contract: the objective owns the composition, the teaching stage and its companions (EMA copies are
+no terms), and a training step calls it once (then once more after the optimizer step)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -9,8 +13,6 @@ from torch import nn
 from distillistic.core.ema import EmaCopies
 from distillistic.core.objective import Companion, Objective, Term
 from distillistic.methods.pcl import TemporalMeanPeers
-
-pytestmark = pytest.mark.unit
 
 
 def test_ema_copies_are_a_companion_not_a_term() -> None:
@@ -44,3 +46,43 @@ def test_a_companion_given_and_read_is_kept_once() -> None:
     term = TemporalMeanPeers(means, temperature=1.0, rampup=0.0)
     objective = Objective((term,), composition="sum", companions=(means,))
     assert list(objective.companions) == [means]
+
+
+class _Spy:
+    """Stands in for the objective and records every attribute the loop reads from it."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective, self.read = objective, []
+
+    def __getattr__(self, name: str) -> Any:
+        self.read.append(name)
+        return getattr(self.objective, name)
+
+
+@pytest.mark.parametrize("algo", ["kd", "dot"])  # dot: an optimizer that takes the distillation gradient apart
+def test_a_step_calls_the_objective_once_and_its_teacher_runs_once(algo: str, tmp_path: Path) -> None:
+    from distillistic import Config
+    from distillistic.training import setup
+    from distillistic.training.engine import TrainMeters, train_step
+    from distillistic.training.run import build_task
+    from distillistic.training.runtime import resolve_runtime
+
+    cfg = setup.resolve(Config(algo=algo, dataset="synthetic", synthetic_samples=96, image_size=8, model="mlp",
+                               teacher="mlp", teacher_weights="random", batch_size=32, teacher_store="off",
+                               device="cpu", threads=1, out=str(tmp_path / "run")))
+    rt = resolve_runtime(cfg)
+    try:
+        task, _ = build_task(cfg, rt)
+        forwards: list[int] = []
+        task.teacher.raw.register_forward_hook(lambda m, args, out: forwards.append(len(args[0])))
+        meters = TrainMeters(task)
+        assert task.term_parameters == []  # the terms' own parameters, read once before the first step
+        assert len(task.student_terms) == 1
+        spy = _Spy(task.objective)
+        task.objective = spy  # type: ignore[assignment]
+        batch = next(iter(task.views.prepare(task.loaders["train"].epoch(0))))
+        train_step(task, batch, 0.5, meters)
+        assert spy.read == ["step", "after_step"]
+        assert forwards == [len(batch.labels)]  # the teaching stage: one forward of the teacher per step
+    finally:
+        rt.close()

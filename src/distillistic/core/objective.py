@@ -20,13 +20,16 @@ A :class:`Companion` teaches nothing and has no weight: it is kept beside the st
 :mod:`distillistic.core.ema`), updated after every optimizer step, evaluated and exported as a model of its
 own. The objective owns its companions (their state is in its state dict); a term that reads one (PCL's
 temporal mean teachers) is given it when it is built and lists it in :attr:`Term.companions`.
-Calling an :class:`Objective` returns a dict with ``loss``, ``ce`` and one scalar per term.
+A training step makes one call, :meth:`Objective.step`: the teaching stage, every term's targets and each
+student's ``{"loss", "ce", <term>: scalar}`` (a :class:`StepLosses`, as timm's distillation task's forward
+returns its loss and named parts); after the optimizer step, :meth:`Objective.after_step`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch.nn.functional as F
@@ -184,6 +187,18 @@ class Distill(Term):
         return core  # its weight is the objective's to print
 
 
+@dataclass
+class StepLosses:
+    """One step's objective: each student's ``{"loss", "ce", <term name>: scalar}``, every term's detached targets
+    (the meters monitor them), the weights at the step's progress and, when asked for (an optimizer that takes
+    the distillation gradient apart), each student's ``(distillation part, task part)`` of its loss."""
+
+    outs: list[dict[str, Tensor]]
+    targets: dict[str, list[Tensor] | None]
+    weights: dict[str, float]
+    parts: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
 class Objective(nn.Module):
     """The terms of a method and their composition (see the module docstring)."""
 
@@ -245,6 +260,16 @@ class Objective(nn.Module):
             loss = loss + weights[term.name] * value
         out["loss"] = loss
         return out
+
+    def step(self, inp: StepInputs, logits: Sequence[Tensor], split: bool = False) -> StepLosses:
+        """The whole objective of one step, in one call: :meth:`targets` (the teaching stage, then every term's
+        targets) and each student's terms and loss (:meth:`forward`) at ``inp.progress``'s weights; with
+        ``split``, each student's :meth:`distillation_part` and :meth:`task_part` too."""
+        weights = self.weights_at(inp.progress)
+        targets = self.targets(inp)
+        outs = [self(i, z, inp, targets, weights) for i, z in enumerate(logits)]
+        parts = [(self.distillation_part(o, weights), self.task_part(o, weights)) for o in outs] if split else []
+        return StepLosses(outs, targets, weights, parts)
 
     def student_parameters(self, i: int) -> list[nn.Parameter]:
         return [p for t in [self.ce, *self.extra] for p in t.student_parameters(i)]

@@ -5,11 +5,16 @@ One step, for any algorithm (DESIGN.md, section 1):
 1. the batch becomes views on the device (augmented, normalised, downscaled for the students in
    cross-quality runs; one augmented view per student with ``--peer-views independent``);
 2. every student runs one forward on its view;
-3. each term's teaching signal turns the batch and the students' *detached* logits into targets;
-4. the objective gives each student's loss; one backward over their sum (the students share no
-   graph, so each gets exactly its own gradient); every optimizer and scheduler steps. An optimizer that
-   takes the distillation terms' gradient apart (``training.optim.SplitGradients``, a method's own: DOT)
-   gets two backwards instead, the distillation part's and then the rest's.
+3. one call of the objective (:meth:`~distillistic.core.objective.Objective.step`): its teaching stage
+   gives the frozen teachers' outputs on the batch (read from their stores or computed), each term's
+   teaching signal turns them and the students' *detached* logits into targets, and each student gets
+   its loss;
+4. one backward over their sum (the students share no graph, so each gets exactly its own gradient);
+   every optimizer and scheduler steps, then the objective's terms and companions (EMA copies) update.
+   An optimizer that takes the distillation terms' gradient apart (``training.optim.SplitGradients``, a
+   method's own: DOT) gets two backwards instead, the distillation part's and then the rest's.
+
+Files are written outside the step: the teacher stores' at the end of an epoch and of an evaluation.
 
 Statistics stay on the device and are read once per log interval and at the end of the epoch; the
 loop never branches on the algorithm, the device or the precision. Files are written by the
@@ -18,6 +23,7 @@ loop never branches on the algorithm, the device or the precision. Files are wri
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +38,7 @@ from distillistic.config import Config
 from distillistic.core.calibration import mce_from_sums
 from distillistic.core.heldout import HeldOutAccumulator
 from distillistic.core.metrics import MetricAccumulator, pairwise_kl
-from distillistic.core.objective import Objective
+from distillistic.core.objective import Objective, StepLosses
 from distillistic.core.signals import StepInputs, Tapped, model_view
 from distillistic.data.loader import Batch, Loader
 from distillistic.data.views import ViewMaker
@@ -98,10 +104,20 @@ class Task:
     # The training step's counted FLOPs (a training.costs.TrainCost), set before the loop; None: not counted.
     costs: Any = None
 
+    @functools.cached_property
+    def student_terms(self) -> list[list[nn.Parameter]]:
+        """Each student's own parameters in the objective (adapters, temperatures), read once."""
+        return [list(self.objective.student_parameters(i)) for i in range(len(self.students))]
+
     @property
     def term_parameters(self) -> list[nn.Parameter]:
         """The objective's trainable parameters (adapters, temperatures), every student's."""
-        return [p for i in range(len(self.students)) for p in self.objective.student_parameters(i)]
+        return [p for own in self.student_terms for p in own]
+
+    @functools.cached_property
+    def split_optimizers(self) -> list[SplitGradients]:
+        """The optimizers that take the distillation terms' gradient apart (a method's own: DOT)."""
+        return [opt for opt in self.optimizers if isinstance(opt, SplitGradients)]
 
 
 @dataclass
@@ -201,49 +217,45 @@ class TrainMeters:
 
 def train_step(task: Task, batch: Batch, progress: float, meters: TrainMeters) -> None:
     """One optimisation step of every student on one batch, at ``progress`` in [0, 1] of training."""
-    rt, objective = task.rt, task.objective
+    rt = task.rt
     views = task.views.for_students(batch, len(task.students))  # one shared view, or each student its own
     labels = batch.labels.to(rt.device, non_blocking=True)
-    weights = objective.weights_at(progress)
     with rt.autocast():
         logits = [s.model(model_view(v, s.view_size, s.channels, s.norm)) for s, v in zip(task.students, views)]
         inp = StepInputs(views[0], labels, [z.detach() for z in logits], task.num_classes, batch.epoch, batch.index,
                          progress=progress, features=[s.features() for s in task.students], student_views=views,
                          strong_views=task.views.strong_views(batch),
                          mixed_labels=task.views.mixed_labels(batch, labels))
-        targets = objective.targets(inp)
-        outs = [objective(i, z, inp, targets, weights) for i, z in enumerate(logits)]
-    _backward(task, outs, weights)
+        losses = task.objective.step(inp, logits, split=bool(task.split_optimizers))  # the one objective call
+    _backward(task, losses)
     rt.average_gradients_(task.term_parameters)  # terms' own parameters live outside DDP's wrapper
-    for i, (student, opt, sched) in enumerate(zip(task.students, task.optimizers, task.schedulers)):
+    for student, opt, sched, own in zip(task.students, task.optimizers, task.schedulers, task.student_terms):
         if task.cfg.grad_clip:
             rt.scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_([*student.model.parameters(), *objective.student_parameters(i)],
-                                     task.cfg.grad_clip)
+            nn.utils.clip_grad_norm_([*student.model.parameters(), *own], task.cfg.grad_clip)
         rt.scaler.step(opt)
         sched.step()
     rt.scaler.update()
-    objective.after_step(inp)
-    meters.update(logits, labels, outs, targets)
+    task.objective.after_step(inp)  # memory banks, EMA copies: after the optimizer step
+    meters.update(logits, labels, losses.outs, losses.targets)
 
 
-def _backward(task: Task, outs: list[dict[str, Tensor]], weights: dict[str, float]) -> None:
+def _backward(task: Task, losses: StepLosses) -> None:
     """Every student's gradient. The students share no graph (signals are detached), so one backward gives each
     its own; optimizers that take the distillation gradient apart (``SplitGradients``, DOT) get it first."""
-    rt, objective = task.rt, task.objective
+    rt = task.rt
     for opt in task.optimizers:
         opt.zero_grad(set_to_none=True)
-    split = [opt for opt in task.optimizers if isinstance(opt, SplitGradients)]
-    if not split:
-        rt.scaler.scale(torch.stack([o["loss"] for o in outs]).sum()).backward()
+    if not task.split_optimizers:
+        rt.scaler.scale(torch.stack([o["loss"] for o in losses.outs]).sum()).backward()
         return
-    distil = torch.stack([objective.distillation_part(o, weights) for o in outs]).sum()
+    distil = torch.stack([d for d, _ in losses.parts]).sum()
     if distil.requires_grad:
         rt.scaler.scale(distil).backward(retain_graph=True)
-    for opt in split:
-        opt.take_distillation_gradients()
-        opt.zero_grad(set_to_none=True)
-    rt.scaler.scale(torch.stack([objective.task_part(o, weights) for o in outs]).sum()).backward()
+    for split in task.split_optimizers:
+        split.take_distillation_gradients()
+        split.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # an optimizer as well
+    rt.scaler.scale(torch.stack([t for _, t in losses.parts]).sum()).backward()
 
 
 def train_one_epoch(task: Task, progress: Progress, hooks: Hooks) -> list[dict[str, Any]] | None:
