@@ -86,3 +86,35 @@ def test_a_step_calls_the_objective_once_and_its_teacher_runs_once(algo: str, tm
         assert forwards == [len(batch.labels)]  # the teaching stage: one forward of the teacher per step
     finally:
         rt.close()
+
+
+def test_logit_standardisation_is_one_transform_handed_to_the_signal() -> None:
+    """Every term standardises through logit_transform: the signal gets it with the temperature, the student's
+    logits go through the same function; a signal not made of logits is refused."""
+    from distillistic.core.logits import logit_transform, standardize
+    from distillistic.core.objective import Distill
+    from distillistic.core.signals import StepInputs
+    from distillistic.methods.dml import Peers
+    from distillistic.methods.tfkd import Virtual
+
+    assert logit_transform(True) is standardize
+    assert logit_transform(False) is None
+    seen: list[Any] = []
+
+    class Recording(Peers):
+        def targets(self, inp: StepInputs, temperature: float, transform: Any = None) -> list[torch.Tensor]:
+            seen.append((temperature, transform))
+            return super().targets(inp, temperature, transform)
+
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(4, 5, generator=g, dtype=torch.float64) * 3 for _ in range(2)]
+    inp = StepInputs(None, torch.zeros(4, dtype=torch.long), z, 5)  # type: ignore[arg-type]
+    term = Distill("dml", Recording("pairwise", name="dml"), temperature=2.0, standardize=True)
+    q = term.targets(inp)
+    assert seen == [(2.0, standardize)]
+    want = torch.softmax(((z[1] - z[1].mean(1, keepdim=True)) / (1e-7 + z[1].std(1, keepdim=True))) / 2.0, dim=1)
+    torch.testing.assert_close(q[0][0], want, rtol=0, atol=1e-12)  # student 0 learns from its z-scored peer
+    with pytest.raises(ValueError, match="not made of logits"):
+        Distill("tfkd", Virtual(0.9, smooth=True), standardize=True)
+    with pytest.raises(ValueError, match="cannot be standardised"):
+        Virtual(0.9, smooth=True).targets(inp, 1.0, standardize)

@@ -1,14 +1,22 @@
 """Arithmetic on logits shared by several methods: per-sample standardisation and a batch-mean KL.
 
+Logit standardisation has one switch, :func:`logit_transform`: a term built with it applies the transform it
+returns to the student's logits and hands it to its signal, which applies it to the teacher's or the peers'
+logits before the temperature (``Signal.targets(inp, T, transform)``).
+
 Conventions: logits ``[B, K]``; "batchmean" = sum over classes, mean over the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from distillistic.core.precision import at_least_float32
+
+Transform = Callable[[Tensor], Tensor] | None  # applied to logits [..., K] before the temperature; None: as they are
 
 
 def kl_batchmean(q: Tensor, log_q: Tensor, log_p: Tensor) -> Tensor:
@@ -26,3 +34,9 @@ def standardize(z: Tensor, eps: float = 1e-7) -> Tensor:
     z = at_least_float32(z)
     std, mean = torch.std_mean(z, dim=-1, keepdim=True)
     return (z - mean) / (eps + std)
+
+
+def logit_transform(standardized: bool) -> Transform:
+    """The one switch of logit standardisation (``--logit-standardize``): :func:`standardize` or None (the logits
+    as they are), applied alike to the student's, the teacher's and the peers' logits."""
+    return standardize if standardized else None

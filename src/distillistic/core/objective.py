@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
-from distillistic.core.logits import standardize
+from distillistic.core.logits import logit_transform
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import Signal, StepInputs, Teaching
 
@@ -154,7 +154,8 @@ class Distill(Term):
     """``weight * D(signal || student; T)``: a divergence to a signal's target distribution.
 
     ``standardize`` (Sun et al. 2024, logit standardisation): the signal's logits and the student's logits ``z``
-    ``[B, K]`` are z-scored per sample before the temperature; the signal must have ``standardized_targets``.
+    ``[B, K]`` are z-scored per sample before the temperature (:func:`~distillistic.core.logits.logit_transform`,
+    handed to the signal); the signal must be made of logits (``Signal.of_logits``).
     """
 
     def __init__(self, name: str, signal: Signal, divergence: str = "kl", temperature: float = 1.0,
@@ -162,18 +163,16 @@ class Distill(Term):
         super().__init__(name, weight, distil=True, ramp=ramp)
         self.signal, self.divergence, self.temperature = signal, divergence, temperature
         self._fn = DIVERGENCES.get(divergence)
-        self.standardize = standardize
-        if standardize and not hasattr(signal, "standardized_targets"):
+        self.standardize, self.transform = standardize, logit_transform(standardize)
+        if standardize and not getattr(signal, "of_logits", False):
             raise ValueError(f"the signal of {name} is not made of logits: it cannot be standardised")
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
-        if self.standardize:
-            return self.signal.standardized_targets(inp, self.temperature)  # type: ignore[attr-defined]
-        return self.signal.targets(inp, self.temperature)
+        return self.signal.targets(inp, self.temperature, self.transform)
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:
         assert target is not None
-        return self._fn(target, standardize(z) if self.standardize else z, self.temperature)
+        return self._fn(target, self.transform(z) if self.transform else z, self.temperature)
 
     def describe(self) -> str:
         t = f"{self.temperature:g}"

@@ -22,17 +22,15 @@ runs, every teacher's outputs on the batch are read from its store or computed a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from distillistic.core.logits import standardize
+from distillistic.core.logits import Transform
 from distillistic.core.precision import at_least_float32
-
-Transform = Callable[[Tensor], Tensor] | None  # applied to a signal's logits [..., K] before the temperature
 
 
 class Views(Protocol):
@@ -92,9 +90,11 @@ class StepInputs:
 class Signal(Protocol):
     name: str
     pairwise: bool
+    of_logits: bool  # its targets are softened logits, which a transform (logit standardisation) may change
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """One detached ``[M, B, K]`` target per student."""
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        """One detached ``[M, B, K]`` target per student; ``transform`` (:func:`~distillistic.core.logits.
+        logit_transform`) is applied to the logits before the temperature."""
         ...
 
     def describe(self, temperature: float) -> str:
@@ -141,6 +141,7 @@ class Teacher:
     """
 
     pairwise = False
+    of_logits = True
 
     def __init__(self, model: nn.Module, view_size: int | None, channels: int,
                  store: TeacherOutputs | None = None, name: str = "teacher", key: str = "teacher",
@@ -193,14 +194,8 @@ class Teacher:
         """Its logits on an evaluation batch (the teacher evaluated as a model): read from the store or computed."""
         return self.compute(inp).logits
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        return self._targets(inp, temperature, None)
-
-    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """``softmax(zscore(t)/T)`` (logit standardisation, Sun et al. 2024)."""
-        return self._targets(inp, temperature, standardize)
-
-    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        """``softmax(t/T)``, or ``softmax(zscore(t)/T)`` with logit standardisation (Sun et al. 2024)."""
         t = self.logits(inp)
         q = torch.softmax((transform(t) if transform else t) / temperature, dim=-1).unsqueeze(0)
         return [q] * len(inp.logits)
@@ -217,6 +212,7 @@ class Teachers:
     """
 
     pairwise = False
+    of_logits = True
 
     def __init__(self, teachers: list[Teacher], weights: tuple[float, ...] = (), name: str = "teachers") -> None:
         if len(teachers) < 2:
@@ -227,15 +223,9 @@ class Teachers:
         self.teachers, self.name = teachers, name
         self.weights = [w / sum(raw) for w in raw]
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """One shared target ``[1, B, K]``: ``q = sum_j w_j softmax(t_j / T)`` (float32)."""
-        return self._targets(inp, temperature, None)
-
-    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """``sum_j w_j softmax(zscore(t_j) / T)``: each teacher standardised on its own (Sun et al. 2024)."""
-        return self._targets(inp, temperature, standardize)
-
-    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        """One shared target ``[1, B, K]``: ``q = sum_j w_j softmax(t_j / T)`` (float32); with logit
+        standardisation ``sum_j w_j softmax(zscore(t_j) / T)``, each teacher standardised on its own."""
         q: Tensor | None = None
         for teacher, w in zip(self.teachers, self.weights):
             t = teacher.logits(inp)

@@ -7,7 +7,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from distillistic.core.logits import standardize
+from distillistic.core.logits import logit_transform
 from distillistic.core.objective import Ramp, Term, constant
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import Signal, StepInputs
@@ -38,15 +38,20 @@ class TeacherLogitTerm(Term):
                  ramp: Ramp = constant) -> None:
         super().__init__(name, 1.0, distil=True, ramp=ramp)
         self.teacher, self.temperature, self.standardize = teacher, temperature, standardize
+        self.transform = logit_transform(standardize)  # logit standardisation's one switch
 
     def pair(self, z: Tensor, inp: StepInputs) -> tuple[Tensor, Tensor]:
         """``(z, t)``, both z-scored per sample when standardising."""
         t = self.teacher.logits(inp)
-        return (standardize(z), standardize(t)) if self.standardize else (z, t)
+        return (self.transform(z), self.transform(t)) if self.transform else (z, t)
+
+    def teacher_logits(self, inp: StepInputs) -> Tensor:
+        """The teacher's logits its monitored target softens: z-scored when standardising, else float32 at least."""
+        t = self.teacher.logits(inp)
+        return self.transform(t) if self.transform else at_least_float32(t)
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
-        t = self.teacher.logits(inp)
-        q = torch.softmax((standardize(t) if self.standardize else at_least_float32(t)) / self.temperature, dim=-1)
+        q = torch.softmax(self.teacher_logits(inp) / self.temperature, dim=-1)
         return [q.unsqueeze(0)] * len(inp.logits)
 
     def _suffix(self) -> str:

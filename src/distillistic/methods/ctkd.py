@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distillistic.config import Config
-from distillistic.core.logits import kl_batchmean, standardize
+from distillistic.core.logits import kl_batchmean
 from distillistic.core.objective import Term, epoch_progress
 from distillistic.core.precision import at_least_float32, loss_dtype
 from distillistic.core.signals import StepInputs
@@ -145,8 +145,7 @@ class CTKDTerm(TeacherLogitTerm):
         return self.temperatures[i](0.0).detach()
 
     def targets(self, inp: StepInputs) -> list[Tensor]:
-        t = self.teacher.logits(inp)
-        t = standardize(t) if self.standardize else at_least_float32(t)
+        t = self.teacher_logits(inp)
         return [torch.softmax(t / self.current(i), dim=-1).unsqueeze(0) for i in range(len(inp.logits))]
 
     def loss(self, i: int, z: Tensor, inp: StepInputs, target: Tensor | None) -> Tensor:

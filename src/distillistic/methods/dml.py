@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from distillistic.config import Config
-from distillistic.core.logits import standardize
+from distillistic.core.logits import Transform
 from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
-from distillistic.core.signals import StepInputs, Transform, soft
+from distillistic.core.signals import StepInputs, soft
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Setting
 
@@ -48,16 +48,11 @@ class Peers:
             raise ValueError(f"Peers mode must be pairwise or mean, not {mode!r}")
         self.mode, self.name = mode, name
         self.pairwise = mode == "pairwise"
+        self.of_logits = True
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        return self._targets(inp, temperature, None)
-
-    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """The peers' logits z-scored per sample before the temperature (Sun et al. 2024)."""
-        return self._targets(inp, temperature, standardize)
-
-    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
-        """Student ``i``'s targets: ``[M − 1, B, K]`` (pairwise) or ``[1, B, K]`` (mean); slices, no host lists."""
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        """Student ``i``'s targets: ``[M − 1, B, K]`` (pairwise) or ``[1, B, K]`` (mean); slices, no host lists.
+        With logit standardisation the peers' logits are z-scored per sample before the temperature."""
         n = len(inp.logits)
         if n < 2:
             raise ValueError("Peers needs a cohort of at least 2 students")

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillistic.config import Config
-from distillistic.core.logits import standardize
+from distillistic.core.logits import Transform
 from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
-from distillistic.core.signals import StepInputs, Transform
+from distillistic.core.signals import StepInputs
 from distillistic.methods.registry import Context, register_method
 from distillistic.methods.spec import LOGIT_STANDARDIZE, MethodSpec, Setting
 
@@ -53,18 +53,14 @@ class MinLogit:
     with ``--peer-views independent``)."""
 
     pairwise = False
+    of_logits = True
 
     def __init__(self, name: str = "kdcl") -> None:
         self.name = name
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        return self._targets(inp, temperature, None)
-
-    def standardized_targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
-        """The members' logits z-scored per sample before the min and the temperature (Sun et al. 2024)."""
-        return self._targets(inp, temperature, standardize)
-
-    def _targets(self, inp: StepInputs, temperature: float, transform: Transform) -> list[Tensor]:
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        """The shared target; with logit standardisation the members' logits are z-scored per sample before the
+        min and the temperature (Sun et al. 2024)."""
         if len(inp.logits) < 2:
             raise ValueError("KDCL needs a cohort of at least 2 students")
         z = torch.stack([at_least_float32(z.detach()) for z in inp.logits])

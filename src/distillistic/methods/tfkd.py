@@ -19,6 +19,7 @@ from torch import Tensor
 
 from distillistic.config import Config, default_of, student_archs
 from distillistic.core.divergences import DIVERGENCES, SYMBOLS
+from distillistic.core.logits import Transform
 from distillistic.core.objective import Distill, Term
 from distillistic.core.precision import at_least_float32
 from distillistic.core.signals import StepInputs, soft
@@ -73,6 +74,7 @@ class Virtual:
     """Tf-KD's hand-made teacher: ``p`` on the true class, ``(1 - p) / (K - 1)`` on every other."""
 
     pairwise = False
+    of_logits = False  # made from the labels: nothing to standardise
 
     def __init__(self, p: float, smooth: bool, name: str = "tfkd") -> None:
         self.p, self.smooth, self.name = p, smooth, name
@@ -83,7 +85,9 @@ class Virtual:
                        dtype=dtype)
         return v.scatter_(1, labels[:, None], self.p)
 
-    def targets(self, inp: StepInputs, temperature: float) -> list[Tensor]:
+    def targets(self, inp: StepInputs, temperature: float, transform: Transform = None) -> list[Tensor]:
+        if transform is not None:
+            raise ValueError("the virtual teacher is made of probabilities, not logits: it cannot be standardised")
         v = self.distribution(inp.labels, inp.num_classes, at_least_float32(inp.logits[0]).dtype)
         if self.smooth:
             v = torch.softmax(v / temperature, dim=-1)
