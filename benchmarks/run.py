@@ -149,14 +149,15 @@ def model_math(cfg: Any) -> tuple[Callable[[], dict[str, float]], str]:
     cfg = setup.resolve(cfg.replace(out="unused"))
     rt = resolve_runtime(cfg)
     task, extra = build_task(cfg, rt)
-    info, k = extra["data"], task.num_classes
+    info, k = extra.data, task.num_classes
     steps, batch = len(task.loaders["train"]), cfg.batch_size
     val_sizes = [len(b) for b in task.loaders["val"].sampler.batches(0)]
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     teachers = task.teachers or ([task.teacher] if task.teacher is not None else [])
     by_name = {s.name: s for s in task.students}
-    read = {id(model) for term in task.objective.extra for _, _, model in term.members()}  # a term's targets
+    read = {id(model) for term in task.objective.extra for companion in term.companions
+            for _, _, model in companion.members()}  # the companions a term reads (its targets)
     # (copy, the student it follows, whether a term reads it in training)
     copies = [(m, by_name[m.follows], id(m.raw) in read) for m in task.members if m.follows is not None]
     evaluated = [*task.students, *task.members]
