@@ -12,6 +12,9 @@ too (:class:`CrossEntropy`). Two compositions set the weights:
   distillation weight ``a`` (alpha) optionally warmed up from 0 over a share of training;
 * ``sum``: ``L = sum_k w_k(p) * term_k``, each term with its own weight and ramp (``CE + b X + g Y``).
 
+:meth:`Objective.compose` is the one place a method's terms are weighed (the registry passes it the method's
+composition, α and the authors' own weights, if any).
+
 Terms are modules: a term may own trainable parameters per student (an adapter, a temperature), which
 join that student's optimizer, and state (a memory bank), which goes into the checkpoint; after every
 optimizer step each term's :meth:`Term.after_step` runs (memory banks, schedules).
@@ -20,6 +23,7 @@ A :class:`Companion` teaches nothing and has no weight: it is kept beside the st
 :mod:`distillistic.core.ema`), updated after every optimizer step, evaluated and exported as a model of its
 own. The objective owns its companions (their state is in its state dict); a term that reads one (PCL's
 temporal mean teachers) is given it when it is built and lists it in :attr:`Term.companions`.
+
 A training step makes one call, :meth:`Objective.step`: the teaching stage, every term's targets and each
 student's ``{"loss", "ce", <term>: scalar}`` (a :class:`StepLosses`, as timm's distillation task's forward
 returns its loss and named parts); after the optimizer step, :meth:`Objective.after_step`.
@@ -213,6 +217,23 @@ class Objective(nn.Module):
         self.companions = nn.ModuleList(dict.fromkeys([*companions, *read]))
         self.alpha = alpha if terms else 0.0
         self.alpha_warmup, self.composition = alpha_warmup, composition
+
+    @classmethod
+    def compose(cls, terms: tuple[Term, ...], composition: Literal["thesis", "sum"], alpha: float,
+                alpha_warmup: float = 0.0, own_weights: tuple[float, float] | None = None, ce: Term | None = None,
+                companions: tuple[Companion, ...] = (), teaching: Teaching | None = None) -> Objective:
+        """The one place a method's terms are weighed: the thesis's ``(1 - a)·CE + a·Σ w_k·term_k`` (``a`` warmed up
+        over ``alpha_warmup``), a ``sum`` of the terms' own weights, or the authors' ``w_CE·CE + w·term`` when
+        ``own_weights`` (their ``(w_CE, w)``, the user having set no α) do not sum to 1 (then there is no α)."""
+        if own_weights is not None and not math.isclose(sum(own_weights), 1.0) and terms:
+            ce = ce if ce is not None else CrossEntropy()
+            ce.weight = own_weights[0]
+            for term in terms:
+                term.weight = own_weights[1]
+            return cls(terms, 0.0, 0.0, "sum", ce=ce, companions=companions, teaching=teaching)
+        thesis = composition == "thesis"
+        return cls(terms, alpha if terms and thesis else 0.0, alpha_warmup, composition, ce=ce, companions=companions,
+                   teaching=teaching)
 
     @property
     def extra(self) -> list[Term]:

@@ -26,7 +26,7 @@ from distillistic import config as config_mod
 from distillistic.config import THESIS_ALPHA, Config
 from distillistic.core.ema import EmaCopies
 from distillistic.core.features import FeatureProbe
-from distillistic.core.objective import CrossEntropy, Objective, Term
+from distillistic.core.objective import Objective, Term
 from distillistic.core.signals import Signal, Teaching
 from distillistic.errors import ConfigError, UserError
 from distillistic.methods import catalogue
@@ -172,17 +172,9 @@ class Method:
         ce = self.supervised(cfg) if self.supervised is not None else None
         companions = (EmaCopies(cfg.ema),) if cfg.ema is not None else ()  # --ema: an EMA copy of every student
         teaching = Teaching.of(ctx.teacher)  # the frozen teachers' forward: a step's first stage
-        own = self._own_weights(cfg)
-        if own is not None and not math.isclose(sum(own), 1.0) and terms:  # the authors' w_CE·CE + w·term
-            ce = ce if ce is not None else CrossEntropy()
-            ce.weight = own[0]
-            for term in terms:
-                term.weight = own[1]
-            return Objective(terms, 0.0, 0.0, "sum", ce=ce, companions=companions, teaching=teaching)
         alpha = cfg.alpha if cfg.alpha is not None else (self._default_alpha(cfg) or THESIS_ALPHA)
-        thesis = self.spec.composition == "thesis"
-        return Objective(terms, alpha if terms and thesis else 0.0, cfg.alpha_warmup, self.spec.composition, ce=ce,
-                         companions=companions, teaching=teaching)
+        return Objective.compose(terms, self.spec.composition, alpha, cfg.alpha_warmup, self._own_weights(cfg),
+                                 ce=ce, companions=companions, teaching=teaching)
 
 
 def _not_read(key: str, spec: MethodSpec) -> str:
