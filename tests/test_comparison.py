@@ -282,9 +282,11 @@ def test_sum_of_parts_table_and_verdict(tmp_path: Path) -> None:
     assert "+3.00 [+3.00, +3.00] ✱" in rows[("dml3", "cohort mean")]
     assert "| 6 G |" in rows[("kd", "student")]  # 1 G of its own and 5 G of its teacher's training
     assert "ref." in rows[("alone", "student")]
-    assert "(dml3: 84.00 %) beats one student given the whole budget (81.00 %" in verdict
-    assert "KD with its teacher's training) it beats wide3, kd (wide3 82.00 %, kd 80.00 %)" in verdict
-    assert "(dml3: 85.00 %) against the best ensemble of independent students (indep3: 80.00 %): greater" in verdict
+    assert "(dml3: 84.00 %) beats one student given the whole budget (81.00 %; beyond the seeds' noise" in verdict
+    assert "KD with its teacher's training) it beats wide3, kd beyond the seeds' noise (wide3 82.00 %, Δ +2.00 " \
+           "[+2.00, +2.00] pp; kd 80.00 %, Δ +4.00 [+4.00, +4.00] pp)" in verdict
+    assert "(dml3: 85.00 %) against the best ensemble of independent students (indep3: 80.00 %): greater, " \
+           "beyond the seeds' noise (Δ +5.00 [+5.00, +5.00] pp" in verdict
     assert verdict.endswith("the cohort is greater than the sum of its parts here, at its cost.")
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from _util import run_cli
+from distillistic.experiments import claim_tables as tables
 from distillistic.experiments import reproduce as rp
 from distillistic.experiments.results import Group, Run
 
@@ -28,48 +29,91 @@ def _run(label_seed: int, top1: float, conf: float, history: list[dict[str, Any]
 
 def test_smoothing_table_reads_the_confidence_gap_and_its_sign() -> None:
     smooth = Group({"algo": "tfkd", "virtual_smooth": True},
-                   [_run(s, 0.90, 0.80, algo="tfkd") for s in range(3)], "algo=tfkd, virtual_smooth=true")
+                   [_run(s, 0.90, 0.80 - s / 100, algo="tfkd") for s in range(3)], "algo=tfkd, virtual_smooth=true")
     calib = Group({"algo": "tfkd", "virtual_smooth": False},
                   [_run(s, 0.90, 0.91, algo="tfkd") for s in range(3)], "algo=tfkd, virtual_smooth=false")
-    lines, verdict = rp._smoothing([smooth, calib])
-    assert "-10.00" in "\n".join(lines)  # confidence 0.80 at accuracy 0.90: 10 pp under-confident
-    assert "under-confident (-10.00 pp)" in verdict
+    lines, verdict = tables.smoothing([smooth, calib])
+    assert "-11.00 ± 1.00" in "\n".join(lines)  # confidence 0.80, 0.79, 0.78 at accuracy 0.90: 10-12 pp under
+    # Every seed's gap is below 0 and every calibrated |gap| (1 pp) below the smoothed one's (10-12 pp): with 3
+    # seeds the percentile interval runs from the smallest to the largest difference, so both exclude 0.
+    assert "under-confident, beyond the seeds' noise (Δ -11.00 [-12.00, -10.00] pp" in verdict
+    assert "minus the smoothed one's: beyond the seeds' noise (Δ -10.00 [-11.00, -9.00] pp" in verdict
     assert "the claim holds" in verdict
     # Swap the two: the smoothed teacher is now the calibrated one, and the verdict says the claim failed.
     smooth.runs, calib.runs = calib.runs, smooth.runs
-    assert "does not hold" in rp._smoothing([smooth, calib])[1]
+    assert "does not hold" in tables.smoothing([smooth, calib])[1]
+
+
+def test_smoothing_within_noise_does_not_hold() -> None:
+    """The calibrated students closer to calibration on average, but not on every seed: within the noise."""
+    smooth = Group({"algo": "tfkd", "virtual_smooth": True},
+                   [_run(s, 0.90, c, algo="tfkd") for s, c in enumerate((0.85, 0.80, 0.88))], "tfkd_smoothed")
+    calib = Group({"algo": "tfkd", "virtual_smooth": False},  # |gaps| 0.01, 0.01, 0.04 against 0.05, 0.10, 0.02
+                  [_run(s, 0.90, c, algo="tfkd") for s, c in enumerate((0.89, 0.91, 0.86))], "tfkd_calibrated")
+    verdict = tables.smoothing([smooth, calib])[1]
+    assert "minus the smoothed one's: within the seeds' noise (Δ -3.67 [-9.00, +2.00] pp" in verdict
+    assert "the claim does not hold" in verdict
+
+
+def _history(vals: list[float], kl: float | None) -> list[dict[str, Any]]:
+    rows = [{"split": "val", "model": "student0", "top1": v, "epoch": e} for e, v in enumerate(vals)]
+    if kl is not None:
+        rows.append({"split": "train", "model": "cohort", "pairwise_kl": kl})
+    return rows
 
 
 def test_instability_measures_epoch_to_epoch_changes_and_peer_disagreement() -> None:
-    def history(vals: list[float], kl: float | None) -> list[dict[str, Any]]:
-        rows = [{"split": "val", "model": "student0", "top1": v, "epoch": e} for e, v in enumerate(vals)]
-        if kl is not None:
-            rows.append({"split": "train", "model": "cohort", "pairwise_kl": kl})
-        return rows
-
-    dml = Group({"algo": "dml"}, [_run(0, 0.9, 0.9, history([0.5, 0.7, 0.6], 0.2), cohort=True)], "algo=dml")
-    kd = Group({"algo": "kd"}, [_run(0, 0.9, 0.9, history([0.5, 0.55, 0.6], None))], "algo=kd")
-    pcl_rows = history([0.5, 0.6, 0.65], 0.1) + [  # the EMA copy's rows do not count: smooth by construction
+    dml = Group({"algo": "dml"}, [_run(s, 0.9, 0.9, _history([0.5, 0.7 + s / 100, 0.6], 0.2), cohort=True)
+                                  for s in range(3)], "dml")
+    kd = Group({"algo": "kd"}, [_run(s, 0.9, 0.9, _history([0.5, 0.55, 0.6], None)) for s in range(3)], "kd")
+    pcl_rows = _history([0.5, 0.6, 0.65], 0.1) + [  # the EMA copy's rows do not count: smooth by construction
         {"split": "val", "model": "student0_ema", "top1": v, "epoch": e} for e, v in enumerate([0.1, 0.9, 0.1])]
-    pcl = Group({"algo": "pcl"}, [_run(0, 0.9, 0.9, pcl_rows, cohort=True)], "algo=pcl")
-    assert rp._oscillation(dml.runs[0]) == pytest.approx(0.15)  # (0.2 + 0.1) / 2
-    assert rp._oscillation(kd.runs[0]) == pytest.approx(0.05)
-    assert rp._oscillation(pcl.runs[0]) == pytest.approx(0.075)
-    _lines, verdict = rp._instability([kd, dml, pcl])
-    assert "DML is less stable than KD" in verdict
-    assert "15.00" in verdict
-    assert "5.00" in verdict
-    assert "7.50" in verdict
-    assert "mean teachers steady the cohort" in verdict
+    pcl = Group({"algo": "pcl"}, [_run(s, 0.9, 0.9, pcl_rows, cohort=True) for s in range(3)], "pcl")
+    assert tables.oscillation(dml.runs[0]) == pytest.approx(0.15)  # (0.2 + 0.1) / 2
+    assert tables.oscillation(dml.runs[2]) == pytest.approx(0.17)  # (0.22 + 0.12) / 2
+    assert tables.oscillation(kd.runs[0]) == pytest.approx(0.05)
+    assert tables.oscillation(pcl.runs[0]) == pytest.approx(0.075)
+    lines, verdict = tables.instability([kd, dml, pcl])
+    rows = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| ")}
+    assert "| ref. | – | ref. | – |" in rows["kd"]
+    assert "+11.00 [+10.00, +12.00] ✱" in rows["dml"]  # 0.15, 0.16, 0.17 against 0.05 on every seed
+    assert "DML's students move 16.00 pp per epoch on val against KD's 5.00" in verdict
+    assert "DML is less stable than KD here, the difference being beyond the seeds' noise (Δ +11.00" in verdict
+    assert "PCL's students move 7.50 pp: its mean teachers steady the cohort (PCL minus DML: beyond" in verdict
+    # KD's students oscillating as much as DML's on one seed, less on another: within the noise.
+    kd.runs = [_run(s, 0.9, 0.9, _history([0.5, 0.5 + d, 0.6], None)) for s, d in enumerate((0.3, 0.1, 0.0))]
+    verdict = tables.instability([kd, dml, pcl])[1]
+    assert "DML is not less stable than KD here, the difference being within the seeds' noise" in verdict
 
 
 def test_hinton_verdict_says_when_kd_does_not_win() -> None:
-    base = Group({"algo": "baseline"}, [_run(s, 0.95, 0.95) for s in range(2)], "algo=baseline")
-    kd = Group({"algo": "kd"}, [_run(s, 0.93, 0.93) for s in range(2)], "algo=kd")
-    assert "does not beat" in rp._hinton([base, kd])[1]
-    kd.runs = [_run(s, 0.97, 0.97) for s in range(2)]
-    assert "beats" in rp._hinton([base, kd])[1]
-    assert "does not" not in rp._hinton([base, kd])[1]
+    base = Group({"algo": "baseline"}, [_run(s, 0.95, 0.95) for s in range(3)], "baseline")
+    kd = Group({"algo": "kd"}, [_run(s, 0.93, 0.93) for s in range(3)], "kd")
+    lines, verdict = tables.hinton([base, kd])
+    assert "does not beat" in verdict
+    assert "| kd | 93.00 ± 0.00 | 0.00 ± 0.00 | 0.30 ± 0.00 | -2.00 [-2.00, -2.00] ✱ | < 0.001 |" in "\n".join(lines)
+    kd.runs = [_run(s, 0.97, 0.97) for s in range(3)]
+    assert "beats the student trained alone here (97.00 vs 95.00 %" in tables.hinton([base, kd])[1]
+    assert "does not" not in tables.hinton([base, kd])[1]
+    # Better on average (+1 pp) but worse on one seed: the interval holds 0, KD is not said to win.
+    kd.runs = [_run(s, 0.95 + d, 0.95 + d) for s, d in enumerate((0.03, 0.01, -0.01))]
+    verdict = tables.hinton([base, kd])[1]
+    assert "KD does not beat the student trained alone" in verdict
+    assert "within the seeds' noise (Δ +1.00 [-1.00, +3.00] pp" in verdict
+
+
+def test_cross_quality_pairs_each_cell_with_the_baseline_of_its_size() -> None:
+    def cell(algo: str, px: int, top1s: tuple[float, ...]) -> Group:
+        return Group({"algo": algo, "student_resolution": px},
+                     [_run(s, t, t, algo=algo) for s, t in enumerate(top1s)], f"{algo}, student_resolution={px}")
+
+    groups = [cell("baseline", 7, (0.90, 0.91, 0.92)), cell("kd", 7, (0.91, 0.90, 0.93)),  # +1, -1, +1
+              cell("baseline", 14, (0.80, 0.81, 0.82)), cell("kd", 14, (0.92, 0.93, 0.94))]  # +12 on each seed
+    lines, verdict = tables.cross_quality(groups)
+    rows = {ln.split(" | ")[0][2:]: ln for ln in lines if ln.startswith("| ")}
+    assert "| +0.33 [-1.00, +1.00] |" in rows["kd, student_resolution=7"]  # paired with the 7 px baseline
+    assert "| +12.00 [+12.00, +12.00] ✱ |" in rows["kd, student_resolution=14"]  # and not with the 7 px one
+    assert "beats the student alone beyond the seeds' noise at 1 of 2 student sizes (7 px: within" in verdict
 
 
 def test_every_claim_expands_into_valid_cells() -> None:
@@ -134,19 +178,22 @@ def test_calibrated_teacher_verdict_names_the_temperature_and_what_calibrating_d
     raw = Group({"algo": "kd"}, [_kd_run(s, top1, 0.02) for s, top1 in enumerate((0.90, 0.91, 0.92))], "kd")
     cal = Group({"algo": "kd", "teacher_calibration": "temperature"},
                 [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.94, 0.95, 0.96))], "kd_calibrated")
-    lines, verdict = rp._calibrated_teacher([raw, cal])
+    lines, verdict = tables.calibrated_teacher([raw, cal])
     table = "\n".join(lines)
-    assert "| kd_calibrated | 1.60 ± 0.00 | 1.00 ± 0.00 | 95.00 ± 1.00 | 2.00 ± 0.00 |" in table
-    assert "| kd | – | 3.00 ± 0.00 | 91.00 ± 1.00 |" in table  # the raw teacher's ECE beside the calibrated one's
+    assert "| kd_calibrated | 1.60 ± 0.00 | 1.00 ± 0.00 | 95.00 ± 1.00 | 2.00 ± 0.00 | 0.30 ± 0.00 | " \
+           "+4.00 [+4.00, +4.00] ✱ | < 0.001 | +0.00 [+0.00, +0.00] | – |" in table
+    assert "| kd | – | 3.00 ± 0.00 | 91.00 ± 1.00 | 2.00 ± 0.00 | 0.30 ± 0.00 | ref. | – | ref. | – |" in table
     assert "fitted temperature is 1.60 (over-confident" in verdict
-    assert "top-1 by +4.00 pp" in verdict
-    assert "helped accuracy" in verdict  # +4 pp against a spread of 1 pp
-    assert "made no difference beyond the seeds' spread to calibration" in verdict  # ECE equal
-    # within the seeds' spread: no effect claimed
-    cal.runs = [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.905, 0.915, 0.925))]
-    assert "made no difference beyond the seeds' spread to accuracy" in rp._calibrated_teacher([raw, cal])[1]
+    assert "test top-1 beyond the seeds' noise (Δ +4.00 [+4.00, +4.00] pp" in verdict
+    assert "helped accuracy" in verdict  # +4 pp on every seed
+    assert "made no difference beyond the seeds' noise to calibration" in verdict  # ECE equal
+    # +1.5, -0.5, +0.5 pp: better on average, not on every seed: no effect claimed
+    cal.runs = [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.915, 0.905, 0.925))]
+    verdict = tables.calibrated_teacher([raw, cal])[1]
+    assert "made no difference beyond the seeds' noise to accuracy" in verdict
+    assert "within the seeds' noise (Δ +0.50 [-0.50, +1.50] pp" in verdict
     cal.runs = [_kd_run(s, top1, 0.02, t_cal=1.6) for s, top1 in enumerate((0.85, 0.86, 0.87))]
-    assert "hurt accuracy" in rp._calibrated_teacher([raw, cal])[1]
+    assert "hurt accuracy" in tables.calibrated_teacher([raw, cal])[1]
 
 
 @pytest.mark.e2e

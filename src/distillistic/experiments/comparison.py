@@ -79,18 +79,14 @@ def paired_rows(items: Sequence[Entry], groups: Sequence[Group], reference: str,
                             lambda run: (run.metrics(run.kinds[0], "test") or {}).get(metric))
         out[i] = paired.differences(a, b)
         out[i].label = ref.label  # what it was compared with
-    for result, adjusted in zip(out.values(), paired.holm([r.p for r in out.values()])):
-        result.p_holm = adjusted
+    paired.holm_fill(out.values())
     return out
 
 
 def _difference(result: paired.Paired | None, is_reference: bool, several: bool) -> list[str]:
     """A row's Δ and p cells; ``several``: more than one cell bears the reference's name, so say which one."""
-    if result is None:
-        return ["ref." if is_reference else "–", "–"]
-    mark = " ✱" if result.excludes_zero else ""
-    which = f" (vs {result.label})" if several else ""
-    return [paired.interval_text(result) + mark + which, paired.p_text(result.p_holm)]
+    delta, p = paired.columns(result, is_reference)
+    return [delta + (f" (vs {result.label})" if result is not None and several else ""), p]
 
 
 def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> list[str]:
@@ -98,7 +94,8 @@ def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> li
     items = entries(groups)
     marks = pareto_marks(items, axis)
     diffs = {m: paired_rows(items, groups, reference, m) for m in ("top1", "ece")}
-    several = sum(1 for g in groups if reference in (g.settings.get("variant"), g.label, g.settings.get("algo"))) > 1
+    refs = paired.named(groups, reference)
+    several = len(refs) > 1
     head = ["cell", "model", "n", "top-1 (%)", "ECE (%)", "params", "FLOPs/img", "latency ms p50 / p90",
             "train FLOPs (method)", "teacher's own training FLOPs", "train s (method)", f"Pareto ({axis})",
             f"Δ top-1 vs {reference} (pp) [95 % CI]", "p (Holm)", f"Δ ECE vs {reference} (pp) [95 % CI]", "p (Holm)"]
@@ -112,14 +109,10 @@ def comparison_section(groups: Sequence[Group], axis: str, reference: str) -> li
                  si(e.stat(lambda run: run.summary.get("train_flops"))[0]), si(teacher),
                  pm(*e.stat(lambda run: run.summary.get("train_seconds")), 1.0, 1), "◆" if optimal else ""]
         for m in ("top1", "ece"):
-            cells += _difference(diffs[m].get(i), _is_reference(e, reference), several)
+            cells += _difference(diffs[m].get(i), any(e.group is g for g in refs), several)
         lines.append("| " + " | ".join(cells) + " |")
     return [f"## Comparison: costs, Pareto front ({AXES[axis]}), paired differences to `{reference}`", "",
             *lines, "", *_legend(axis, reference, items, diffs), ""]
-
-
-def _is_reference(e: Entry, reference: str) -> bool:
-    return reference in (e.group.settings.get("variant"), e.label, e.group.settings.get("algo"))
 
 
 def _legend(axis: str, reference: str, items: Sequence[Entry],

@@ -15,8 +15,10 @@ from typing import Any
 
 from distillistic.config import Config
 from distillistic.errors import shown
-from distillistic.experiments.report import finished_summary, format_table, summarize_runs, write_report
-from distillistic.experiments.results import mean_std, pm
+from distillistic.experiments import paired
+from distillistic.experiments.comparison import Entry, entries, paired_rows
+from distillistic.experiments.report import find_runs, finished_summary, group_runs, write_report
+from distillistic.experiments.results import Group, mean_std, pm
 from distillistic.fileio import atomic_write_json
 
 log = logging.getLogger("distillistic")
@@ -95,10 +97,48 @@ def run_demo(out: str, seeds: int = 3, epochs: int = 5, algos: list[str] | None 
             runs.setdefault(label, []).append(folder)
             log.info("[%*d/%d] %s", len(str(total)), done, total, _run_line(label, seed, folder,
                                                                               time.perf_counter() - started))
-    text = format_table(summarize_runs(runs)) + _teacher_line(runs)
+    text = paired_table([p for folders in runs.values() for p in folders]) + _teacher_line(runs)
     if report:
         write_report([out])
     return text
+
+
+def paired_table(folders: list[Path], reference: str = "baseline") -> str:
+    """The demo's table: each algorithm over its seeds (a cohort twice: its students' mean and its ensemble),
+    with its paired difference to ``reference`` in test top-1 and ECE, and what the differences say."""
+    groups = sorted(group_runs(find_runs(folders)[0]), key=_place)
+    items = entries(groups)
+    diffs = [paired_rows(items, groups, reference, m) for m in ("top1", "ece")]
+    refs = paired.named(groups, reference)
+    head = ["algorithm", "n", "test top-1 (%)", "ECE (%)", "NLL", "entropy (nats)",
+            f"Δ top-1 vs {reference} (pp) [95 % CI]", "p (Holm)", f"Δ ECE vs {reference} (pp) [95 % CI]",
+            "p (Holm)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for i, e in enumerate(items):
+        cells = [_name(e), str(len(e.runs)), pm(*e.stat(e.metric("top1")), 100.0), pm(*e.stat(e.metric("ece")), 100.0),
+                 pm(*e.stat(e.metric("nll")), 1.0, 3), pm(*e.stat(e.metric("entropy")), 1.0, 3)]
+        cells += [c for d in diffs for c in paired.columns(d.get(i), any(e.group is g for g in refs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not diffs[0]:
+        return "\n".join(lines) + f"\n\nNo paired differences: no `{reference}` cell shares seeds with the others."
+    return "\n".join([*lines, "", paired.legend(reference), "", _noise_line(items, diffs[0], reference)])
+
+
+def _place(group: Group) -> int:
+    labels = list(DEMO_ALGOS)
+    return labels.index(group.label) if group.label in labels else len(labels)
+
+
+def _name(e: Entry) -> str:
+    return e.label if e.kind == "student" else f"{e.label} ({e.kind})"
+
+
+def _noise_line(items: list[Entry], diffs: dict[int, paired.Paired], reference: str) -> str:
+    """Which rows differ from the reference in test top-1 beyond the seeds' noise, and which within it."""
+    beyond = [f"{_name(items[i])} ({100 * d.mean:+.2f} pp)" for i, d in diffs.items() if d.excludes_zero]
+    within = [f"{_name(items[i])} ({100 * d.mean:+.2f} pp)" for i, d in diffs.items() if not d.excludes_zero]
+    return (f"Test top-1 against {reference}, paired by seed: beyond the seeds' noise: {', '.join(beyond) or 'none'}; "
+            f"within it: {', '.join(within) or 'none'}.")
 
 
 def _run_line(label: str, seed: int, folder: Path, seconds: float) -> str:

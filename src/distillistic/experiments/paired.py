@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,10 +107,17 @@ def pairs(cell: Group, reference: Group, value: Callable[[Run], float | None],
     return a, b
 
 
+def named(groups: Sequence[Group], name: str) -> list[Group]:
+    """The cells called ``name``: those whose variant or label is ``name``, else those of algorithm ``name``
+    (so that ``kd`` names the cell ``kd`` and not ``kd_calibrated``, which is KD too)."""
+    exact = [g for g in groups if name in (g.settings.get("variant"), g.label)]
+    return exact or [g for g in groups if g.settings.get("algo") == name]
+
+
 def choose_reference(groups: Sequence[Group], name: str) -> dict[int, Group]:
-    """For each cell (by index), the reference cell it is compared with: a cell named ``name`` (its variant,
-    label or algorithm) that shares the most settings with it; none where two candidates tie."""
-    candidates = [g for g in groups if name in (g.settings.get("variant"), g.label, g.settings.get("algo"))]
+    """For each cell (by index), the reference cell it is compared with: a cell called ``name`` (:func:`named`)
+    that shares the most settings with it; none where two candidates tie."""
+    candidates = named(groups, name)
     chosen: dict[int, Group] = {}
     if not candidates:  # no cell of that name (e.g. a tune or sweep without the baseline): nothing to pair with
         return chosen
@@ -140,3 +147,49 @@ def interval_text(p: Paired, scale: float = 100.0, digits: int = 2) -> str:
 
 def p_text(p: float) -> str:
     return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def holm_fill(results: Iterable[Paired]) -> None:
+    """Set every result's ``p_holm``: Holm's correction over ``results`` (one family)."""
+    kept = list(results)
+    for result, adjusted in zip(kept, holm([r.p for r in kept])):
+        result.p_holm = adjusted
+
+
+def compare(groups: Sequence[Group], reference: str, value: Callable[[Run], float | None]) -> dict[int, Paired]:
+    """Each cell's (by index) paired difference in ``value`` to its reference cell (:func:`choose_reference`),
+    Holm-corrected over the compared cells; the reference cells themselves are not compared."""
+    out: dict[int, Paired] = {}
+    for i, ref in choose_reference(groups, reference).items():
+        out[i] = differences(*pairs(groups[i], ref, value))
+        out[i].label = ref.label
+    holm_fill(out.values())
+    return out
+
+
+def columns(result: Paired | None, is_reference: bool, scale: float = 100.0, digits: int = 2) -> list[str]:
+    """A table row's two cells: ``Δ [95 % CI]`` (✱ when the interval excludes 0) and the Holm p value;
+    ``ref.`` for the reference cell, ``–`` for a cell with nothing to pair with."""
+    if result is None:
+        return ["ref." if is_reference else "–", "–"]
+    return [interval_text(result, scale, digits) + (" ✱" if result.excludes_zero else ""), p_text(result.p_holm)]
+
+
+def noise(result: Paired | None, unit: str = "pp", scale: float = 100.0, digits: int = 2) -> str:
+    """How a difference stands against the seeds' noise, in words a verdict can quote:
+    ``beyond the seeds' noise (Δ +0.86 [+0.70, +1.00] pp, p 0.041 Holm)``, or ``within the seeds' noise (…)``."""
+    if result is None or not math.isfinite(result.mean):
+        return "not measured (no seeds shared with the reference)"
+    if result.n < 2:
+        return f"not judged against noise (one seed: Δ {interval_text(result, scale, digits)} {unit})"
+    where = "beyond" if result.excludes_zero else "within"
+    return f"{where} the seeds' noise (Δ {interval_text(result, scale, digits)} {unit}, p {p_text(result.p_holm)} Holm)"
+
+
+def legend(reference: str) -> str:
+    """The sentence under a table with paired columns: what Δ, the interval, p and ✱ are."""
+    return (f"Δ: the cell minus `{reference}` on the same seeds (paired run by run); 95 % interval: "
+            f"scipy.stats.bootstrap (percentile, {RESAMPLES:,d} resamples) of the mean paired difference; p: "
+            f"{TEST_NAME}, one family per column. ✱: the interval excludes 0 (beyond the seeds' noise). With 3 "
+            "seeds the interval runs from the smallest to the largest paired difference, so it excludes 0 exactly "
+            "when every seed's difference has the same sign: read it as coarse, and the p value beside it.")

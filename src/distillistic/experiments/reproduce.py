@@ -15,20 +15,18 @@ such, never hidden.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distillistic.errors import UserError
+from distillistic.experiments import claim_tables as tables
 from distillistic.experiments import sum_of_parts
 from distillistic.experiments.dml_identity import dml_identity
 from distillistic.experiments.report import find_runs, group_runs, write_report
-from distillistic.experiments.results import Group, Run, mean_std, pm
+from distillistic.experiments.results import Group
 from distillistic.experiments.sweep import describe, run_sweep
 from distillistic.fileio import atomic_write_text
 
@@ -36,7 +34,7 @@ log = logging.getLogger("distillistic")
 MNIST_T10K = Path("../shared/datasets/mnist-t10k")
 SEEDS = [0, 1, 2]
 
-Table = Callable[[list[Group]], tuple[list[str], str]]  # groups -> (markdown lines, verdict)
+Table = Callable[[list[Group], str], tuple[list[str], str]]  # (groups, reference) -> (markdown lines, verdict)
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ class Claim:
     grid: Mapping[str, Sequence[Any]] | None = None
     full: Mapping[str, Any] | None = None  # the thesis-scale overrides (``--full``)
     measure: Callable[[Mapping[str, Any]], tuple[list[str], str]] | None = None  # instead of a sweep: base -> table
-    reference: str | None = None  # the report's paired reference cell (default: the baseline)
+    reference: str = "baseline"  # the cell every other is paired with, in the claim's table and its report
     # A teacher of the claim's own, trained first as a baseline run with these keys (on top of the claim's data
     # and optimiser) into ``<out>/<claim>/teacher``; every cell reads it as ``teacher_weights``.
     teacher_run: Mapping[str, Any] | None = None
@@ -81,221 +79,36 @@ TEACHER = {"teacher": "cnn_wide", "teacher_weights": "train", "teacher_epochs": 
 OVERCONFIDENT_TEACHER = {"model": "mlp", "epochs": 30, "weight_decay": 0.0}
 
 
-# --- what each claim's table reads ---------------------------------------------------------------------
-
-
-def _test(run: Run) -> dict[str, Any]:
-    """The run's student test metrics (a cohort: the mean of its students)."""
-    if run.cohort:
-        return dict((run.summary.get("cohort_mean") or {}).get("test") or {})
-    return dict((run.summary["models"].get("student") or {}).get("test") or {})
-
-
-def _confidence_gap(run: Run) -> float | None:
-    """Mean confidence minus accuracy on test (> 0 over-confident, < 0 under-confident), students pooled."""
-    gaps = []
-    for name in run.students:
-        test = run.summary["models"][name].get("test") or {}
-        rel = test.get("reliability")
-        if not rel:
-            continue
-        n = sum(rel["count"])
-        conf = sum(c * f for c, f in zip(rel["count"], rel["confidence"]) if c) / max(n, 1)
-        gaps.append(conf - test["top1"])
-    return statistics.fmean(gaps) if gaps else None
-
-
-def _stat(group: Group, fn: Callable[[Run], float | None], scale: float = 100.0) -> tuple[str, float]:
-    mean, std, _ = mean_std(fn(r) for r in group.runs)
-    return pm(mean, std, scale), mean
-
-
-def _metric(key: str) -> Callable[[Run], float | None]:
-    return lambda run: _test(run).get(key)
-
-
-def _teacher_top1(groups: list[Group]) -> str:
-    values = [((r.summary["models"].get("teacher") or {}).get("test") or {}).get("top1")
-              for g in groups for r in g.runs]
-    mean, std, n = mean_std(values)
-    return pm(mean, std, 100.0) if n else "–"
-
-
-def _header(cols: Sequence[str]) -> list[str]:
-    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-
-def _hinton(groups: list[Group]) -> tuple[list[str], str]:
-    lines = _header(["cell", "test top-1 %", "test ECE %", "test NLL", "seeds"])
-    top1 = {}
-    for g in groups:
-        text, top1[g.label] = _stat(g, _metric("top1"))
-        lines.append(f"| {g.label} | {text} | {_stat(g, _metric('ece'))[0]} | "
-                     f"{_stat(g, _metric('nll'), 1.0)[0]} | {g.seeds} |")
-    lines.append(f"\nTeacher test top-1: {_teacher_top1(groups)} %.")
-    kd = next((v for k, v in top1.items() if "kd" in k), math.nan)
-    base = next((v for k, v in top1.items() if "baseline" in k), math.nan)
-    held = kd > base
-    verdict = (f"KD {'beats' if held else 'does not beat'} the student trained alone here "
-               f"({100 * kd:.2f} vs {100 * base:.2f} % mean test top-1).")
-    return lines, verdict
-
-
-def _smoothing(groups: list[Group]) -> tuple[list[str], str]:
-    lines = _header(["cell", "test top-1 %", "test ECE %", "entropy", "confidence − accuracy (pp)",
-                     "signal entropy", "seeds"])
-    gaps = {}
-    for g in groups:
-        gap, gaps[g.label] = _stat(g, _confidence_gap)
-        signal = _stat(g, lambda r: _last_train(r, "tfkd_target_entropy"), 1.0)[0]
-        lines.append(f"| {g.label} | {_stat(g, _metric('top1'))[0]} | {_stat(g, _metric('ece'))[0]} | "
-                     f"{_stat(g, _metric('entropy'), 1.0)[0]} | {gap} | {signal} | {g.seeds} |")
-    smooth = next((v for k, v in gaps.items() if "smooth=true" in k or "smoothed" in k), math.nan)
-    calib = next((v for k, v in gaps.items() if "smooth=false" in k or "calibrated" in k), math.nan)
-    held = smooth < 0 and abs(calib) < abs(smooth)
-    verdict = (f"The smoothed virtual teacher leaves its students {'under' if smooth < 0 else 'over'}-confident "
-               f"({100 * smooth:+.2f} pp) and the calibrated one {'closer to' if held else 'no closer to'} "
-               f"calibration ({100 * calib:+.2f} pp): the claim {'holds' if held else 'does not hold'} here.")
-    return lines, verdict
-
-
-def _last_train(run: Run, key: str, model: str = "student") -> float | None:
-    rows = [r for r in run.history if r.get("split") == "train" and r.get("model", "").startswith(model)
-            and r.get(key) is not None]
-    return rows[-1][key] if rows else None
-
-
-def _oscillation(run: Run) -> float | None:
-    """Mean |change| of the students' val top-1 from one epoch to the next (the thesis's instability); the
-    students themselves, not their EMA copies (which are smooth by construction)."""
-    series: dict[str, list[float]] = {}
-    for r in run.history:
-        model = r.get("model", "")
-        if r.get("split") == "val" and model.startswith("student") and not model.endswith("_ema") \
-                and r.get("top1") is not None:
-            series.setdefault(r["model"], []).append(r["top1"])
-    steps = [abs(b - a) for s in series.values() for a, b in itertools.pairwise(s)]
-    return statistics.fmean(steps) if steps else None
-
-
-def _disagreement(run: Run) -> float | None:
-    rows = [r["pairwise_kl"] for r in run.history if r.get("model") == "cohort" and r.get("split") == "train"]
-    return statistics.fmean(rows) if rows else None
-
-
-def _instability(groups: list[Group]) -> tuple[list[str], str]:
-    lines = _header(["cell", "test top-1 %", "val top-1 change per epoch (pp)", "peer disagreement (KL)",
-                     "seeds"])
-    osc = {}
-    for g in groups:
-        text, osc[g.label] = _stat(g, _oscillation)
-        lines.append(f"| {g.label} | {_stat(g, _metric('top1'))[0]} | {text} | "
-                     f"{_stat(g, _disagreement, 1.0)[0]} | {g.seeds} |")
-    dml = next((v for k, v in osc.items() if "dml" in k), math.nan)
-    kd = next((v for k, v in osc.items() if k.endswith("kd") or "=kd" in k), math.nan)
-    pcl = next((v for k, v in osc.items() if "pcl" in k), math.nan)
-    held = dml > kd
-    verdict = (f"DML's students move {100 * dml:.2f} pp per epoch on val against KD's {100 * kd:.2f} and PCL's "
-               f"{100 * pcl:.2f}: DML {'is' if held else 'is not'} less stable than KD here, and PCL's mean "
-               f"teachers {'steady' if pcl < dml else 'do not steady'} the cohort.")
-    return lines, verdict
-
-
-def _cross_quality(groups: list[Group]) -> tuple[list[str], str]:
-    lines = _header(["cell", "student px", "test top-1 %", "test ECE %", "seeds"])
-    best: dict[Any, tuple[str, float]] = {}
-    for g in sorted(groups, key=lambda g: (g.settings.get("student_resolution") or 0, g.label)):
-        text, mean = _stat(g, _metric("top1"))
-        px = g.settings.get("student_resolution")
-        lines.append(f"| {g.label} | {px} | {text} | {_stat(g, _metric('ece'))[0]} | {g.seeds} |")
-        if px not in best or mean > best[px][1]:
-            best[px] = (str(g.settings.get("algo")), mean)
-    wins = sum(1 for algo, _ in best.values() if algo == "kd")
-    verdict = (f"KD with a full-resolution teacher is the best cell at {wins} of {len(best)} student sizes "
-               f"(best per size: {', '.join(f'{px} px: {a}' for px, (a, _) in sorted(best.items()))}).")
-    return lines, verdict
-
-
-def _teacher_test(run: Run, key: str) -> float | None:
-    return ((run.summary["models"].get("teacher") or {}).get("test") or {}).get(key)
-
-
-def _effect(delta: float, spread: float, better: str, worse: str) -> str:
-    """``better`` or ``worse`` when ``delta`` (positive: better) exceeds the seeds' ``spread``, else no effect."""
-    if math.isfinite(spread) and abs(delta) <= spread:
-        return "made no difference beyond the seeds' spread to"
-    return better if delta > 0 else worse
-
-
-def _calibrated_teacher(groups: list[Group]) -> tuple[list[str], str]:
-    """KD from a raw vs a temperature-scaled teacher, beside the baseline and the baseline + temperature scaling."""
-    from distillistic.training.calibrate import calibrate_run  # the reference every calibration claim needs
-
-    lines = _header(["cell", "teacher T_cal", "teacher test ECE %", "test top-1 %", "test ECE %", "test NLL",
-                     "seeds"])
-    stats: dict[str, dict[str, tuple[float, float]]] = {}
-    for g in groups:
-        t_cal = _stat(g, lambda r: ((r.summary["models"].get("teacher") or {}).get("calibration_temperature")), 1.0)
-        stats[g.label] = {k: mean_std(_metric(k)(r) for r in g.runs)[:2] for k in ("top1", "ece", "nll")}
-        lines.append(f"| {g.label} | {t_cal[0]} | {_stat(g, lambda r: _teacher_test(r, 'ece'))[0]} | "
-                     f"{_stat(g, _metric('top1'))[0]} | {_stat(g, _metric('ece'))[0]} | "
-                     f"{_stat(g, _metric('nll'), 1.0)[0]} | {g.seeds} |")
-        if g.settings.get("algo") == "baseline":
-            after = [calibrate_run(r.path)["models"]["student"]["test"]["after"] for r in g.runs]
-            m_ece, s_ece, _ = mean_std(a["ece"] for a in after)
-            m_nll, s_nll, _ = mean_std(a["nll"] for a in after)
-            stats["baseline + TS"] = {"ece": (m_ece, s_ece)}
-            lines.append(f"| baseline + temperature scaling | – | – | {_stat(g, _metric('top1'))[0]} | "
-                         f"{pm(m_ece, s_ece, 100)} | {pm(m_nll, s_nll, 1.0)} | {g.seeds} |")
-    raw = next((k for k in stats if k.endswith("kd") or k == "algo=kd"), "")
-    cal = next((k for k in stats if "calibrated" in k or "temperature" in k), "")
-    if not raw or not cal:
-        return lines, "The KD cells are missing: the claim cannot be judged."
-    t_fit = mean_std(((r.summary["models"].get("teacher") or {}).get("calibration_temperature"))
-                     for g in groups if g.label == cal for r in g.runs)[0]
-    lines.append(f"\nTeacher test top-1: {_teacher_top1(groups)} %.")
-    d = {k: stats[cal][k][0] - stats[raw][k][0] for k in ("top1", "ece", "nll")}
-    spread = {k: max(stats[cal][k][1], stats[raw][k][1]) for k in d}
-    kind = "over-confident: T > 1 softens it" if t_fit > 1 else "under-confident: T < 1 sharpens it"
-    ts_ece = stats.get("baseline + TS", {}).get("ece", (math.nan,))[0]
-    verdict = (f"The teacher's fitted temperature is {t_fit:.2f} ({kind}). Calibrating it "
-               f"changes the KD student's test top-1 by {100 * d['top1']:+.2f} pp, its ECE by {100 * d['ece']:+.2f} pp "
-               f"and its NLL by {d['nll']:+.3f}: calibrating the teacher "
-               f"{_effect(d['top1'], spread['top1'], 'helped', 'hurt')} accuracy and "
-               f"{_effect(-d['ece'], spread['ece'], 'helped', 'hurt')} calibration here. The baseline with "
-               f"temperature scaling reaches an ECE of {100 * ts_ece:.2f} %.")
-    return lines, verdict
-
-
 CLAIMS: dict[str, Claim] = {c.name: c for c in (
     Claim("hinton", "Does a KD student beat the same student trained alone, given a converged teacher?",
           {"model": "mlp", "epochs": 6, "temperature": 4.0, "alpha": 0.7, **TEACHER},
-          {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"}}, _hinton),
+          {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"}}, tables.hinton),
     Claim("tfkd-smoothing", "Does the smoothed virtual teacher make students under-confident, the calibrated "
           "one not?", {"model": "mlp", "epochs": 6},
           {"baseline": {"algo": "baseline"}, "tfkd_smoothed": {"algo": "tfkd", "virtual_smooth": True},
-           "tfkd_calibrated": {"algo": "tfkd", "virtual_smooth": False}}, _smoothing),
+           "tfkd_calibrated": {"algo": "tfkd", "virtual_smooth": False}}, tables.smoothing),
     Claim("dml-instability", "Is DML less stable than KD, and do PCL's temporal mean teachers steady it (val accuracy "
           "oscillation, peer disagreement)?",
           {"model": "mlp", "epochs": 8, **TEACHER},
           {"kd": {"algo": "kd", "temperature": 4.0}, "dml": {"algo": "dml", "students": 2},
-           "pcl": {"algo": "pcl", "students": 2, "pcl_decay": 0.99}}, _instability),
+           "pcl": {"algo": "pcl", "students": 2, "pcl_decay": 0.99}}, tables.instability,
+          reference="kd"),
     Claim("cross-quality", "Does a full-resolution teacher help students that read downscaled images?",
           {"model": "mlp", "epochs": 5, **TEACHER},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd", "temperature": 4.0},
-           "dml": {"algo": "dml", "students": 2}}, _cross_quality, grid={"student_resolution": [7, 14]}),
+           "dml": {"algo": "dml", "students": 2}}, tables.cross_quality, grid={"student_resolution": [7, 14]}),
     Claim("calibrated-teacher", "Does a temperature-scaled teacher teach better than the raw one (and how does "
           "it compare with the baseline + temperature scaling)?",
           {"model": "mlp", "epochs": 6, "temperature": 4.0},
           {"baseline": {"algo": "baseline"}, "kd": {"algo": "kd"},
-           "kd_calibrated": {"algo": "kd", "teacher_calibration": "temperature"}}, _calibrated_teacher,
-          teacher_run=OVERCONFIDENT_TEACHER),
+           "kd_calibrated": {"algo": "kd", "teacher_calibration": "temperature"}}, tables.calibrated_teacher,
+          teacher_run=OVERCONFIDENT_TEACHER, reference="kd"),
     Claim("sum-of-parts", "At equal training compute, is an online-distillation cohort (DML, DML_e, KDCL, PCL) "
           "greater than the sum of its parts: one student given the whole budget, independent students and their "
           "ensemble, one wider student, KD with its teacher's training counted?",
           sum_of_parts.BASE, sum_of_parts.variants(), sum_of_parts.table, reference="alone"),
     Claim("dml-equals-dml-e", "Do DML and DML_e train identically from the same seed (their gradients are equal)?",
-          {"batch_size": 64}, {}, lambda groups: ([], ""), measure=dml_identity),
+          {"batch_size": 64}, {}, lambda groups, reference: ([], ""), measure=dml_identity),
 )}
 
 
@@ -348,7 +161,7 @@ def reproduce(name: str, out: str | Path = "runs/reproduce", data_root: str | No
                         f"run the same command again to continue ({folder / 'runs'})")
     write_report([folder / "runs"], folder / "report", reference=claim.reference)
     runs, _ = find_runs([folder / "runs"])
-    lines, verdict = claim.table(group_runs(runs))
+    lines, verdict = claim.table(group_runs(runs), claim.reference)
     return _write(folder, name, claim, lines, verdict)
 
 

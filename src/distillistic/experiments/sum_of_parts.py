@@ -25,7 +25,7 @@ from typing import Any
 
 from distillistic.experiments.comparison import Entry, entries, paired_rows
 from distillistic.experiments.cost_view import si
-from distillistic.experiments.paired import Paired, interval_text, p_text
+from distillistic.experiments.paired import Paired, differences, holm_fill, interval_text, noise, p_text, pairs
 from distillistic.experiments.results import Group, pm
 
 EPOCHS = 2  # E: the cohort of 3's epochs
@@ -59,10 +59,10 @@ def _row(e: Entry, diff: Paired | None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def table(groups: list[Group]) -> tuple[list[str], str]:
-    """The claim's table (every row against ``alone``) and its verdict."""
+def table(groups: list[Group], reference: str = "alone") -> tuple[list[str], str]:
+    """The claim's table (every row against ``reference``, ``alone``) and its verdict."""
     items = [e for e in entries(groups) if not (e.kind == "cohort mean" and str(e.label).startswith("indep"))]
-    diffs = paired_rows(items, groups, "alone", "top1")
+    diffs = paired_rows(items, groups, reference, "top1")
     lines = ["| cell | model | test top-1 (%) | test ECE (%) | training FLOPs (teacher's included) | "
              "inference FLOPs/img | params | latency ms (batch 1, median) | Δ top-1 vs alone (pp) [95 % CI] | "
              "p (Holm) | seeds |", "|" + "---|" * 11]
@@ -84,23 +84,36 @@ def _best(items: Sequence[Entry], diffs: dict[int, Paired], names: Sequence[str]
     return items[i].label, top1, i
 
 
+def _against(items: Sequence[Entry], i: int, others: Sequence[int]) -> list[Paired]:
+    """Row ``i`` minus each of rows ``others`` in test top-1, paired by seed, Holm-corrected over them."""
+    found = [differences(*pairs(items[i].group, items[j].group, items[i].metric("top1"), items[j].metric("top1")))
+             for j in others]
+    holm_fill(found)
+    return found
+
+
 def verdict(items: Sequence[Entry], diffs: dict[int, Paired]) -> str:
-    """Plain words: does a cohort's student (or ensemble) beat what the same compute buys otherwise?"""
+    """Plain words: does a cohort's student (or ensemble) beat what the same compute buys otherwise, beyond the
+    seeds' noise (paired by seed: the interval of the difference excludes 0)?"""
     cohorts = [f"{a}{k}" for a in COHORTS for k in (2, 3)]
     alone = next((e.stat(e.metric("top1"))[0] for e in items if e.label == "alone"), math.nan)
     name, student, i = _best(items, diffs, cohorts, "cohort mean")
-    ens_name, ens, _ = _best(items, diffs, cohorts, "ensemble")
-    ind_name, ind, _ = _best(items, diffs, ["indep2", "indep3"], "ensemble")
-    found = (_best(items, diffs, [n], "student") for n in ("wide2", "wide3", "kd"))
-    others = {lab: top for lab, top, _ in found if lab}
+    ens_name, ens, e = _best(items, diffs, cohorts, "ensemble")
+    ind_name, ind, k = _best(items, diffs, ["indep2", "indep3"], "ensemble")
+    found = [_best(items, diffs, [n], "student") for n in ("wide2", "wide3", "kd")]
+    others = [(lab, top, j) for lab, top, j in found if lab]
     d = diffs.get(i)
     held = d is not None and d.excludes_zero and d.mean > 0
-    beats = [n for n, v in others.items() if math.isfinite(v) and student > v]
+    against = _against(items, i, [j for _, _, j in others]) if i >= 0 else []
+    beats = [lab for (lab, _, _), r in zip(others, against) if r.excludes_zero and r.mean > 0]
+    ens_d = _against(items, e, [k])[0] if e >= 0 and k >= 0 else None
+    greater = ens_d is not None and ens_d.excludes_zero and ens_d.mean > 0
+    versus = "; ".join(f"{lab} {100 * top:.2f} %, Δ {interval_text(r)} pp" for (lab, top, _), r in zip(others, against))
     return (f"At about equal training compute, the best cohort's student ({name}: {100 * student:.2f} %) "
             f"{'beats' if held else 'does not clearly beat'} one student given the whole budget "
-            f"({100 * alone:.2f} %; Δ {interval_text(d) if d else '–'} pp); of the other uses of that compute (a "
-            f"wider student alone, KD with its teacher's training) it beats {', '.join(beats) or 'none'} "
-            f"({', '.join(f'{n} {100 * v:.2f} %' for n, v in others.items())}). The best cohort ensemble ({ens_name}: "
-            f"{100 * ens:.2f} %) against the best ensemble of independent students ({ind_name}: {100 * ind:.2f} %): "
-            f"{'greater' if ens > ind else 'not greater'}. Verdict: the cohort is "
-            f"{'greater' if held and ens > ind else 'not greater'} than the sum of its parts here, at its cost.")
+            f"({100 * alone:.2f} %; {noise(d)}); of the other uses of that compute (a wider student alone, KD with "
+            f"its teacher's training) it beats {', '.join(beats) or 'none'} beyond the seeds' noise ({versus}). "
+            f"The best cohort ensemble ({ens_name}: {100 * ens:.2f} %) against the best ensemble of independent "
+            f"students ({ind_name}: {100 * ind:.2f} %): {'greater' if greater else 'not greater'}, {noise(ens_d)}. "
+            f"Verdict: the cohort is {'greater' if held and greater else 'not greater'} than the sum of its parts "
+            "here, at its cost.")
