@@ -60,7 +60,8 @@ def test_demo_table_pairs_every_row_with_the_baseline(tmp_path: Path) -> None:
         "dml": ("dml", [0.905, 0.905, 0.925], True),  # students +0.5, -0.5, +0.5 pp; ensemble +1.5, +0.5, +1.5
     })
     text = paired_table(folders)
-    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in text.splitlines() if ln.startswith("| ")}
+    rows = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in text.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| ---")}
     assert list(rows) == ["algorithm", "baseline", "kd", "dml (cohort mean)", "dml (ensemble)"]
     assert rows["baseline"][6:8] == ["ref.", "–"]
     assert rows["kd"][6] == "+3.00 [+2.00, +4.00] ✱"

@@ -96,7 +96,7 @@ def header(cols: Sequence[str]) -> list[str]:
 
 def delta_head(reference: str, names: Sequence[str]) -> list[str]:
     """The paired columns' titles: ``Δ top-1 vs baseline (pp) [95 % CI]``, ``p (Holm)`` for each name."""
-    return [c for name in names for c in (f"Δ {name} vs {reference} [95 % CI]", "p (Holm)")]
+    return [c for name in names for c in (f"Δ {name} vs {reference} (pp) [95 % CI]", "p (Holm)")]
 
 
 def delta_cells(diffs: Sequence[dict[int, Paired]], i: int, is_reference: bool) -> list[str]:
@@ -128,7 +128,7 @@ def hinton(groups: list[Group], reference: str = "baseline") -> tuple[list[str],
     refs = paired.named(groups, reference)
     diffs = [paired.compare(groups, reference, metric(k)) for k in ("top1", "ece")]
     lines = header(["cell", "test top-1 %", "test ECE %", "test NLL",
-                    *delta_head(reference, ["top-1 (pp)", "ECE (pp)"]), "seeds"])
+                    *delta_head(reference, ["top-1", "ECE"]), "seeds"])
     for i, g in enumerate(groups):
         lines.append(f"| {g.label} | {stat(g, metric('top1'))[0]} | {stat(g, metric('ece'))[0]} | "
                      f"{stat(g, metric('nll'), 1.0)[0]} | "
@@ -157,7 +157,7 @@ def smoothing(groups: list[Group], reference: str = "baseline") -> tuple[list[st
     refs = paired.named(groups, reference)
     diffs = [paired.compare(groups, reference, fn) for fn in (metric("top1"), confidence_gap)]
     lines = header(["cell", "test top-1 %", "test ECE %", "entropy", "confidence − accuracy (pp)",
-                    "signal entropy", *delta_head(reference, ["top-1 (pp)", "confidence − accuracy (pp)"]),
+                    "signal entropy", *delta_head(reference, ["top-1", "confidence − accuracy"]),
                     "seeds"])
     for i, g in enumerate(groups):
         signal = stat(g, lambda r: last_train(r, "tfkd_target_entropy"), 1.0)[0]
@@ -191,7 +191,7 @@ def instability(groups: list[Group], reference: str = "kd") -> tuple[list[str], 
     refs = paired.named(groups, reference)
     diffs = [paired.compare(groups, reference, fn) for fn in (metric("top1"), oscillation)]
     lines = header(["cell", "test top-1 %", "val top-1 change per epoch (pp)", "peer disagreement (KL)",
-                    *delta_head(reference, ["top-1 (pp)", "change per epoch (pp)"]), "seeds"])
+                    *delta_head(reference, ["top-1", "change per epoch"]), "seeds"])
     for i, g in enumerate(groups):
         lines.append(f"| {g.label} | {stat(g, metric('top1'))[0]} | {stat(g, oscillation)[0]} | "
                      f"{stat(g, disagreement, 1.0)[0]} | "
@@ -221,7 +221,7 @@ def cross_quality(groups: list[Group], reference: str = "baseline") -> tuple[lis
     refs = paired.named(order, reference)
     diffs = [paired.compare(order, reference, metric(k)) for k in ("top1", "ece")]
     lines = header(["cell", "student px", "test top-1 %", "test ECE %",
-                    *delta_head(f"{reference} at its size", ["top-1 (pp)", "ECE (pp)"]), "seeds"])
+                    *delta_head(f"{reference} at its size", ["top-1", "ECE"]), "seeds"])
     for i, g in enumerate(order):
         lines.append(f"| {g.label} | {g.settings.get('student_resolution')} | {stat(g, metric('top1'))[0]} | "
                      f"{stat(g, metric('ece'))[0]} | "
@@ -251,7 +251,7 @@ def calibrated_teacher(groups: list[Group], reference: str = "kd") -> tuple[list
     refs = paired.named(groups, reference)
     diffs = [paired.compare(groups, reference, metric(k)) for k in ("top1", "ece")]
     lines = header(["cell", "teacher T_cal", "teacher test ECE %", "test top-1 %", "test ECE %", "test NLL",
-                    *delta_head(reference, ["top-1 (pp)", "ECE (pp)"]), "seeds"])
+                    *delta_head(reference, ["top-1", "ECE"]), "seeds"])
     ts_ece = math.nan
     for i, g in enumerate(groups):
         t_cal = stat(g, lambda r: (r.summary["models"].get("teacher") or {}).get("calibration_temperature"), 1.0)

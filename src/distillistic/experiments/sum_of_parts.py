@@ -110,7 +110,8 @@ def verdict(items: Sequence[Entry], diffs: dict[int, Paired]) -> str:
     greater = ens_d is not None and ens_d.excludes_zero and ens_d.mean > 0
     versus = "; ".join(f"{lab} {100 * top:.2f} %, Δ {interval_text(r)} pp" for (lab, top, _), r in zip(others, against))
     return (f"At about equal training compute, the best cohort's student ({name}: {100 * student:.2f} %) "
-            f"{'beats' if held else 'does not clearly beat'} one student given the whole budget "
+            f"{'beats' if held else 'is worse than' if d and d.excludes_zero else 'does not clearly beat'} one "
+            "student given the whole budget "
             f"({100 * alone:.2f} %; {noise(d)}); of the other uses of that compute (a wider student alone, KD with "
             f"its teacher's training) it beats {', '.join(beats) or 'none'} beyond the seeds' noise ({versus}). "
             f"The best cohort ensemble ({ens_name}: {100 * ens:.2f} %) against the best ensemble of independent "
