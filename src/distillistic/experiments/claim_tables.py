@@ -142,7 +142,7 @@ def hinton(groups: list[Group], reference: str = "baseline") -> tuple[list[str],
     base = stat(diffs_reference(groups, reference, k), metric("top1"))[1]
     verdict = (f"KD {'beats' if held else 'does not beat'} the student trained alone here "
                f"({100 * stat(groups[k], metric('top1'))[1]:.2f} vs {100 * base:.2f} % mean test top-1; "
-               f"the paired difference is {noise(d)}); its ECE differs by {noise(e)}.")
+               f"the paired difference is {noise(d)}); the difference in ECE is {noise(e)}.")
     return lines, verdict
 
 
