@@ -138,7 +138,7 @@ def hinton(groups: list[Group], reference: str = "baseline") -> tuple[list[str],
     if k < 0 or k not in diffs[0]:
         return lines, f"No KD cell paired with `{reference}`: the claim cannot be judged."
     d, e = diffs[0][k], diffs[1][k]
-    held = d.excludes_zero and d.mean > 0
+    held = d.settled and d.mean > 0
     base = stat(diffs_reference(groups, reference, k), metric("top1"))[1]
     verdict = (f"KD {'beats' if held else 'does not beat'} the student trained alone here "
                f"({100 * stat(groups[k], metric('top1'))[1]:.2f} vs {100 * base:.2f} % mean test top-1; "
@@ -173,7 +173,7 @@ def smoothing(groups: list[Group], reference: str = "baseline") -> tuple[list[st
     under = paired.differences(gaps, [0.0] * len(gaps))  # the smoothed students' gap against 0
     paired.holm_fill([under])
     closer = one_pair(groups[c], groups[s], lambda r: _abs(confidence_gap(r)))  # |gap|: calibrated - smoothed
-    held = under.excludes_zero and under.mean < 0 and closer.excludes_zero and closer.mean < 0
+    held = under.settled and under.mean < 0 and closer.settled and closer.mean < 0
     calib = stat(groups[c], confidence_gap)[1]
     verdict = (f"The smoothed virtual teacher leaves its students {'under' if under.mean < 0 else 'over'}-confident, "
                f"{noise(under)}, and the calibrated one "
@@ -202,14 +202,14 @@ def instability(groups: list[Group], reference: str = "kd") -> tuple[list[str], 
     if dml < 0 or dml not in diffs[1]:
         return lines, f"No DML cell paired with `{reference}`: the claim cannot be judged."
     d = diffs[1][dml]
-    held = d.excludes_zero and d.mean > 0
+    held = d.settled and d.mean > 0
     kd = stat(diffs_reference(groups, reference, dml), oscillation)[1]
     verdict = (f"DML's students move {100 * stat(groups[dml], oscillation)[1]:.2f} pp per epoch on val against "
-               f"KD's {100 * kd:.2f}: DML {'is' if held else 'is not'} less stable than KD here, the difference "
-               f"being {noise(d)}.")
+               f"KD's {100 * kd:.2f}: DML {'is' if held else 'is not clearly'} less stable than KD here, the "
+               f"difference being {noise(d)}.")
     if pcl >= 0:
         steady = one_pair(groups[pcl], groups[dml], oscillation)
-        calmer = steady.excludes_zero and steady.mean < 0
+        calmer = steady.settled and steady.mean < 0
         verdict += (f" PCL's students move {100 * stat(groups[pcl], oscillation)[1]:.2f} pp: its mean teachers "
                     f"{'steady' if calmer else 'do not steady'} the cohort (PCL minus DML: {noise(steady)}).")
     return lines, verdict
@@ -229,7 +229,7 @@ def cross_quality(groups: list[Group], reference: str = "baseline") -> tuple[lis
     lines += ["", paired.legend(reference) + f" Each cell is paired with the `{reference}` of its own student size."]
     kd = {g.settings.get("student_resolution"): diffs[0].get(i) for i, g in enumerate(order)
           if g.settings.get("algo") == "kd"}
-    wins = [px for px, d in kd.items() if d is not None and d.excludes_zero and d.mean > 0]
+    wins = [px for px, d in kd.items() if d is not None and d.settled and d.mean > 0]
     verdict = (f"KD with a full-resolution teacher beats the student alone beyond the seeds' noise at {len(wins)} "
                f"of {len(kd)} student sizes ("
                + "; ".join(f"{px} px: {noise(d)}" for px, d in sorted(kd.items(), key=lambda t: t[0] or 0)) + ").")
@@ -237,8 +237,8 @@ def cross_quality(groups: list[Group], reference: str = "baseline") -> tuple[lis
 
 
 def _effect(result: Paired | None, better: str, worse: str, sign: float = 1.0) -> str:
-    """``better`` or ``worse`` when ``result``'s interval excludes 0 (``sign``: -1 where lower is better)."""
-    if result is None or not result.excludes_zero:
+    """``better`` or ``worse`` when ``result`` is beyond the seeds' noise (``sign``: -1 where lower is better)."""
+    if result is None or not result.settled:
         return "made no difference beyond the seeds' noise to"
     return better if sign * result.mean > 0 else worse
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,15 @@ def _name(e: Entry) -> str:
 
 
 def _noise_line(items: list[Entry], diffs: dict[int, paired.Paired], reference: str) -> str:
-    """Which rows differ from the reference in test top-1 beyond the seeds' noise, and which within it."""
-    beyond = [f"{_name(items[i])} ({100 * d.mean:+.2f} pp)" for i, d in diffs.items() if d.excludes_zero]
-    within = [f"{_name(items[i])} ({100 * d.mean:+.2f} pp)" for i, d in diffs.items() if not d.excludes_zero]
-    return (f"Test top-1 against {reference}, paired by seed: beyond the seeds' noise: {', '.join(beyond) or 'none'}; "
-            f"within it: {', '.join(within) or 'none'}.")
+    """Which rows differ from the reference in test top-1 beyond the seeds' noise (interval and corrected test),
+    which only by the sign of every seed's difference, and which within the noise."""
+    def rows(test: Callable[[paired.Paired], bool]) -> str:
+        return ", ".join(f"{_name(items[i])} ({100 * d.mean:+.2f} pp)" for i, d in diffs.items() if test(d)) or "none"
+
+    return (f"Test top-1 against {reference}, paired by seed: beyond the seeds' noise: {rows(lambda d: d.settled)}; "
+            f"of one sign on every seed, not confirmed by the corrected test: "
+            f"{rows(lambda d: d.excludes_zero and not d.settled)}; within the noise: "
+            f"{rows(lambda d: not d.excludes_zero)}.")
 
 
 def _run_line(label: str, seed: int, folder: Path, seconds: float) -> str:

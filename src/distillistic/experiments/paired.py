@@ -27,6 +27,7 @@ from distillistic.experiments.results import Group, Run, number
 CONFIDENCE = 0.95
 RESAMPLES = 9999
 BOOTSTRAP_SEED = 0
+ALPHA = 0.05  # the corrected p value below which a difference whose interval excludes 0 is called beyond noise
 TEST_NAME = "paired t test (scipy.stats.ttest_rel, two-sided), Holm-corrected over the compared cells"
 
 
@@ -45,6 +46,13 @@ class Paired:
     @property
     def excludes_zero(self) -> bool:
         return math.isfinite(self.low) and math.isfinite(self.high) and (self.low > 0 or self.high < 0)
+
+    @property
+    def settled(self) -> bool:
+        """Beyond the seeds' noise: the interval excludes 0 *and* the Holm-corrected p value is below
+        :data:`ALPHA` (with 3 seeds the interval alone excludes 0 whenever the 3 differences share a sign,
+        which a null effect does 1 time in 4)."""
+        return self.excludes_zero and math.isfinite(self.p_holm) and self.p_holm < ALPHA
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -176,20 +184,24 @@ def columns(result: Paired | None, is_reference: bool, scale: float = 100.0, dig
 
 
 def noise(result: Paired | None, unit: str = "pp", scale: float = 100.0, digits: int = 2) -> str:
-    """How a difference stands against the seeds' noise, in words a verdict can quote:
-    ``beyond the seeds' noise (Δ +0.86 [+0.70, +1.00] pp, p 0.041 Holm)``, or ``within the seeds' noise (…)``."""
+    """How a difference stands against the seeds' noise, in words a verdict can quote: ``beyond the seeds'
+    noise (Δ +0.86 [+0.70, +1.00] pp, p 0.041 Holm)`` (:attr:`Paired.settled`), ``of one sign on every seed
+    but not confirmed by the corrected test (…)`` (the interval excludes 0, p does not), or ``within the
+    seeds' noise (…)``."""
     if result is None or not math.isfinite(result.mean):
         return "not measured (no seeds shared with the reference)"
     if result.n < 2:
         return f"not judged against noise (one seed: Δ {interval_text(result, scale, digits)} {unit})"
-    where = "beyond" if result.excludes_zero else "within"
-    return f"{where} the seeds' noise (Δ {interval_text(result, scale, digits)} {unit}, p {p_text(result.p_holm)} Holm)"
+    where = ("beyond the seeds' noise" if result.settled else "of one sign on every seed but not confirmed by "
+             "the corrected test" if result.excludes_zero else "within the seeds' noise")
+    return f"{where} (Δ {interval_text(result, scale, digits)} {unit}, p {p_text(result.p_holm)} Holm)"
 
 
 def legend(reference: str) -> str:
     """The sentence under a table with paired columns: what Δ, the interval, p and ✱ are."""
     return (f"Δ: the cell minus `{reference}` on the same seeds (paired run by run); 95 % interval: "
             f"scipy.stats.bootstrap (percentile, {RESAMPLES:,d} resamples) of the mean paired difference; p: "
-            f"{TEST_NAME}, one family per column. ✱: the interval excludes 0 (beyond the seeds' noise). With 3 "
-            "seeds the interval runs from the smallest to the largest paired difference, so it excludes 0 exactly "
-            "when every seed's difference has the same sign: read it as coarse, and the p value beside it.")
+            f"{TEST_NAME}, one family per column. ✱: the interval excludes 0. With 3 seeds the interval runs from "
+            "the smallest to the largest paired difference, so it excludes 0 exactly when every seed's difference "
+            "has the same sign (a null effect does so 1 time in 4): the verdicts call a difference beyond the "
+            f"seeds' noise only when the interval excludes 0 and the corrected p is below {ALPHA}.")

@@ -103,14 +103,14 @@ def verdict(items: Sequence[Entry], diffs: dict[int, Paired]) -> str:
     found = [_best(items, diffs, [n], "student") for n in ("wide2", "wide3", "kd")]
     others = [(lab, top, j) for lab, top, j in found if lab]
     d = diffs.get(i)
-    held = d is not None and d.excludes_zero and d.mean > 0
+    held = d is not None and d.settled and d.mean > 0
     against = _against(items, i, [j for _, _, j in others]) if i >= 0 else []
-    beats = [lab for (lab, _, _), r in zip(others, against) if r.excludes_zero and r.mean > 0]
+    beats = [lab for (lab, _, _), r in zip(others, against) if r.settled and r.mean > 0]
     ens_d = _against(items, e, [k])[0] if e >= 0 and k >= 0 else None
-    greater = ens_d is not None and ens_d.excludes_zero and ens_d.mean > 0
+    greater = ens_d is not None and ens_d.settled and ens_d.mean > 0
     versus = "; ".join(f"{lab} {100 * top:.2f} %, Δ {interval_text(r)} pp" for (lab, top, _), r in zip(others, against))
     return (f"At about equal training compute, the best cohort's student ({name}: {100 * student:.2f} %) "
-            f"{'beats' if held else 'is worse than' if d and d.excludes_zero else 'does not clearly beat'} one "
+            f"{'beats' if held else 'is worse than' if d and d.settled else 'does not clearly beat'} one "
             "student given the whole budget "
             f"({100 * alone:.2f} %; {noise(d)}); of the other uses of that compute (a wider student alone, KD with "
             f"its teacher's training) it beats {', '.join(beats) or 'none'} beyond the seeds' noise ({versus}). "
