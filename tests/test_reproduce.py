@@ -184,7 +184,7 @@ def test_calibrated_teacher_verdict_names_the_temperature_and_what_calibrating_d
            "+4.00 [+4.00, +4.00] ✱ | < 0.001 | +0.00 [+0.00, +0.00] | – |" in table
     assert "| kd | – | 3.00 ± 0.00 | 91.00 ± 1.00 | 2.00 ± 0.00 | 0.30 ± 0.00 | ref. | – | ref. | – |" in table
     assert "fitted temperature is 1.60 (over-confident" in verdict
-    assert "test top-1 beyond the seeds' noise (Δ +4.00 [+4.00, +4.00] pp" in verdict
+    assert "difference in test top-1 is beyond the seeds' noise (Δ +4.00 [+4.00, +4.00] pp" in verdict
     assert "helped accuracy" in verdict  # +4 pp on every seed
     assert "made no difference beyond the seeds' noise to calibration" in verdict  # ECE equal
     # +1.5, -0.5, +0.5 pp: better on average, not on every seed: no effect claimed

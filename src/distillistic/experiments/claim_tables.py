@@ -274,8 +274,8 @@ def calibrated_teacher(groups: list[Group], reference: str = "kd") -> tuple[list
     raw = diffs_reference(groups, reference, cal)
     nll = stat(groups[cal], metric("nll"), 1.0)[1] - stat(raw, metric("nll"), 1.0)[1]
     kind = "over-confident: T > 1 softens it" if t_fit > 1 else "under-confident: T < 1 sharpens it"
-    verdict = (f"The teacher's fitted temperature is {t_fit:.2f} ({kind}). Calibrating it changes the KD student's "
-               f"test top-1 {noise(top1)}, its ECE {noise(ece)} and its NLL by {nll:+.3f} (means): calibrating the "
+    verdict = (f"The teacher's fitted temperature is {t_fit:.2f} ({kind}). Calibrating it, the KD students' difference "
+               f"in test top-1 is {noise(top1)}, in ECE {noise(ece)}, and in NLL {nll:+.3f} (means): calibrating the "
                f"teacher {_effect(top1, 'helped', 'hurt')} accuracy and {_effect(ece, 'helped', 'hurt', -1.0)} "
                f"calibration here. The baseline with temperature scaling reaches an ECE of {100 * ts_ece:.2f} %.")
     return lines, verdict
