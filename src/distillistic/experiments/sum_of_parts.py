@@ -25,7 +25,16 @@ from typing import Any
 
 from distillistic.experiments.comparison import Entry, entries, paired_rows
 from distillistic.experiments.cost_view import si
-from distillistic.experiments.paired import Paired, differences, holm_fill, interval_text, noise, p_text, pairs
+from distillistic.experiments.paired import (
+    Paired,
+    differences,
+    holm_fill,
+    interval_text,
+    legend,
+    noise,
+    p_text,
+    pairs,
+)
 from distillistic.experiments.results import Group, pm
 
 EPOCHS = 2  # E: the cohort of 3's epochs
@@ -67,10 +76,8 @@ def table(groups: list[Group], reference: str = "alone") -> tuple[list[str], str
              "inference FLOPs/img | params | latency ms (batch 1, median) | Δ top-1 vs alone (pp) [95 % CI] | "
              "p (Holm) | seeds |", "|" + "---|" * 11]
     lines += [_row(e, diffs.get(i)) for i, e in enumerate(items)]
-    lines += ["", "Δ: paired by seed against `alone` (one student given the whole budget); interval: "
-              "scipy.stats.bootstrap (percentile) of the mean difference; p: paired t test (scipy.stats.ttest_rel), "
-              "Holm-corrected over the rows; ✱: the interval excludes 0. A cohort's *cohort mean* row is one of its "
-              "students (what one deploys); its *ensemble* row runs all of them."]
+    lines += ["", legend(reference) + f" `{reference}`: one student given the whole budget. A cohort's *cohort "
+              "mean* row is one of its students (what one deploys); its *ensemble* row runs all of them."]
     return lines, verdict(items, diffs)
 
 
