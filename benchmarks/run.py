@@ -177,7 +177,7 @@ def model_math(cfg: Any) -> tuple[Callable[[], dict[str, float]], str]:
         assert len(ema_buffers) == len(src_buffers), "an EMA copy unlike its student"
     archs = student_archs(cfg, len(task.students))
     contains = [f"{len(archs)} x {archs[0]}" if len(set(archs)) == 1 and len(archs) > 1 else " + ".join(archs)]
-    contains += [f"teacher {cfg.teacher} forward (no_grad)"] if teachers else []
+    contains += [f"teacher {', '.join(cfg.teacher or ())} forward (no_grad)"] if teachers else []
     if copies:
         forwarded = sum(reads for _, _, reads in copies)
         contains.append(f"{len(copies)} EMA copies (update{', forward' if forwarded else ''}, val)")
