@@ -177,7 +177,9 @@ def _train(args: argparse.Namespace) -> int:
     try:
         given = _given(args)
         cfg = config_mod.load(args.config, given)
-        _check_given(cfg, args.config, given)
+        from distillistic.training.setup import check_given  # the method's checks of the keys given explicitly
+
+        check_given(cfg, {*given, *(config_mod.read_yaml(args.config) if args.config else {})})
     except UserError as e:  # under torchrun: every rank stops with this rank's line, none waits for it
         stop_every_rank(e)
         raise
@@ -197,13 +199,6 @@ def _train(args: argparse.Namespace) -> int:
     if status == "interrupted":  # after the checkpoint: a script can tell a stopped run from a finished one
         return stop_exit_code()
     return 0
-
-
-def _check_given(cfg: config_mod.Config, path: str | None, given: dict[str, Any]) -> None:
-    """The method's checks of what the flags, ``--set`` and the config file set explicitly."""
-    from distillistic.training import setup
-
-    setup.check_given(cfg, {*given, *(config_mod.read_yaml(path) if path else {})})
 
 
 def _given(args: argparse.Namespace, skip: Sequence[str] = ()) -> dict[str, Any]:
