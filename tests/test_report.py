@@ -112,7 +112,7 @@ def test_cells_aggregate_over_seeds_with_known_means_and_stds(tmp_path: Path) ->
 
 def test_grouping_ignores_seeds_and_machine_keys_but_not_settings(tmp_path: Path) -> None:
     make_run(tmp_path / "a", 0, 0.9, algo="kd", teacher="cnn", temperature=4.0, device="cpu", threads=1)
-    make_run(tmp_path / "b", 1, 0.8, algo="kd", teacher="cnn", temperature=4.0, data_root="/elsewhere")
+    make_run(tmp_path / "b", 1, 0.8, algo="kd", teacher="cnn", temperature=4.0, cache_dir="/elsewhere")
     make_run(tmp_path / "c", 0, 0.7, algo="kd", teacher="cnn", temperature=8.0)
     groups = group_runs(find_runs([tmp_path])[0])
     assert [(g.label, len(g.runs)) for g in groups] == [("temperature=4", 2), ("temperature=8", 1)]

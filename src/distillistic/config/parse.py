@@ -198,7 +198,10 @@ def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = N
     if "plugins" in data and overrides and "plugins" in overrides:  # the file's methods' parameters too
         import_plugins(coerce("plugins", data["plugins"]))
     # One mapping, the flags over the file: a teacher_weights entry list is read against the final teachers.
-    merged = {str(k).replace("-", "_"): v for k, v in data.items()} | dict(overrides or {})
+    from_file = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for key in from_file.keys() & dict(overrides or {}).keys():  # a file's bad value is refused, flag or not
+        coerce(key, from_file[key])
+    merged = from_file | dict(overrides or {})
     cfg = from_mapping(merged)
     validate(cfg)
     return cfg
