@@ -103,6 +103,22 @@ def delta_cells(diffs: Sequence[dict[int, Paired]], i: int, is_reference: bool) 
     return [c for d in diffs for c in paired.columns(d.get(i), is_reference)]
 
 
+def paired_table(groups: Sequence[Group], reference: str, columns: Sequence[tuple[str, Callable[[Group], str]]],
+                 compared: Sequence[tuple[str, Value]], versus: str | None = None,
+                 ) -> tuple[list[str], list[dict[int, Paired]]]:
+    """A claim's table: each cell's own ``columns`` (title, text of a group), then for each ``compared`` metric
+    (name, value of a run) its paired difference to ``reference`` (Δ [95 % CI], Holm p), then the seeds; and the
+    differences, by metric and cell index. ``versus``: the reference as the titles name it."""
+    refs = paired.named(groups, reference)
+    diffs = [paired.compare(groups, reference, fn) for _, fn in compared]
+    names = [name for name, _ in compared]
+    lines = header(["cell", *(title for title, _ in columns), *delta_head(versus or reference, names), "seeds"])
+    for i, g in enumerate(groups):
+        cells = [g.label, *(text(g) for _, text in columns), *delta_cells(diffs, i, any(g is r for r in refs)), g.seeds]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines, diffs
+
+
 def one_pair(cell: Group, reference: Group, fn: Value) -> Paired:
     """``cell`` minus ``reference`` in ``fn``, paired by seed: one comparison (its Holm p is its own)."""
     result = paired.differences(*paired.pairs(cell, reference, fn))
@@ -125,14 +141,11 @@ def _named(text: str, *words: str) -> Callable[[Group], bool]:
 
 def hinton(groups: list[Group], reference: str = "baseline") -> tuple[list[str], str]:
     """KD against the student trained alone: top-1, ECE, NLL, paired top-1 and ECE differences."""
-    refs = paired.named(groups, reference)
-    diffs = [paired.compare(groups, reference, metric(k)) for k in ("top1", "ece")]
-    lines = header(["cell", "test top-1 %", "test ECE %", "test NLL",
-                    *delta_head(reference, ["top-1", "ECE"]), "seeds"])
-    for i, g in enumerate(groups):
-        lines.append(f"| {g.label} | {stat(g, metric('top1'))[0]} | {stat(g, metric('ece'))[0]} | "
-                     f"{stat(g, metric('nll'), 1.0)[0]} | "
-                     f"{' | '.join(delta_cells(diffs, i, any(g is r for r in refs)))} | {g.seeds} |")
+    lines, diffs = paired_table(
+        groups, reference,
+        [("test top-1 %", lambda g: stat(g, metric("top1"))[0]), ("test ECE %", lambda g: stat(g, metric("ece"))[0]),
+         ("test NLL", lambda g: stat(g, metric("nll"), 1.0)[0])],
+        [("top-1", metric("top1")), ("ECE", metric("ece"))])
     lines += [f"\nTeacher test top-1: {teacher_top1(groups)} %.", "", paired.legend(reference)]
     k = index_of(groups, lambda g: g.settings.get("algo") == "kd")
     if k < 0 or k not in diffs[0]:
@@ -154,16 +167,13 @@ def diffs_reference(groups: Sequence[Group], reference: str, i: int) -> Group:
 def smoothing(groups: list[Group], reference: str = "baseline") -> tuple[list[str], str]:
     """Tf-KD's two virtual teachers: the students' confidence gap, and whether the smoothed one's is negative
     (under-confident) beyond noise and the calibrated one's smaller in size beyond noise (paired by seed)."""
-    refs = paired.named(groups, reference)
-    diffs = [paired.compare(groups, reference, fn) for fn in (metric("top1"), confidence_gap)]
-    lines = header(["cell", "test top-1 %", "test ECE %", "entropy", "confidence − accuracy (pp)",
-                    "signal entropy", *delta_head(reference, ["top-1", "confidence − accuracy"]),
-                    "seeds"])
-    for i, g in enumerate(groups):
-        signal = stat(g, lambda r: last_train(r, "tfkd_target_entropy"), 1.0)[0]
-        lines.append(f"| {g.label} | {stat(g, metric('top1'))[0]} | {stat(g, metric('ece'))[0]} | "
-                     f"{stat(g, metric('entropy'), 1.0)[0]} | {stat(g, confidence_gap)[0]} | {signal} | "
-                     f"{' | '.join(delta_cells(diffs, i, any(g is r for r in refs)))} | {g.seeds} |")
+    lines, _ = paired_table(
+        groups, reference,
+        [("test top-1 %", lambda g: stat(g, metric("top1"))[0]), ("test ECE %", lambda g: stat(g, metric("ece"))[0]),
+         ("entropy", lambda g: stat(g, metric("entropy"), 1.0)[0]),
+         ("confidence − accuracy (pp)", lambda g: stat(g, confidence_gap)[0]),
+         ("signal entropy", lambda g: stat(g, lambda r: last_train(r, "tfkd_target_entropy"), 1.0)[0])],
+        [("top-1", metric("top1")), ("confidence − accuracy", confidence_gap)])
     lines += ["", paired.legend(reference)]
     s = index_of(groups, _named("", "smooth=true", "smoothed"))
     c = index_of(groups, _named("", "smooth=false", "calibrated"))
@@ -188,14 +198,12 @@ def _abs(value: float | None) -> float | None:
 
 def instability(groups: list[Group], reference: str = "kd") -> tuple[list[str], str]:
     """DML's and PCL's epoch-to-epoch val oscillation against KD's, paired by seed."""
-    refs = paired.named(groups, reference)
-    diffs = [paired.compare(groups, reference, fn) for fn in (metric("top1"), oscillation)]
-    lines = header(["cell", "test top-1 %", "val top-1 change per epoch (pp)", "peer disagreement (KL)",
-                    *delta_head(reference, ["top-1", "change per epoch"]), "seeds"])
-    for i, g in enumerate(groups):
-        lines.append(f"| {g.label} | {stat(g, metric('top1'))[0]} | {stat(g, oscillation)[0]} | "
-                     f"{stat(g, disagreement, 1.0)[0]} | "
-                     f"{' | '.join(delta_cells(diffs, i, any(g is r for r in refs)))} | {g.seeds} |")
+    lines, diffs = paired_table(
+        groups, reference,
+        [("test top-1 %", lambda g: stat(g, metric("top1"))[0]),
+         ("val top-1 change per epoch (pp)", lambda g: stat(g, oscillation)[0]),
+         ("peer disagreement (KL)", lambda g: stat(g, disagreement, 1.0)[0])],
+        [("top-1", metric("top1")), ("change per epoch", oscillation)])
     lines += ["", paired.legend(reference)]
     dml = index_of(groups, lambda g: g.settings.get("algo") == "dml")
     pcl = index_of(groups, lambda g: g.settings.get("algo") == "pcl")
@@ -218,14 +226,11 @@ def instability(groups: list[Group], reference: str = "kd") -> tuple[list[str], 
 def cross_quality(groups: list[Group], reference: str = "baseline") -> tuple[list[str], str]:
     """Students reading downscaled images, each cell paired with the reference of its own student size."""
     order = sorted(groups, key=lambda g: (g.settings.get("student_resolution") or 0, g.label))
-    refs = paired.named(order, reference)
-    diffs = [paired.compare(order, reference, metric(k)) for k in ("top1", "ece")]
-    lines = header(["cell", "student px", "test top-1 %", "test ECE %",
-                    *delta_head(f"{reference} at its size", ["top-1", "ECE"]), "seeds"])
-    for i, g in enumerate(order):
-        lines.append(f"| {g.label} | {g.settings.get('student_resolution')} | {stat(g, metric('top1'))[0]} | "
-                     f"{stat(g, metric('ece'))[0]} | "
-                     f"{' | '.join(delta_cells(diffs, i, any(g is r for r in refs)))} | {g.seeds} |")
+    lines, diffs = paired_table(
+        order, reference,
+        [("student px", lambda g: str(g.settings.get("student_resolution"))),
+         ("test top-1 %", lambda g: stat(g, metric("top1"))[0]), ("test ECE %", lambda g: stat(g, metric("ece"))[0])],
+        [("top-1", metric("top1")), ("ECE", metric("ece"))], versus=f"{reference} at its size")
     lines += ["", paired.legend(reference) + f" Each cell is paired with the `{reference}` of its own student size."]
     kd = {g.settings.get("student_resolution"): diffs[0].get(i) for i, g in enumerate(order)
           if g.settings.get("algo") == "kd"}
