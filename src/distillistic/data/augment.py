@@ -23,8 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.autoaugment import RandAugment, _apply_op
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -126,6 +124,9 @@ class BatchRandAugment:
 
     def __init__(self, image_size: tuple[int, int], num_ops: int = 2, magnitude: int = 9,
                  num_magnitude_bins: int = 31) -> None:
+        # torchvision is imported here, not at the top: it takes 2 s of every run's start, mostly torch._dynamo
+        from torchvision.transforms.autoaugment import RandAugment
+
         space = RandAugment()._augmentation_space(num_magnitude_bins, image_size)
         self.ops: list[tuple[str, float, bool]] = []
         for name, (magnitudes, signed) in space.items():
@@ -144,6 +145,9 @@ class BatchRandAugment:
         return [(keys.randint(2 * s, len(self.ops)), keys.randint(2 * s + 1, 2)) for s in range(self.num_ops)]
 
     def __call__(self, img: Tensor, keys: SampleKeys) -> Tensor:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.autoaugment import _apply_op
+
         out = img
         for op_index, sign in self.choices(keys):
             # Sort the batch by (operation, sign), so that each group is a contiguous slice changed in

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 from distillistic.errors import CheckpointError, UserError
@@ -103,6 +102,8 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _imagenet_model(name: str) -> nn.Module:
+    import torchvision.models as tvm  # here, not at the top: a run of another model never imports torchvision
+
     weights = tvm.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     if cached.is_file():
@@ -130,6 +131,8 @@ def _imagenet_model(name: str) -> nn.Module:
 
 def _torchvision(name: str, cifar_stem: bool = False) -> Builder:
     def build(num_classes: int, in_channels: int, image_size: int, imagenet: bool) -> nn.Module:
+        import torchvision.models as tvm
+
         if imagenet:
             model = _imagenet_model(name)
             if num_classes != 1000:  # ImageNet itself keeps its trained head

@@ -62,11 +62,13 @@ RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "c
              "calibration.json")
 
 
-def _version() -> str:
+def _version(package: str = "distillistic") -> str:
+    """An installed package's version, from its metadata (torchvision's too: importing it takes 2 s of a run's
+    start, most of it torch._dynamo)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("distillistic")
+        return version(package)
     except PackageNotFoundError:
         return "unknown"
 
@@ -209,7 +211,8 @@ class RunDir:
         previous = self._read_manifest() if resumed else {}
         self.manifest = {
             "distillistic": _version(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": _tv_version(), "git": _git(), "host": platform.node(), "platform": platform.platform(),
+            "torchvision": _version("torchvision"), "git": _git(), "host": platform.node(),
+            "platform": platform.platform(),
             "command": sys.argv, "device": str(self.rt.device), "precision": self.rt.precision,
             "world_size": self.rt.world_size, "seed": self.cfg.seed, "data_seed": self.cfg.data_seed,
             "dataset": {"name": info.dataset, "root": info.root, "checksum": info.checksum, "sizes": info.sizes,
@@ -382,8 +385,3 @@ def _archs(task: Task) -> dict[str, str]:
     archs = dict(zip(names, config_mod.student_archs(task.cfg, len(names))))
     return archs | {m.name: archs[m.follows or ""] for m in task.members}
 
-
-def _tv_version() -> str:
-    import torchvision
-
-    return str(torchvision.__version__)
