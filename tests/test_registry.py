@@ -123,12 +123,11 @@ PROBE_ARGS = ["train", "--algo", "probe", "--students", "2", *SMALL[:-8], "--epo
 
 
 def _probe(tmp_path: Path, args: list[str], fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = _env(tmp_path)
-    env.pop("DISTILLISTIC_FAULT", None)
-    if fault:
-        env["DISTILLISTIC_FAULT"] = fault
-    return subprocess.run([sys.executable, PROBE, *args], env=env, capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+    """``python tests/_probe_method.py ARGS`` in a process of its own, forked from a server that has imported
+    torch once (``tests/_forked_cli.py``), with an optional fault."""
+    import _forked_cli
+
+    return _forked_cli.run(args, fault=fault, timeout=300, env=_env(tmp_path), script=PROBE)
 
 
 @pytest.mark.multiprocess

@@ -15,7 +15,6 @@ import platform
 import resource
 import signal
 import subprocess
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-import distillistic
+import _forked_cli as forked_cli
 from _util import write_idx_split
 from bad_inputs import run_argv
 from distillistic import config as config_mod
@@ -33,24 +32,17 @@ from distillistic.core.divergences import js, kl
 from distillistic.errors import CheckpointError, UserError
 from distillistic.fileio import atomic_write, content_hash, load, save
 
-SRC = str(Path(distillistic.__file__).resolve().parents[1])
 TINY = ["--dataset", "synthetic", "--synthetic-samples", "96", "--image-size", "8", "--model", "mlp", "--epochs", "2",
         "--batch-size", "16", "--device", "cpu", "--threads", "1", "--no-tensorboard", "--no-progress"]
 
 
 def run_cli(args: list[str], fault: str | None = None, cache: Path | None = None,
-            wait: bool = True) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    env.pop("DISTILLISTIC_FAULT", None)
-    if fault:
-        env["DISTILLISTIC_FAULT"] = fault
-    if cache:
-        env["DISTILLISTIC_CACHE"] = str(cache)
-    cmd = [sys.executable, "-m", "distillistic", *args]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
+            wait: bool = True) -> subprocess.CompletedProcess[str] | forked_cli.Child:
+    """``python -m distillistic ARGS`` in a process (and session) of its own, forked from a server that has
+    imported torch once (``tests/_forked_cli.py``); with ``wait=False``, the running child."""
+    env = forked_cli.cli_env(fault, **({"DISTILLISTIC_CACHE": str(cache)} if cache else {}))
+    child = forked_cli.Child(args, env)
+    return child.wait(timeout=400) if wait else child
 
 
 def _status(folder: Path) -> str | None:
@@ -148,7 +140,7 @@ def _state(pid: int) -> str:
 def test_two_trains_on_one_out_at_once_one_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "run"
     first = run_cli(["train", *TINY, "--out", str(out)], fault="step:1:STOP", wait=False)
-    assert isinstance(first, subprocess.Popen)
+    assert isinstance(first, forked_cli.Child)
     try:
         deadline = time.monotonic() + 300
         while _state(first.pid) != "T":  # it stops itself (SIGSTOP) after its first step
@@ -167,8 +159,8 @@ def test_two_trains_on_one_out_at_once_one_is_refused(tmp_path: Path) -> None:
             assert text.count("\n") == 1
     finally:
         os.kill(first.pid, signal.SIGCONT)
-        _, err = first.communicate(timeout=400)
-    assert first.returncode == 0, err[-2000:]
+        ended = first.wait(timeout=400)
+    assert ended.returncode == 0, ended.stderr[-2000:]
     assert _status(out) == "completed"
     code, _ = run_argv(["train", *TINY, "--out", str(out), "--overwrite"])  # free again once it ended
     assert code == 0

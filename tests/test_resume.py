@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-import distillistic
+import _forked_cli as forked_cli
 from distillistic import cli
 from distillistic.training.checkpoint import load, save
 from distillistic.training.runtime import rng_state, set_rng_state
@@ -37,22 +36,17 @@ TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_sec
           "costs", "train_cost", "train_flops", "teacher_flops"}
 # costs: latency and peak memory; train_flops counts the teacher forwards that ran, and a resumed run reads from the
 # store the killed one filled the outputs it would have computed (tests/test_costs.py checks the counts themselves)
-SRC = str(Path(distillistic.__file__).resolve().parents[1])
 
 
 def run_cli(args: list[str], fault: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m distillistic ARGS`` in a fresh process (and process group), with an optional fault."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    env.pop("DISTILLISTIC_FAULT", None)
-    if fault:
-        env["DISTILLISTIC_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "distillistic", *args], env=env, capture_output=True, text=True,
-                          timeout=300, start_new_session=True)
+    """``python -m distillistic ARGS`` in a process (and session) of its own, with an optional fault: forked
+    from a server that has imported torch once (``tests/_forked_cli.py``), so it starts in milliseconds."""
+    return forked_cli.run(args, fault=fault, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run, in a fresh process like the others (no global state left by other tests)."""
+    """The uninterrupted run, in a process of its own like the others (no global state left by other tests)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     result = run_cli([*ARGS, "--out", str(out)])
     assert result.returncode == 0, result.stderr[-2000:]
