@@ -43,12 +43,14 @@ SERVERS = 2  # servers taking the requests in turn: each has its own random stri
 
 
 def _preload() -> None:
-    """Import what a training run imports (torch, its compiler front end, every distillistic module)."""
+    """Import what a training run imports (torch, its compiler front end, torchvision for RandAugment and its
+    models, every distillistic module)."""
     import importlib
     import pkgutil
 
     import numpy  # noqa: F401
     import torch._dynamo  # noqa: F401  (torch.optim's constructors import it)
+    import torchvision  # noqa: F401
 
     for info in pkgutil.walk_packages(distillistic.__path__, "distillistic."):
         if not info.name.endswith("__main__"):
