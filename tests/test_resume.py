@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import signal
 import subprocess
@@ -310,6 +311,34 @@ def test_resume_of_a_dir_without_checkpoint_or_with_another_config_is_refused(
     assert cli.main([*ARGS, "--lr", "0.002", "--out", str(reference), "--resume"]) == 2
     assert "the config differs from the run being resumed (lr: 0.001 -> 0.002)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.multiprocess
+def test_a_forked_cli_child_is_a_process_of_its_own_seeded_like_a_fresh_one(tmp_path: Path) -> None:
+    """The children of tests/_forked_cli.py (every run_cli above): own pid and session, the request's argv,
+    environment and directory, generators and string hashes drawn anew, and exit codes as subprocess gives."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, os, random, sys\nimport numpy, torch\n"
+        "print(json.dumps({'pid': os.getpid(), 'session': os.getsid(0), 'argv': sys.argv, 'cwd': os.getcwd(),\n"
+        "    'env': os.environ.get('PROBE'), 'fault': os.environ.get('DISTILLISTIC_FAULT'), 'hash': hash('x'),\n"
+        "    'draws': [random.random(), float(numpy.random.rand()), torch.initial_seed()]}))\n"
+        "os.kill(os.getpid(), 9) if sys.argv[1:] == ['kill'] else sys.exit(int(sys.argv[1]))\n")
+    seen = []
+    for code in (3, 0):
+        done = forked_cli.run([str(code)], env=forked_cli.cli_env(PROBE="p"), script=str(script))
+        assert done.returncode == code, done.stderr
+        seen.append(json.loads(done.stdout))
+    assert forked_cli.run(["kill"], script=str(script)).returncode == -signal.SIGKILL
+    a, b = seen
+    assert a["pid"] != b["pid"]
+    assert os.getpid() not in (a["pid"], b["pid"])
+    assert (a["session"], b["session"]) == (a["pid"], b["pid"])  # each the leader of a session of its own
+    assert a["argv"] == [str(script), "3"]
+    assert a["cwd"] == os.getcwd()
+    assert (a["env"], a["fault"]) == ("p", None)
+    assert a["hash"] != b["hash"]  # the two servers' string-hash seeds differ, as two fresh processes' do
+    assert all(x != y for x, y in zip(a["draws"], b["draws"]))  # Python's, NumPy's and torch's generators
 
 
 def killed_then_resumed(args: list[str], out: Path) -> None:
