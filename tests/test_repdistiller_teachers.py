@@ -254,17 +254,22 @@ def _images(n: int, seed: int) -> np.ndarray:
     return np.clip(colours + rng.normal(0, 30, size=(n, 3072)), 0, 255).astype(np.uint8)
 
 
-def _teacher_for(images: np.ndarray, seed: int) -> nn.Module:
+def _teacher_for(images: np.ndarray, seed: int) -> tuple[nn.Module, torch.Tensor]:
     """A random resnet8x4 reference whose head is centred on these images' mean embedding (its bias is
-    -W mean(f)), so that its predictions spread over many classes instead of one."""
+    -W mean(f)), so that its predictions spread over many classes instead of one; and that embedding of every
+    image (the input of ``fc``). Its weights are float32 values (in float64), as its file will hold them, so the
+    embedding is the one the reloaded reference computes: one float64 forward serves both."""
     model = _randomised_reference("resnet8x4", 100, seed)
     embedding: list[torch.Tensor] = []
     hook = model.fc.register_forward_hook(lambda _m, inp, _o: embedding.append(inp[0]))
     with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.dtype.is_floating_point:
+                v.copy_(v.float().double())
         model(_normalised(images))
         hook.remove()
         model.fc.bias.copy_(-model.fc.weight @ embedding[0].mean(0))
-    return model
+    return model, embedding[0]
 
 
 def _write_cifar100(root: Path, splits: dict[str, tuple[np.ndarray, torch.Tensor]]) -> None:
@@ -286,11 +291,11 @@ def test_a_run_with_a_reference_teacher_reports_the_references_accuracy(tmp_path
     from distillistic.training.run import train
 
     images = _images(400, seed=3)
-    reference = _teacher_for(images, seed=11)
+    reference, embedding = _teacher_for(images, seed=11)
     path = _write_checkpoint(reference, tmp_path / "resnet8x4.pth")
-    reference.load_state_dict(torch.load(path, weights_only=True)["model"])
+    reference.load_state_dict(torch.load(path, weights_only=True)["model"])  # fc's bias rounded to float32
     with torch.no_grad():
-        logits = reference(_normalised(images))
+        logits = reference.fc(embedding)  # the reloaded reference's logits: its body's weights were already these
     top2 = logits.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * logits.abs().amax(1)  # no near-tie that float32 rounding could flip
     images, labels = images[clear.numpy()], logits.argmax(1)[clear]
