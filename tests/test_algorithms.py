@@ -128,9 +128,12 @@ def test_every_algorithm_writes_a_complete_run(variant: str, dataset: str, tmp_p
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_a_small_cnn_learns_mnist_t10k(mnist_t10k: Path, tmp_path: Path) -> None:
-    result = train(tiny(tmp_path / "run", dataset="mnist", data_root=str(mnist_t10k), augment="none", epochs=2,
-                        batch_size=64, lr=3e-3))
-    assert result.summary["models"]["student"]["test"]["top1"] >= 0.94  # 0.953 when written
+    # at 14 px for one epoch (a fifth of the CPU of 28 px for two, which gave 0.953): 0.956 when written, and
+    # 0.953, 0.948, 0.955 with seeds 1-3; chance is 0.1
+    result = train(tiny(tmp_path / "run", dataset="mnist", data_root=str(mnist_t10k), augment="none", epochs=1,
+                        image_size=14, batch_size=64, lr=3e-3))
+    assert result.config.image_size == 14
+    assert result.summary["models"]["student"]["test"]["top1"] >= 0.93
 
 
 @pytest.mark.e2e
