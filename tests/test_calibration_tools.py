@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from _torchrun import FOLDER, job, outcome
 from _util import run_cli, tiny
 from distillistic.errors import ConfigError, UserError
 from distillistic.training import setup
@@ -248,24 +249,24 @@ def test_fp64_is_refused_off_the_cpu() -> None:
 # --- two processes -------------------------------------------------------------------------------------------
 
 
+CALIBRATION_JOB = job(
+    "kd-teacher-calibration",
+    "test_calibration_tools.py::test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_of_val",
+    "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1", "--allow-weak-teacher",
+    "--teacher-calibration", "temperature", "--dataset", "synthetic", "--synthetic-samples", "300", "--model", "mlp",
+    "--epochs", "1", "--batch-size", "32", "--out", f"{FOLDER}/run", "--no-progress", "--no-tensorboard")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_of_val(tmp_path: Path) -> None:
+def test_torchrun_gathers_every_sample_for_ace_and_fits_one_temperature_on_all_of_val(
+        request: pytest.FixtureRequest) -> None:
     """Under torchrun the ACE of the summary is the definition's on the whole test split (gathered, not one
-    shard's), and T_cal is the optimum over the whole val split: refitting on the calibrated teacher gives 1."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "distillistic", "train", "--algo", "kd", "--teacher", "cnn", "--teacher-epochs", "1", "--allow-weak-teacher",
-           "--teacher-calibration", "temperature", "--dataset", "synthetic", "--synthetic-samples", "300",
-           "--model", "mlp", "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress",
-           "--no-tensorboard"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shard's), and T_cal is the optimum over the whole val split: refitting on the calibrated teacher gives 1.
+    The run shares one torchrun launch with the other tests' runs (:mod:`_torchrun`)."""
+    got = outcome(request, CALIBRATION_JOB.name)
+    assert got.codes == {0: 0, 1: 0}, got.tail()
+    out = got.folder / "run"
     task = _load(out, "cpu")
     assert task.teacher is not None
     logits, labels = collect_logits(task, [*task.students, task.teacher], "test")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from _torchrun import FOLDER, job, outcome
 from _util import run_cli, tiny
 from distillistic import train
 from distillistic.core.ema import EmaCopies
@@ -350,36 +351,33 @@ def test_a_stopped_ban_run_says_so_and_prints_the_resume_command(tmp_path: Path,
     assert {"gen1", "gen2", "ensemble", "student"} <= set(summary["models"])
 
 
+EMA_JOBS = {name: job(f"ema-{name}", "test_ema_methods.py::test_torchrun_two_processes", "train", *extra,
+                       "--dataset", "synthetic", "--synthetic-samples", "300", "--model", "mlp", "--epochs", "1",
+                       "--batch-size", "32", "--out", f"{FOLDER}/run", "--no-progress", "--no-tensorboard")
+            for name, extra in {"pcl": ["--algo", "pcl"],
+                                "ban-ema": ["--algo", "ban", "--generations", "2", "--ema", "0.9",
+                                            "--allow-weak-teacher"]}.items()}
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--algo", "pcl"], ["--algo", "ban", "--generations", "2", "--ema", "0.9",
-                                                       "--allow-weak-teacher"]],
-                         ids=["pcl", "ban-ema"])
-def test_torchrun_two_processes(extra: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["pcl", "ban-ema"])
+def test_torchrun_two_processes(name: str, request: pytest.FixtureRequest) -> None:
     """Under torchrun (Gloo, CPU) the EMA copies and the generations' ensemble are evaluated over the whole
-    held-out splits (every sample once across the ranks), and rank 0 alone writes."""
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                          os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "distillistic", "train", *extra, "--dataset", "synthetic", "--synthetic-samples", "300", "--model", "mlp",
-           "--epochs", "1", "--batch-size", "32", "--out", str(out), "--no-progress", "--no-tensorboard"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    held-out splits (every sample once across the ranks), and rank 0 alone writes. The runs share one torchrun
+    launch with the other tests' runs (:mod:`_torchrun`)."""
+    got = outcome(request, EMA_JOBS[name].name)
+    assert got.codes == {0: 0, 1: 0}, got.tail()
+    out = got.folder / "run"
     summary = json.loads((out / "summary.json").read_text())
     first = out / "gen1" if (out / "gen1").is_dir() else out
     sizes = json.loads((first / "manifest.json").read_text())["dataset"]["sizes"]
     assert json.loads((first / "manifest.json").read_text())["world_size"] == 2
-    names = ["student0_ema", "student1_ema"] if extra[1] == "pcl" else ["gen1", "gen2", "ensemble"]
-    for name in names:
-        assert summary["models"][name]["test"]["n"] == sizes["test"], name
-        assert summary["models"][name]["val_best"]["n"] == sizes["val"], name
-    if extra[1] == "ban":
+    names = ["student0_ema", "student1_ema"] if name == "pcl" else ["gen1", "gen2", "ensemble"]
+    for model in names:
+        assert summary["models"][model]["test"]["n"] == sizes["test"], model
+        assert summary["models"][model]["val_best"]["n"] == sizes["val"], model
+    if name == "ban-ema":
         gen2 = json.loads((out / "gen2" / "summary.json").read_text())["models"]
         assert gen2["student_ema"]["test"]["n"] == sizes["test"]
-    assert proc.stdout.count(str(out)) == 1
+    assert got.stdout.count(str(out)) == 1

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from _torchrun import FOLDER, job, outcome
 from _util import tiny
 from distillistic import train
 from distillistic.core.features import match_grid
@@ -143,22 +144,20 @@ def test_a_feature_method_resumes_exactly_after_sigkill(algo: str, args: list[st
         assert set(load_file(str(path))) == set(a["models"]["student"])
 
 
+CRD_JOB = job("crd-banks",
+              "test_feature_methods.py::test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples",
+              "train", "--algo", "crd", "--teacher", "cnn", "--teacher-weights", "random", "--crd-negatives", "64",
+              "--feature-kd", "0.5", "--dataset", "synthetic", "--synthetic-samples", "300", "--image-size", "8",
+              "--model", "cnn", "--epochs", "1", "--batch-size", "32", "--out", f"{FOLDER}/run", "--no-progress",
+              "--no-tensorboard")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "distillistic", "train", "--algo", "crd", "--teacher", "cnn", "--teacher-weights", "random",
-           "--crd-negatives", "64", "--feature-kd", "0.5", "--dataset", "synthetic", "--synthetic-samples", "300",
-           "--image-size", "8", "--model", "cnn", "--epochs", "1", "--batch-size", "32", "--out", str(out),
-           "--no-progress", "--no-tensorboard"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_crd_under_torchrun_updates_the_banks_with_every_ranks_samples(request: pytest.FixtureRequest) -> None:
+    got = outcome(request, CRD_JOB.name)  # in one torchrun launch with the other tests' runs (_torchrun.py)
+    assert got.codes == {0: 0, 1: 0}, got.tail()
+    out = got.folder / "run"
     ckpt = load(out / "checkpoints" / "last.pt")
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
     trained = ckpt["progress"]["epoch_images"] or ckpt["progress"]["train_images"]

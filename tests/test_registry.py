@@ -24,6 +24,7 @@ import safetensors.torch
 import torch
 
 import distillistic
+from _torchrun import FOLDER, job, outcome
 from _util import tiny
 from distillistic import train
 from distillistic.methods.registry import METHODS, Method
@@ -79,12 +80,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
 
 
-def _torchrun(tmp_path: Path, args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
-    entry = [script] if script else ["-m", "distillistic"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *entry, *args]
-    return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-
-
 SMALL = ["--dataset", "synthetic", "--synthetic-samples", "200", "--image-size", "8", "--model", "cnn",
          "--epochs", "1", "--batch-size", "32", "--no-progress", "--no-tensorboard", "--threads", "1"]
 
@@ -103,14 +98,20 @@ def _flags(spec: Method) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in settings(spec).items()]
 
 
+FAMILY_JOBS = {name: job(f"family-{name}", "test_registry.py::test_every_method_family_runs_under_torchrun", "train",
+                         *_flags(METHODS.get(name)), *SMALL, "--allow-weak-teacher", "--out", f"{FOLDER}/run")
+               for name in _family_representatives()}
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _family_representatives())
-def test_every_method_family_runs_under_torchrun(name: str, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def test_every_method_family_runs_under_torchrun(name: str, request: pytest.FixtureRequest) -> None:
+    """Every family's run, in one torchrun launch with the other tests' runs (:mod:`_torchrun`)."""
+    got = outcome(request, FAMILY_JOBS[name].name)
     # One epoch of random-looking data: a trained-first teacher (ban's generation 1) may still be at chance.
-    proc = _torchrun(tmp_path, ["train", *_flags(METHODS.get(name)), *SMALL, "--allow-weak-teacher", "--out", str(out)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert got.codes == {0: 0, 1: 0}, got.tail()
+    out = got.folder / "run"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
@@ -180,12 +181,18 @@ def _shapes(tree: Any) -> list[tuple[str, list[int]]]:
     return [(k, list(v.shape)) for k, v in _leaves(tree)]
 
 
+PROBE_JOB = job("probe", "test_registry.py::test_a_term_with_parameters_runs_under_torchrun", *PROBE_ARGS, "--out",
+                f"{FOLDER}/run", imports=("_probe_method",))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_a_term_with_parameters_runs_under_torchrun(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    proc = _torchrun(tmp_path, [*PROBE_ARGS, "--out", str(out)], script=PROBE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_a_term_with_parameters_runs_under_torchrun(request: pytest.FixtureRequest) -> None:
+    """The probe's run, in one torchrun launch with the other tests' runs (:mod:`_torchrun`; its ranks import
+    the probe, as ``python tests/_probe_method.py`` does, before this run)."""
+    got = outcome(request, PROBE_JOB.name)
+    assert got.codes == {0: 0, 1: 0}, got.tail()
+    out = got.folder / "run"
     terms = load(out / "checkpoints" / "last.pt")["terms"]
     assert float(terms["terms.0.scale.0"]) != 0.0
 
@@ -193,21 +200,32 @@ def test_a_term_with_parameters_runs_under_torchrun(tmp_path: Path) -> None:
 # --- the teacher-output store under torchrun -----------------------------------------------------------
 
 
+STORE_ARGS = ["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "random", "--data-seed", "5", *SMALL]
+STORE_JOB = job("store-filled", "test_registry.py::test_store_filled_under_torchrun_is_read_on_one_process", "train",
+                *STORE_ARGS, "--out", f"{FOLDER}/ddp")
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_store_filled_under_torchrun_is_read_on_one_process(tmp_path: Path) -> None:
-    args = ["--algo", "kd", "--teacher", "cnn", "--teacher-weights", "random", "--data-seed", "5", *SMALL]
-    first = _torchrun(tmp_path, ["train", *args, "--out", str(tmp_path / "ddp")])
-    assert first.returncode == 0, first.stderr[-3000:]
-    store = tmp_path / "cache" / "teacher-store"
+def test_store_filled_under_torchrun_is_read_on_one_process(request: pytest.FixtureRequest,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store is filled in one torchrun launch with the other tests' runs (:mod:`_torchrun`), then read by a
+    run on one process: this one (its progress lines are the ``distillistic`` logger's, caught here)."""
+    from _util import run_cli
+
+    first = outcome(request, STORE_JOB.name)
+    assert first.codes == {0: 0, 1: 0}, first.tail()
+    store = first.folder / "cache" / "teacher-store"
     files = sorted(p.name for p in store.rglob("*.safetensors"))
     assert {"val.safetensors", "test.safetensors", "epoch-0000.safetensors"} <= set(files)
     # One process, same teacher, data and transform: the evaluation views are all stored (no ragged tail there).
-    env = _env(tmp_path)
-    single = subprocess.run([sys.executable, "-m", "distillistic", "train", *args, "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert "1 epoch(s) stored" in single.stderr
-    found = re.search(r"teacher store: (\d+) batches read, (\d+) computed", single.stderr)
-    assert found is not None, single.stderr[-2000:]
+    monkeypatch.setenv("DISTILLISTIC_CACHE", str(first.folder / "cache"))
+    caplog.set_level("INFO", logger="distillistic")
+    code, _, errors = run_cli(["train", *STORE_ARGS, "--out", str(first.folder / "one")], capsys)
+    assert code == 0, errors[-20:]
+    assert "1 epoch(s) stored" in caplog.text
+    found = re.search(r"teacher store: (\d+) batches read, (\d+) computed", caplog.text)
+    assert found is not None, caplog.text[-2000:]
     assert int(found.group(1)) > int(found.group(2)) > -1  # most batches read; a few in the ragged tail maybe not
