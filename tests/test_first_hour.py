@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from _util import run_cli, tiny
 from distillistic.cli import build_parser
 from distillistic.config import FIELDS
 from distillistic.config.keys_help import groups as config_groups
@@ -169,7 +170,8 @@ def test_a_bad_plugin_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.multiprocess
-def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None:
+def test_chance_level_teacher_is_refused_before_training(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from distillistic.models.builders import build_model
 
     torch.manual_seed(0)
@@ -181,15 +183,18 @@ def test_chance_level_teacher_is_refused_before_training(tmp_path: Path) -> None
     assert "chance level" in last
     assert "--allow-weak-teacher" in last
     assert not (tmp_path / "kd" / "checkpoints").exists()  # refused before training
-    # random weights asked for explicitly stay allowed, as does the override
-    assert _cli(["train", *kd[:-1], "random", "--out", "kd_random"], tmp_path).returncode == 0
-    assert _cli(["train", *kd, "--allow-weak-teacher", "--out", "kd_weak"], tmp_path).returncode == 0
+    # random weights asked for explicitly stay allowed, as does the override (the same CLI, in this process)
+    weights = str(tmp_path / "untrained.pt")
+    assert run_cli(["train", *kd[:-1], "random", "--out", str(tmp_path / "kd_random")], capsys)[0] == 0
+    assert run_cli(["train", *kd[:-1], weights, "--allow-weak-teacher", "--out", str(tmp_path / "kd_weak")],
+                   capsys)[0] == 0
 
 
 @pytest.mark.multiprocess
 def test_teacher_recorded_for_other_data_is_refused(tmp_path: Path) -> None:
-    base = [*TINY[:1], "synthetic", *TINY[2:], "--synthetic-classes", "10", "--image-size", "8"]
-    assert _cli(["train", *base, "--out", "synth"], tmp_path).returncode == 0
+    from distillistic import train
+
+    train(tiny(tmp_path / "synth", dataset="synthetic", synthetic_classes=10, image_size=8))  # TINY, on synthetic
     done = _cli(["train", *TINY, "--algo", "kd", "--teacher", "cnn", "--teacher-weights", "synth", "--out", "kd"],
                 tmp_path)
     assert done.returncode == 2
