@@ -225,6 +225,24 @@ def test_bad_report_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / "empty" / "report").exists()  # nothing written for bad input
 
 
+def test_config_files_are_read_by_libyaml_into_what_safe_load_gives() -> None:
+    """The report reads each run's config.yaml with libyaml's safe loader (where PyYAML has it): the same objects
+    as ``yaml.safe_load``, and a Python object tag is refused as before."""
+    import yaml
+
+    from distillistic.experiments.report import SAFE_LOADER
+
+    assert SAFE_LOADER is (yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+    text = yaml.safe_dump(setup.resolve(Config(dataset="synthetic", algo="kd", teacher="cnn,mlp", lr=3e-3)).to_dict())
+    text += "odd: [yes, off, 0x1F, 1_000, .inf, ~, '3e-3', 2026-12-07, {a: [1, 2.5]}]\n"
+    loaded = yaml.load(text, Loader=SAFE_LOADER)
+    assert loaded == yaml.safe_load(text)
+    assert loaded["lr"] == 3e-3
+    assert loaded["odd"][:7] == [True, False, 31, 1000, math.inf, None, "3e-3"]
+    with pytest.raises(yaml.YAMLError):
+        yaml.load("!!python/object/apply:os.system ['true']", Loader=SAFE_LOADER)
+
+
 def test_demo_table_api_still_works(tmp_path: Path) -> None:
     runs = [make_run(tmp_path / f"r{s}", s, top1) for s, top1 in ((0, 0.8), (1, 0.9))]
     rows = summarize_runs({"baseline": runs})
