@@ -3,6 +3,7 @@ before it teaches, reports that keep the user's names, threads that fit the mach
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import _forked_cli as forked_cli
 from _util import run_cli, tiny
 from distillistic.cli import build_parser
 from distillistic.config import FIELDS
@@ -27,14 +29,10 @@ TINY = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--batch-size"
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """``python -m distillistic ARGS`` in ``cwd``, stderr to a file (not a terminal), as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), DISTILLISTIC_CACHE=str(cwd / "cache"))
-    err = cwd / "stderr.txt"
-    with err.open("w") as handle:
-        done = subprocess.run([sys.executable, "-m", "distillistic", *args], cwd=cwd, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=handle, timeout=timeout)
-    done.stderr = err.read_text()
-    return done
+    """``python -m distillistic ARGS`` in ``cwd``, stderr to a file (not a terminal), as a user would: a process
+    of its own, forked from a server that imported torch once (tests/_forked_cli.py)."""
+    with contextlib.chdir(cwd):
+        return forked_cli.run(args, env=forked_cli.cli_env(DISTILLISTIC_CACHE=str(cwd / "cache")), timeout=timeout)
 
 
 @pytest.mark.multiprocess
