@@ -4,14 +4,15 @@ registered from the user's own module (a plugin) has parameters that work from t
 from __future__ import annotations
 
 import ast
+import contextlib
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+import _forked_cli as forked_cli
 from distillistic.methods import catalogue
 from distillistic.methods.registry import METHODS
 
@@ -128,9 +129,9 @@ def test_a_plugin_method_with_a_parameter_runs_from_the_cli_yaml_and_a_sweep(tmp
     common = ["--dataset", "synthetic", "--synthetic-samples", "64", "--model", "cnn", "--epochs", "1",
               "--batch-size", "32", "--device", "cpu", "--no-tensorboard", "--quiet"]
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "distillistic", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)
+    def run(*args: str) -> subprocess.CompletedProcess[str]:  # a process of its own, forked with torch imported
+        with contextlib.chdir(tmp_path):
+            return forked_cli.run(list(args), timeout=300)
 
     out = run("train", "--plugins", "sharp_method", "--algo", "sharp", "--sharp-p", "0.95", *common,
               "--out", "cli")
