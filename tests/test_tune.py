@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+import _forked_cli as forked_cli
 from _util import run_cli, snapshot
 from distillistic.errors import UserError
 from distillistic.experiments import tune_space
@@ -22,7 +21,6 @@ from distillistic.methods.spec import Space, log_uniform
 
 optuna = pytest.importorskip("optuna")
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = {"dataset": "synthetic", "synthetic_samples": 200, "model": "mlp", "teacher": "mlp", "teacher_weights": "random",
         "epochs": 1, "batch_size": 16, "threads": 1, "num_workers": 0, "tensorboard": False, "progress": False}
 PLAIN = {k: v for k, v in TINY.items() if not k.startswith("teacher")}  # for a baseline alone
@@ -163,11 +161,10 @@ def test_a_tune_judges_on_val_retrains_on_shared_seeds_and_report_reads_it(tmp_p
     assert snapshot(out) == before
 
 
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "distillistic", "tune", *args], env=full, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _cli(args: list[str], fault: str | None = None) -> forked_cli.Child:
+    """``python -m distillistic tune ARGS`` started in a process of its own (forked from a server that imported
+    torch once, tests/_forked_cli.py), with ``$DISTILLISTIC_FAULT`` set to ``fault``; not waited for."""
+    return forked_cli.Child(["tune", *args], forked_cli.cli_env(fault, OMP_NUM_THREADS="1"))
 
 
 @pytest.mark.multiprocess
@@ -175,13 +172,13 @@ def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
 def test_a_tune_killed_mid_trial_resumes_and_loses_no_finished_trial(tmp_path: Path) -> None:
     out = tmp_path / "t"
     args = ["--algo", "dml", "--trials", "3", "--seeds", "0", *FLAGS, "--out", str(out)]
-    killed = _cli(args, {"DISTILLISTIC_FAULT": "final:2"})  # SIGKILL as trial 1 ends its training
-    killed.communicate(timeout=300)
+    killed = _cli(args, "final:2")  # SIGKILL as trial 1 ends its training
+    killed.wait(timeout=300)
     assert killed.returncode == -9
     first = _study(out, "dml").trials
     assert [t.state.name for t in first] == ["COMPLETE", "RUNNING"]
     resumed = _cli(args)
-    _, err = resumed.communicate(timeout=300)
+    err = resumed.wait(timeout=300).stderr
     assert resumed.returncode == 0, err
     assert "trial 1 was lost with its worker" in err
     trials = _study(out, "dml").trials
@@ -195,7 +192,7 @@ def test_two_workers_on_one_sqlite_file_split_the_trials_and_run_none_twice(tmp_
     out = tmp_path / "t"
     args = ["--algo", "dml", "--trials", "4", "--seeds", "0", *FLAGS, "--out", str(out)]
     workers = [_cli(args), _cli(args)]
-    errs = [w.communicate(timeout=300)[1] for w in workers]
+    errs = [w.wait(timeout=300).stderr for w in workers]
     assert [w.returncode for w in workers] == [0, 0], errs
     trials = _study(out, "dml").trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4  # no surplus trial: exactly the budget
