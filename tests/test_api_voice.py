@@ -4,17 +4,13 @@ in % as the tables do."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import _forked_cli as forked_cli
 from distillistic.config import Config
 from distillistic.runs.result import RunResult, Score
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scores_print_as_the_tables_do(tmp_path: Path) -> None:
@@ -40,8 +36,9 @@ def test_the_api_talks_on_stderr_and_quiet_silences_it(tmp_path: Path, quiet: bo
     code = ("from distillistic import train\n"
             f"r = train(algo='baseline', dataset='digits', model='mlp', epochs=1, out={str(tmp_path / 'r')!r}, "
             f"tensorboard=False, progress=False, quiet={quiet})\nprint(r.student)")
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), DISTILLISTIC_CACHE=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-c", code], env=env, text=True, capture_output=True, timeout=300)
+    (tmp_path / "api.py").write_text(code)  # run as `python api.py`, in a process forked with torch imported
+    done = forked_cli.run([], env=forked_cli.cli_env(DISTILLISTIC_CACHE=str(tmp_path / "cache")),
+                          script=str(tmp_path / "api.py"), timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("student: test top-1 ")
     epochs = [line for line in done.stderr.splitlines() if line.startswith("epoch 1/1 student: ")]
