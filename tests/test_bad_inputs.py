@@ -8,15 +8,12 @@ copy of a finished run that must stay byte-identical (most cases even pass ``--o
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import distillistic
+import _forked_cli as forked_cli
 from bad_inputs import CASES, Workspace, documented_messages, make_reference_run, normalise, run_argv
 
 REGENERATE = "regenerate the table: PYTHONPATH=src python tests/bad_inputs.py"
@@ -70,18 +67,13 @@ def test_bad_input_gets_one_line_exit_2_and_loses_nothing(case: object, workspac
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.parametrize("case_id", ["resume-malicious"])
+@pytest.mark.parametrize("case_id", ["resume-malicious", "idx-truncated"])
 def test_in_a_real_process_too(case_id: str, workspace: Workspace) -> None:
-    """The same through ``python -m distillistic``: the process's own stderr, exit status and no traceback. One
-    case is enough for the entry point's exit path (every case leaves through the same ``main``); this one is a
-    checkpoint whose unpickling would run a command, refused in a process where it would really run."""
+    """The same through ``python -m distillistic``: the process's own stderr, exit status and no traceback."""
     case = next(c for c in CASES if c.id == case_id)
     argv = case.argv(workspace)
     before = _snapshot(workspace.run)
-    src = str(Path(distillistic.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "distillistic", *argv], capture_output=True, text=True, env=env,
-                            timeout=120)
+    result = forked_cli.run(argv, timeout=120)  # a process of its own, forked from a server with torch imported
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1, result.stderr
