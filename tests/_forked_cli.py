@@ -129,7 +129,10 @@ class _Server:
 
     def __init__(self) -> None:
         log, self.log = tempfile.mkstemp(prefix="forked-cli-", suffix=".err")  # the server's own stderr
-        self.proc = subprocess.Popen([sys.executable, __file__], env=cli_env(), stdin=subprocess.PIPE,
+        # One OpenMP thread while torch loads: with OMP_NUM_THREADS unset (make test) its import starts a second
+        # thread, which a fork would not copy. Each child's run sets its own thread count, as a fresh one does.
+        env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, __file__], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         os.close(log)
         self.busy, self.pending = False, b""
