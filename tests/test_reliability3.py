@@ -115,6 +115,7 @@ def _paths(value: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]
 def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
     """Every field of a real cohort run's summary.json replaced by a string, a list, null, a mapping or a boolean:
     ``report`` still writes its table (the run left out, or the field read as missing), never a traceback."""
+    import os
     import shutil
 
     run = tmp_path / "trained"
@@ -125,7 +126,7 @@ def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
     paths = _paths(summary)
     for shift in range(len(values)):  # each round: one copy per field, that field malformed; one report of all
         shutil.rmtree(tmp_path / "runs", ignore_errors=True)
-        shutil.copytree(run, tmp_path / "good")
+        shutil.copytree(run, tmp_path / "good", copy_function=os.link)  # hard links: the run's files, uncopied
         for i, path in enumerate(paths):
             edited = json.loads(json.dumps(summary))
             parent = edited
@@ -133,7 +134,8 @@ def test_a_report_survives_any_malformed_summary_field(tmp_path: Path) -> None:
                 parent = parent[key]
             parent[path[-1]] = values[(i + shift) % len(values)]
             bad = tmp_path / "runs" / f"bad{i}"
-            shutil.copytree(tmp_path / "good", bad)
+            shutil.copytree(tmp_path / "good", bad, copy_function=os.link)
+            (bad / "summary.json").unlink()  # a file of its own, not the linked one
             (bad / "summary.json").write_text(json.dumps(edited))
         shutil.move(tmp_path / "good", tmp_path / "runs" / "good")
         code, text = run_argv(["report", str(tmp_path / "runs"), "--out", str(tmp_path / f"report{shift}")])
