@@ -13,7 +13,9 @@ What a fork shares with its siblings, a fresh process would draw anew: the child
 torch's global generators from the system, as a fresh start does, and two servers, each with its own random
 string-hash seed, take the requests in turn, so that consecutive processes of a kill/resume chain still differ in
 hash seed as fresh ones would. What it cannot check: the cost and the import order of a fresh start
-(``tests/test_light_commands.py`` and the CLI tests start fresh processes for that).
+(``tests/test_light_commands.py`` and the CLI tests start fresh processes for that). With
+``$DISTILLISTIC_TEST_FRESH=1``, and wherever ``os.fork`` is not safe with torch loaded (any system but Linux),
+every child is a fresh ``subprocess`` instead: the same tests, at the old cost.
 
 The server's own start-up and each child's CPU seconds (from ``wait4``, the child's waited-for children
 included) are appended to ``$DISTILLISTIC_TEST_CPU`` when it is set, under the test's id followed by
@@ -40,6 +42,7 @@ import distillistic
 SRC = str(Path(distillistic.__file__).resolve().parents[1])  # the distillistic the tests import
 COMMAND = [sys.executable, "-m", "distillistic"]  # what a request's child runs, as a command line
 SERVERS = 2  # servers taking the requests in turn: each has its own random string-hash seed
+FRESH = os.environ.get("DISTILLISTIC_TEST_FRESH") == "1" or sys.platform != "linux"  # fresh processes instead
 
 
 def _preload() -> None:
@@ -204,6 +207,12 @@ class Child:
         self.args = [sys.executable, script, *argv] if script else [*COMMAND, *argv]
         self.returncode: int | None = None
         self._folder = tempfile.mkdtemp(prefix="forked-cli-")
+        if FRESH:
+            with open(f"{self._folder}/out", "wb") as out, open(f"{self._folder}/err", "wb") as err:
+                self._proc = subprocess.Popen(self.args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                              start_new_session=True)
+            self.pid = self._proc.pid
+            return
         self._server = _server()
         self.pid = self._server.send({"argv": argv, "env": env, "cwd": os.getcwd(), "script": script,
                                       "stdout": f"{self._folder}/out", "stderr": f"{self._folder}/err"})
@@ -216,12 +225,22 @@ class Child:
     def poll(self) -> int | None:
         """The exit code once the child has ended, else None (without waiting)."""
         if self.returncode is None:
+            if FRESH:
+                self.returncode = self._proc.poll()
+                return self.returncode
             with contextlib.suppress(TimeoutError):
                 self._finish(self._server.read(timeout=0))
         return self.returncode
 
     def wait(self, timeout: float = 400) -> subprocess.CompletedProcess[str]:
         """Wait for the child (SIGKILL to its session after ``timeout`` s); its exit code, stdout, stderr."""
+        if self.returncode is None and FRESH:
+            try:
+                self.returncode = self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self._proc.wait()
+                raise
         if self.returncode is None:
             try:
                 self._finish(self._server.read(timeout=timeout))

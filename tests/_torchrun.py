@@ -31,7 +31,7 @@ import distillistic
 SRC = str(Path(distillistic.__file__).resolve().parents[1])
 RUNNER = str(Path(__file__).with_name("_torchrun_batch.py"))
 FOLDER = "{job}"  # in a job's arguments: its own folder (its runs' --out go under it)
-TIMEOUT_S = 1800  # the whole launch; a job that hangs a rank ends it (Gloo's own timeout is 5 minutes)
+TIMEOUT_S = 600  # the whole launch (about 20 s on 2 cores); a job that hangs a rank ends it (Gloo: 5 minutes)
 
 
 @dataclass(frozen=True)
