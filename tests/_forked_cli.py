@@ -203,18 +203,20 @@ def _server() -> _Server:
 class Child:
     """A running ``python -m distillistic`` child: ``pid``, ``poll()``, ``wait()``, like ``subprocess.Popen``."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], script: str | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], script: str | None = None,
+                 cwd: str | Path | None = None) -> None:
         self.args = [sys.executable, script, *argv] if script else [*COMMAND, *argv]
+        cwd = str(cwd) if cwd is not None else os.getcwd()
         self.returncode: int | None = None
         self._folder = tempfile.mkdtemp(prefix="forked-cli-")
         if FRESH:
             with open(f"{self._folder}/out", "wb") as out, open(f"{self._folder}/err", "wb") as err:
-                self._proc = subprocess.Popen(self.args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                              start_new_session=True)
+                self._proc = subprocess.Popen(self.args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                              stderr=err, start_new_session=True)
             self.pid = self._proc.pid
             return
         self._server = _server()
-        self.pid = self._server.send({"argv": argv, "env": env, "cwd": os.getcwd(), "script": script,
+        self.pid = self._server.send({"argv": argv, "env": env, "cwd": cwd, "script": script,
                                       "stdout": f"{self._folder}/out", "stderr": f"{self._folder}/err"})
 
     def _finish(self, reply: dict[str, Any]) -> None:
@@ -268,14 +270,14 @@ def cli_env(fault: str | None = None, **extra: str) -> dict[str, str]:
 
 
 def run(argv: list[str], fault: str | None = None, timeout: float = 400, env: dict[str, str] | None = None,
-        script: str | None = None) -> subprocess.CompletedProcess[str]:
+        script: str | None = None, cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
     """``python -m distillistic ARGV`` (or ``python SCRIPT ARGV``) in a forked child, in ``env`` (default: the
     test's, see :func:`cli_env`), with ``$DISTILLISTIC_FAULT`` set to ``fault`` or unset."""
     env = cli_env() if env is None else {**env}
     env.pop("DISTILLISTIC_FAULT", None)
     if fault:
         env["DISTILLISTIC_FAULT"] = fault
-    return Child(argv, env, script).wait(timeout)
+    return Child(argv, env, script, cwd=cwd).wait(timeout)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ before it teaches, reports that keep the user's names, threads that fit the mach
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -31,8 +30,8 @@ TINY = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--batch-size"
 def _cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     """``python -m distillistic ARGS`` in ``cwd``, stderr to a file (not a terminal), as a user would: a process
     of its own, forked from a server that imported torch once (tests/_forked_cli.py)."""
-    with contextlib.chdir(cwd):
-        return forked_cli.run(args, env=forked_cli.cli_env(DISTILLISTIC_CACHE=str(cwd / "cache")), timeout=timeout)
+    return forked_cli.run(args, env=forked_cli.cli_env(DISTILLISTIC_CACHE=str(cwd / "cache")), timeout=timeout,
+                          cwd=cwd)
 
 
 @pytest.mark.multiprocess

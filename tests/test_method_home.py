@@ -4,7 +4,6 @@ registered from the user's own module (a plugin) has parameters that work from t
 from __future__ import annotations
 
 import ast
-import contextlib
 import re
 import subprocess
 import textwrap
@@ -130,8 +129,7 @@ def test_a_plugin_method_with_a_parameter_runs_from_the_cli_yaml_and_a_sweep(tmp
               "--batch-size", "32", "--device", "cpu", "--no-tensorboard", "--quiet"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:  # a process of its own, forked with torch imported
-        with contextlib.chdir(tmp_path):
-            return forked_cli.run(list(args), timeout=300)
+        return forked_cli.run(list(args), timeout=300, cwd=tmp_path)
 
     out = run("train", "--plugins", "sharp_method", "--algo", "sharp", "--sharp-p", "0.95", *common,
               "--out", "cli")
