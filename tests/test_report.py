@@ -254,7 +254,7 @@ def test_demo_table_api_still_works(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["summary-not-json", "summary-list", "no-models", "models-not-dicts",
                                     "top1-text", "config-broken", "config-no-algo", "seed-text", "summary-deep",
-                                    "summary-dir", "config-missing"])
+                                    "summary-dir", "config-missing", "config-huge"])
 def test_one_malformed_run_folder_never_loses_the_good_runs(damage: str, tmp_path: Path) -> None:
     """Every malformed case: the good run is reported, the bad folder is skipped and named with its reason."""
     make_run(tmp_path / "sweep" / "good", 0, 0.5)
@@ -272,9 +272,13 @@ def test_one_malformed_run_folder_never_loses_the_good_runs(damage: str, tmp_pat
              "seed-text": lambda: (bad / "config.yaml").write_text("algo: baseline\nseed: one\n"),
              "summary-deep": lambda: (bad / "summary.json").write_text("[" * 100_000 + "]" * 100_000),
              "summary-dir": lambda: ((bad / "summary.json").unlink(), (bad / "summary.json").mkdir()),
-             "config-missing": lambda: (bad / "config.yaml").unlink()}
+             "config-missing": lambda: (bad / "config.yaml").unlink(),
+             "config-huge": lambda: (bad / "config.yaml").write_text(  # valid YAML, above a config's 1 MiB
+                 (bad / "config.yaml").read_text() + "pad: " + "x" * (1 << 20) + "\n")}
     edits[damage]()
     out = write_report([tmp_path / "sweep"], tmp_path / "report")
     text = (out / "report.md").read_text()
     assert "| algo=baseline | student | 1 | 50.00 |" in text  # the good run (n = 1)
     assert f"`{bad}`" in text  # the skipped folder, named
+    if damage == "config-huge":
+        assert "larger than 1 MiB" in text

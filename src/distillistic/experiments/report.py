@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from distillistic.config.yaml_files import MAX_YAML_BYTES
 from distillistic.deploy.report import markdown_section as export_section
 from distillistic.errors import UserError, short_repr
 from distillistic.experiments.comparison import comparison_section, cost_columns, entries, pareto_caption
@@ -57,9 +58,12 @@ def _read_run(folder: Path) -> Run:
     """Read a run folder or raise ``ValueError`` saying why it cannot be used."""
     if not (folder / "summary.json").is_file():
         raise ValueError("no summary.json: still running, or stopped before writing one")
+    config_file = folder / "config.yaml"  # within a config file's bound (config/yaml_files.py), as a run writes it
+    if config_file.is_file() and config_file.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"config.yaml is larger than {MAX_YAML_BYTES >> 20} MiB, more than any run writes")
     try:
         summary = json.loads((folder / "summary.json").read_text())
-        config = yaml.load((folder / "config.yaml").read_text(), Loader=SAFE_LOADER)
+        config = yaml.load(config_file.read_text(), Loader=SAFE_LOADER)
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         raise ValueError(f"unreadable ({type(e).__name__})") from None
     if not isinstance(summary, dict) or not isinstance(config, dict):
