@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import distillistic
+from _util import session_root
 
 SRC = str(Path(distillistic.__file__).resolve().parents[1])
 RUNNER = str(Path(__file__).with_name("_torchrun_batch.py"))
@@ -90,11 +91,6 @@ def _selected(session: pytest.Session) -> list[Job]:
                   key=lambda j: (not j.early, bool(j.imports), j.name))
 
 
-def _session_root(request: pytest.FixtureRequest) -> Path:
-    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def _launch(folder: Path, jobs: list[Job]) -> dict[str, object]:
     """Run ``jobs`` in one torchrun launch with their folders under ``folder``: the launcher's exit code and
     output tails."""
@@ -121,8 +117,9 @@ def _batch(request: pytest.FixtureRequest) -> tuple[Path, dict[str, object]]:
     """The session's launch folder, launched by the first caller (under a lock), and its launcher's record."""
     jobs = _selected(request.session)
     key = hashlib.sha256(json.dumps([(j.name, j.argv, j.imports) for j in jobs]).encode()).hexdigest()[:12]
-    folder = _session_root(request) / f"torchrun-batch-{key}"
-    with open(_session_root(request) / f"torchrun-batch-{key}.lock", "w") as lock:
+    root = session_root(request.getfixturevalue("tmp_path_factory"))
+    folder = root / f"torchrun-batch-{key}"
+    with open(root / f"torchrun-batch-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = folder / "launch.json"
         if not done.is_file():

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: IDX writers, CLI runner, directory snapshots, tiny configs."""
+"""Helpers shared by the tests: IDX writers, CLI runner, directory snapshots, tiny configs, the run's temp root."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import http.server
+import os
 import struct
 import threading
 from pathlib import Path
@@ -60,6 +61,12 @@ def balanced_labels(per_class: int, classes: int = 10, seed: int = 0) -> np.ndar
     """``per_class`` samples of each of ``classes`` classes, shuffled."""
     labels = np.repeat(np.arange(classes), per_class)
     return np.random.default_rng(seed).permutation(labels).astype(np.uint8)
+
+
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The temporary folder of the whole test run: under xdist, the one that holds every worker's folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def md5(data: bytes) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _util import session_root
 from distillistic.training import cores
 
 torch.set_num_threads(1)
@@ -38,12 +39,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e if item.get_closest_marker("slow") else pytest.mark.unit)
 
 
-def _session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The temporary folder of the whole test run: under xdist, the one that holds every worker's folder."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -65,7 +60,7 @@ def shared_teachers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder of trained teachers for the whole test run (every xdist worker): a teacher is keyed by its
     recipe and the data's checksum, so identical teachers train once; the cache's lock keeps two workers from
     training the same one at once."""
-    folder = _session_root(tmp_path_factory) / "shared-teachers"
+    folder = session_root(tmp_path_factory) / "shared-teachers"
     folder.mkdir(exist_ok=True)
     return folder
 

@@ -14,29 +14,21 @@ import pytest
 
 import distillistic
 from _torchrun import FOLDER, job, outcome
+from test_resume import TIMING  # the keys that differ between identical runs
 
-# Each rank runs the CLI on the arguments; those prefixed RANK1: only on rank 1 (as a node given other flags).
-LAUNCH = """import os, sys
-from distillistic.cli import main
-args = [a.replace("RANK1:", "") for a in sys.argv[1:] if os.environ["RANK"] == "1" or not a.startswith("RANK1:")]
-sys.exit(main(args))
-"""
-TIMING = {"seconds", "images_per_second", "train_seconds", "train_images_per_second", "epoch_seconds", "costs",
-          "train_cost", "train_flops", "teacher_flops"}  # as tests/test_resume.py leaves out
 TINY = ["--dataset", "synthetic", "--synthetic-samples", "96", "--image-size", "8", "--model", "mlp", "--epochs",
         "1", "--batch-size", "16", "--no-progress", "--no-tensorboard"]
 
 
 def _torchrun(tmp_path: Path, *args: str) -> tuple[int, dict[int, str]]:
-    """Two ranks on ``args``: the launcher's exit code and each rank's own stderr."""
+    """Two ranks of ``python -m distillistic ARGS``: the launcher's exit code and each rank's own stderr."""
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / "launch.py").write_text(LAUNCH)
     logs = tmp_path / "logs"
     src = str(Path(distillistic.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILLISTIC_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--redirects",
-           "2", "--log-dir", str(logs), str(tmp_path / "launch.py"), *args]
+           "2", "--log-dir", str(logs), "-m", "distillistic", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     errs = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
     return proc.returncode, errs
