@@ -63,8 +63,8 @@ RUN_FILES = ("config.yaml", "manifest.json", "metrics.jsonl", "summary.json", "c
 
 
 def _version(package: str = "distillistic") -> str:
-    """An installed package's version, from its metadata (torchvision's too: importing it takes 2 s of a run's
-    start, most of it torch._dynamo)."""
+    """An installed package's version, from its metadata (torchvision's too: a run that uses none of it never
+    imports it, about 0.4 s of CPU of each process's start)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
